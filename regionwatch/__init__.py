@@ -1,0 +1,44 @@
+"""regionwatch: watch stable regions form in the residual stream while a language model trains.
+
+The public contract is `__all__`. Driver classes (Lightning, HF Trainer) load lazily, so
+`import regionwatch` never imports lightning or the HF Trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from regionwatch.errors import (
+    CheckpointError,
+    ConfigError,
+    RegionWatchError,
+    StoreError,
+    UnsupportedModelError,
+)
+from regionwatch.measure import Curves, RegionMaps, interpolate, region_maps
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "RegionMonitor": "regionwatch.lightning",
+    "RegionMonitorCallback": "regionwatch.hf",
+}
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Curves",
+    "RegionMaps",
+    "RegionWatchError",
+    "StoreError",
+    "UnsupportedModelError",
+    "__version__",
+    "interpolate",
+    "region_maps",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:  # lightning takes seconds to import; HF-only users never pay for it
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'regionwatch' has no attribute {name!r}")

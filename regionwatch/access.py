@@ -1,0 +1,299 @@
+"""Where the decoder blocks of a causal LM live; reading and overwriting the residual stream.
+
+One table keyed by `config.model_type` says where each supported architecture keeps its block
+list; anything else is reached through a user-given dotted `block_path`. The write site is the
+raw output of block `write_layer` (PAPER.md §2: `hidden_states[write_layer + 1]`); the readout is
+the base model's last hidden state, which every supported architecture takes after its final norm
+(`hidden_states[-1]`). Decoder blocks return a tuple in transformers 4.x and a bare tensor in 5.x;
+`_hidden` and `_replace_hidden` are the only places that know.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from regionwatch.errors import UnsupportedModelError
+
+BLOCK_PATHS: Mapping[str, str] = MappingProxyType(
+    {
+        "gpt2": "transformer.h",
+        "gpt_neox": "gpt_neox.layers",
+        "llama": "model.layers",
+        "qwen2": "model.layers",
+        "mistral": "model.layers",
+        "olmo": "model.layers",
+        "olmo2": "model.layers",
+        "gemma": "model.layers",
+        "gemma2": "model.layers",
+        "phi": "model.layers",
+        "phi3": "model.layers",
+    }
+)
+# The engine hands transformers a custom 4D additive mask; these implementations honour one.
+MASKED_ATTENTION = ("eager", "sdpa")
+
+
+@dataclass(frozen=True)
+class ResidualSite:
+    """A causal LM resolved for probing: its blocks, the write site and the readout.
+
+    Attributes:
+        model: the causal LM (with its unembedding).
+        base: the decoder stack whose `last_hidden_state` is the readout (after the final norm).
+        blocks: the decoder blocks, in order.
+        write_layer: 0-based block whose output is patched (PAPER.md's L_w).
+        block_path: dotted path of `blocks` inside `model`.
+    """
+
+    model: nn.Module
+    base: nn.Module
+    blocks: nn.ModuleList
+    write_layer: int
+    block_path: str
+
+    @property
+    def config(self) -> Any:
+        """The model's `PretrainedConfig`."""
+        return self.model.config
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of decoder blocks N."""
+        return len(self.blocks)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the largest token id a prompt may hold, plus one."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
+    @property
+    def max_positions(self) -> int | None:
+        """Longest prompt the position embeddings allow, or None when the config does not say."""
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(self.config, name, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    @property
+    def sliding_window(self) -> int | None:
+        """Attention window of sliding-window layers, or None when every layer sees everything."""
+        if getattr(self.config, "use_sliding_window", True) is False:
+            return None
+        window = getattr(self.config, "sliding_window", None)
+        return window if isinstance(window, int) else None
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the residual stream (the input embedding's)."""
+        return self.model.get_input_embeddings().weight.dtype
+
+
+def resolve(model: nn.Module, *, write_layer: int = 0, block_path: str | None = None) -> ResidualSite:
+    """Find the blocks of `model` and check that `write_layer` can be patched.
+
+    Args:
+        model: a Hugging Face causal LM (`...ForCausalLM`).
+        write_layer: block whose output is patched; 0..N-2, because the last block's output
+            only reaches the readout through the final norm (PAPER.md §2).
+        block_path: dotted path to the block list, for architectures not in `BLOCK_PATHS`.
+
+    Returns:
+        The resolved site.
+
+    Raises:
+        UnsupportedModelError: unknown architecture without `block_path`, a path that does not
+            lead to a block list, no unembedding, an attention implementation that ignores custom
+            masks, or `write_layer` out of range. Raised before any forward pass.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    supported = ", ".join(BLOCK_PATHS)
+    if block_path is None:
+        if model_type not in BLOCK_PATHS:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} has no known block path; supported: {supported}; "
+                'for another causal LM pass block_path="<dotted path to its block list>", '
+                'e.g. block_path="model.layers"'
+            )
+        block_path = BLOCK_PATHS[model_type]
+    blocks = _follow(model, block_path)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise UnsupportedModelError(
+            f"block_path={block_path!r} leads to {type(blocks).__name__} in "
+            f"{type(model).__name__}, not a non-empty nn.ModuleList of decoder blocks"
+        )
+    base = getattr(model, "base_model", model)
+    if base is model or model.get_output_embeddings() is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a causal LM with a separate decoder stack and "
+            "unembedding; load it with AutoModelForCausalLM"
+        )
+    attention = getattr(config, "_attn_implementation", "eager")
+    if attention not in MASKED_ATTENTION:
+        raise UnsupportedModelError(
+            f"attention implementation {attention!r} ignores the custom attention masks the probe "
+            f"needs; supported: {', '.join(MASKED_ATTENTION)}; load the model with "
+            'attn_implementation="sdpa"'
+        )
+    last = len(blocks) - 2
+    if not isinstance(write_layer, int) or not 0 <= write_layer <= last:
+        raise UnsupportedModelError(
+            f"write_layer={write_layer!r} is out of range for a model with {len(blocks)} blocks: "
+            f"allowed 0..{last} (the last block's output is only read after the final norm)"
+        )
+    return ResidualSite(model, base, blocks, write_layer, block_path)
+
+
+def _follow(model: nn.Module, path: str) -> Any:
+    obj: Any = model
+    for name in path.split("."):
+        if not hasattr(obj, name):
+            raise UnsupportedModelError(
+                f"block_path={path!r} does not exist in {type(model).__name__}: no attribute "
+                f"{name!r}; supported model types need no path: {', '.join(BLOCK_PATHS)}"
+            )
+        obj = getattr(obj, name)
+    return obj
+
+
+def _hidden(output: Any) -> Tensor:
+    """The hidden states of a block's output: a bare tensor (transformers 5.x) or a tuple's first."""
+    return output if isinstance(output, Tensor) else output[0]
+
+
+def _replace_hidden(output: Any, hidden: Tensor) -> Any:
+    return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
+
+
+@contextmanager
+def capturing(site: ResidualSite) -> Iterator[list[Tensor]]:
+    """Collect the write-site residual at the last position of every forward while active.
+
+    Yields:
+        A list that receives one [batch, d_model] tensor per forward pass.
+    """
+    captured: list[Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured.append(_hidden(output)[:, -1].detach().clone())
+
+    handle = site.blocks[site.write_layer].register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def patching(site: ResidualSite, vectors: Tensor, *, last_only: bool = False) -> Iterator[None]:
+    """Overwrite the write-site residual while active.
+
+    Args:
+        site: the resolved model.
+        vectors: with `last_only`, shape [batch, d_model] written at the last position (the
+            reference's hook); otherwise [batch, queries, d_model] replacing every position of
+            a query pass, whose inputs are all patched last tokens.
+        last_only: patch only the last position.
+    """
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        hidden = _hidden(output)
+        if last_only:
+            hidden = hidden.clone()
+            hidden[:, -1] = vectors.to(hidden.dtype)
+        else:
+            hidden = vectors.to(hidden.dtype).expand_as(hidden)
+        return _replace_hidden(output, hidden)
+
+    handle = site.blocks[site.write_layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _StopForward(Exception):  # noqa: N818  (control flow, never escapes this module)
+    """Raised by a hook to end a forward pass once the write site has been read."""
+
+
+def write_vectors(site: ResidualSite, input_ids: Tensor) -> Tensor:
+    """The write-site residual at the last position, running only blocks 0..write_layer.
+
+    The rest of the forward pass is cut short, so this costs (write_layer + 1) / N of a full one.
+
+    Args:
+        site: the resolved model.
+        input_ids: equal-length prompts, shape [batch, tokens].
+
+    Returns:
+        Shape [batch, d_model], in the model's dtype.
+    """
+    captured: list[Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured.append(_hidden(output)[:, -1].detach().clone())
+        raise _StopForward
+
+    handle = site.blocks[site.write_layer].register_forward_hook(hook)
+    try:
+        site.base(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def cache_keyword(site: ResidualSite) -> str:
+    """Name of the base model's KV-cache argument: `cache` (transformers 5.x) or `past_key_values`."""
+    params = inspect.signature(site.base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def final_hidden(site: ResidualSite, input_ids: Tensor, **kwargs: Any) -> Tensor:
+    """Run the decoder stack and return the readout at every position, [batch, tokens, d_model]."""
+    return site.base(input_ids=input_ids, **kwargs).last_hidden_state
+
+
+def logits(site: ResidualSite, hidden: Tensor) -> Tensor:
+    """Full next-token logits from readouts [..., d_model] (with Gemma-2-style soft-capping)."""
+    return _softcap(site, site.model.get_output_embeddings()(hidden))
+
+
+def token_logits(site: ResidualSite, hidden: Tensor, tokens: Tensor) -> Tensor:
+    """Logits of chosen tokens only, without the full unembedding.
+
+    Args:
+        site: the resolved model.
+        hidden: readouts, shape [rows, points, d_model].
+        tokens: token ids per row, shape [rows, k].
+
+    Returns:
+        Shape [rows, points, k]; equal to `logits(site, hidden)` gathered at `tokens`.
+    """
+    head = site.model.get_output_embeddings()
+    weight = head.weight[tokens]  # [rows, k, d_model]
+    out = torch.einsum("rpd,rkd->rpk", hidden, weight)
+    if head.bias is not None:
+        out = out + head.bias[tokens][:, None, :]
+    return _softcap(site, out)
+
+
+def _softcap(site: ResidualSite, values: Tensor) -> Tensor:
+    cap = getattr(site.config, "final_logit_softcapping", None)
+    return values if cap is None else cap * torch.tanh(values / cap)
+

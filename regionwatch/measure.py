@@ -1,0 +1,373 @@
+"""The measurement core: 1-D interpolation curves and 2-D region maps of a causal LM.
+
+`interpolate` and `region_maps` validate their input, describe their patched points as query
+slots on context prompts, run them all in one pass of the KV-cached engine, and turn the readouts
+into the numbers of PAPER.md §4-§5 with `metrics`. The model is measured in eval mode without
+gradients and left exactly as found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from regionwatch import engine, metrics
+from regionwatch.access import ResidualSite, resolve, token_logits
+from regionwatch.errors import ConfigError
+
+MIN_ALPHAS = 3  # with 2 grid points every relative curve is a straight line
+MIN_GRID = 3  # a 2x2 map has no interior to show a boundary in
+MIN_PROMPT_TOKENS = 2  # the patch replaces the last token; it needs a prefix to attend to
+DEFAULT_SPAN = (-0.25, 1.25)  # PAPER.md §5: a margin of a quarter segment around the anchors
+
+PromptIds = Tensor | Sequence[Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Interpolation curves of P prompt pairs on a grid of K alphas (PAPER.md §4).
+
+    Attributes:
+        alphas: the grid a_k, [K].
+        distance: d(a) = ||h(a) - h_A||, [P, K]; d(0) is round-off, not exactly 0.
+        relative: d(a) / d(1), [P, K]; a row of NaN for pairs in `excluded`.
+        max_slope: (K - 1) * max_k (r_{k+1} - r_k), [P]; NaN for excluded pairs.
+        logit_diff: 1 - n_k, the normalized logit difference between A's and B's clean top
+            tokens in A's patched context (PAPER.md §4.1), [P, K]; 0 at a = 0, 1 at a = 1, NaN
+            where both prompts predict the same token.
+        top_a: argmax of A's clean next-token logits, [P].
+        top_b: argmax of B's clean next-token logits, [P].
+    """
+
+    alphas: Tensor
+    distance: Tensor
+    relative: Tensor
+    max_slope: Tensor
+    logit_diff: Tensor
+    top_a: Tensor
+    top_b: Tensor
+
+    @property
+    def excluded(self) -> Tensor:
+        """Pairs whose d(1) <= `metrics.MIN_END_DISTANCE` (e.g. identical prompts), [P] bool."""
+        return metrics.excluded(self.distance)
+
+
+@dataclass(frozen=True)
+class RegionMaps:
+    """2-D slices through the write vectors of T prompt triples (PAPER.md §5, Figure 1).
+
+    Attributes:
+        axis: grid values used for both alpha and beta, [G].
+        distance: D_A, D_B, D_C, each in its own prompt's context, [T, 3, G, G]; rows are beta
+            (top to bottom), columns alpha (left to right).
+        rgb: 1 - D / max per map and channel, [T, G, G, 3], channels (A, B, C) -> (R, G, B).
+        anchors: (alpha, beta) of A, B and C in each plane, [T, 3, 2]: (0, 0), (1, 0), (t, 1).
+    """
+
+    axis: Tensor
+    distance: Tensor
+    rgb: Tensor
+    anchors: Tensor
+
+
+@contextmanager
+def measuring(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no grad while measuring; each module's own mode returns, even on error."""
+    modes = [(m, m.training) for m in model.modules()]  # models can mix modes (frozen parts)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
+@dataclass
+class Plan:
+    """Prompts and query slots of one engine run, built up by the parts of a measurement.
+
+    A slot is a run of consecutive query vectors in one context; parts add slots while planning
+    and read their readouts back by slot after `execute`.
+    """
+
+    prompts: list[engine.Prompt] = field(default_factory=list)
+    _index: dict[engine.Prompt, int] = field(default_factory=dict)
+    _counts: dict[int, int] = field(default_factory=dict)
+    _builders: dict[int, list[Callable[[Tensor], Tensor]]] = field(default_factory=dict)
+
+    def prompt(self, ids: engine.Prompt) -> int:
+        """Index of a prompt, added once however often it is used."""
+        if ids not in self._index:
+            self._index[ids] = len(self.prompts)
+            self.prompts.append(ids)
+        return self._index[ids]
+
+    def slot(self, context: int, count: int, vectors: Callable[[Tensor], Tensor]) -> tuple[int, int]:
+        """Reserve `count` queries in `context`; `vectors(write)` gives them, [count, d_model]."""
+        offset = self._counts.get(context, 0)
+        self._counts[context] = offset + count
+        self._builders.setdefault(context, []).append(vectors)
+        return (context, offset)
+
+    def execute(self, site: ResidualSite, max_batch_tokens: int | None) -> engine.EngineResult:
+        """Run every slot through the engine (the model must be under `measuring`)."""
+
+        def build(write: Tensor) -> dict[int, Tensor]:
+            return {c: torch.cat([f(write) for f in fs]) for c, fs in self._builders.items()}
+
+        budget = engine.DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
+        return engine.run(site, self.prompts, self._counts, build, max_batch_tokens=budget)
+
+
+def readout(result: engine.EngineResult, slot: tuple[int, int], count: int) -> Tensor:
+    """The patched readouts of one slot, [count, d_model]."""
+    context, offset = slot
+    return result.patched[context][offset : offset + count]
+
+
+class PairPart:
+    """The interpolation curves of a list of (A, B) pairs, as slots of a `Plan`."""
+
+    def __init__(self, plan: Plan, pairs_a: list[engine.Prompt], pairs_b: list[engine.Prompt],
+                 num_alphas: int) -> None:
+        self.alphas = metrics.alpha_grid(num_alphas)
+        self.a = [plan.prompt(p) for p in pairs_a]
+        self.b = [plan.prompt(p) for p in pairs_b]
+        self.slots = [
+            plan.slot(ia, num_alphas, self._points(ia, ib)) for ia, ib in zip(self.a, self.b, strict=True)
+        ]
+
+    def _points(self, ia: int, ib: int) -> Callable[[Tensor], Tensor]:
+        return lambda write: metrics.interpolation_points(write[ia : ia + 1], write[ib : ib + 1], self.alphas)[0]
+
+    def curves(self, site: ResidualSite, result: engine.EngineResult) -> Curves:
+        """Distances, relative curves, slopes and logit differences from an engine result."""
+        k = len(self.alphas)
+        hidden = torch.stack([readout(result, s, k) for s in self.slots])  # [P, K, d_model]
+        clean = result.clean
+        dist = metrics.distance(hidden, clean.final[self.a][:, None, :])
+        rel = metrics.relative(dist)
+        tops = torch.stack([clean.top[self.a], clean.top[self.b]], dim=1)  # [P, 2]
+        chosen = token_logits(site, hidden, tops).float()
+        return Curves(
+            alphas=self.alphas,
+            distance=dist,
+            relative=rel,
+            max_slope=metrics.max_slope(rel),
+            logit_diff=metrics.logit_diff(chosen[..., 0] - chosen[..., 1]),
+            top_a=clean.top[self.a].cpu(),
+            top_b=clean.top[self.b].cpu(),
+        )
+
+
+class MapPart:
+    """The region maps of a list of (A, B, C) triples, as slots of a `Plan`."""
+
+    def __init__(self, plan: Plan, triples: list[tuple[engine.Prompt, engine.Prompt, engine.Prompt]],
+                 grid: int, span: tuple[float, float]) -> None:
+        self.axis = metrics.map_grid(grid, span)
+        self.triples = [tuple(plan.prompt(p) for p in triple) for triple in triples]
+        self.slots = [
+            [plan.slot(ctx, grid * grid, self._points(triple)) for ctx in triple]
+            for triple in self.triples
+        ]
+
+    def _points(self, triple: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
+        def points(write: Tensor) -> Tensor:
+            a, b, c = (write[i] for i in triple)
+            _, u = metrics.plane(a, b, c)
+            return metrics.plane_points(a, b, u, self.axis).flatten(0, 1)
+
+        return points
+
+    def maps(self, result: engine.EngineResult) -> RegionMaps:
+        """Per-context distances, colours and anchor positions from an engine result."""
+        g = len(self.axis)
+        final = result.clean.final
+        dist = torch.stack(
+            [
+                torch.stack(
+                    [
+                        metrics.distance(readout(result, s, g * g), final[ctx]).reshape(g, g)
+                        for ctx, s in zip(triple, slots, strict=True)
+                    ]
+                )
+                for triple, slots in zip(self.triples, self.slots, strict=True)
+            ]
+        )
+        write = result.clean.write
+        t = torch.stack([metrics.plane(*(write[i] for i in triple))[0] for triple in self.triples])
+        anchors = torch.zeros(len(self.triples), 3, 2)
+        anchors[:, 1, 0] = 1.0
+        anchors[:, 2, 0] = t.cpu()
+        anchors[:, 2, 1] = 1.0
+        return RegionMaps(axis=self.axis, distance=dist.cpu(), rgb=metrics.region_rgb(dist).cpu(), anchors=anchors)
+
+
+def interpolate(
+    model: nn.Module,
+    ids_a: PromptIds,
+    ids_b: PromptIds,
+    *,
+    num_alphas: int = 21,
+    write_layer: int = 0,
+    max_batch_tokens: int | None = None,
+    block_path: str | None = None,
+) -> Curves:
+    """Patch (1 - a) x_A + a x_B into each A's forward pass and measure how far the output moves.
+
+    Args:
+        model: a causal LM (see `regionwatch.access.BLOCK_PATHS`); measured in eval mode without
+            grad, in its own dtype and device, and left exactly as found.
+        ids_a: context prompts, a LongTensor [P, S] or P token-id lists (lengths may differ).
+        ids_b: partner prompts, same count as `ids_a`.
+        num_alphas: grid points K in [0, 1], at least 3.
+        write_layer: block whose output is patched (0 = after the first block).
+        max_batch_tokens: most tokens per forward pass (memory budget); None for the default.
+        block_path: dotted path to the block list, for architectures without a table entry.
+
+    Returns:
+        The curves of every pair.
+
+    Raises:
+        ConfigError: bad prompts or settings. UnsupportedModelError: see `access.resolve`.
+
+    Example:
+        >>> curves = interpolate(model, [[5, 6, 7], [8, 9]], [[1, 2, 3], [4, 4]])
+        >>> curves.max_slope  # tensor([...]) one value per pair
+    """
+    site = resolve(model, write_layer=write_layer, block_path=block_path)
+    pairs_a, pairs_b = prompt_list(ids_a, "ids_a"), prompt_list(ids_b, "ids_b")
+    _same_count(("ids_a", pairs_a), ("ids_b", pairs_b))
+    check_prompts(site, pairs_a + pairs_b)
+    check_alphas(num_alphas)
+    check_budget(max_batch_tokens)
+    plan = Plan()
+    part = PairPart(plan, pairs_a, pairs_b, num_alphas)
+    with measuring(model):
+        result = plan.execute(site, max_batch_tokens)
+        return part.curves(site, result)
+
+
+def region_maps(
+    model: nn.Module,
+    ids_a: PromptIds,
+    ids_b: PromptIds,
+    ids_c: PromptIds,
+    *,
+    grid: int = 37,
+    span: tuple[float, float] = DEFAULT_SPAN,
+    write_layer: int = 0,
+    max_batch_tokens: int | None = None,
+    block_path: str | None = None,
+) -> RegionMaps:
+    """Colour the plane through three prompts' write vectors by where each context's output moves.
+
+    Every grid point p(alpha, beta) of the plane through x_A, x_B, x_C (PAPER.md §5) is patched
+    into each of the three contexts; the map's channels are 1 - D/max of the output distances.
+
+    Args:
+        model: a causal LM, as for `interpolate`.
+        ids_a, ids_b, ids_c: the triples' prompts, T each (LongTensor [T, S] or token-id lists).
+        grid: grid points G per axis, at least 3 (37 puts A and B on pixel centres).
+        span: axis range for alpha and beta, low < high.
+        write_layer: block whose output is patched.
+        max_batch_tokens: most tokens per forward pass; None for the default.
+        block_path: dotted path to the block list, for architectures without a table entry.
+
+    Returns:
+        The maps of every triple.
+
+    Raises:
+        ConfigError: bad prompts or settings. UnsupportedModelError: see `access.resolve`.
+    """
+    site = resolve(model, write_layer=write_layer, block_path=block_path)
+    lists = [prompt_list(ids, name) for ids, name in ((ids_a, "ids_a"), (ids_b, "ids_b"), (ids_c, "ids_c"))]
+    _same_count(*zip(("ids_a", "ids_b", "ids_c"), lists, strict=True))
+    check_prompts(site, [p for ps in lists for p in ps])
+    check_grid(grid, span)
+    check_budget(max_batch_tokens)
+    plan = Plan()
+    part = MapPart(plan, list(zip(*lists, strict=True)), grid, span)
+    with measuring(model):
+        return part.maps(plan.execute(site, max_batch_tokens))
+
+
+def prompt_list(ids: PromptIds, name: str) -> list[engine.Prompt]:
+    """Normalize prompts given as a LongTensor [P, S] or token-id lists into tuples of ints.
+
+    Raises:
+        ConfigError: not 2-D, not integers, no prompts, or a prompt shorter than 2 tokens.
+    """
+    if isinstance(ids, Tensor):
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:  # noqa: PLR2004
+            raise ConfigError(f"{name}: a tensor of prompts must be an integer tensor [prompts, tokens], "
+                              f"got dtype {ids.dtype} shape {tuple(ids.shape)}")
+        prompts = [tuple(int(t) for t in row) for row in ids.tolist()]
+    else:
+        try:
+            prompts = [tuple(int(t) for t in p) for p in ids]
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{name}: expected a LongTensor [prompts, tokens] or lists of token "
+                              f"ids, got {type(ids).__name__}: {err}") from err
+        if any(float(t) != int(t) for p in ids for t in p):
+            raise ConfigError(f"{name}: token ids must be integers")
+    if not prompts:
+        raise ConfigError(f"{name}: no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) < MIN_PROMPT_TOKENS:
+            raise ConfigError(f"{name}[{i}] has {len(p)} token(s); a prompt needs at least "
+                              f"{MIN_PROMPT_TOKENS}: the patched last token attends to the ones before it")
+    return prompts
+
+
+def check_prompts(site: ResidualSite, prompts: Sequence[engine.Prompt]) -> None:
+    """Refuse token ids the model cannot embed and prompts longer than it can attend over."""
+    vocab = site.vocab_size
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"prompt {i} holds token id {bad[0]}, outside the model's vocabulary "
+                              f"0..{vocab - 1}: was it tokenized with another tokenizer?")
+    longest = max(len(p) for p in prompts)
+    limit = site.max_positions
+    if limit is not None and longest > limit:
+        raise ConfigError(f"a prompt has {longest} tokens; the model takes at most {limit}")
+    window = site.sliding_window
+    if window is not None and longest > window:
+        raise ConfigError(f"a prompt has {longest} tokens, more than the model's sliding attention "
+                          f"window of {window}; use prompts of at most {window} tokens")
+
+
+def check_alphas(num_alphas: int) -> None:
+    """Refuse grids too coarse to show a jump."""
+    if not isinstance(num_alphas, int) or num_alphas < MIN_ALPHAS:
+        raise ConfigError(f"num_alphas={num_alphas!r}: need an int >= {MIN_ALPHAS} (2 points always "
+                          "give a straight line)")
+
+
+def check_grid(grid: int, span: tuple[float, float]) -> None:
+    """Refuse region-map grids that are too coarse or empty."""
+    if not isinstance(grid, int) or grid < MIN_GRID:
+        raise ConfigError(f"grid={grid!r}: need an int >= {MIN_GRID}")
+    low, high = span
+    if not low < high:
+        raise ConfigError(f"span={span!r}: need low < high, e.g. {DEFAULT_SPAN}")
+
+
+def check_budget(max_batch_tokens: int | None) -> None:
+    """Refuse a memory budget that cannot hold one token."""
+    if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
+        raise ConfigError(f"max_batch_tokens={max_batch_tokens!r}: need a positive int or None")
+
+
+def _same_count(*named: tuple[str, list[engine.Prompt]]) -> None:
+    counts = {name: len(ps) for name, ps in named}
+    if len(set(counts.values())) > 1:
+        raise ConfigError(f"prompt lists differ in length: {counts}; give one prompt of each per pair")

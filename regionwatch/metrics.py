@@ -1,0 +1,180 @@
+"""Pure maths of the probe: every formula of PAPER.md §4-§5 and §8 has its one home here.
+
+Functions take and return tensors (or floats) and know nothing about models, so the fast engine,
+the slow reference, reports and sinks all compute each number the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch import Tensor
+
+# PAPER.md §4: the reference plots drop pairs whose d(1) <= 0.01 (outputs that barely move);
+# dividing by such a d(1) amplifies round-off into nonsense slopes.
+MIN_END_DISTANCE = 0.01
+# PAPER.md §6.4: a pair whose steepest increment is < 1.5x its mean increment lies in one region.
+LINEAR_LAMBDA = 1.5
+# PAPER.md §6.4 averages the first ten increments (all of them at the reference's S = 11).
+LAMBDA_INCREMENTS = 10
+QUARTILES = (0.25, 0.5, 0.75)
+
+
+def alpha_grid(num_alphas: int) -> Tensor:
+    """The interpolation weights a_k = linspace(0, 1, S) in float32 (a_0 = 0, a_{S-1} = 1 exactly)."""
+    return torch.linspace(0.0, 1.0, num_alphas, dtype=torch.float32)
+
+
+def interpolation_points(x_a: Tensor, x_b: Tensor, alphas: Tensor) -> Tensor:
+    """Points x(a) = (1 - a) x_A + a x_B on the segment, computed in exactly this form (PAPER.md §4).
+
+    Args:
+        x_a: write vectors of the contexts, shape [pairs, d_model].
+        x_b: write vectors of the partners, shape [pairs, d_model].
+        alphas: weights, shape [alphas].
+
+    Returns:
+        Shape [pairs, alphas, d_model], float32.
+    """
+    a = alphas.to(torch.float32)[None, :, None]
+    return (1 - a) * x_a.float()[:, None, :] + a * x_b.float()[:, None, :]
+
+
+def distance(h: Tensor, h_ref: Tensor) -> Tensor:
+    """Euclidean distance ||h - h_ref|| over the last axis, in float32 whatever the model dtype."""
+    return torch.linalg.vector_norm(h.float() - h_ref.float(), dim=-1)
+
+
+def relative(dist: Tensor) -> Tensor:
+    """d(a) / d(1) per pair; a pair whose d(1) <= MIN_END_DISTANCE gets a row of NaN.
+
+    Such pairs (identical prompts, or outputs that barely move) are counted by `excluded`, never
+    divided by: their "curve" would be round-off over round-off (PAPER.md §4, our deviation).
+
+    Args:
+        dist: d(a) per pair, shape [..., alphas].
+
+    Returns:
+        Same shape; r(1) = 1 exactly for every kept pair.
+    """
+    end = dist[..., -1:]
+    return torch.where(end > MIN_END_DISTANCE, dist / end, torch.nan)
+
+
+def excluded(dist: Tensor) -> Tensor:
+    """Boolean mask [...] of pairs whose d(1) is too small to normalize by (see `relative`)."""
+    return ~(dist[..., -1] > MIN_END_DISTANCE)
+
+
+def max_slope(rel: Tensor) -> Tensor:
+    """The reference's max slope s = (S - 1) * max_k (r_{k+1} - r_k) (PAPER.md §4).
+
+    A straight line gives 1, a perfect one-interval step gives S - 1; s depends on S, so never
+    compare slopes measured with different numbers of alphas.
+
+    Args:
+        rel: relative distances, shape [..., alphas].
+
+    Returns:
+        Shape [...]; NaN where the row is NaN.
+    """
+    steps = rel.shape[-1] - 1
+    return steps * torch.diff(rel, dim=-1).amax(dim=-1)
+
+
+def lipschitz_ratio(rel: Tensor) -> Tensor:
+    """Lambda = max_k dr_k / mean(dr_0..dr_9) per pair (PAPER.md §6.4); ~1 for a straight line."""
+    increments = torch.diff(rel, dim=-1)
+    return increments.amax(dim=-1) / increments[..., :LAMBDA_INCREMENTS].mean(dim=-1)
+
+
+def logit_diff(diffs: Tensor) -> Tensor:
+    """1 - n_k with n_k = (L_k - L_{S-1}) / (L_0 - L_{S-1}) (PAPER.md §4.1): 0 at a = 0, 1 at a = 1.
+
+    Args:
+        diffs: L_k = logit[t_A] - logit[t_B] along the path, shape [..., alphas].
+
+    Returns:
+        Same shape; NaN for a pair whose endpoints agree (t_A == t_B gives L_k = 0 everywhere).
+    """
+    first, last = diffs[..., :1], diffs[..., -1:]
+    return 1 - (diffs - last) / (first - last)
+
+
+def median_curve(rel: Tensor) -> Tensor:
+    """Elementwise median over pairs of r(a), ignoring excluded (NaN) pairs.
+
+    `torch.nanmedian`, like the reference's `torch.median`, returns the lower middle value for an
+    even count, so 99 pairs give the exact middle.
+
+    Args:
+        rel: shape [pairs, alphas].
+
+    Returns:
+        Shape [alphas]; NaN everywhere when no pair is kept.
+    """
+    return torch.nanmedian(rel, dim=0).values
+
+
+def quartiles(values: Tensor) -> tuple[float, float, float]:
+    """q25, median, q75 of the finite values (linear interpolation, as `torch.quantile`); NaN if none."""
+    finite = values[torch.isfinite(values)].double()
+    if finite.numel() == 0:
+        return (math.nan, math.nan, math.nan)
+    q = torch.quantile(finite, torch.tensor(QUARTILES, dtype=torch.float64))
+    return (float(q[0]), float(q[1]), float(q[2]))
+
+
+def plane(a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The plane through three write vectors (PAPER.md §5).
+
+    Args:
+        a, b, c: write vectors, shape [..., d_model].
+
+    Returns:
+        t (shape [...]), the position of c's foot point on line AB, and u (shape [..., d_model]),
+        c's offset orthogonal to AB, so that p(alpha, beta) = a + alpha (b - a) + beta u passes
+        through a at (0, 0), b at (1, 0) and c at (t, 1).
+    """
+    a, b, c = a.float(), b.float(), c.float()
+    ab = b - a
+    t = ((c - a) * ab).sum(-1) / (ab * ab).sum(-1)
+    u = c - (a + t[..., None] * ab)
+    return t, u
+
+
+def map_grid(grid: int, span: tuple[float, float]) -> Tensor:
+    """The region-map axis values g = linspace(span[0], span[1], grid), float32."""
+    return torch.linspace(span[0], span[1], grid, dtype=torch.float32)
+
+
+def plane_points(a: Tensor, b: Tensor, u: Tensor, axis: Tensor) -> Tensor:
+    """All grid points p(alpha, beta) = a + alpha (b - a) + beta u of one plane.
+
+    Args:
+        a, b, u: shape [d_model] (see `plane`).
+        axis: grid values, shape [grid], used for both alpha and beta.
+
+    Returns:
+        Shape [grid (beta, top to bottom), grid (alpha, left to right), d_model], float32: the
+        reference's orientation (PAPER.md §5), row-major like the image it becomes.
+    """
+    a, b, u = a.float(), b.float(), u.float()
+    alpha = axis[None, :, None]
+    beta = axis[:, None, None]
+    return a + alpha * (b - a) + beta * u
+
+
+def region_rgb(dist: Tensor) -> Tensor:
+    """RGB = 1 - D / max(D) per channel over the whole grid (PAPER.md §5, Figure 1's colours).
+
+    Args:
+        dist: D_A, D_B, D_C, shape [..., 3, grid, grid].
+
+    Returns:
+        Shape [..., grid, grid, 3] in [0, 1]; an anchor's pixel is saturated in its own colour.
+    """
+    peak = dist.flatten(-2).amax(-1)[..., None, None]
+    rgb = 1 - dist / torch.where(peak > 0, peak, 1.0)
+    return rgb.movedim(-3, -1)
+

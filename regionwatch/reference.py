@@ -1,0 +1,121 @@
+"""The slow, obviously correct probe: one full forward pass per patched point, as the authors did.
+
+Write vectors are read from `hidden_states[write_layer + 1]`, readouts from `hidden_states[-1]`
+and logits from the model's own head, all of one unmodified forward per prompt; every patched
+point is a full forward of its context with a hook that overwrites the last position after block
+`write_layer` (PAPER.md §2). Points of equal-length contexts share a batch, nothing else is shared.
+Same signatures as `regionwatch.interpolate` / `regionwatch.region_maps`; tests and benchmarks
+hold the fast engine to it, and users may cross-check with it. The library never imports it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from regionwatch import metrics
+from regionwatch.access import ResidualSite, patching, resolve
+from regionwatch.engine import Prompt
+from regionwatch.measure import (
+    DEFAULT_SPAN,
+    Curves,
+    PromptIds,
+    RegionMaps,
+    check_alphas,
+    check_grid,
+    check_prompts,
+    measuring,
+    prompt_list,
+)
+
+
+def _clean(site: ResidualSite, prompt: Prompt) -> tuple[Tensor, Tensor, Tensor]:
+    """Write vector, readout and logits at the last position of one unpatched forward."""
+    ids = torch.tensor([prompt], device=site.device)
+    out = site.model(input_ids=ids, output_hidden_states=True)
+    states = out.hidden_states
+    return states[site.write_layer + 1][0, -1], states[-1][0, -1], out.logits[0, -1]
+
+
+def _patched(site: ResidualSite, prompt: Prompt, vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """Readouts and logits of one full forward of `prompt` per vector in `vectors` [n, d_model]."""
+    ids = torch.tensor([prompt], device=site.device).expand(len(vectors), -1)
+    with patching(site, vectors, last_only=True):
+        out = site.model(input_ids=ids, output_hidden_states=True)
+    return out.hidden_states[-1][:, -1], out.logits[:, -1]
+
+
+def interpolate(
+    model: nn.Module,
+    ids_a: PromptIds,
+    ids_b: PromptIds,
+    *,
+    num_alphas: int = 21,
+    write_layer: int = 0,
+    max_batch_tokens: int | None = None,  # noqa: ARG001  (same signature as the fast path)
+    block_path: str | None = None,
+) -> Curves:
+    """Reference for `regionwatch.interpolate`: a full forward per (pair, alpha)."""
+    site = resolve(model, write_layer=write_layer, block_path=block_path)
+    pairs_a, pairs_b = prompt_list(ids_a, "ids_a"), prompt_list(ids_b, "ids_b")
+    check_prompts(site, pairs_a + pairs_b)
+    check_alphas(num_alphas)
+    alphas = metrics.alpha_grid(num_alphas)
+    dists, diffs, tops = [], [], []
+    with measuring(model):
+        for a, b in zip(pairs_a, pairs_b, strict=True):
+            x_a, h_a, logits_a = _clean(site, a)
+            x_b, _, logits_b = _clean(site, b)
+            t_a, t_b = int(logits_a.argmax()), int(logits_b.argmax())
+            points = metrics.interpolation_points(x_a[None], x_b[None], alphas)[0]
+            hidden, logits = _patched(site, a, points)
+            dists.append(metrics.distance(hidden, h_a))
+            diffs.append((logits[:, t_a] - logits[:, t_b]).float())
+            tops.append((t_a, t_b))
+    dist = torch.stack(dists)
+    rel = metrics.relative(dist)
+    top = torch.tensor(tops)
+    return Curves(
+        alphas=alphas,
+        distance=dist.cpu(),
+        relative=rel.cpu(),
+        max_slope=metrics.max_slope(rel).cpu(),
+        logit_diff=metrics.logit_diff(torch.stack(diffs)).cpu(),
+        top_a=top[:, 0],
+        top_b=top[:, 1],
+    )
+
+
+def region_maps(
+    model: nn.Module,
+    ids_a: PromptIds,
+    ids_b: PromptIds,
+    ids_c: PromptIds,
+    *,
+    grid: int = 37,
+    span: tuple[float, float] = DEFAULT_SPAN,
+    write_layer: int = 0,
+    max_batch_tokens: int | None = None,  # noqa: ARG001  (same signature as the fast path)
+    block_path: str | None = None,
+) -> RegionMaps:
+    """Reference for `regionwatch.region_maps`: a full forward per (grid point, context)."""
+    site = resolve(model, write_layer=write_layer, block_path=block_path)
+    triples = list(zip(*(prompt_list(ids, "ids") for ids in (ids_a, ids_b, ids_c)), strict=True))
+    check_prompts(site, [p for triple in triples for p in triple])
+    check_grid(grid, span)
+    axis = metrics.map_grid(grid, span)
+    maps, anchors = [], []
+    with measuring(model):
+        for triple in triples:
+            clean = [_clean(site, p) for p in triple]
+            a, b, c = (x for x, _, _ in clean)
+            t, u = metrics.plane(a, b, c)
+            points = metrics.plane_points(a, b, u, axis).flatten(0, 1)
+            channels = []
+            for prompt, (_, h, _) in zip(triple, clean, strict=True):
+                hidden, _ = _patched(site, prompt, points)
+                channels.append(metrics.distance(hidden, h).reshape(grid, grid))
+            maps.append(torch.stack(channels))
+            anchors.append([[0.0, 0.0], [1.0, 0.0], [float(t), 1.0]])
+    dist = torch.stack(maps).cpu()
+    return RegionMaps(axis=axis, distance=dist, rgb=metrics.region_rgb(dist), anchors=torch.tensor(anchors))
