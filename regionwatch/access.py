@@ -102,7 +102,9 @@ class ResidualSite:
         return self.model.get_input_embeddings().weight.dtype
 
 
-def resolve(model: nn.Module, *, write_layer: int = 0, block_path: str | None = None) -> ResidualSite:
+def resolve(
+    model: nn.Module, *, write_layer: int = 0, block_path: str | None = None
+) -> ResidualSite:
     """Find the blocks of `model` and check that `write_layer` can be patched.
 
     Args:
@@ -226,7 +228,7 @@ def patching(site: ResidualSite, vectors: Tensor, *, last_only: bool = False) ->
         handle.remove()
 
 
-class _StopForward(Exception):  # noqa: N818  (control flow, never escapes this module)
+class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the write site has been read."""
 
 
@@ -296,4 +298,3 @@ def token_logits(site: ResidualSite, hidden: Tensor, tokens: Tensor) -> Tensor:
 def _softcap(site: ResidualSite, values: Tensor) -> Tensor:
     cap = getattr(site.config, "final_logit_softcapping", None)
     return values if cap is None else cap * torch.tanh(values / cap)
-

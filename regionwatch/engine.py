@@ -15,6 +15,7 @@ vectors per context, and a function that builds those vectors from all prompts' 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -66,6 +67,8 @@ class EngineResult:
 
     clean: CleanRun
     patched: Mapping[int, Tensor]  # context -> [queries, d_model], model dtype
+    clean_s: float  # wall time of the unpatched passes
+    queries_s: float  # wall time of the patched query passes
 
 
 def run(
@@ -90,6 +93,7 @@ def run(
         The clean run and the patched readouts.
     """
     n = len(prompts)
+    clock = _Clock(site.device)
     write: list[Tensor | None] = [None] * n
     final: list[Tensor | None] = [None] * n
     top: list[Tensor | None] = [None] * n
@@ -98,6 +102,7 @@ def run(
     others = [i for i in range(n) if i not in query_counts]
 
     for chunk in _groups(prompts, others, max_batch_tokens):
+        clock.phase("clean")
         ids = _stack(site, prompts, chunk)
         with capturing(site) as captured:
             hidden = final_hidden(site, ids, use_cache=False)[:, -1]
@@ -107,6 +112,7 @@ def run(
 
     vectors: Mapping[int, Tensor] | None = None
     if len(groups) > 1:  # a group's partners may sit in a later group: read every x first
+        clock.phase("clean")
         for chunk in _groups(prompts, contexts, max_batch_tokens):
             _scatter(chunk, write_vectors(site, _stack(site, prompts, chunk)), write)
         vectors = build(torch.stack(write))
@@ -114,6 +120,7 @@ def run(
     patched: dict[int, Tensor] = {}
     keyword = cache_keyword(site)
     for group in groups:
+        clock.phase("clean")
         ids = _stack(site, prompts, group)
         cache = _new_cache()
         with capturing(site) as captured:
@@ -125,10 +132,12 @@ def run(
         cache.crop(-1)  # queries replace the last token: they must not see its clean keys
         if vectors is None:
             vectors = build(torch.stack(write))
+        clock.phase("queries")
         _queries(site, ids, group, vectors, cache, keyword, max_batch_tokens, patched)
 
+    clock.phase(None)
     clean = CleanRun(torch.stack(write), torch.stack(final), torch.stack(top))
-    return EngineResult(clean, patched)
+    return EngineResult(clean, patched, clock.seconds["clean"], clock.seconds["queries"])
 
 
 def _queries(
@@ -233,3 +242,21 @@ def _scatter(indices: Sequence[int], values: Tensor, into: list[Tensor | None]) 
 
 def _new_cache() -> DynamicCache:
     return DynamicCache()
+
+
+class _Clock:
+    """Wall time per phase; waits for the accelerator so that queued kernels count where they ran."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.seconds = {"clean": 0.0, "queries": 0.0}
+        self._phase: str | None = None
+        self._since = 0.0
+
+    def phase(self, name: str | None) -> None:
+        """End the current phase and start `name` (None: stop)."""
+        self._sync()
+        now = time.perf_counter()
+        if self._phase is not None:
+            self.seconds[self._phase] += now - self._since
+        self._phase, self._since = name, now

@@ -8,9 +8,13 @@ gradients and left exactly as found.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +22,7 @@ from torch import Tensor, nn
 from regionwatch import engine, metrics
 from regionwatch.access import ResidualSite, resolve, token_logits
 from regionwatch.errors import ConfigError
+from regionwatch.probes import ProbeSet
 
 MIN_ALPHAS = 3  # with 2 grid points every relative curve is a straight line
 MIN_GRID = 3  # a 2x2 map has no interior to show a boundary in
@@ -108,7 +113,9 @@ class Plan:
             self.prompts.append(ids)
         return self._index[ids]
 
-    def slot(self, context: int, count: int, vectors: Callable[[Tensor], Tensor]) -> tuple[int, int]:
+    def slot(
+        self, context: int, count: int, vectors: Callable[[Tensor], Tensor]
+    ) -> tuple[int, int]:
         """Reserve `count` queries in `context`; `vectors(write)` gives them, [count, d_model]."""
         offset = self._counts.get(context, 0)
         self._counts[context] = offset + count
@@ -134,17 +141,27 @@ def readout(result: engine.EngineResult, slot: tuple[int, int], count: int) -> T
 class PairPart:
     """The interpolation curves of a list of (A, B) pairs, as slots of a `Plan`."""
 
-    def __init__(self, plan: Plan, pairs_a: list[engine.Prompt], pairs_b: list[engine.Prompt],
-                 num_alphas: int) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        pairs_a: list[engine.Prompt],
+        pairs_b: list[engine.Prompt],
+        num_alphas: int,
+    ) -> None:
         self.alphas = metrics.alpha_grid(num_alphas)
         self.a = [plan.prompt(p) for p in pairs_a]
         self.b = [plan.prompt(p) for p in pairs_b]
         self.slots = [
-            plan.slot(ia, num_alphas, self._points(ia, ib)) for ia, ib in zip(self.a, self.b, strict=True)
+            plan.slot(ia, num_alphas, self._points(ia, ib))
+            for ia, ib in zip(self.a, self.b, strict=True)
         ]
+        self.points = len(self.slots) * num_alphas
+        self.prompt_ids = set(self.a) | set(self.b)
 
     def _points(self, ia: int, ib: int) -> Callable[[Tensor], Tensor]:
-        return lambda write: metrics.interpolation_points(write[ia : ia + 1], write[ib : ib + 1], self.alphas)[0]
+        return lambda write: metrics.interpolation_points(
+            write[ia : ia + 1], write[ib : ib + 1], self.alphas
+        )[0]
 
     def curves(self, site: ResidualSite, result: engine.EngineResult) -> Curves:
         """Distances, relative curves, slopes and logit differences from an engine result."""
@@ -169,14 +186,21 @@ class PairPart:
 class MapPart:
     """The region maps of a list of (A, B, C) triples, as slots of a `Plan`."""
 
-    def __init__(self, plan: Plan, triples: list[tuple[engine.Prompt, engine.Prompt, engine.Prompt]],
-                 grid: int, span: tuple[float, float]) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        triples: list[tuple[engine.Prompt, engine.Prompt, engine.Prompt]],
+        grid: int,
+        span: tuple[float, float],
+    ) -> None:
         self.axis = metrics.map_grid(grid, span)
         self.triples = [tuple(plan.prompt(p) for p in triple) for triple in triples]
         self.slots = [
             [plan.slot(ctx, grid * grid, self._points(triple)) for ctx in triple]
             for triple in self.triples
         ]
+        self.points = len(self.triples) * 3 * grid * grid
+        self.prompt_ids = {i for triple in self.triples for i in triple}
 
     def _points(self, triple: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
         def points(write: Tensor) -> Tensor:
@@ -207,7 +231,9 @@ class MapPart:
         anchors[:, 1, 0] = 1.0
         anchors[:, 2, 0] = t.cpu()
         anchors[:, 2, 1] = 1.0
-        return RegionMaps(axis=self.axis, distance=dist.cpu(), rgb=metrics.region_rgb(dist).cpu(), anchors=anchors)
+        return RegionMaps(
+            axis=self.axis, distance=dist.cpu(), rgb=metrics.region_rgb(dist).cpu(), anchors=anchors
+        )
 
 
 def interpolate(
@@ -288,7 +314,10 @@ def region_maps(
         ConfigError: bad prompts or settings. UnsupportedModelError: see `access.resolve`.
     """
     site = resolve(model, write_layer=write_layer, block_path=block_path)
-    lists = [prompt_list(ids, name) for ids, name in ((ids_a, "ids_a"), (ids_b, "ids_b"), (ids_c, "ids_c"))]
+    lists = [
+        prompt_list(ids, name)
+        for ids, name in ((ids_a, "ids_a"), (ids_b, "ids_b"), (ids_c, "ids_c"))
+    ]
     _same_count(*zip(("ids_a", "ids_b", "ids_c"), lists, strict=True))
     check_prompts(site, [p for ps in lists for p in ps])
     check_grid(grid, span)
@@ -307,23 +336,29 @@ def prompt_list(ids: PromptIds, name: str) -> list[engine.Prompt]:
     """
     if isinstance(ids, Tensor):
         if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:  # noqa: PLR2004
-            raise ConfigError(f"{name}: a tensor of prompts must be an integer tensor [prompts, tokens], "
-                              f"got dtype {ids.dtype} shape {tuple(ids.shape)}")
+            raise ConfigError(
+                f"{name}: a tensor of prompts must be an integer tensor [prompts, tokens], "
+                f"got dtype {ids.dtype} shape {tuple(ids.shape)}"
+            )
         prompts = [tuple(int(t) for t in row) for row in ids.tolist()]
     else:
         try:
             prompts = [tuple(int(t) for t in p) for p in ids]
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"{name}: expected a LongTensor [prompts, tokens] or lists of token "
-                              f"ids, got {type(ids).__name__}: {err}") from err
+            raise ConfigError(
+                f"{name}: expected a LongTensor [prompts, tokens] or lists of token "
+                f"ids, got {type(ids).__name__}: {err}"
+            ) from err
         if any(float(t) != int(t) for p in ids for t in p):
             raise ConfigError(f"{name}: token ids must be integers")
     if not prompts:
         raise ConfigError(f"{name}: no prompts given")
     for i, p in enumerate(prompts):
         if len(p) < MIN_PROMPT_TOKENS:
-            raise ConfigError(f"{name}[{i}] has {len(p)} token(s); a prompt needs at least "
-                              f"{MIN_PROMPT_TOKENS}: the patched last token attends to the ones before it")
+            raise ConfigError(
+                f"{name}[{i}] has {len(p)} token(s); a prompt needs at least "
+                f"{MIN_PROMPT_TOKENS}: the patched last token attends to the ones before it"
+            )
     return prompts
 
 
@@ -333,23 +368,29 @@ def check_prompts(site: ResidualSite, prompts: Sequence[engine.Prompt]) -> None:
     for i, p in enumerate(prompts):
         bad = [t for t in p if not 0 <= t < vocab]
         if bad:
-            raise ConfigError(f"prompt {i} holds token id {bad[0]}, outside the model's vocabulary "
-                              f"0..{vocab - 1}: was it tokenized with another tokenizer?")
+            raise ConfigError(
+                f"prompt {i} holds token id {bad[0]}, outside the model's vocabulary "
+                f"0..{vocab - 1}: was it tokenized with another tokenizer?"
+            )
     longest = max(len(p) for p in prompts)
     limit = site.max_positions
     if limit is not None and longest > limit:
         raise ConfigError(f"a prompt has {longest} tokens; the model takes at most {limit}")
     window = site.sliding_window
     if window is not None and longest > window:
-        raise ConfigError(f"a prompt has {longest} tokens, more than the model's sliding attention "
-                          f"window of {window}; use prompts of at most {window} tokens")
+        raise ConfigError(
+            f"a prompt has {longest} tokens, more than the model's sliding attention "
+            f"window of {window}; use prompts of at most {window} tokens"
+        )
 
 
 def check_alphas(num_alphas: int) -> None:
     """Refuse grids too coarse to show a jump."""
     if not isinstance(num_alphas, int) or num_alphas < MIN_ALPHAS:
-        raise ConfigError(f"num_alphas={num_alphas!r}: need an int >= {MIN_ALPHAS} (2 points always "
-                          "give a straight line)")
+        raise ConfigError(
+            f"num_alphas={num_alphas!r}: need an int >= {MIN_ALPHAS} (2 points always "
+            "give a straight line)"
+        )
 
 
 def check_grid(grid: int, span: tuple[float, float]) -> None:
@@ -363,11 +404,190 @@ def check_grid(grid: int, span: tuple[float, float]) -> None:
 
 def check_budget(max_batch_tokens: int | None) -> None:
     """Refuse a memory budget that cannot hold one token."""
-    if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
+    if max_batch_tokens is not None and (
+        not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
+    ):
         raise ConfigError(f"max_batch_tokens={max_batch_tokens!r}: need a positive int or None")
 
 
 def _same_count(*named: tuple[str, list[engine.Prompt]]) -> None:
     counts = {name: len(ps) for name, ps in named}
     if len(set(counts.values())) > 1:
-        raise ConfigError(f"prompt lists differ in length: {counts}; give one prompt of each per pair")
+        raise ConfigError(
+            f"prompt lists differ in length: {counts}; give one prompt of each per pair"
+        )
+
+
+PARTS = ("random", "similar", "dissimilar", "named", "maps")
+Part = Literal["random", "similar", "dissimilar", "named", "maps"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeConfig:
+    """What one measurement computes; saved with the run so that resume and replay compute the same.
+
+    Attributes:
+        write_layer: block whose output is patched; 0 = after the first block (PAPER.md §2).
+        num_alphas: interpolation grid points K; max slopes are only comparable at equal K.
+        grid: region-map grid points per axis (37 puts A and B on pixel centres).
+        span: region-map axis range for alpha and beta.
+        parts: which parts of the probe set to measure, a subset of `PARTS`.
+        max_batch_tokens: most tokens per forward pass (memory budget); None for the default.
+        block_path: dotted path to the block list, for architectures without a table entry.
+    """
+
+    write_layer: int = 0
+    num_alphas: int = 21
+    grid: int = 37
+    span: tuple[float, float] = DEFAULT_SPAN
+    parts: tuple[Part, ...] = PARTS
+    max_batch_tokens: int | None = None
+    block_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.write_layer, int)
+            or isinstance(self.write_layer, bool)
+            or self.write_layer < 0
+        ):
+            raise ConfigError(
+                f"ProbeConfig.write_layer={self.write_layer!r}: need an int >= 0 "
+                "(0 = after the first block)"
+            )
+        _field_check("num_alphas", check_alphas, self.num_alphas)
+        object.__setattr__(self, "span", tuple(float(v) for v in self.span))
+        _field_check("grid", lambda g: check_grid(g, self.span), self.grid)
+        _field_check("max_batch_tokens", check_budget, self.max_batch_tokens)
+        parts = tuple(self.parts)
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown or not parts or len(set(parts)) != len(parts):
+            raise ConfigError(f"ProbeConfig.parts={self.parts!r}: need distinct names from {PARTS}")
+        object.__setattr__(self, "parts", parts)
+        if self.block_path is not None and not (
+            isinstance(self.block_path, str) and self.block_path
+        ):
+            raise ConfigError(
+                f"ProbeConfig.block_path={self.block_path!r}: need a dotted path or None"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, as saved in a run's config.json."""
+        out = asdict(self)
+        out["span"] = list(self.span)
+        out["parts"] = list(self.parts)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProbeConfig:
+        """Rebuild a config; unknown keys are an error (a typo must not run another experiment)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"ProbeConfig: unknown keys {unknown}; known: {sorted(known)}")
+        values = dict(data)
+        for key in ("span", "parts"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the numbers (not the memory budget)."""
+        numbers = {k: v for k, v in self.to_dict().items() if k != "max_batch_tokens"}
+        return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _field_check(name: str, check: Callable[[Any], None], value: Any) -> None:
+    try:
+        check(value)
+    except ConfigError as err:
+        raise ConfigError(f"ProbeConfig.{name}: {err}") from None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Everything one probe of a model gives: curves per part, region maps, summary and timing.
+
+    Attributes:
+        config: the settings measured with.
+        curves: per part ("random", "similar", "dissimilar", "named") that was measured.
+        maps: region maps of the probe set's triples, or None.
+        summary: headline scalars under PAPER.md §8's names (see `metrics.summary`).
+        timing: seconds: `total`, `clean` (unpatched passes), `queries` (patched passes), and
+            `part/<name>`: each part's share, its patched points' share of the query time plus
+            its prompts' share of the clean time (all points cost the same single-token pass).
+    """
+
+    config: ProbeConfig
+    curves: Mapping[str, Curves]
+    maps: RegionMaps | None
+    summary: Mapping[str, float]
+    timing: Mapping[str, float]
+
+
+def measure(model: nn.Module, probes: ProbeSet, config: ProbeConfig | None = None) -> Measurement:
+    """Measure every part of a probe set in one engine run; contexts shared by parts run once.
+
+    Args:
+        model: a causal LM, as for `interpolate`; left exactly as found.
+        probes: the run's fixed prompts.
+        config: what to compute; default `ProbeConfig()`.
+
+    Returns:
+        The measurement.
+
+    Raises:
+        ConfigError, UnsupportedModelError: before any forward pass.
+    """
+    config = config or ProbeConfig()
+    started = time.perf_counter()
+    site = resolve(model, write_layer=config.write_layer, block_path=config.block_path)
+    plan = Plan()
+    pair_parts: dict[str, PairPart] = {}
+    sources = {
+        "random": probes.random_pairs,
+        "similar": (probes.similar[:, 0], probes.similar[:, 1]),
+        "dissimilar": (probes.dissimilar[:, 0], probes.dissimilar[:, 1]),
+        "named": ([p.a for p in probes.named], [p.b for p in probes.named]),
+    }
+    for name, (ids_a, ids_b) in sources.items():
+        if name in config.parts and len(ids_a):
+            pairs_a, pairs_b = prompt_list(ids_a, f"{name}[A]"), prompt_list(ids_b, f"{name}[B]")
+            pair_parts[name] = PairPart(plan, pairs_a, pairs_b, config.num_alphas)
+    map_part = None
+    if "maps" in config.parts and len(probes.triples):
+        rows = prompt_list(probes.random, "random")
+        triples = [tuple(rows[i] for i in t) for t in probes.triples.tolist()]
+        map_part = MapPart(plan, triples, config.grid, config.span)
+    check_prompts(site, plan.prompts)
+    with measuring(model):
+        result = plan.execute(site, config.max_batch_tokens)
+        curves = {name: part.curves(site, result) for name, part in pair_parts.items()}
+        maps = map_part.maps(result) if map_part else None
+    random = curves.get("random")
+    summary = metrics.summary(
+        (random.distance, random.relative) if random else None,
+        curves["similar"].max_slope if "similar" in curves else None,
+        curves["dissimilar"].max_slope if "dissimilar" in curves else None,
+    )
+    timing = {
+        "total": time.perf_counter() - started,
+        "clean": result.clean_s,
+        "queries": result.queries_s,
+    }
+    timing |= _part_shares(plan, {**pair_parts, **({"maps": map_part} if map_part else {})}, result)
+    return Measurement(config=config, curves=curves, maps=maps, summary=summary, timing=timing)
+
+
+def _part_shares(
+    plan: Plan, parts: Mapping[str, PairPart | MapPart], result: engine.EngineResult
+) -> dict[str, float]:
+    points = {name: part.points for name, part in parts.items()}
+    prompts = {name: len(part.prompt_ids) for name, part in parts.items()}
+    total_points = sum(points.values()) or 1
+    total_prompts = sum(prompts.values()) or 1
+    return {
+        f"part/{name}": result.queries_s * points[name] / total_points
+        + result.clean_s * prompts[name] / total_prompts
+        for name in parts
+    }

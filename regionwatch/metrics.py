@@ -7,6 +7,7 @@ the slow reference, reports and sinks all compute each number the same way.
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import Tensor
 
@@ -178,3 +179,51 @@ def region_rgb(dist: Tensor) -> Tensor:
     rgb = 1 - dist / torch.where(peak > 0, peak, 1.0)
     return rgb.movedim(-3, -1)
 
+
+def frac_linear(rel: Tensor) -> float:
+    """Fraction of kept pairs whose Lambda < LINEAR_LAMBDA: pairs inside one region (PAPER.md §6.4)."""
+    ratios = lipschitz_ratio(rel)
+    kept = ratios[torch.isfinite(ratios)]
+    return float((kept < LINEAR_LAMBDA).float().mean()) if kept.numel() else math.nan
+
+
+def summary(
+    random: tuple[Tensor, Tensor] | None,
+    similar: Tensor | None = None,
+    dissimilar: Tensor | None = None,
+) -> dict[str, float]:
+    """The headline scalars of one snapshot, under PAPER.md §8's names (the TensorBoard tags).
+
+    Args:
+        random: (distance [P, K], relative [P, K]) of the random pairs, or None if not measured.
+        similar: max slopes of the similar pairs, [n], or None.
+        dissimilar: max slopes of the dissimilar pairs, [n], or None.
+
+    Returns:
+        `max_slope/median`, `max_slope/q25`, `max_slope/q75`, `max_slope/frac_linear`,
+        `dist/d1_median`, `pairs/measured`, `pairs/excluded` for the random pairs;
+        `max_slope/{similar,dissimilar}_{q25,median,q75}` and
+        `max_slope/dissimilar_over_similar` (ratio of medians) for the labelled pairs.
+    """
+    out: dict[str, float] = {}
+    if random is not None:
+        dist, rel = random
+        q25, med, q75 = quartiles(max_slope(rel))
+        out |= {"max_slope/median": med, "max_slope/q25": q25, "max_slope/q75": q75}
+        out["max_slope/frac_linear"] = frac_linear(rel)
+        out["dist/d1_median"] = quartiles(dist[:, -1])[1]
+        out["pairs/measured"] = float(len(dist))
+        out["pairs/excluded"] = float(excluded(dist).sum())
+    for name, slopes in (("similar", similar), ("dissimilar", dissimilar)):
+        if slopes is not None:
+            q25, med, q75 = quartiles(slopes)
+            out |= {
+                f"max_slope/{name}_q25": q25,
+                f"max_slope/{name}_median": med,
+                f"max_slope/{name}_q75": q75,
+            }
+    if similar is not None and dissimilar is not None:
+        out["max_slope/dissimilar_over_similar"] = (
+            out["max_slope/dissimilar_median"] / out["max_slope/similar_median"]
+        )
+    return out

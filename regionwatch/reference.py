@@ -52,7 +52,7 @@ def interpolate(
     *,
     num_alphas: int = 21,
     write_layer: int = 0,
-    max_batch_tokens: int | None = None,  # noqa: ARG001  (same signature as the fast path)
+    max_batch_tokens: int | None = None,  # unused: same signature as the fast path
     block_path: str | None = None,
 ) -> Curves:
     """Reference for `regionwatch.interpolate`: a full forward per (pair, alpha)."""
@@ -95,7 +95,7 @@ def region_maps(
     grid: int = 37,
     span: tuple[float, float] = DEFAULT_SPAN,
     write_layer: int = 0,
-    max_batch_tokens: int | None = None,  # noqa: ARG001  (same signature as the fast path)
+    max_batch_tokens: int | None = None,  # unused: same signature as the fast path
     block_path: str | None = None,
 ) -> RegionMaps:
     """Reference for `regionwatch.region_maps`: a full forward per (grid point, context)."""
@@ -118,4 +118,6 @@ def region_maps(
             maps.append(torch.stack(channels))
             anchors.append([[0.0, 0.0], [1.0, 0.0], [float(t), 1.0]])
     dist = torch.stack(maps).cpu()
-    return RegionMaps(axis=axis, distance=dist, rgb=metrics.region_rgb(dist), anchors=torch.tensor(anchors))
+    return RegionMaps(
+        axis=axis, distance=dist, rgb=metrics.region_rgb(dist), anchors=torch.tensor(anchors)
+    )
