@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny seeded random causal LMs of every supported architecture, built locally."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
+settings.register_profile("dev", deadline=None, max_examples=10)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+TINY_ARCHS = (
+    "gpt2",
+    "gpt_neox",
+    "llama",
+    "qwen2",
+    "mistral",
+    "olmo",
+    "olmo2",
+    "gemma",
+    "gemma2",
+    "phi",
+    "phi3",
+)
+TINY_VOCAB = 128
+TINY_WIDTH = 32
+
+# One set of sizes, spelled in each config family's own names (GPT-2 has n_embd, the rest
+# hidden_size...). Only names a config already has are set.
+_TINY_SIZES = {
+    "hidden_size": TINY_WIDTH,
+    "n_embd": TINY_WIDTH,
+    "num_attention_heads": 4,
+    "n_head": 4,
+    "num_key_value_heads": 2,
+    "head_dim": TINY_WIDTH // 4,
+    "intermediate_size": 2 * TINY_WIDTH,
+    "max_position_embeddings": 256,
+    "n_positions": 256,
+    "pad_token_id": 0,
+    "vocab_size": TINY_VOCAB,
+}
+
+
+def tiny_config(arch: str, *, layers: int = 3, **overrides: object) -> object:
+    """A tiny config of `arch` (model_type), `layers` blocks, width 32, vocabulary 128."""
+    config = AutoConfig.for_model(arch)
+    for name, value in {**_TINY_SIZES, "num_hidden_layers": layers, "n_layer": layers}.items():
+        if hasattr(config, name) or name == "head_dim":
+            setattr(config, name, value)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def tiny_model(
+    arch: str, *, layers: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: object
+) -> PreTrainedModel:
+    """A seeded random causal LM; the global RNG is saved and restored around its init."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.random.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(arch, layers=layers, **overrides))
+    finally:
+        torch.random.set_rng_state(state)
+    return model.to(dtype).eval()
+
+
+def random_prompts(count: int, length: int, *, seed: int = 0, vocab: int = TINY_VOCAB) -> torch.Tensor:
+    """Random token ids [count, length] from a private generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (count, length), generator=generator)
+
+
+@pytest.fixture(params=TINY_ARCHS)
+def arch(request: pytest.FixtureRequest) -> str:
+    return request.param
