@@ -113,6 +113,10 @@ def test_planned_degenerate_runs():
         (10**15, 7, 105),
         (2154, 3, 9),  # 10^(10/3) = 2154.43...
         (2155, 3, 10),
+        # float floor(per_decade * log10(t)) is one too high, then one too low, in these two:
+        (999_999_999_999_999, 7, 104),
+        (12_379_172_709_857, 561, 7345),
+        (12_379_172_709_856, 561, 7344),
     ],
 )
 def test_log_bucket_known_values(tokens, per_decade, bucket):
