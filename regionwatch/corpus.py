@@ -1,8 +1,9 @@
 """Token sources for probe sets and the demo: the built-in corpus, text files, datasets, lists.
 
-A probe set is drawn from text (PAPER.md §3.1); this module turns whatever the user has into a
-stream of document strings, describes it for provenance, and trains the small local tokenizer
-the demo and the tests use. Nothing here downloads: the built-in corpus ships in the package.
+A probe set is drawn from text (PAPER.md §3.1); this module turns whatever the user has into
+documents and then into one token stream, describes the source and the tokenizer for
+provenance, and trains the small local tokenizer the demo and the tests use. Nothing here
+downloads: the built-in corpus ships in the package.
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.resources
+import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from regionwatch.errors import ConfigError, RegionWatchError
 
@@ -32,6 +37,13 @@ MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + 1  # all bytes plus the EOS token, before 
 TEXT_SUFFIX = ".txt"
 DATASET_BATCH_ROWS = 1000  # rows read per Arrow batch: bounded memory, few Python round trips
 HASH_CHARS = 12  # enough to tell sources apart in a log line
+TOKENIZER_HASH_CHARS = 16  # as many hex digits as `ProbeSet.fingerprint`
+TEXT_SEPARATOR = "\n\n"  # joins documents when the tokenizer has no EOS token
+ENCODE_BATCH_DOCS = 64  # documents per encode call: the fast tokenizer runs a batch in parallel
+# The parts of a fast tokenizer that decide which text gets which id. Padding, truncation and the
+# post-processor are left out: HF changes the first two on every call with padding=/truncation=,
+# and may rewrite the last on load, without changing any id.
+HASHED_TOKENIZER_PARTS = ("model", "added_tokens", "normalizer", "pre_tokenizer")
 SHOWN_CHARS = 60  # a mistaken string source may be a whole text; error messages show its start
 
 Source = Any  # None | datasets.Dataset | str | Path | Iterable[str]; see `documents`
@@ -114,7 +126,7 @@ def describe(source: Source = None, *, text_column: str = "text") -> str:
             digest.update(file.relative_to(path).as_posix().encode() + b"\0")
             digest.update(file.read_bytes() + b"\0")
         return f"folder:{path} ({len(files)} {TEXT_SUFFIX} files, sha256 {_short(digest)})"
-    if iter(source) is source:
+    if isinstance(source, Iterator):
         return f"documents: one-shot {type(source).__name__} (not hashed; pass a list to hash it)"
     digest = hashlib.sha256()
     count = 0
@@ -198,6 +210,130 @@ def train_tokenizer(
     )
     logger.debug("trained byte-level BPE: %d tokens from %d characters", len(tokenizer), chars)
     return tokenizer
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """A token source encoded as one stream, the way PAPER.md §3.1 cuts prompts from it.
+
+    Attributes:
+        ids: the token ids, [tokens] int64.
+        separator: what joins documents: {"kind": "eos" | "text", "text": ..., "ids": [...]}.
+        truncated: True if reading stopped at `max_tokens` before the source ended.
+    """
+
+    ids: np.ndarray
+    separator: Mapping[str, Any]
+    truncated: bool
+
+
+def token_stream(
+    tokenizer: PreTrainedTokenizerBase,
+    source: Source = None,
+    *,
+    text_column: str = "text",
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> TokenStream:
+    """Encode a token source without special tokens and join its documents into one stream.
+
+    Documents are joined with the EOS token as TransformerLens's `tokenize_and_concatenate` does
+    (PAPER.md §3.1); a tokenizer without EOS joins them with a blank line. No BOS is added.
+    Blank documents are skipped: they would only add separators. Documents are encoded in
+    batches, which a fast tokenizer runs in parallel.
+
+    Args:
+        tokenizer: any HF tokenizer.
+        source: a source as accepted by `documents`.
+        text_column: the dataset column, for datasets.
+        max_tokens: stop reading once the stream has this many tokens (and cut it there); None
+            reads the whole source.
+        progress: show a progress bar over the documents.
+
+    Returns:
+        The stream.
+
+    Raises:
+        ConfigError: as for `documents`.
+    """
+    docs = documents(source, text_column=text_column)
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        separator = {"kind": "eos", "text": tokenizer.eos_token, "ids": [int(eos)]}
+    else:
+        ids = encode(tokenizer, [TEXT_SEPARATOR])[0]
+        separator = {"kind": "text", "text": TEXT_SEPARATOR, "ids": [int(i) for i in ids]}
+    sep = np.asarray(separator["ids"], dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    total = 0
+    truncated = False
+    with tqdm(desc="encoding", unit="doc", disable=not progress) as bar:
+        for batch in _batches(d for d in docs if d.strip()):
+            for ids in encode(tokenizer, batch):
+                if pieces:
+                    pieces.append(sep)
+                    total += len(sep)
+                pieces.append(np.asarray(ids, dtype=np.int64))
+                total += len(ids)
+            bar.update(len(batch))
+            if max_tokens is not None and total >= max_tokens:
+                truncated = True  # the source may have ended here too; we cannot tell cheaply
+                break
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    return TokenStream(ids=stream, separator=separator, truncated=truncated)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (probe prompts carry no BOS, §3.1)."""
+    # verbose=False silences "longer than model_max_length": that limit is about model inputs,
+    # and a corpus document is not one.
+    encoded = tokenizer(
+        list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False
+    )
+    return encoded["input_ids"]
+
+
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A stable hash (16 hex chars) of what maps text to ids: vocabulary, merges, normalization.
+
+    Equal for the same tokenizer across processes and save/load round trips; independent of
+    padding and truncation settings.
+
+    Args:
+        tokenizer: a fast tokenizer (its backend's JSON is hashed) or a slow one (its class and
+            vocabulary are hashed).
+
+    Returns:
+        The hash.
+    """
+    if isinstance(tokenizer, PreTrainedTokenizerFast):
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        content: Any = {part: spec.get(part) for part in HASHED_TOKENIZER_PARTS}
+    else:
+        content = {
+            "class": type(tokenizer).__name__,
+            "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]),
+        }
+    encoded = json.dumps(content, sort_keys=True, ensure_ascii=True).encode()
+    return hashlib.sha256(encoded).hexdigest()[:TOKENIZER_HASH_CHARS]
+
+
+def tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The tokenizer's `name_or_path`, or its class name if it has none."""
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == ENCODE_BATCH_DOCS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _documents(source: Source, text_column: str) -> Iterator[str]:

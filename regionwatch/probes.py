@@ -1,20 +1,108 @@
 """The fixed prompts of a run (`ProbeSet`): built once, saved with the run, reused on resume/replay.
 
 Every snapshot of a run must measure exactly the same token ids, so a probe set holds ids, not
-text, and carries a fingerprint that snapshots record (PAPER.md §3, §8).
+text, and carries a fingerprint that snapshots record (PAPER.md §3, §8). This module owns the
+whole life of those ids: drawing them from a token source (`ProbeSet.build`), checking them
+against a tokenizer, and writing and reading them (`save`, `load`). It is longer than our usual
+module because building and storing share the same format decisions; splitting them would
+scatter one file format over two modules.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from regionwatch.corpus import (
+    Source,
+    describe,
+    encode,
+    token_stream,
+    tokenizer_hash,
+    tokenizer_name,
+)
+from regionwatch.errors import ConfigError, StoreError
+
+logger = logging.getLogger(__name__)
 
 PairKind = Literal["similar", "dissimilar", "user"]
+
+DEFAULT_SEQ_LEN = 10  # PAPER.md §3.1: 10-token windows
+DEFAULT_PROMPTS = 100  # PAPER.md §3.1: 100 prompts chained into 99 pairs
+DEFAULT_SIMILAR = 16  # PAPER.md §8
+DEFAULT_DISSIMILAR = 16  # PAPER.md §8
+DEFAULT_TRIPLES = 4  # PAPER.md §8: consecutive triples (0, 1, 2), (1, 2, 3), ...
+# Enough for 200,000 windows of 10 tokens, far more than a probe set draws from, while a large
+# dataset is read only until then (a few seconds), not to its end.
+DEFAULT_MAX_TOKENS = 2**21
+MIN_SEQ_LEN = 2  # the patched last token needs at least one token to attend to
+MIN_PROMPTS = 2  # two prompts make one chained pair
+TRIPLE_SIZE = 3  # A, B, C of a region map
+STREAM_HASH_CHARS = 16  # hex digits of the token stream's hash in provenance
+PROBES_FORMAT = "regionwatch.probes"
+FORMAT_VERSION = 1  # bump, and keep a reader for the old one, whenever the files change
+MANIFEST_FILE = "manifest.json"
+TENSORS_FILE = "probes.safetensors"
+TENSOR_NAMES = ("random", "similar", "dissimilar", "triples", "named_ids", "named_lengths")
+
+# PAPER.md §3.2: A and B share every token but the last (for the model's own tokenizer); the
+# leading spaces are part of the prompts.
+HANDPICKED: tuple[tuple[str, PairKind, str, str], ...] = (
+    (
+        "S1",
+        "similar",
+        " She opened the dusty book and a cloud of mist",
+        " She opened the dusty book and a cloud of dust",
+    ),
+    (
+        "S2",
+        "similar",
+        " In the quiet library, students flipped through pages of",
+        " In the quiet library, students flipped through pages in",
+    ),
+    (
+        "S3",
+        "similar",
+        " The hiker reached the peak and admired the breathtaking",
+        " The hiker reached the peak and admired the spectacular",
+    ),
+    (
+        "D1",
+        "dissimilar",
+        " The house at the end of the street was very",
+        " The house at the end of the street was in",
+    ),
+    (
+        "D2",
+        "dissimilar",
+        " He suddenly looked at his watch and realized he was",
+        " He suddenly looked at his watch and realized he had",
+    ),
+    (
+        "D3",
+        "dissimilar",
+        " And then she picked up the phone to call her",
+        " And then she picked up the phone to call him",
+    ),
+)
+
+UserPair = tuple[str, str] | tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -42,6 +130,9 @@ class NamedPair:
 class ProbeSet:
     """The prompts every snapshot of a run measures.
 
+    `==` is identity (the fields hold tensors); `equals` compares content. Build one with
+    `ProbeSet.build`, store it with `save` and read it back with `ProbeSet.load`.
+
     Attributes:
         random: prompt windows, [prompts, seq_len] int64; chained into pairs (i, i+1), so 100
             prompts give 99 pairs whose context is the first (PAPER.md §3.1).
@@ -50,6 +141,12 @@ class ProbeSet:
         named: hand-picked and user pairs given as text.
         triples: region-map triples as indices into `random`, [n, 3] int64.
         provenance: tokenizer name and hash, source, seed, sizes, regionwatch version.
+
+    Example:
+        >>> probes = ProbeSet.build(tokenizer)  # the built-in corpus, seed 0, PAPER.md §8 sizes
+        >>> probes.save(run_dir / "probes")
+        >>> ProbeSet.load(run_dir / "probes", tokenizer=tokenizer).equals(probes)
+        True
     """
 
     random: Tensor
@@ -79,3 +176,563 @@ class ProbeSet:
         for pair in self.named:
             digest.update(repr((pair.name, pair.kind, pair.a, pair.b)).encode())
         return digest.hexdigest()[:16]
+
+    @classmethod
+    def build(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        source: Source = None,
+        *,
+        seed: int = 0,
+        seq_len: int = DEFAULT_SEQ_LEN,
+        n_prompts: int = DEFAULT_PROMPTS,
+        n_similar: int = DEFAULT_SIMILAR,
+        n_dissimilar: int = DEFAULT_DISSIMILAR,
+        n_triples: int = DEFAULT_TRIPLES,
+        handpicked: bool = True,
+        pairs: Sequence[UserPair] = (),
+        text_column: str = "text",
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        progress: bool = False,
+    ) -> ProbeSet:
+        """Draw a probe set from a token source, as PAPER.md §3.1 and §8 describe.
+
+        The documents are encoded without special tokens (no BOS) and joined with the EOS token
+        (or a blank line if the tokenizer has none; blank documents are skipped) into one stream,
+        cut into consecutive non-overlapping windows of `seq_len` tokens. A private generator
+        seeded with `seed` shuffles the windows: the first `n_prompts` are the random prompts,
+        in that order, chained into pairs. Similar and dissimilar pairs come from the remaining
+        windows in the same shuffled order, and from the random prompts only if those run out:
+        - similar: two windows with the same final token and different earlier tokens;
+        - dissimilar: a window, and the same window with its final token replaced by the
+          (different) final token of the next unused window.
+        Triples are (i, i+1, i+2) into the random prompts. The hand-picked pairs S1-S3 / D1-D3
+        that survive this tokenizer and the user's `pairs` become `named`.
+
+        Args:
+            tokenizer: the tokenizer of the model(s) to be measured.
+            source: a token source as accepted by `regionwatch.corpus.documents`; None for the
+                built-in corpus. A one-shot iterator is read into a list first.
+            seed: seeds the private generator; the global RNGs are never touched.
+            seq_len: tokens per prompt, at least 2.
+            n_prompts: random prompts, at least 2 (n_prompts - 1 chained pairs).
+            n_similar: automatic similar pairs, >= 0.
+            n_dissimilar: automatic dissimilar pairs, >= 0.
+            n_triples: region-map triples, 0..n_prompts - 2.
+            handpicked: include the paper's S1-S3 / D1-D3 pairs where this tokenizer allows.
+            pairs: user pairs as (text_a, text_b) (named "U1", "U2", ...) or
+                (name, text_a, text_b); each must tokenize to equal length with only the last
+                token different.
+            text_column: the text column of a `datasets.Dataset` source.
+            max_tokens: stop reading the source once the stream has this many tokens; None
+                reads it all. Windows are drawn from what was read.
+            progress: show a progress bar over the documents while encoding.
+
+        Returns:
+            The probe set, with provenance recording how to rebuild it.
+
+        Raises:
+            ConfigError: a bad size or source, a source too short for the requested windows
+                and pairs, or a user pair that does not tokenize as required.
+        """
+        sizes = {
+            "seq_len": seq_len,
+            "n_prompts": n_prompts,
+            "n_similar": n_similar,
+            "n_dissimilar": n_dissimilar,
+            "n_triples": n_triples,
+        }
+        _check_sizes(seed, sizes, max_tokens)
+        if isinstance(source, Iterator):
+            source = list(source)  # a one-shot iterator could not be both hashed and read
+        description = describe(source, text_column=text_column)  # also refuses a bad source
+        named, kept, dropped = _named_pairs(tokenizer, handpicked, pairs)  # before the slow part
+        encoded = token_stream(
+            tokenizer, source, text_column=text_column, max_tokens=max_tokens, progress=progress
+        )
+        stream = encoded.ids
+        windows = _windows(stream, seq_len, n_prompts, description)
+
+        order = np.random.default_rng(seed).permutation(len(windows))
+        random_rows = order[:n_prompts]
+        # Automatic pairs prefer windows that are not random prompts, so that the three parts
+        # are independent samples; the random prompts come last as a fallback for short text.
+        candidates = np.concatenate([order[n_prompts:], random_rows])
+        similar, used = _similar_pairs(windows, candidates, n_similar)
+        dissimilar, used_d = _dissimilar_pairs(windows, candidates, n_dissimilar, exclude=used)
+        reused = bool(set(random_rows.tolist()) & (used | used_d))
+        if reused:
+            logger.warning(
+                "source has only %d windows: some similar/dissimilar pairs reuse random prompts",
+                len(windows),
+            )
+        provenance = {
+            "format_version": FORMAT_VERSION,
+            "regionwatch_version": _version(),
+            "tokenizer_name": tokenizer_name(tokenizer),
+            "tokenizer_hash": tokenizer_hash(tokenizer),
+            "source": description,
+            "seed": seed,
+            **sizes,
+            "max_tokens": max_tokens,
+            "separator": dict(encoded.separator),
+            "stream_tokens": len(stream),
+            "stream_truncated": encoded.truncated,
+            "stream_sha256": hashlib.sha256(stream.tobytes()).hexdigest()[:STREAM_HASH_CHARS],
+            "windows": len(windows),
+            "pairs_reuse_random": reused,
+            "named_kept": kept,
+            "named_dropped": dropped,
+        }
+        probes = cls(
+            random=torch.from_numpy(windows[random_rows].copy()),
+            similar=similar,
+            dissimilar=dissimilar,
+            named=named,
+            triples=torch.tensor(
+                [[i, i + 1, i + 2] for i in range(n_triples)], dtype=torch.long
+            ).reshape(n_triples, TRIPLE_SIZE),
+            provenance=provenance,
+        )
+        logger.info("built %s", probes.summary())
+        return probes
+
+    def equals(self, other: object) -> bool:
+        """Content equality: same ids (and dtypes), named pairs (with texts) and provenance.
+
+        `==` stays identity, because a dataclass `__eq__` over tensors has no truth value and
+        would make probe sets unhashable. Provenance is compared in its JSON form, the form it
+        is saved in.
+        """
+        if not isinstance(other, ProbeSet):
+            return False
+        tensors = ("random", "similar", "dissimilar", "triples")
+        return (
+            all(_same_tensor(getattr(self, t), getattr(other, t)) for t in tensors)
+            and self.named == other.named
+            and _json_form(self.provenance) == _json_form(other.provenance)
+        )
+
+    def summary(self) -> str:
+        """One readable line for logs and the CLI: counts, sizes, source and tokenizer."""
+        p = self.provenance
+        named = ", ".join(pair.name for pair in self.named) or "none"
+        return (
+            f"probe set {self.fingerprint}: {len(self.random)} prompts x "
+            f"{self.random.shape[1]} tokens ({max(len(self.random) - 1, 0)} random pairs), "
+            f"{len(self.similar)} similar, {len(self.dissimilar)} dissimilar, "
+            f"{len(self.named)} named ({named}), {len(self.triples)} triples; "
+            f"source {p.get('source', 'unknown')}; tokenizer {p.get('tokenizer_name', 'unknown')}"
+            f" ({p.get('tokenizer_hash', 'no hash')}); seed {p.get('seed', 'unknown')}"
+        )
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Refuse a tokenizer other than the one the probe set was built with.
+
+        Token ids mean nothing under another vocabulary, so a run must measure with the
+        tokenizer its probe set came from. A probe set without a recorded hash (made by hand)
+        cannot be checked; that is logged, not refused.
+
+        Raises:
+            ConfigError: the tokenizer's hash differs from the recorded one.
+        """
+        recorded = self.provenance.get("tokenizer_hash")
+        if recorded is None:
+            logger.warning("probe set %s records no tokenizer hash; not checked", self.fingerprint)
+            return
+        current = tokenizer_hash(tokenizer)
+        if current != recorded:
+            raise ConfigError(
+                f"probe set {self.fingerprint} was built with tokenizer "
+                f"{self.provenance.get('tokenizer_name', 'unknown')!r} (hash {recorded}); this "
+                f"run uses {tokenizer_name(tokenizer)!r} (hash {current}). Use the run's "
+                "original tokenizer, or build a new probe set with this one (a new run)"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the probe set to a directory: `probes.safetensors` (ids) + `manifest.json`.
+
+        The files are written to a temporary sibling directory that is renamed into place, so a
+        crash never leaves a half probe set. Saving to a directory that already holds an equal
+        probe set writes nothing (resume saves again); a different one is refused.
+
+        Args:
+            path: the directory to create; it may exist if empty.
+
+        Returns:
+            The directory.
+
+        Raises:
+            StoreError: `path` holds something else, or cannot be written.
+            ConfigError: provenance that is not JSON-serializable.
+        """
+        path = Path(path)
+        if path.exists():
+            if path.is_dir() and not any(path.iterdir()):
+                pass  # an empty directory is replaced by the rename below
+            elif (path / MANIFEST_FILE).is_file() and ProbeSet.load(path).equals(self):
+                logger.debug("probe set %s already saved at %s", self.fingerprint, path)
+                return path
+            else:
+                raise StoreError(
+                    f"{path} already exists and does not hold this probe set "
+                    f"({self.fingerprint}); refusing to overwrite it: delete it or save elsewhere"
+                )
+        data = safetensors.torch.save(self._tensors())
+        manifest = {
+            "format": PROBES_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "tensors_sha256": hashlib.sha256(data).hexdigest(),
+            "named": [
+                {"name": p.name, "kind": p.kind, "text_a": p.text_a, "text_b": p.text_b}
+                for p in self.named
+            ],
+            "provenance": _json_form(self.provenance),
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        except OSError as err:
+            raise StoreError(f"cannot create {path}: {err}") from err
+        try:
+            _write_synced(tmp / TENSORS_FILE, data)
+            _write_synced(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+            tmp.rename(path)  # atomic: readers see no directory or a whole one
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreError(f"cannot write probe set to {path}: {err}") from err
+        _sync_dir(path.parent)
+        logger.debug("saved probe set %s to %s", self.fingerprint, path)
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> ProbeSet:
+        """Read a probe set written by `save`; it `equals` the saved one.
+
+        Args:
+            path: the directory `save` wrote.
+            tokenizer: the run's tokenizer; if given, it must be the one the set was built with.
+
+        Returns:
+            The probe set.
+
+        Raises:
+            StoreError: a missing or damaged file (named in the message), a format this version
+                cannot read, or ids that do not match the manifest's fingerprint.
+            ConfigError: `tokenizer` differs from the one the probe set was built with.
+        """
+        path = Path(path)
+        manifest_path, tensors_path = path / MANIFEST_FILE, path / TENSORS_FILE
+        manifest = _read_manifest(manifest_path)
+        try:
+            data = tensors_path.read_bytes()
+        except OSError as err:
+            raise StoreError(f"{tensors_path}: cannot read the probe set's ids ({err})") from err
+        expected = manifest.get("tensors_sha256")
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise StoreError(
+                f"{tensors_path}: damaged: its sha256 differs from the one in {MANIFEST_FILE} "
+                f"({expected}); restore the file or rebuild the probe set"
+            )
+        probes = _from_files(manifest, _read_tensors(tensors_path, data), manifest_path)
+        if probes.fingerprint != manifest.get("fingerprint"):
+            raise StoreError(
+                f"{tensors_path}: its token ids give fingerprint {probes.fingerprint}, but "
+                f"{manifest_path} says {manifest.get('fingerprint')}; the files do not belong "
+                "together"
+            )
+        if tokenizer is not None:
+            probes.check_tokenizer(tokenizer)
+        return probes
+
+    def _tensors(self) -> dict[str, Tensor]:
+        # Named pairs vary in length; A and B of one pair never do, so their ids are stacked as
+        # columns of one [total_tokens, 2] tensor, split back by `named_lengths`.
+        lengths = [len(p.a) for p in self.named]
+        ids = [[x, y] for p in self.named for x, y in zip(p.a, p.b, strict=True)]
+        return {
+            "random": self.random.to(torch.int64).contiguous(),
+            "similar": self.similar.to(torch.int64).contiguous(),
+            "dissimilar": self.dissimilar.to(torch.int64).contiguous(),
+            "triples": self.triples.to(torch.int64).contiguous(),
+            "named_ids": torch.tensor(ids, dtype=torch.int64).reshape(-1, 2),
+            "named_lengths": torch.tensor(lengths, dtype=torch.int64),
+        }
+
+
+def _check_sizes(seed: int, sizes: Mapping[str, int], max_tokens: int | None) -> None:
+    for name, value in {"seed": seed, **sizes}.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"ProbeSet.build({name}={value!r}): need an int >= 0")
+    if sizes["seq_len"] < MIN_SEQ_LEN:
+        raise ConfigError(
+            f"ProbeSet.build(seq_len={sizes['seq_len']}): need >= {MIN_SEQ_LEN}; the patched "
+            "last token needs a prefix to attend to"
+        )
+    if sizes["n_prompts"] < MIN_PROMPTS:
+        raise ConfigError(
+            f"ProbeSet.build(n_prompts={sizes['n_prompts']}): need >= {MIN_PROMPTS} for one "
+            "chained pair"
+        )
+    most = sizes["n_prompts"] - (TRIPLE_SIZE - 1)
+    if sizes["n_triples"] > most:
+        raise ConfigError(
+            f"ProbeSet.build(n_triples={sizes['n_triples']}): triples are consecutive random "
+            f"prompts, so n_prompts={sizes['n_prompts']} allows at most {most}; lower n_triples "
+            "or raise n_prompts"
+        )
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+    ):
+        raise ConfigError(
+            f"ProbeSet.build(max_tokens={max_tokens!r}): need a positive int, or None to read "
+            "the whole source"
+        )
+
+
+def _windows(stream: np.ndarray, seq_len: int, n_prompts: int, description: str) -> np.ndarray:
+    """Consecutive non-overlapping windows [n_windows, seq_len]; a trailing partial one is cut."""
+    count = len(stream) // seq_len
+    if count < n_prompts:
+        raise ConfigError(
+            f"source {description} is too short: {len(stream)} tokens make {count} windows of "
+            f"{seq_len} tokens, but n_prompts={n_prompts} needs {n_prompts} (plus more for "
+            "similar/dissimilar pairs); give more text or lower n_prompts / seq_len"
+        )
+    return stream[: count * seq_len].reshape(count, seq_len)
+
+
+def _similar_pairs(windows: np.ndarray, order: np.ndarray, count: int) -> tuple[Tensor, set[int]]:
+    """Pairs of windows with the same final token and different earlier tokens (PAPER.md §6.6).
+
+    Windows are visited in `order`; each waits for the next one ending in its token.
+    """
+    waiting: dict[int, int] = {}  # final token -> window still looking for a partner
+    pairs: list[tuple[int, int]] = []
+    for w in order.tolist():
+        if len(pairs) == count:
+            break
+        last = int(windows[w, -1])
+        mate = waiting.get(last)
+        if mate is None:
+            waiting[last] = w
+        elif not np.array_equal(windows[mate], windows[w]):  # identical prompts give d = 0
+            pairs.append((mate, w))
+            del waiting[last]
+    if len(pairs) < count:
+        raise ConfigError(
+            f"source too short for n_similar={count}: its {len(windows)} windows give only "
+            f"{len(pairs)} pairs with a shared final token; give more text or lower n_similar"
+        )
+    ids = windows[np.asarray(pairs, dtype=np.int64).reshape(-1, 2)]  # [n, 2, seq_len]
+    return torch.from_numpy(ids.copy()), {w for pair in pairs for w in pair}
+
+
+def _dissimilar_pairs(
+    windows: np.ndarray, order: np.ndarray, count: int, *, exclude: set[int]
+) -> tuple[Tensor, set[int]]:
+    """A window and itself with the final token of the next window that ends differently."""
+    pairs: list[tuple[int, int]] = []
+    pending: int | None = None
+    for w in order.tolist():
+        if len(pairs) == count:
+            break
+        if w in exclude:
+            continue
+        if pending is None:
+            pending = w
+        elif windows[w, -1] != windows[pending, -1]:
+            pairs.append((pending, w))
+            pending = None
+    if len(pairs) < count:
+        raise ConfigError(
+            f"source too short for n_dissimilar={count}: its {len(windows)} windows give only "
+            f"{len(pairs)} pairs with different final tokens; give more text or lower "
+            "n_dissimilar"
+        )
+    ids = np.empty((count, 2, windows.shape[1]), dtype=np.int64)
+    for i, (context, donor) in enumerate(pairs):
+        ids[i, 0] = ids[i, 1] = windows[context]
+        ids[i, 1, -1] = windows[donor, -1]
+    return torch.from_numpy(ids), {w for pair in pairs for w in pair}
+
+
+def _named_pairs(
+    tokenizer: PreTrainedTokenizerBase, handpicked: bool, pairs: Sequence[UserPair]
+) -> tuple[tuple[NamedPair, ...], list[str], list[dict[str, str]]]:
+    """Tokenize hand-picked and user pairs; drop hand-picked ones this tokenizer splits badly."""
+    if isinstance(pairs, str):
+        raise ConfigError("ProbeSet.build(pairs=<a string>): pass a list of (text_a, text_b)")
+    wanted: list[tuple[str, PairKind, str, str]] = list(HANDPICKED) if handpicked else []
+    for i, pair in enumerate(pairs):
+        pair = tuple(pair)
+        if len(pair) == 2 and all(isinstance(t, str) for t in pair):  # noqa: PLR2004
+            wanted.append((f"U{i + 1}", "user", pair[0], pair[1]))
+        elif len(pair) == 3 and all(isinstance(t, str) for t in pair):  # noqa: PLR2004
+            wanted.append((pair[0], "user", pair[1], pair[2]))
+        else:
+            raise ConfigError(
+                f"ProbeSet.build(pairs[{i}]={pair!r}): need (text_a, text_b) or "
+                "(name, text_a, text_b), all strings"
+            )
+    names = [name for name, *_ in wanted]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(
+            f"ProbeSet.build(pairs=...): pair names {duplicates} are used twice (S1-S3 and D1-D3 "
+            "are the hand-picked pairs); give every pair its own name"
+        )
+    named: list[NamedPair] = []
+    dropped: list[dict[str, str]] = []
+    for name, kind, text_a, text_b in wanted:
+        ids_a, ids_b = encode(tokenizer, [text_a, text_b])
+        problem = _pair_problem(ids_a, ids_b)
+        if problem is None:
+            named.append(NamedPair(name, kind, tuple(ids_a), tuple(ids_b), text_a, text_b))
+            continue
+        shown = f"A -> {_pieces(tokenizer, ids_a)}, B -> {_pieces(tokenizer, ids_b)}"
+        if kind == "user":
+            raise ConfigError(
+                f"pair {name!r} ({text_a!r} / {text_b!r}) does not tokenize to equal length "
+                f"with only the last token different under tokenizer "
+                f"{tokenizer_name(tokenizer)!r}: {problem}; {shown}. Reword it so that only "
+                "the final token differs"
+            )
+        logger.warning(
+            "hand-picked pair %s dropped for this tokenizer: %s; %s", name, problem, shown
+        )
+        dropped.append({"name": name, "reason": problem})
+    return tuple(named), [p.name for p in named], dropped
+
+
+def _pair_problem(ids_a: Sequence[int], ids_b: Sequence[int]) -> str | None:
+    """Why (A, B) is not a same-length, same-prefix pair, or None if it is one."""
+    if len(ids_a) != len(ids_b):
+        return f"A has {len(ids_a)} tokens and B has {len(ids_b)}"
+    if len(ids_a) < MIN_SEQ_LEN:
+        return f"the prompts have {len(ids_a)} token(s); a pair needs at least {MIN_SEQ_LEN}"
+    differ = [i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=True)) if x != y]
+    if not differ:
+        return "A and B are the same tokens"
+    if differ[0] != len(ids_a) - 1:
+        return f"A and B differ at token {differ[0]}, before the last token"
+    return None
+
+
+def _pieces(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def _version() -> str:
+    # From the installed metadata, not `regionwatch.__version__`: the package __init__ imports
+    # measure, which imports this module, so importing it here would be circular.
+    try:
+        return metadata.version("regionwatch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def _json_form(value: Mapping[str, Any]) -> Any:
+    try:
+        return json.loads(json.dumps(dict(value), sort_keys=True))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"ProbeSet.provenance must be JSON-serializable (it is saved as JSON): {err}"
+        ) from err
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())  # on disk before the rename makes the directory visible
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power cut
+    finally:
+        os.close(fd)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise StoreError(
+            f"{path}: missing; {path.parent} is not a saved probe set (it needs {MANIFEST_FILE} "
+            f"and {TENSORS_FILE})"
+        ) from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StoreError(f"{path}: damaged, not readable JSON ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != PROBES_FORMAT:
+        raise StoreError(
+            f"{path}: not a regionwatch probe-set manifest (no format {PROBES_FORMAT!r})"
+        )
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: format_version {version!r}; this regionwatch reads up to {FORMAT_VERSION}; "
+            "upgrade regionwatch"
+        )
+    return manifest
+
+
+def _read_tensors(path: Path, data: bytes) -> dict[str, Tensor]:
+    try:
+        tensors = safetensors.torch.load(data)
+    except SafetensorError as err:
+        raise StoreError(f"{path}: damaged safetensors file ({err})") from err
+    missing = [name for name in TENSOR_NAMES if name not in tensors]
+    if missing:
+        raise StoreError(f"{path}: missing tensors {missing}; expected {list(TENSOR_NAMES)}")
+    wrong = [name for name in TENSOR_NAMES if tensors[name].dtype != torch.int64]
+    if wrong:
+        raise StoreError(f"{path}: tensors {wrong} are not int64 token ids")
+    return tensors
+
+
+def _from_files(
+    manifest: Mapping[str, Any], tensors: Mapping[str, Tensor], manifest_path: Path
+) -> ProbeSet:
+    try:
+        entries = manifest["named"]
+        lengths = tensors["named_lengths"].tolist()
+        if len(lengths) != len(entries) or sum(lengths) != len(tensors["named_ids"]):
+            raise ValueError(
+                f"{len(entries)} named pairs in the manifest, {len(lengths)} with "
+                f"{sum(lengths)} tokens in {TENSORS_FILE}"
+            )
+        named, start = [], 0
+        for entry, length in zip(entries, lengths, strict=True):
+            ids = tensors["named_ids"][start : start + length].tolist()
+            start += length
+            named.append(
+                NamedPair(
+                    name=entry["name"],
+                    kind=entry["kind"],
+                    a=tuple(x for x, _ in ids),
+                    b=tuple(y for _, y in ids),
+                    text_a=entry["text_a"],
+                    text_b=entry["text_b"],
+                )
+            )
+        provenance = dict(manifest["provenance"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise StoreError(f"{manifest_path}: malformed ({err!r})") from err
+    return ProbeSet(
+        random=tensors["random"],
+        similar=tensors["similar"],
+        dissimilar=tensors["dissimilar"],
+        named=tuple(named),
+        triples=tensors["triples"],
+        provenance=provenance,
+    )
