@@ -173,7 +173,7 @@ def _follow(model: nn.Module, path: str) -> Any:
 
 
 def _hidden(output: Any) -> Tensor:
-    """The hidden states of a block's output: a bare tensor (transformers 5.x) or a tuple's first."""
+    """A block's hidden states: the output itself (transformers 5.x) or its first item (4.x)."""
     return output if isinstance(output, Tensor) else output[0]
 
 
@@ -261,7 +261,7 @@ def write_vectors(site: ResidualSite, input_ids: Tensor) -> Tensor:
 
 
 def cache_keyword(site: ResidualSite) -> str:
-    """Name of the base model's KV-cache argument: `cache` (transformers 5.x) or `past_key_values`."""
+    """The base model's KV-cache argument: `cache` (transformers 5.x) or `past_key_values`."""
     params = inspect.signature(site.base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 

@@ -185,9 +185,12 @@ def _query_pass(
     """One batched pass of patched last-token queries; leaves the cache as it found it.
 
     Args:
+        site: the resolved model.
         last_tokens: each context's last token, [rows].
         prefix: cached prefix length T-1 (equal for all rows).
         vectors: patch vectors, [rows, width, d_model].
+        cache: the rows' KV cache, holding exactly their prefixes; cropped back afterwards.
+        keyword: the base model's name for the cache argument.
 
     Returns:
         Readouts, [rows, width, d_model].
@@ -245,7 +248,7 @@ def _new_cache() -> DynamicCache:
 
 
 class _Clock:
-    """Wall time per phase; waits for the accelerator so that queued kernels count where they ran."""
+    """Wall time per phase; syncs the accelerator so queued kernels count in the phase they ran."""
 
     def __init__(self, device: torch.device) -> None:
         self._sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -300,7 +300,9 @@ def region_maps(
 
     Args:
         model: a causal LM, as for `interpolate`.
-        ids_a, ids_b, ids_c: the triples' prompts, T each (LongTensor [T, S] or token-id lists).
+        ids_a: the triples' first prompts, T of them (LongTensor [T, S] or token-id lists).
+        ids_b: the second prompts, T of them.
+        ids_c: the third prompts, T of them.
         grid: grid points G per axis, at least 3 (37 puts A and B on pixel centres).
         span: axis range for alpha and beta, low < high.
         write_layer: block whose output is patched.

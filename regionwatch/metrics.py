@@ -21,13 +21,18 @@ LAMBDA_INCREMENTS = 10
 QUARTILES = (0.25, 0.5, 0.75)
 
 
+def wide(t: Tensor) -> Tensor:
+    """`t` in float64 if it already is, else float32: the precision distances are computed in."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def alpha_grid(num_alphas: int) -> Tensor:
-    """The interpolation weights a_k = linspace(0, 1, S) in float32 (a_0 = 0, a_{S-1} = 1 exactly)."""
+    """The weights a_k = linspace(0, 1, S) in float32 (a_0 = 0 and a_{S-1} = 1 exactly)."""
     return torch.linspace(0.0, 1.0, num_alphas, dtype=torch.float32)
 
 
 def interpolation_points(x_a: Tensor, x_b: Tensor, alphas: Tensor) -> Tensor:
-    """Points x(a) = (1 - a) x_A + a x_B on the segment, computed in exactly this form (PAPER.md §4).
+    """Points x(a) = (1 - a) x_A + a x_B on the segment, computed in this form (PAPER.md §4).
 
     Args:
         x_a: write vectors of the contexts, shape [pairs, d_model].
@@ -35,15 +40,16 @@ def interpolation_points(x_a: Tensor, x_b: Tensor, alphas: Tensor) -> Tensor:
         alphas: weights, shape [alphas].
 
     Returns:
-        Shape [pairs, alphas, d_model], float32.
+        Shape [pairs, alphas, d_model], in float32 (float64 for float64 vectors).
     """
-    a = alphas.to(torch.float32)[None, :, None]
-    return (1 - a) * x_a.float()[:, None, :] + a * x_b.float()[:, None, :]
+    x_a, x_b = wide(x_a), wide(x_b)
+    a = alphas.to(x_a.dtype)[None, :, None]
+    return (1 - a) * x_a[:, None, :] + a * x_b[:, None, :]
 
 
 def distance(h: Tensor, h_ref: Tensor) -> Tensor:
-    """Euclidean distance ||h - h_ref|| over the last axis, in float32 whatever the model dtype."""
-    return torch.linalg.vector_norm(h.float() - h_ref.float(), dim=-1)
+    """Euclidean distance ||h - h_ref|| over the last axis, in float32 (float64 if given)."""
+    return torch.linalg.vector_norm(wide(h) - wide(h_ref), dim=-1)
 
 
 def relative(dist: Tensor) -> Tensor:
@@ -118,7 +124,7 @@ def median_curve(rel: Tensor) -> Tensor:
 
 
 def quartiles(values: Tensor) -> tuple[float, float, float]:
-    """q25, median, q75 of the finite values (linear interpolation, as `torch.quantile`); NaN if none."""
+    """q25, median, q75 of the finite values (linear, as `torch.quantile`); NaN if none."""
     finite = values[torch.isfinite(values)].double()
     if finite.numel() == 0:
         return (math.nan, math.nan, math.nan)
@@ -130,14 +136,16 @@ def plane(a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """The plane through three write vectors (PAPER.md §5).
 
     Args:
-        a, b, c: write vectors, shape [..., d_model].
+        a: write vector of A, shape [..., d_model].
+        b: write vector of B, same shape.
+        c: write vector of C, same shape.
 
     Returns:
         t (shape [...]), the position of c's foot point on line AB, and u (shape [..., d_model]),
         c's offset orthogonal to AB, so that p(alpha, beta) = a + alpha (b - a) + beta u passes
         through a at (0, 0), b at (1, 0) and c at (t, 1).
     """
-    a, b, c = a.float(), b.float(), c.float()
+    a, b, c = wide(a), wide(b), wide(c)
     ab = b - a
     t = ((c - a) * ab).sum(-1) / (ab * ab).sum(-1)
     u = c - (a + t[..., None] * ab)
@@ -153,16 +161,19 @@ def plane_points(a: Tensor, b: Tensor, u: Tensor, axis: Tensor) -> Tensor:
     """All grid points p(alpha, beta) = a + alpha (b - a) + beta u of one plane.
 
     Args:
-        a, b, u: shape [d_model] (see `plane`).
+        a: write vector of A, shape [d_model].
+        b: write vector of B, shape [d_model].
+        u: C's offset orthogonal to AB, shape [d_model] (see `plane`).
         axis: grid values, shape [grid], used for both alpha and beta.
 
     Returns:
-        Shape [grid (beta, top to bottom), grid (alpha, left to right), d_model], float32: the
+        Shape [grid (beta, top to bottom), grid (alpha, left to right), d_model], float32 (or
+        float64): the
         reference's orientation (PAPER.md §5), row-major like the image it becomes.
     """
-    a, b, u = a.float(), b.float(), u.float()
-    alpha = axis[None, :, None]
-    beta = axis[:, None, None]
+    a, b, u = wide(a), wide(b), wide(u)
+    alpha = axis.to(a.dtype)[None, :, None]
+    beta = axis.to(a.dtype)[:, None, None]
     return a + alpha * (b - a) + beta * u
 
 
@@ -181,7 +192,7 @@ def region_rgb(dist: Tensor) -> Tensor:
 
 
 def frac_linear(rel: Tensor) -> float:
-    """Fraction of kept pairs whose Lambda < LINEAR_LAMBDA: pairs inside one region (PAPER.md §6.4)."""
+    """Fraction of kept pairs with Lambda < LINEAR_LAMBDA: inside one region (PAPER.md §6.4)."""
     ratios = lipschitz_ratio(rel)
     kept = ratios[torch.isfinite(ratios)]
     return float((kept < LINEAR_LAMBDA).float().mean()) if kept.numel() else math.nan

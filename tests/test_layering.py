@@ -1,0 +1,101 @@
+"""The import direction of DESIGN.md / STYLE.md §2.1, parsed from the source with `ast`."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "regionwatch"
+
+# A module may import only from modules of a lower rank (rows above it in STYLE.md §2.1).
+RANK = {
+    "errors": 0,
+    "metrics": 1,
+    "schedule": 1,
+    "corpus": 1,
+    "access": 2,
+    "probes": 2,
+    "engine": 3,
+    "measure": 4,
+    "reference": 5,
+    "snapshot": 5,
+    "store": 6,
+    "tensorboard": 7,
+    "report": 7,
+    "monitor": 8,
+    "lightning": 9,
+    "hf": 9,
+    "replay": 9,
+    "demo": 10,
+    "cli": 11,
+    "__main__": 12,
+}
+# Host frameworks stay in their drivers (STYLE.md §2.1).
+HOST_IMPORTS = {"lightning": {"lightning"}, "pytorch_lightning": {"lightning"}}
+
+
+def modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+def imported(path: Path) -> set[str]:
+    """Every absolute module name imported anywhere in the file (also inside functions)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            if node.module == "regionwatch":
+                names.update(f"regionwatch.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_every_module_has_a_rank() -> None:
+    """A new module must be placed in the layering on purpose."""
+    assert {p.stem for p in modules()} <= set(RANK)
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: p.stem)
+def test_imports_flow_one_way(path: Path) -> None:
+    """A module imports regionwatch modules of strictly lower rank only."""
+    own = RANK[path.stem]
+    for name in imported(path):
+        parts = name.split(".")
+        if parts[0] != "regionwatch" or len(parts) < 2 or parts[1] not in RANK:
+            continue
+        assert RANK[parts[1]] < own, (
+            f"{path.stem} (rank {own}) imports {parts[1]} (rank {RANK[parts[1]]})"
+        )
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: p.stem)
+def test_host_frameworks_stay_in_their_drivers(path: Path) -> None:
+    """Only lightning.py imports lightning; the HF Trainer only appears in hf.py (and replay)."""
+    for name in imported(path):
+        root = name.split(".")[0]
+        if root in HOST_IMPORTS:
+            assert path.stem in HOST_IMPORTS[root], f"{path.stem} imports {name}"
+        if name.startswith("transformers.trainer") or name == "transformers.Trainer":
+            assert path.stem in {"hf", "demo"}, f"{path.stem} imports {name}"
+
+
+def test_library_never_imports_the_reference() -> None:
+    """reference.py is for tests, benchmarks and users; the library itself never uses it."""
+    for path in modules():
+        assert "regionwatch.reference" not in imported(path), path.stem
+
+
+def test_import_regionwatch_stays_light() -> None:
+    """`import regionwatch` loads neither lightning nor the HF Trainer."""
+    code = (
+        "import sys, regionwatch; print(sorted(m for m in sys.modules"
+        " if m == 'transformers.trainer'"
+        " or m.split('.')[0] in ('lightning', 'pytorch_lightning')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
