@@ -172,12 +172,12 @@ class PairPart:
         rel = metrics.relative(dist)
         tops = torch.stack([clean.top[self.a], clean.top[self.b]], dim=1)  # [P, 2]
         chosen = token_logits(site, hidden, tops).float()
-        return Curves(
+        return Curves(  # stored numbers live on the CPU, whatever the model's device
             alphas=self.alphas,
-            distance=dist,
-            relative=rel,
-            max_slope=metrics.max_slope(rel),
-            logit_diff=metrics.logit_diff(chosen[..., 0] - chosen[..., 1]),
+            distance=dist.cpu(),
+            relative=rel.cpu(),
+            max_slope=metrics.max_slope(rel).cpu(),
+            logit_diff=metrics.logit_diff(chosen[..., 0] - chosen[..., 1]).cpu(),
             top_a=clean.top[self.a].cpu(),
             top_b=clean.top[self.b].cpu(),
         )

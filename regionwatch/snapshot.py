@@ -1,0 +1,240 @@
+"""A `Snapshot`: one Measurement stamped with where in training it was taken, and its files' form.
+
+A snapshot is what every sink receives and what the store keeps. It records the run, the global
+step, the tokens seen, the wall time, and fingerprints of the probe set, the probe config and the
+model's weights, so that any number can be traced to the exact prompts, settings and weights that
+produced it. On disk it is a safetensors file of raw arrays plus a JSON header; derived numbers
+(relative curves, max slopes, map colours) are recomputed from the raw ones by `metrics` on load,
+so every number keeps one home.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from regionwatch import metrics
+from regionwatch.errors import StoreError
+from regionwatch.measure import Curves, Measurement, ProbeConfig, RegionMaps
+from regionwatch.probes import ProbeSet
+
+SNAPSHOT_FORMAT = "regionwatch.snapshot"
+SNAPSHOT_VERSION = 1  # bump, and keep a reader for the old one, whenever the stored arrays change
+FINGERPRINT_CHARS = 16  # hex digits, as ProbeSet.fingerprint and ProbeConfig.fingerprint
+# Raw arrays stored per pair part; relative, max_slope and alphas are derived on load.
+CURVE_ARRAYS = ("distance", "logit_diff", "top_a", "top_b")
+MAP_ARRAYS = ("axis", "distance", "anchors")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A measurement at one point of training.
+
+    Attributes:
+        measurement: the numbers.
+        run_id: the run this snapshot belongs to.
+        step: the host's global step (optimizer steps taken).
+        tokens: training tokens seen so far, summed over ranks.
+        wall_time: Unix time the measurement finished.
+        probe_fingerprint: `ProbeSet.fingerprint` of the prompts measured.
+        config_fingerprint: `ProbeConfig.fingerprint` of the settings.
+        weights_fingerprint: hash of the model's parameters and buffers (see `weights_fingerprint`).
+        info: free-form JSON-able facts: model class, dtype, device, checkpoint path, precision.
+    """
+
+    measurement: Measurement
+    run_id: str
+    step: int
+    tokens: int
+    wall_time: float
+    probe_fingerprint: str
+    config_fingerprint: str
+    weights_fingerprint: str
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def stamp(
+        cls,
+        measurement: Measurement,
+        *,
+        run_id: str,
+        step: int,
+        tokens: int,
+        probes: ProbeSet,
+        model: nn.Module,
+        info: Mapping[str, Any] | None = None,
+    ) -> Snapshot:
+        """Stamp a fresh measurement of `model` on `probes` at (step, tokens)."""
+        facts = {
+            "model_class": type(model).__name__,
+            "dtype": str(_dtype(model)),
+            "device": str(_device(model)),
+        }
+        return cls(
+            measurement=measurement,
+            run_id=run_id,
+            step=int(step),
+            tokens=int(tokens),
+            wall_time=time.time(),
+            probe_fingerprint=probes.fingerprint,
+            config_fingerprint=measurement.config.fingerprint,
+            weights_fingerprint=weights_fingerprint(model),
+            info={**facts, **(info or {})},
+        )
+
+    @property
+    def summary(self) -> Mapping[str, float]:
+        """The headline scalars (PAPER.md §8 names)."""
+        return self.measurement.summary
+
+    def record(self) -> dict[str, Any]:
+        """One flat JSON-able dict: the index row and `regionwatch show --json` line.
+
+        Keys: `step`, `tokens`, `wall_time`, `run_id`, the fingerprints, every summary scalar
+        under its PAPER.md §8 name (`max_slope/median`, ...), `probe_seconds`, and the settings
+        that make max slopes comparable (`num_alphas`, `grid`, `write_layer`).
+        """
+        config = self.measurement.config
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "wall_time": self.wall_time,
+            "run_id": self.run_id,
+            "probe_fingerprint": self.probe_fingerprint,
+            "config_fingerprint": self.config_fingerprint,
+            "weights_fingerprint": self.weights_fingerprint,
+            "num_alphas": config.num_alphas,
+            "grid": config.grid,
+            "write_layer": config.write_layer,
+            **{k: _json_float(v) for k, v in self.summary.items()},
+            "probe_seconds": self.measurement.timing.get("total", math.nan),
+        }
+
+    def header(self) -> dict[str, Any]:
+        """Everything but the arrays, JSON-able: stored as the safetensors metadata and sidecar."""
+        m = self.measurement
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "version": SNAPSHOT_VERSION,
+            "run_id": self.run_id,
+            "step": self.step,
+            "tokens": self.tokens,
+            "wall_time": self.wall_time,
+            "probe_fingerprint": self.probe_fingerprint,
+            "config_fingerprint": self.config_fingerprint,
+            "weights_fingerprint": self.weights_fingerprint,
+            "config": m.config.to_dict(),
+            "parts": sorted(m.curves),
+            "maps": m.maps is not None,
+            "summary": {k: _json_float(v) for k, v in m.summary.items()},
+            "timing": dict(m.timing),
+            "info": dict(self.info),
+        }
+
+    def arrays(self) -> dict[str, Tensor]:
+        """The raw arrays, CPU and contiguous, named `curves/<part>/<array>` and `maps/<array>`."""
+        out = {
+            f"curves/{part}/{name}": getattr(curves, name)
+            for part, curves in self.measurement.curves.items()
+            for name in CURVE_ARRAYS
+        }
+        if self.measurement.maps is not None:
+            out |= {f"maps/{name}": getattr(self.measurement.maps, name) for name in MAP_ARRAYS}
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_parts(cls, header: Mapping[str, Any], arrays: Mapping[str, Tensor]) -> Snapshot:
+        """Rebuild a snapshot from `header()` and `arrays()`; derived numbers are recomputed.
+
+        Raises:
+            StoreError: another format, a newer version, or missing arrays.
+        """
+        if header.get("format") != SNAPSHOT_FORMAT or not isinstance(header.get("version"), int):
+            raise StoreError(f"not a regionwatch snapshot header: format={header.get('format')!r}")
+        if header["version"] > SNAPSHOT_VERSION:
+            raise StoreError(
+                f"snapshot format version {header['version']} is newer than this regionwatch reads "
+                f"({SNAPSHOT_VERSION}); upgrade regionwatch"
+            )
+        config = ProbeConfig.from_dict(header["config"])
+        try:
+            curves = {part: _curves(config, arrays, part) for part in header["parts"]}
+            maps = _maps(arrays) if header["maps"] else None
+        except KeyError as err:
+            raise StoreError(f"snapshot at step {header.get('step')} lacks array {err}") from None
+        summary = {k: (math.nan if v is None else float(v)) for k, v in header["summary"].items()}
+        measurement = Measurement(
+            config=config, curves=curves, maps=maps, summary=summary, timing=header["timing"]
+        )
+        return cls(
+            measurement=measurement,
+            run_id=header["run_id"],
+            step=header["step"],
+            tokens=header["tokens"],
+            wall_time=header["wall_time"],
+            probe_fingerprint=header["probe_fingerprint"],
+            config_fingerprint=header["config_fingerprint"],
+            weights_fingerprint=header["weights_fingerprint"],
+            info=header.get("info", {}),
+        )
+
+
+def _curves(config: ProbeConfig, arrays: Mapping[str, Tensor], part: str) -> Curves:
+    raw = {name: arrays[f"curves/{part}/{name}"] for name in CURVE_ARRAYS}
+    rel = metrics.relative(raw["distance"])
+    return Curves(
+        alphas=metrics.alpha_grid(config.num_alphas),
+        distance=raw["distance"],
+        relative=rel,
+        max_slope=metrics.max_slope(rel),
+        logit_diff=raw["logit_diff"],
+        top_a=raw["top_a"],
+        top_b=raw["top_b"],
+    )
+
+
+def _maps(arrays: Mapping[str, Tensor]) -> RegionMaps:
+    raw = {name: arrays[f"maps/{name}"] for name in MAP_ARRAYS}
+    return RegionMaps(
+        axis=raw["axis"],
+        distance=raw["distance"],
+        rgb=metrics.region_rgb(raw["distance"]),
+        anchors=raw["anchors"],
+    )
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """BLAKE2b of every parameter and buffer (names, shapes, dtypes and bytes), 16 hex digits.
+
+    Equal iff the weights are bitwise equal: replay uses it to spot checkpoints that ship the same
+    weights twice, and live-vs-replay checks compare it. Costs one pass over the weights (~1 GB/s
+    on CPU; GPU tensors are copied to the host a tensor at a time).
+    """
+    digest = hashlib.blake2b(digest_size=FINGERPRINT_CHARS // 2)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        flat = tensor.detach().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def _json_float(value: float) -> float | None:
+    """NaN and infinities are not JSON: they are stored as null."""
+    return float(value) if math.isfinite(value) else None
+
+
+def _dtype(model: nn.Module) -> torch.dtype | None:
+    param = next(model.parameters(), None)
+    return None if param is None else param.dtype
+
+
+def _device(model: nn.Module) -> torch.device | None:
+    param = next(model.parameters(), None)
+    return None if param is None else param.device
