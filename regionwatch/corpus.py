@@ -80,8 +80,8 @@ def documents(source: Source = None, *, text_column: str = "text") -> Iterator[s
             - a list, tuple or other iterable of document strings (read once).
         text_column: the dataset column holding the text; ignored for other sources.
 
-    Yields:
-        Document strings, in the source's order.
+    Returns:
+        An iterator over the document strings, in the source's order.
 
     Raises:
         ConfigError: an unknown source kind, a bare string that is not an existing path, a

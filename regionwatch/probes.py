@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -364,7 +364,8 @@ class ProbeSet:
 
         Raises:
             StoreError: `path` holds something else, or cannot be written.
-            ConfigError: provenance that is not JSON-serializable.
+            ConfigError: provenance that is not JSON-serializable, or a named pair whose
+                prompts differ in length.
         """
         path = Path(path)
         if path.exists():
@@ -392,7 +393,9 @@ class ProbeSet:
         }
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            # Not tempfile.mkdtemp: its 0o700 mode would stay on the probe set after the rename.
+            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+            tmp.mkdir()
         except OSError as err:
             raise StoreError(f"cannot create {path}: {err}") from err
         try:
@@ -451,6 +454,12 @@ class ProbeSet:
     def _tensors(self) -> dict[str, Tensor]:
         # Named pairs vary in length; A and B of one pair never do, so their ids are stacked as
         # columns of one [total_tokens, 2] tensor, split back by `named_lengths`.
+        for p in self.named:
+            if len(p.a) != len(p.b):
+                raise ConfigError(
+                    f"named pair {p.name!r}: A has {len(p.a)} token ids and B has {len(p.b)}; "
+                    "a pair's prompts must have equal length"
+                )
         lengths = [len(p.a) for p in self.named]
         ids = [[x, y] for p in self.named for x, y in zip(p.a, p.b, strict=True)]
         return {
@@ -568,16 +577,16 @@ def _named_pairs(
         raise ConfigError("ProbeSet.build(pairs=<a string>): pass a list of (text_a, text_b)")
     wanted: list[tuple[str, PairKind, str, str]] = list(HANDPICKED) if handpicked else []
     for i, pair in enumerate(pairs):
-        pair = tuple(pair)
-        if len(pair) == 2 and all(isinstance(t, str) for t in pair):  # noqa: PLR2004
-            wanted.append((f"U{i + 1}", "user", pair[0], pair[1]))
-        elif len(pair) == 3 and all(isinstance(t, str) for t in pair):  # noqa: PLR2004
-            wanted.append((pair[0], "user", pair[1], pair[2]))
-        else:
-            raise ConfigError(
-                f"ProbeSet.build(pairs[{i}]={pair!r}): need (text_a, text_b) or "
-                "(name, text_a, text_b), all strings"
-            )
+        match pair:
+            case (str(text_a), str(text_b)):
+                wanted.append((f"U{i + 1}", "user", text_a, text_b))
+            case (str(name), str(text_a), str(text_b)):
+                wanted.append((name, "user", text_a, text_b))
+            case _:
+                raise ConfigError(
+                    f"ProbeSet.build(pairs[{i}]={pair!r}): need (text_a, text_b) or "
+                    "(name, text_a, text_b), all strings"
+                )
     names = [name for name, *_ in wanted]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
