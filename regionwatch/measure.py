@@ -568,9 +568,10 @@ def measure(model: nn.Module, probes: ProbeSet, config: ProbeConfig | None = Non
         maps = map_part.maps(result) if map_part else None
     random = curves.get("random")
     summary = metrics.summary(
-        (random.distance, random.relative) if random else None,
+        (random.distance, random.relative, random.top_a, random.top_b) if random else None,
         curves["similar"].max_slope if "similar" in curves else None,
         curves["dissimilar"].max_slope if "dissimilar" in curves else None,
+        (maps.rgb, maps.anchors, maps.axis) if maps else None,
     )
     timing = {
         "total": time.perf_counter() - started,

@@ -7,6 +7,7 @@ the slow reference, reports and sinks all compute each number the same way.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -199,32 +200,39 @@ def frac_linear(rel: Tensor) -> float:
 
 
 def summary(
-    random: tuple[Tensor, Tensor] | None,
+    random: tuple[Tensor, Tensor, Tensor, Tensor] | None,
     similar: Tensor | None = None,
     dissimilar: Tensor | None = None,
+    maps: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> dict[str, float]:
     """The headline scalars of one snapshot, under PAPER.md §8's names (the TensorBoard tags).
 
     Args:
-        random: (distance [P, K], relative [P, K]) of the random pairs, or None if not measured.
+        random: (distance [P, K], relative [P, K], top_a [P], top_b [P]) of the random pairs,
+            or None if not measured.
         similar: max slopes of the similar pairs, [n], or None.
         dissimilar: max slopes of the dissimilar pairs, [n], or None.
+        maps: (rgb, anchors, axis) of the region maps (see `solid_fraction`), or None.
 
     Returns:
         `max_slope/median`, `max_slope/q25`, `max_slope/q75`, `max_slope/frac_linear`,
         `dist/d1_median`, `pairs/measured`, `pairs/excluded` for the random pairs;
         `max_slope/{similar,dissimilar}_{q25,median,q75}` and
-        `max_slope/dissimilar_over_similar` (ratio of medians) for the labelled pairs.
+        `max_slope/dissimilar_over_similar` (ratio of medians) for the labelled pairs;
+        `align/auc` (see `alignment`) for the random pairs; `maps/solid_fraction` (mean of
+        `solid_fraction` over the maps).
     """
     out: dict[str, float] = {}
     if random is not None:
-        dist, rel = random
-        q25, med, q75 = quartiles(max_slope(rel))
+        dist, rel, top_a, top_b = random
+        slopes = max_slope(rel)
+        q25, med, q75 = quartiles(slopes)
         out |= {"max_slope/median": med, "max_slope/q25": q25, "max_slope/q75": q75}
         out["max_slope/frac_linear"] = frac_linear(rel)
         out["dist/d1_median"] = quartiles(dist[:, -1])[1]
         out["pairs/measured"] = float(len(dist))
         out["pairs/excluded"] = float(excluded(dist).sum())
+        out["align/auc"] = alignment(slopes, top_a, top_b)
     for name, slopes in (("similar", similar), ("dissimilar", dissimilar)):
         if slopes is not None:
             q25, med, q75 = quartiles(slopes)
@@ -237,4 +245,93 @@ def summary(
         out["max_slope/dissimilar_over_similar"] = (
             out["max_slope/dissimilar_median"] / out["max_slope/similar_median"]
         )
+    if maps is not None:
+        out["maps/solid_fraction"] = float(solid_fraction(*maps).mean())
     return out
+
+
+# A map cell counts as "solid" when its colour is within this Chebyshev distance (max over RGB
+# channels) of one anchor's colour: 0.1 is a tenth of the colour range, well above the round-off
+# of the anchors themselves and below the gradient one grid step away from them at random init.
+SOLID_MARGIN = 0.1
+
+
+def solid_fraction(
+    rgb: Tensor, anchors: Tensor, axis: Tensor, margin: float = SOLID_MARGIN
+) -> Tensor:
+    """Fraction of each map's cells whose colour is within `margin` of one of its anchors' colours.
+
+    A smooth gradient (random init) has only discs round the anchors near an anchor's colour (a
+    map whose distances grow linearly from each anchor scores about 0.1 at the default margin);
+    solid regions (PAPER.md §7.2 claim 6) fill large patches with it (up to 1). An anchor's colour
+    is the map's colour at the pixel nearest to it (A and B sit on pixel centres at grid 37).
+
+    Args:
+        rgb: region-map colours, [maps, grid, grid, 3].
+        anchors: (alpha, beta) of A, B, C per map, [maps, 3, 2].
+        axis: the grid values, [grid].
+        margin: the largest channel difference that still counts as the anchor's colour.
+
+    Returns:
+        Shape [maps], values in (0, 1].
+    """
+    col = (anchors[..., 0, None] - axis).abs().argmin(-1)  # [maps, 3] pixel column (alpha)
+    row = (anchors[..., 1, None] - axis).abs().argmin(-1)  # [maps, 3] pixel row (beta)
+    maps = torch.arange(len(rgb))[:, None]
+    colours = rgb[maps, row, col]  # [maps, 3 anchors, 3 channels]
+    gap = (rgb[:, :, :, None, :] - colours[:, None, None]).abs().amax(-1)  # [maps, g, g, anchors]
+    return (gap.amin(-1) <= margin).float().flatten(1).mean(1)
+
+
+def alignment(slopes: Tensor, top_a: Tensor, top_b: Tensor) -> float:
+    """How well a pair's max slope predicts that A and B predict different next tokens (an AUC).
+
+    The probability that a random pair whose clean top tokens differ has a larger max slope than a
+    random pair whose top tokens agree (ties count half): 0.5 means slopes carry no information,
+    1 means every crossing of a boundary changes the prediction (PAPER.md §7.2 claim 7). The
+    Mann-Whitney U statistic normalized by the number of (differ, agree) comparisons.
+
+    Args:
+        slopes: max slope per pair, [P] (NaN pairs are skipped).
+        top_a: A's clean top token per pair, [P].
+        top_b: B's clean top token per pair, [P].
+
+    Returns:
+        The AUC, or NaN when either group is empty.
+    """
+    keep = torch.isfinite(slopes)
+    differ = (top_a != top_b)[keep]
+    values = slopes[keep].double()
+    high, low = values[differ], values[~differ]
+    if high.numel() == 0 or low.numel() == 0:
+        return math.nan
+    wins = (high[:, None] > low[None, :]).double() + 0.5 * (high[:, None] == low[None, :]).double()
+    return float(wins.mean())
+
+
+def emergence_onset(
+    tokens: Sequence[float], medians: Sequence[float], init_q75: float
+) -> float | None:
+    """The first token count from which the median max slope stays above its init band.
+
+    The init band is the interquartile range of the pairs' max slopes at initialization (the
+    step-0 snapshot); the onset is the earliest snapshot whose median exceeds the band's top
+    (`init_q75`) and after which every later median does too, so a single noisy point does not
+    count. None while the curve has not left the band for good.
+
+    Args:
+        tokens: tokens seen of each snapshot, ascending.
+        medians: median max slope of each snapshot (NaN counts as not above).
+        init_q75: q75 of the max slopes at initialization.
+
+    Returns:
+        The tokens of the onset snapshot, or None.
+    """
+    onset = None
+    for t, m in zip(tokens, medians, strict=True):
+        above = m > init_q75  # False for NaN
+        if above and onset is None:
+            onset = t
+        elif not above:
+            onset = None
+    return onset

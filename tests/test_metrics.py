@@ -159,7 +159,8 @@ def test_summary_names_and_values() -> None:
     alphas = metrics.alpha_grid(5)
     dist = torch.stack([alphas * 2, alphas * 4, (alphas > 0.5).float() * 3, alphas * 0])
     rel = metrics.relative(dist)
-    out = metrics.summary((dist, rel), torch.tensor([1.0, 1.2]), torch.tensor([2.0, 4.0]))
+    tops = (torch.tensor([1, 2, 3, 4]), torch.tensor([1, 5, 6, 4]))
+    out = metrics.summary((dist, rel, *tops), torch.tensor([1.0, 1.2]), torch.tensor([2.0, 4.0]))
     slopes = metrics.max_slope(rel)[:3]
     assert out["max_slope/median"] == pytest.approx(float(slopes.median()))
     assert out["pairs/excluded"] == 1.0
@@ -168,3 +169,41 @@ def test_summary_names_and_values() -> None:
     assert out["max_slope/similar_median"] == pytest.approx(1.1)
     assert out["max_slope/dissimilar_median"] == pytest.approx(3.0)
     assert out["max_slope/dissimilar_over_similar"] == pytest.approx(3.0 / 1.1)
+    # pairs 1 and 2 predict different tokens; pair 0 agrees; pair 3 is excluded (NaN slope)
+    assert out["align/auc"] == pytest.approx(metrics.alignment(metrics.max_slope(rel), *tops))
+
+
+def test_alignment_is_the_probability_that_differing_pairs_have_larger_slopes() -> None:
+    """AUC: 1 when every differing pair out-slopes every agreeing one, 0.5 with no information."""
+    tops_a, tops_b = torch.tensor([1, 1, 2, 2]), torch.tensor([1, 1, 3, 4])  # pairs 2, 3 differ
+    assert metrics.alignment(torch.tensor([1.0, 1.1, 3.0, 5.0]), tops_a, tops_b) == 1.0
+    assert metrics.alignment(torch.tensor([3.0, 5.0, 1.0, 1.1]), tops_a, tops_b) == 0.0
+    assert metrics.alignment(torch.tensor([2.0, 2.0, 2.0, 2.0]), tops_a, tops_b) == 0.5
+    assert metrics.alignment(torch.tensor([1.0, 4.0, 3.0, 5.0]), tops_a, tops_b) == 0.75
+    assert math.isnan(metrics.alignment(torch.ones(2), torch.tensor([1, 2]), torch.tensor([1, 2])))
+
+
+def test_emergence_onset_needs_the_curve_to_stay_above_the_band() -> None:
+    """The onset is the first point after which every median stays above the init q75."""
+    tokens = [0, 10, 100, 1000, 10000]
+    assert metrics.emergence_onset(tokens, [1.1, 1.3, 1.1, 1.4, 1.6], 1.2) == 1000
+    assert metrics.emergence_onset(tokens, [1.1, 1.3, 1.4, 1.5, 1.6], 1.2) == 10
+    assert metrics.emergence_onset(tokens, [1.1, 1.3, 1.4, 1.5, 1.1], 1.2) is None
+    assert metrics.emergence_onset(tokens, [1.1, 1.3, float("nan"), 1.5, 1.6], 1.2) == 1000
+
+
+def test_solid_fraction_of_a_gradient_and_of_solid_regions() -> None:
+    """Solid patches in the anchors' colours count fully; a smooth gradient barely counts."""
+    grid = 13
+    axis = metrics.map_grid(grid, (-0.25, 1.25))
+    anchors = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.5, 1.0]]])
+    # A linear model's map: each channel falls off with the distance to its own anchor.
+    points = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1)  # [beta, alpha, (a, b)]
+    dist = torch.stack([(points - anchor).norm(dim=-1) for anchor in anchors[0]])  # [3, g, g]
+    gradient = metrics.region_rgb(dist[None])[0]
+    solid = torch.zeros(grid, grid, 3)
+    solid[:, : grid // 2] = torch.tensor([1.0, 0.2, 0.2])
+    solid[:, grid // 2 :] = torch.tensor([0.2, 1.0, 0.2])
+    frac = metrics.solid_fraction(torch.stack([gradient, solid]), anchors.expand(2, -1, -1), axis)
+    assert frac[1].item() == 1.0
+    assert frac[0].item() < 0.15  # discs of radius 0.1 x max distance round the anchors (~0.1)
