@@ -24,9 +24,9 @@ from regionwatch.measure import (
     check_alphas,
     check_grid,
     check_prompts,
-    measuring,
     prompt_list,
 )
+from regionwatch.parts import measuring
 
 
 def _clean(site: ResidualSite, prompt: Prompt) -> tuple[Tensor, Tensor, Tensor]:

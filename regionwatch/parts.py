@@ -1,0 +1,223 @@
+"""The parts of a measurement: result types, and how pairs and triples become query slots.
+
+`Plan` collects the prompts and the patched points of every part of a measurement so that the
+engine runs them in one pass, sharing each context's prefix; `PairPart` and `MapPart` plan their
+points and turn the engine's readouts back into `Curves` and `RegionMaps` with `metrics`.
+`measuring` puts a model in eval mode without grad for the pass and restores it exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from regionwatch import engine, metrics
+from regionwatch.access import ResidualSite, token_logits
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Interpolation curves of P prompt pairs on a grid of K alphas (PAPER.md §4).
+
+    Attributes:
+        alphas: the grid a_k, [K].
+        distance: d(a) = ||h(a) - h_A||, [P, K]; d(0) is round-off, not exactly 0.
+        relative: d(a) / d(1), [P, K]; a row of NaN for pairs in `excluded`.
+        max_slope: (K - 1) * max_k (r_{k+1} - r_k), [P]; NaN for excluded pairs.
+        logit_diff: 1 - n_k, the normalized logit difference between A's and B's clean top
+            tokens in A's patched context (PAPER.md §4.1), [P, K]; 0 at a = 0, 1 at a = 1, NaN
+            where both prompts predict the same token.
+        top_a: argmax of A's clean next-token logits, [P].
+        top_b: argmax of B's clean next-token logits, [P].
+    """
+
+    alphas: Tensor
+    distance: Tensor
+    relative: Tensor
+    max_slope: Tensor
+    logit_diff: Tensor
+    top_a: Tensor
+    top_b: Tensor
+
+    @property
+    def excluded(self) -> Tensor:
+        """Pairs whose d(1) <= `metrics.MIN_END_DISTANCE` (e.g. identical prompts), [P] bool."""
+        return metrics.excluded(self.distance)
+
+
+@dataclass(frozen=True)
+class RegionMaps:
+    """2-D slices through the write vectors of T prompt triples (PAPER.md §5, Figure 1).
+
+    Attributes:
+        axis: grid values used for both alpha and beta, [G].
+        distance: D_A, D_B, D_C, each in its own prompt's context, [T, 3, G, G]; rows are beta
+            (top to bottom), columns alpha (left to right).
+        rgb: 1 - D / max per map and channel, [T, G, G, 3], channels (A, B, C) -> (R, G, B).
+        anchors: (alpha, beta) of A, B and C in each plane, [T, 3, 2]: (0, 0), (1, 0), (t, 1).
+    """
+
+    axis: Tensor
+    distance: Tensor
+    rgb: Tensor
+    anchors: Tensor
+
+
+@contextmanager
+def measuring(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no grad while measuring; each module's own mode returns, even on error."""
+    modes = [(m, m.training) for m in model.modules()]  # models can mix modes (frozen parts)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
+@dataclass
+class Plan:
+    """Prompts and query slots of one engine run, built up by the parts of a measurement.
+
+    A slot is a run of consecutive query vectors in one context; parts add slots while planning
+    and read their readouts back by slot after `execute`.
+    """
+
+    prompts: list[engine.Prompt] = field(default_factory=list)
+    _index: dict[engine.Prompt, int] = field(default_factory=dict)
+    _counts: dict[int, int] = field(default_factory=dict)
+    _builders: dict[int, list[Callable[[Tensor], Tensor]]] = field(default_factory=dict)
+
+    def prompt(self, ids: engine.Prompt) -> int:
+        """Index of a prompt, added once however often it is used."""
+        if ids not in self._index:
+            self._index[ids] = len(self.prompts)
+            self.prompts.append(ids)
+        return self._index[ids]
+
+    def slot(
+        self, context: int, count: int, vectors: Callable[[Tensor], Tensor]
+    ) -> tuple[int, int]:
+        """Reserve `count` queries in `context`; `vectors(write)` gives them, [count, d_model]."""
+        offset = self._counts.get(context, 0)
+        self._counts[context] = offset + count
+        self._builders.setdefault(context, []).append(vectors)
+        return (context, offset)
+
+    def execute(self, site: ResidualSite, max_batch_tokens: int | None) -> engine.EngineResult:
+        """Run every slot through the engine (the model must be under `measuring`)."""
+
+        def build(write: Tensor) -> dict[int, Tensor]:
+            return {c: torch.cat([f(write) for f in fs]) for c, fs in self._builders.items()}
+
+        budget = engine.DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
+        return engine.run(site, self.prompts, self._counts, build, max_batch_tokens=budget)
+
+
+def readout(result: engine.EngineResult, slot: tuple[int, int], count: int) -> Tensor:
+    """The patched readouts of one slot, [count, d_model]."""
+    context, offset = slot
+    return result.patched[context][offset : offset + count]
+
+
+class PairPart:
+    """The interpolation curves of a list of (A, B) pairs, as slots of a `Plan`."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        pairs_a: list[engine.Prompt],
+        pairs_b: list[engine.Prompt],
+        num_alphas: int,
+    ) -> None:
+        self.alphas = metrics.alpha_grid(num_alphas)
+        self.a = [plan.prompt(p) for p in pairs_a]
+        self.b = [plan.prompt(p) for p in pairs_b]
+        self.slots = [
+            plan.slot(ia, num_alphas, self._points(ia, ib))
+            for ia, ib in zip(self.a, self.b, strict=True)
+        ]
+        self.points = len(self.slots) * num_alphas
+        self.prompt_ids = set(self.a) | set(self.b)
+
+    def _points(self, ia: int, ib: int) -> Callable[[Tensor], Tensor]:
+        return lambda write: metrics.interpolation_points(
+            write[ia : ia + 1], write[ib : ib + 1], self.alphas
+        )[0]
+
+    def curves(self, site: ResidualSite, result: engine.EngineResult) -> Curves:
+        """Distances, relative curves, slopes and logit differences from an engine result."""
+        k = len(self.alphas)
+        hidden = torch.stack([readout(result, s, k) for s in self.slots])  # [P, K, d_model]
+        clean = result.clean
+        dist = metrics.distance(hidden, clean.final[self.a][:, None, :])
+        rel = metrics.relative(dist)
+        tops = torch.stack([clean.top[self.a], clean.top[self.b]], dim=1)  # [P, 2]
+        chosen = token_logits(site, hidden, tops).float()
+        return Curves(  # stored numbers live on the CPU, whatever the model's device
+            alphas=self.alphas,
+            distance=dist.cpu(),
+            relative=rel.cpu(),
+            max_slope=metrics.max_slope(rel).cpu(),
+            logit_diff=metrics.logit_diff(chosen[..., 0] - chosen[..., 1]).cpu(),
+            top_a=clean.top[self.a].cpu(),
+            top_b=clean.top[self.b].cpu(),
+        )
+
+
+class MapPart:
+    """The region maps of a list of (A, B, C) triples, as slots of a `Plan`."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        triples: list[tuple[engine.Prompt, engine.Prompt, engine.Prompt]],
+        grid: int,
+        span: tuple[float, float],
+    ) -> None:
+        self.axis = metrics.map_grid(grid, span)
+        self.triples = [tuple(plan.prompt(p) for p in triple) for triple in triples]
+        self.slots = [
+            [plan.slot(ctx, grid * grid, self._points(triple)) for ctx in triple]
+            for triple in self.triples
+        ]
+        self.points = len(self.triples) * 3 * grid * grid
+        self.prompt_ids = {i for triple in self.triples for i in triple}
+
+    def _points(self, triple: tuple[int, ...]) -> Callable[[Tensor], Tensor]:
+        def points(write: Tensor) -> Tensor:
+            a, b, c = (write[i] for i in triple)
+            _, u = metrics.plane(a, b, c)
+            return metrics.plane_points(a, b, u, self.axis).flatten(0, 1)
+
+        return points
+
+    def maps(self, result: engine.EngineResult) -> RegionMaps:
+        """Per-context distances, colours and anchor positions from an engine result."""
+        g = len(self.axis)
+        final = result.clean.final
+        dist = torch.stack(
+            [
+                torch.stack(
+                    [
+                        metrics.distance(readout(result, s, g * g), final[ctx]).reshape(g, g)
+                        for ctx, s in zip(triple, slots, strict=True)
+                    ]
+                )
+                for triple, slots in zip(self.triples, self.slots, strict=True)
+            ]
+        )
+        write = result.clean.write
+        t = torch.stack([metrics.plane(*(write[i] for i in triple))[0] for triple in self.triples])
+        anchors = torch.zeros(len(self.triples), 3, 2)
+        anchors[:, 1, 0] = 1.0
+        anchors[:, 2, 0] = t.cpu()
+        anchors[:, 2, 1] = 1.0
+        return RegionMaps(
+            axis=self.axis, distance=dist.cpu(), rgb=metrics.region_rgb(dist).cpu(), anchors=anchors
+        )
