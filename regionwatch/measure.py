@@ -323,21 +323,31 @@ class Measurement:
     timing: Mapping[str, float]
 
 
-def measure(model: nn.Module, probes: ProbeSet, config: ProbeConfig | None = None) -> Measurement:
+def measure(
+    model: nn.Module,
+    probes: ProbeSet,
+    config: ProbeConfig | None = None,
+    *,
+    shard: tuple[int, int] | None = None,
+) -> Measurement:
     """Measure every part of a probe set in one engine run; contexts shared by parts run once.
 
     Args:
         model: a causal LM, as for `interpolate`; left exactly as found.
         probes: the run's fixed prompts.
         config: what to compute; default `ProbeConfig()`.
+        shard: (rank, world): measure only every world-th pair and triple, starting at rank,
+            so that the ranks of a distributed run split the work; `merge_shards` of all ranks'
+            results equals the unsharded measurement.
 
     Returns:
-        The measurement.
+        The measurement (of the shard).
 
     Raises:
         ConfigError, UnsupportedModelError: before any forward pass.
     """
     config = config or ProbeConfig()
+    rank, world = _check_shard(shard)
     started = time.perf_counter()
     site = resolve(model, write_layer=config.write_layer, block_path=config.block_path)
     plan = Plan()
@@ -349,33 +359,100 @@ def measure(model: nn.Module, probes: ProbeSet, config: ProbeConfig | None = Non
         "named": ([p.a for p in probes.named], [p.b for p in probes.named]),
     }
     for name, (ids_a, ids_b) in sources.items():
-        if name in config.parts and len(ids_a):
+        ids_a, ids_b = list(ids_a)[rank::world], list(ids_b)[rank::world]
+        if name in config.parts and ids_a:
             pairs_a, pairs_b = prompt_list(ids_a, f"{name}[A]"), prompt_list(ids_b, f"{name}[B]")
             pair_parts[name] = PairPart(plan, pairs_a, pairs_b, config.num_alphas)
     map_part = None
-    if "maps" in config.parts and len(probes.triples):
+    triples = probes.triples.tolist()[rank::world]
+    if "maps" in config.parts and triples:
         rows = prompt_list(probes.random, "random")
-        triples = [tuple(rows[i] for i in t) for t in probes.triples.tolist()]
-        map_part = MapPart(plan, triples, config.grid, config.span)
-    check_prompts(site, plan.prompts)
+        map_part = MapPart(
+            plan, [tuple(rows[i] for i in t) for t in triples], config.grid, config.span
+        )
+    check_prompts(site, plan.prompts or prompt_list(probes.random, "random"))
     with measuring(model):
-        result = plan.execute(site, config.max_batch_tokens)
+        result = plan.execute(site, config.max_batch_tokens) if plan.prompts else None
         curves = {name: part.curves(site, result) for name, part in pair_parts.items()}
         maps = map_part.maps(result) if map_part else None
+    timing = {"total": time.perf_counter() - started}
+    if result is not None:
+        timing |= {"clean": result.clean_s, "queries": result.queries_s}
+        parts = {**pair_parts, **({"maps": map_part} if map_part else {})}
+        timing |= _part_shares(plan, parts, result)
+    return Measurement(
+        config=config, curves=curves, maps=maps, summary=_summarize(curves, maps), timing=timing
+    )
+
+
+def merge_shards(shards: Sequence[Measurement]) -> Measurement:
+    """Reassemble the measurements of `measure(..., shard=(r, len(shards)))` for every rank r.
+
+    Pairs and triples go back to their probe-set order, the summary is recomputed from the whole,
+    and each timing is the slowest rank's (the ranks run at the same time).
+
+    Raises:
+        ConfigError: no shards, or shards measured with different settings.
+    """
+    if not shards:
+        raise ConfigError("merge_shards: no measurements given")
+    config = shards[0].config
+    if any(m.config != config for m in shards):
+        raise ConfigError("merge_shards: the shards were measured with different ProbeConfigs")
+    names = [p for p in PARTS if any(p in m.curves for m in shards)]
+    curves = {}
+    for name in names:
+        present = [m.curves[name] for m in shards if name in m.curves]
+        fields_ = {f.name: [getattr(c, f.name) for c in present] for f in fields(Curves)}
+        merged = {k: _interleave(v) for k, v in fields_.items() if k != "alphas"}
+        curves[name] = Curves(alphas=present[0].alphas, **merged)
+    map_shards = [m.maps for m in shards if m.maps is not None]
+    maps = None
+    if map_shards:
+        maps = RegionMaps(
+            axis=map_shards[0].axis,
+            **{
+                k: _interleave([getattr(m, k) for m in map_shards])
+                for k in ("distance", "rgb", "anchors")
+            },
+        )
+    keys = {k for m in shards for k in m.timing}
+    timing = {k: max(m.timing.get(k, 0.0) for m in shards) for k in sorted(keys)}
+    return Measurement(
+        config=config, curves=curves, maps=maps, summary=_summarize(curves, maps), timing=timing
+    )
+
+
+def _interleave(rows: Sequence[Tensor]) -> Tensor:
+    """Shard r holds items r, r + w, r + 2w, ... (w shards): put them back in order.
+
+    Shards without any item are absent from `rows`: they are the trailing ranks, because rank r
+    has an item whenever any rank after it has one.
+    """
+    world, total = len(rows), sum(len(r) for r in rows)
+    out = rows[0].new_empty((total, *rows[0].shape[1:]))
+    for rank, part in enumerate(rows):
+        out[rank::world] = part
+    return out
+
+
+def _summarize(curves: Mapping[str, Curves], maps: RegionMaps | None) -> dict[str, float]:
     random = curves.get("random")
-    summary = metrics.summary(
+    return metrics.summary(
         (random.distance, random.relative, random.top_a, random.top_b) if random else None,
         curves["similar"].max_slope if "similar" in curves else None,
         curves["dissimilar"].max_slope if "dissimilar" in curves else None,
         (maps.rgb, maps.anchors, maps.axis) if maps else None,
     )
-    timing = {
-        "total": time.perf_counter() - started,
-        "clean": result.clean_s,
-        "queries": result.queries_s,
-    }
-    timing |= _part_shares(plan, {**pair_parts, **({"maps": map_part} if map_part else {})}, result)
-    return Measurement(config=config, curves=curves, maps=maps, summary=summary, timing=timing)
+
+
+def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    if shard is None:
+        return 0, 1
+    rank, world = shard
+    if not (isinstance(rank, int) and isinstance(world, int) and 0 <= rank < world):
+        raise ConfigError(f"shard={shard!r}: need (rank, world) with 0 <= rank < world")
+    return rank, world
 
 
 def _part_shares(

@@ -13,7 +13,7 @@ from torch import nn
 import regionwatch
 from regionwatch import metrics, reference
 from regionwatch.errors import ConfigError, UnsupportedModelError
-from regionwatch.measure import ProbeConfig, interpolate, measure, region_maps
+from regionwatch.measure import ProbeConfig, interpolate, measure, merge_shards, region_maps
 from regionwatch.probes import NamedPair, ProbeSet
 from tests.conftest import random_prompts, tiny_model
 
@@ -376,3 +376,27 @@ def test_probe_config_round_trips_and_rejects_unknown_keys() -> None:
     assert ProbeConfig(max_batch_tokens=64).fingerprint == ProbeConfig().fingerprint
     with pytest.raises(ConfigError, match=r"unknown keys \['num_alpha'\]"):
         ProbeConfig.from_dict({"num_alpha": 11})
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_merged_shards_equal_the_whole(world: int) -> None:
+    """Every rank measuring its shard, merged, gives the unsharded numbers in probe-set order."""
+    model = tiny_model("llama")
+    probes, config = _probe_set(), ProbeConfig(num_alphas=5, grid=5)
+    whole = measure(model, probes, config)
+    merged = merge_shards([measure(model, probes, config, shard=(r, world)) for r in range(world)])
+    assert set(merged.curves) == set(whole.curves)
+    for part, curves in whole.curves.items():
+        torch.testing.assert_close(merged.curves[part].distance, curves.distance, atol=1e-6, rtol=0)
+        assert torch.equal(merged.curves[part].top_a, curves.top_a)
+    torch.testing.assert_close(merged.maps.rgb, whole.maps.rgb, atol=1e-6, rtol=0)
+    torch.testing.assert_close(merged.maps.anchors, whole.maps.anchors)
+    assert merged.summary.keys() == whole.summary.keys()
+    for key, value in whole.summary.items():
+        assert merged.summary[key] == pytest.approx(value, rel=1e-5, nan_ok=True), key
+
+
+def test_bad_shards_are_refused() -> None:
+    """A rank outside 0..world-1 is refused before measuring."""
+    with pytest.raises(ConfigError, match=r"shard=\(2, 2\)"):
+        measure(tiny_model("gpt2"), _probe_set(), shard=(2, 2))
