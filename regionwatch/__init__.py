@@ -15,7 +15,19 @@ from regionwatch.errors import (
     StoreError,
     UnsupportedModelError,
 )
-from regionwatch.measure import Curves, RegionMaps, interpolate, region_maps
+from regionwatch.measure import (
+    Curves,
+    Measurement,
+    ProbeConfig,
+    RegionMaps,
+    interpolate,
+    measure,
+    region_maps,
+)
+from regionwatch.probes import ProbeSet
+from regionwatch.schedule import Schedule
+from regionwatch.snapshot import Snapshot
+from regionwatch.store import SnapshotStore
 
 __version__ = "0.1.0"
 
@@ -28,12 +40,21 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Curves",
+    "Measurement",
+    "ProbeConfig",
+    "ProbeSet",
     "RegionMaps",
+    "RegionMonitor",
+    "RegionMonitorCallback",
     "RegionWatchError",
+    "Schedule",
+    "Snapshot",
+    "SnapshotStore",
     "StoreError",
     "UnsupportedModelError",
     "__version__",
     "interpolate",
+    "measure",
     "region_maps",
 ]
 

@@ -1,8 +1,8 @@
 """Text fixtures: the built-in corpus, a tokenizer trained on it, and the default probe set.
 
-Not in conftest.py (another suite owns it): a test module uses these by importing them, e.g.
-`from tests.fixtures_text import corpus_text, text_tokenizer  # noqa: F401`. Nothing here
-touches the Hugging Face hub: the tokenizer is trained locally in about half a second.
+Registered for every test module by `pytest_plugins` in conftest.py.
+Nothing here touches the Hugging Face hub: the tokenizer is trained locally in about half a
+second.
 """
 
 from __future__ import annotations

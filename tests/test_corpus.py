@@ -25,8 +25,6 @@ from regionwatch.corpus import (
 )
 from regionwatch.errors import ConfigError
 
-pytest_plugins = ["tests.fixtures_text"]  # corpus_text, text_tokenizer
-
 BUILTIN_SHA256 = (
     "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # data/README.md
 )

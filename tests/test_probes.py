@@ -20,8 +20,6 @@ from regionwatch.errors import ConfigError, StoreError
 from regionwatch.measure import ProbeConfig, measure
 from regionwatch.probes import HANDPICKED, MANIFEST_FILE, TENSORS_FILE, ProbeSet
 
-pytest_plugins = ["tests.fixtures_text"]  # corpus_text, text_tokenizer, builtin_probes
-
 SMALL_TEXT_CHARS = 40_000  # about 13k tokens: plenty of windows, encodes in milliseconds
 
 

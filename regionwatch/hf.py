@@ -1,0 +1,150 @@
+"""`RegionMonitorCallback`: the `transformers.Trainer` driver; `Monitor` does the work.
+
+Tokens seen come from the Trainer's own count (`state.num_input_tokens_seen`, summed over
+processes), which it only keeps when asked: `include_num_input_tokens_seen="non_padding"` (or
+"all"). Resume needs nothing from the callback's own state: the run's store and the restored
+`trainer_state.json` (global step and tokens) are enough, so it works whether or not the user sets
+`restore_callback_states_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from typing_extensions import override
+
+from regionwatch.corpus import Source
+from regionwatch.errors import ConfigError
+from regionwatch.measure import ProbeConfig
+from regionwatch.monitor import Monitor, Precision, WatchConfig
+from regionwatch.probes import ProbeSet
+from regionwatch.schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+COUNTING = ("all", "non_padding", True)  # include_num_input_tokens_seen values that count
+
+
+class RegionMonitorCallback(TrainerCallback):
+    """Measures stable regions during `transformers.Trainer.train`, logged over tokens seen.
+
+    Snapshots go to a `SnapshotStore` in `run_dir` (default `<output_dir>/regionwatch`, stable
+    across resumes) and to TensorBoard in `<run_dir>/tensorboard`. Measures at train begin (the
+    random-init baseline on a fresh run), after optimizer steps the schedule picks, and at the end.
+
+    Args:
+        tokenizer: the model's tokenizer (builds the probe set); or pass `probes`.
+        probes: a ready probe set.
+        config: what each measurement computes (default `ProbeConfig()`).
+        schedule: when to measure (default `Schedule.log_tokens(per_decade=8)`).
+        run_dir: where the run is stored.
+        source: text for the probe set (default: the built-in corpus).
+        seed: seed of the probe set.
+        precision: "fp32" (default) or "trainer" (autocast as the Trainer's bf16/fp16 flags say).
+        tensorboard: also log to TensorBoard.
+
+    Raises:
+        ConfigError: at construction for bad settings; at `on_train_begin` (before the first
+            optimizer step) for a bad model or token counting switched off.
+
+    Example:
+        >>> args = TrainingArguments("out", include_num_input_tokens_seen="non_padding")
+        >>> trainer = Trainer(model, args, callbacks=[RegionMonitorCallback(tokenizer=tok)])
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        probes: ProbeSet | None = None,
+        config: ProbeConfig | None = None,
+        schedule: Schedule | None = None,
+        run_dir: str | Path | None = None,
+        source: Source = None,
+        seed: int = 0,
+        precision: Precision = "fp32",
+        tensorboard: bool = True,
+    ) -> None:
+        watch = WatchConfig(
+            probe=config or ProbeConfig(),
+            schedule=schedule or Schedule.log_tokens(),
+            precision=precision,
+            tensorboard=tensorboard,
+            probe_seed=seed,
+        )
+        self.monitor = Monitor(
+            watch, tokenizer=tokenizer, probes=probes, source=source, run_dir=run_dir
+        )
+
+    @override
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if args.include_num_input_tokens_seen not in COUNTING:
+            raise ConfigError(
+                "RegionMonitorCallback logs over training tokens, and the Trainer counts them only "
+                f'when asked: set TrainingArguments(include_num_input_tokens_seen="non_padding") '
+                f'(or "all"); got {args.include_num_input_tokens_seen!r}'
+            )
+        self.monitor.setup(
+            model,
+            log_dir=args.output_dir,
+            rank=args.process_index,
+            world=args.world_size,
+            trainer_precision=lambda: _autocast(args, model),
+            info={"driver": "hf"},
+        )
+        self.monitor.start(model, step=state.global_step, tokens=state.num_input_tokens_seen)
+
+    @override
+    def on_step_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self.monitor.maybe_measure(
+            model, step=state.global_step, tokens=state.num_input_tokens_seen
+        )
+
+    @override
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self.monitor.maybe_measure(
+            model, step=state.global_step, tokens=state.num_input_tokens_seen, final=True
+        )
+        self.monitor.close()
+
+
+def _autocast(args: TrainingArguments, model: Any) -> contextlib.AbstractContextManager[Any]:
+    """The Trainer's mixed-precision context, rebuilt from its flags (callbacks get no Trainer)."""
+    device = next(model.parameters()).device.type
+    if args.bf16:
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    if args.fp16:
+        return torch.autocast(device_type=device, dtype=torch.float16)
+    return contextlib.nullcontext()

@@ -1,0 +1,213 @@
+"""`RegionMonitor`: the Lightning driver; it says WHEN and HOW MANY TOKENS, `Monitor` the rest."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from typing_extensions import override
+
+from regionwatch.corpus import Source
+from regionwatch.errors import ConfigError
+from regionwatch.measure import ProbeConfig
+from regionwatch.monitor import Monitor, Precision, WatchConfig
+from regionwatch.probes import ProbeSet
+from regionwatch.schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+CountTokens = Callable[[Any], int]
+
+
+class RegionMonitor(Callback):
+    """Measures stable regions during `Trainer.fit` and logs their emergence over tokens seen.
+
+    Snapshots go to a `SnapshotStore` in `run_dir` and to TensorBoard (`<run_dir>/tensorboard`,
+    step axis = training tokens). Measured: the LightningModule itself if it is a causal LM,
+    else its one `PreTrainedModel` attribute (or `model_attr`). Tokens seen are the non-padding
+    tokens of every batch (its attention mask, else all its input ids), summed over ranks and
+    micro-batches, counted before each batch so that a batch it cannot count fails before the
+    first optimizer step. A measurement happens once at train start (the random-init baseline on
+    a fresh run) and after optimizer steps the schedule picks, and at the end of training.
+
+    Args:
+        tokenizer: the model's tokenizer (builds the probe set); or pass `probes`.
+        probes: a ready probe set.
+        config: what each measurement computes (default `ProbeConfig()`).
+        schedule: when to measure (default `Schedule.log_tokens(per_decade=8)`).
+        run_dir: where the run is stored (default `<trainer.log_dir>/regionwatch`).
+        source: text for the probe set (default: the built-in corpus).
+        seed: seed of the probe set.
+        precision: "fp32" (default) or "trainer" (the trainer's precision context).
+        tensorboard: also log to TensorBoard.
+        model_attr: name of the attribute holding the causal LM, when ambiguous.
+        count_tokens: `count_tokens(batch) -> int` overriding the token count of a batch.
+
+    Raises:
+        ConfigError: neither tokenizer nor probes, or a bad setting (at construction); a bad
+            model, write layer, probe set or run dir (in `setup`, before training).
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[RegionMonitor(tokenizer=tok, run_dir="runs/x")])
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        probes: ProbeSet | None = None,
+        config: ProbeConfig | None = None,
+        schedule: Schedule | None = None,
+        run_dir: str | Path | None = None,
+        source: Source = None,
+        seed: int = 0,
+        precision: Precision = "fp32",
+        tensorboard: bool = True,
+        model_attr: str | None = None,
+        count_tokens: CountTokens | None = None,
+    ) -> None:
+        watch = WatchConfig(
+            probe=config or ProbeConfig(),
+            schedule=schedule or Schedule.log_tokens(),
+            precision=precision,
+            tensorboard=tensorboard,
+            probe_seed=seed,
+        )
+        self.monitor = Monitor(
+            watch, tokenizer=tokenizer, probes=probes, source=source, run_dir=run_dir
+        )
+        self._model_attr = model_attr
+        self._count = count_tokens or count_batch_tokens
+        self._model: nn.Module | None = None
+        self.tokens = 0  # tokens seen at the last optimizer step, over all ranks
+        self._pending = 0  # this rank's tokens since then
+        self._step = 0
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._model = find_model(pl_module, self._model_attr)  # a bad model fails here
+        self.monitor.setup(
+            self._model,
+            log_dir=trainer.log_dir,
+            rank=trainer.global_rank,
+            world=trainer.world_size,
+            trainer_precision=trainer.precision_plugin.forward_context,
+            info={"driver": "lightning"},
+        )
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step = trainer.global_step
+        self.monitor.start(self._model, step=self._step, tokens=self.tokens)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._pending += int(self._count(batch))
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.global_step == self._step:
+            return  # a gradient-accumulation micro-batch: no optimizer step yet
+        self._step = trainer.global_step
+        self.tokens += self._reduce(trainer, self._pending)
+        self._pending = 0
+        self.monitor.maybe_measure(self._model, step=self._step, tokens=self.tokens)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.monitor.maybe_measure(
+            self._model, step=trainer.global_step, tokens=self.tokens, final=True
+        )
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.monitor.close()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, **self.monitor.state_dict()}  # JSON-able
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.tokens = int(state_dict.get("tokens", 0))
+        self.monitor.load_state_dict(state_dict)
+
+    @staticmethod
+    def _reduce(trainer: L.Trainer, count: int) -> int:
+        """Sum a count over ranks (one scalar collective per optimizer step; none on one rank)."""
+        if trainer.world_size == 1:
+            return count
+        total = trainer.strategy.reduce(
+            torch.tensor(count, device=trainer.strategy.root_device), reduce_op="sum"
+        )
+        return int(total.item())
+
+
+def count_batch_tokens(batch: Any) -> int:
+    """Non-padding tokens of a batch: its attention mask's sum, else the size of its input ids.
+
+    Understands dicts (`attention_mask`, `input_ids`), a bare id tensor, and a tuple/list whose
+    first item is the id tensor.
+
+    Raises:
+        ConfigError: a batch it cannot read, with the fix (pass `count_tokens=`).
+    """
+    if isinstance(batch, Mapping):
+        if isinstance(batch.get("attention_mask"), Tensor):
+            return int(batch["attention_mask"].sum())
+        if isinstance(batch.get("input_ids"), Tensor):
+            return batch["input_ids"].numel()
+    if isinstance(batch, Tensor) and not batch.is_floating_point():
+        return batch.numel()
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
+        return batch[0].numel()
+    raise ConfigError(
+        f"RegionMonitor cannot count the tokens of a {type(batch).__name__} batch; pass "
+        "count_tokens=lambda batch: <number of training tokens in it>"
+    )
+
+
+def find_model(pl_module: nn.Module, attr: str | None) -> nn.Module:
+    """The causal LM inside a LightningModule: itself, its one PreTrainedModel, or `attr`.
+
+    Raises:
+        ConfigError: `attr` missing, or no or several PreTrainedModel attributes.
+    """
+    if attr is not None:
+        model = getattr(pl_module, attr, None)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"model_attr={attr!r}: {type(pl_module).__name__} has no module attribute {attr!r}"
+            )
+        return model
+    if isinstance(pl_module, PreTrainedModel):
+        return pl_module
+    found = [
+        name for name, child in pl_module.named_children() if isinstance(child, PreTrainedModel)
+    ]
+    if len(found) != 1:
+        what = "no PreTrainedModel attribute" if not found else f"several: {', '.join(found)}"
+        raise ConfigError(
+            f"RegionMonitor measures a causal LM, and {type(pl_module).__name__} has {what}; "
+            'pass model_attr="<attribute name>"'
+        )
+    return getattr(pl_module, found[0])

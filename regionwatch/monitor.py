@@ -1,0 +1,433 @@
+"""`Monitor`: what every driver shares: schedule, measure, sinks, failure guard, resume state.
+
+Drivers (Lightning, the HF Trainer, replay) only say WHEN (a step and the tokens seen) and hand
+over the model; the Monitor decides whether a snapshot is due, measures, stamps, and writes it to
+the run's `SnapshotStore` and TensorBoard. Its guarantees:
+
+- a probe never stops training: an exception inside a measurement (or a sink) is logged with its
+  traceback and recorded as a failed snapshot; an out-of-memory error first retries with half the
+  memory budget;
+- resume is exact: the store is the record. On (re)start the store is cut back to the restored
+  step, and the schedule continues from the newest snapshot at or before it, so every scheduled
+  snapshot exists exactly once, whatever the crash point;
+- distributed: every rank measures its shard of the probe set (the probe is a collective: no
+  rank may skip it), rank zero merges, stamps and writes; the schedule's inputs (global step,
+  tokens summed over ranks) are the same on every rank, so every rank takes the same decisions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import distributed as dist
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from regionwatch import metrics
+from regionwatch.access import resolve
+from regionwatch.corpus import Source
+from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
+from regionwatch.errors import ConfigError
+from regionwatch.measure import (
+    Measurement,
+    ProbeConfig,
+    check_prompts,
+    measure,
+    merge_shards,
+    prompt_list,
+)
+from regionwatch.probes import ProbeSet
+from regionwatch.schedule import Mark, Schedule
+from regionwatch.snapshot import Snapshot
+from regionwatch.store import SnapshotStore
+from regionwatch.tensorboard import TB_SUBDIR, TensorBoardSink
+
+logger = logging.getLogger(__name__)
+
+RUN_SUBDIR = "regionwatch"  # default run dir inside the trainer's log dir
+PRECISIONS = ("fp32", "trainer")
+Precision = Literal["fp32", "trainer"]
+ContextFactory = Callable[[], AbstractContextManager[Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchConfig:
+    """What a monitor measures and when; saved with the run's resume state.
+
+    Attributes:
+        probe: what one measurement computes.
+        schedule: when to measure (default: log-spaced, 8 per decade of tokens).
+        precision: "fp32" measures in float32 with autocast off (a model trained in half
+            precision is measured through a float32 copy); "trainer" measures under the trainer's
+            own precision context. Recorded in every snapshot.
+        tensorboard: also log every snapshot to `<run_dir>/tensorboard`.
+        probe_seed: seed of the probe set built from a tokenizer.
+    """
+
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    schedule: Schedule = field(default_factory=Schedule.log_tokens)
+    precision: Precision = "fp32"
+    tensorboard: bool = True
+    probe_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.probe, ProbeConfig):
+            raise ConfigError(f"WatchConfig.probe={self.probe!r}: need a regionwatch.ProbeConfig")
+        if not isinstance(self.schedule, Schedule):
+            raise ConfigError(
+                f"WatchConfig.schedule={self.schedule!r}: need a regionwatch.Schedule, "
+                "e.g. Schedule.every_steps(50) or Schedule.log_tokens(per_decade=8)"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}: need one of {PRECISIONS}")
+        if not isinstance(self.probe_seed, int) or self.probe_seed < 0:
+            raise ConfigError(f"seed={self.probe_seed!r}: need an int >= 0")
+
+
+class Monitor:
+    """Schedule, measure and record stable-region snapshots of one training run.
+
+    Args:
+        watch: what to measure and when.
+        tokenizer: the model's tokenizer, to build the probe set (or to check a given one).
+        probes: a ready probe set (instead of, or checked against, the tokenizer).
+        source: text to draw the probe set from (see `regionwatch.corpus.documents`); None for
+            the built-in corpus.
+        run_dir: the run directory; None: `<log dir>/regionwatch` (given at `setup`).
+
+    Raises:
+        ConfigError: neither a tokenizer nor a probe set.
+    """
+
+    def __init__(
+        self,
+        watch: WatchConfig,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        probes: ProbeSet | None = None,
+        source: Source = None,
+        run_dir: str | Path | None = None,
+    ) -> None:
+        if tokenizer is None and probes is None:
+            raise ConfigError(
+                "regionwatch needs the model's tokenizer (tokenizer=...) to build its probe set, "
+                "or a ready probe set (probes=ProbeSet.build(tokenizer) or ProbeSet.load(dir))"
+            )
+        self.watch = watch
+        self._tokenizer, self._probes, self._source = tokenizer, probes, source
+        self.run_dir: Path | None = None if run_dir is None else Path(run_dir)
+        self._explicit_run_dir = run_dir is not None
+        self._rank, self._world = 0, 1
+        self._context: ContextFactory = contextlib.nullcontext
+        self._store: SnapshotStore | None = None
+        self._sink: TensorBoardSink | None = None
+        self._last: Mark | None = None
+        self._info: dict[str, Any] = {}
+        self.failures = 0
+
+    @property
+    def probes(self) -> ProbeSet:
+        """The run's probe set (built or loaded at `setup`)."""
+        if self._probes is None:
+            raise ConfigError("the monitor is not set up yet: call setup(model, ...) first")
+        return self._probes
+
+    @property
+    def store(self) -> SnapshotStore | None:
+        """The run's store on the writing rank (None elsewhere, and before `start`)."""
+        return self._store
+
+    @property
+    def last(self) -> Mark | None:
+        """(step, tokens) of the newest scheduled snapshot, taken or failed."""
+        return self._last
+
+    def setup(
+        self,
+        model: nn.Module,
+        *,
+        log_dir: str | Path | None,
+        rank: int = 0,
+        world: int = 1,
+        trainer_precision: ContextFactory | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Check everything that can be checked before training: raises here, never mid-run.
+
+        Resolves the model (architecture, write layer), builds or checks the probe set and that
+        it fits the model's context, and that the run directory is writable. Rank zero builds the
+        probe set and the others receive it, so every rank measures the same prompts.
+
+        Args:
+            model: the causal LM to measure.
+            log_dir: the trainer's log directory (the default run dir's parent).
+            rank: this process's global rank.
+            world: number of processes.
+            trainer_precision: the trainer's precision context (for precision="trainer").
+            info: facts recorded in every snapshot (e.g. {"driver": "lightning"}).
+
+        Raises:
+            ConfigError, UnsupportedModelError: with a message saying how to fix it.
+        """
+        self._rank, self._world = rank, world
+        site = resolve(
+            model, write_layer=self.watch.probe.write_layer, block_path=self.watch.probe.block_path
+        )
+        if self.run_dir is None:
+            if log_dir is None:
+                raise ConfigError(
+                    "no run_dir given and the trainer has no log directory: pass run_dir=..."
+                )
+            self.run_dir = Path(log_dir) / RUN_SUBDIR
+        if rank == 0:
+            _check_writable(self.run_dir)
+        if self._probes is None:
+            built = self._build_probes() if rank == 0 else None
+            self._probes = _broadcast(built, world)
+        elif self._tokenizer is not None:
+            self._probes.check_tokenizer(self._tokenizer)
+        _check_fits(site, self._probes)
+        if self.watch.precision == "trainer":
+            if trainer_precision is None:
+                raise ConfigError(
+                    'precision="trainer": this driver has no trainer precision context'
+                )
+            self._context = trainer_precision
+        self._info = {"precision": self.watch.precision, "world_size": world, **(info or {})}
+
+    def start(self, model: nn.Module, *, step: int, tokens: int) -> Snapshot | None:
+        """Open the run at the (restored) step and tokens, and take the baseline if it is due.
+
+        On a fresh run this measures step 0 (the random-init baseline). On resume it cuts the
+        store back to `step` (snapshots after the restored checkpoint are of weights that no
+        longer exist), continues the schedule from the newest snapshot left, and retakes the
+        snapshot of this very step if a crash lost it. Every rank must call it.
+        """
+        self.open(truncate_after=step, tokens=tokens)
+        return self.maybe_measure(model, step=step, tokens=tokens)
+
+    def open(self, *, truncate_after: int | None = None, tokens: int | None = None) -> None:
+        """Create or reopen the run's store and sinks (rank zero) and share the newest mark.
+
+        Args:
+            truncate_after: drop snapshots after this step (a resumed run); None keeps all
+                (replay adding points to a run).
+            tokens: tokens seen at `truncate_after`; TensorBoard drops events past it.
+        """
+        last = None
+        if self._rank == 0:
+            self._store = SnapshotStore.create(
+                self.run_dir,
+                probes=self.probes,
+                config=self.watch.probe,
+                info={"schedule": self.watch.schedule.to_dict()},
+            )
+            if truncate_after is not None:
+                dropped = self._store.truncate_after(truncate_after)
+                if dropped:
+                    logger.warning(
+                        "resumed at step %d: dropped later snapshots %s from %s",
+                        truncate_after,
+                        dropped,
+                        self.run_dir,
+                    )
+            newest = self._store.latest()
+            last = None if newest is None else Mark(*newest)
+            if self.watch.tensorboard:
+                purge = None if newest is None else tokens
+                self._sink = TensorBoardSink(self.run_dir / TB_SUBDIR, purge_after_tokens=purge)
+        self._last = _broadcast(last, self._world)
+
+    def maybe_measure(
+        self, model: nn.Module, *, step: int, tokens: int, final: bool = False
+    ) -> Snapshot | None:
+        """Measure if a snapshot is due at (step, tokens); every rank must call it."""
+        if not self.watch.schedule.due(step, tokens, self._last, final=final):
+            return None
+        self._last = Mark(step, tokens)  # also on failure: a broken probe must not retry every step
+        return self.measure_now(model, step=step, tokens=tokens)
+
+    def measure_now(
+        self, model: nn.Module, *, step: int, tokens: int, info: Mapping[str, Any] | None = None
+    ) -> Snapshot | None:
+        """Measure now and record the snapshot (rank zero); None if the measurement failed.
+
+        Every rank must call it (it is a collective). Failures are logged with their traceback and
+        recorded in the store; they never propagate.
+        """
+        shard = self._guarded_measure(model, step)
+        shards = _gather(shard, self._rank, self._world)
+        if self._rank != 0:
+            return None
+        if any(s is None for s in shards):
+            self._record_failure(step, tokens, "measurement failed on a rank; see its log")
+            return None
+        try:
+            merged = shards[0] if self._world == 1 else merge_shards(shards)
+            snapshot = Snapshot.stamp(
+                merged,
+                run_id=self._store.run_id,
+                step=step,
+                tokens=tokens,
+                probes=self.probes,
+                model=model,
+                info={**self._info, **(info or {})},
+            )
+            self._write(snapshot)
+        except Exception as err:  # guarantee: a failed sink never stops training
+            logger.exception("recording the snapshot at step %d failed; training continues", step)
+            self._record_failure(step, tokens, repr(err))
+            return None
+        summary = snapshot.summary
+        logger.info(
+            "snapshot step=%d tokens=%d max_slope/median=%.3f (%.2f s)",
+            step,
+            tokens,
+            summary.get("max_slope/median", math.nan),
+            merged.timing.get("total", math.nan),
+        )
+        return snapshot
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able resume state: the run directory and the newest scheduled mark."""
+        last = None if self._last is None else [self._last.step, self._last.tokens]
+        return {"run_dir": None if self.run_dir is None else str(self.run_dir), "last": last}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`: a resumed run keeps writing to the same run directory."""
+        if not self._explicit_run_dir and state.get("run_dir"):
+            self.run_dir = Path(state["run_dir"])
+
+    def close(self) -> None:
+        """Flush and close the sinks and release the store's writer lock."""
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def _build_probes(self) -> ProbeSet:
+        return ProbeSet.build(self._tokenizer, self._source, seed=self.watch.probe_seed)
+
+    def _guarded_measure(self, model: nn.Module, step: int) -> Measurement | None:
+        config = self.watch.probe
+        shard = (self._rank, self._world)
+        for attempt in range(2):
+            try:
+                with self._precision(model) as probed:
+                    return measure(probed, self.probes, config, shard=shard)
+            except torch.cuda.OutOfMemoryError:
+                budget = (config.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS) // 2
+                if attempt or budget < 1:
+                    logger.exception(
+                        "measurement at step %d ran out of memory twice; skipped", step
+                    )
+                    return None
+                logger.warning(
+                    "measurement at step %d ran out of memory; retrying with max_batch_tokens=%d",
+                    step,
+                    budget,
+                )
+                torch.cuda.empty_cache()
+                config = replace(config, max_batch_tokens=budget)
+            except Exception:  # guarantee: a failed probe never stops training
+                logger.exception("measurement at step %d failed; training continues", step)
+                return None
+        return None
+
+    @contextlib.contextmanager
+    def _precision(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The model to measure, under the precision the config asks for."""
+        if self.watch.precision == "trainer":
+            with self._context():
+                yield model
+            return
+        device = next(model.parameters()).device.type
+        with torch.autocast(device_type=device, enabled=False):
+            yield model if _all_fp32(model) else copy.deepcopy(model).float()
+
+    def _write(self, snapshot: Snapshot) -> None:
+        self._store.write(snapshot)
+        if self._sink is not None:
+            self._sink.write(snapshot)
+            onset = _onset(self._store.records())
+            if onset is not None:
+                self._sink.write_scalars({"onset/tokens": onset}, tokens=snapshot.tokens)
+            self._sink.flush()
+
+    def _record_failure(self, step: int, tokens: int, error: str) -> None:
+        self.failures += 1
+        try:
+            self._store.record_failure(step=step, tokens=tokens, error=error)
+        except Exception:  # the failure record itself must not stop training either
+            logger.exception("could not record the failed snapshot at step %d", step)
+
+
+def _onset(records: list[dict[str, Any]]) -> float | None:
+    """Emergence onset over the snapshots so far (see `metrics.emergence_onset`)."""
+    rows = [r for r in records if r.get("max_slope/median") is not None]
+    if len(rows) < 2 or rows[0].get("max_slope/q75") is None:  # noqa: PLR2004  (init + one more)
+        return None
+    tokens = [r["tokens"] for r in rows]
+    medians = [r["max_slope/median"] for r in rows]
+    return metrics.emergence_onset(tokens, medians, rows[0]["max_slope/q75"])
+
+
+def _all_fp32(model: nn.Module) -> bool:
+    return all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".regionwatch-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"run dir {run_dir} is not writable ({err}); pass a writable run_dir=..."
+        ) from err
+
+
+def _check_fits(site: Any, probes: ProbeSet) -> None:
+    """Every probe prompt must fit the model's vocabulary and context."""
+    prompts = prompt_list(probes.random, "random") + [
+        p for pair in probes.named for p in (pair.a, pair.b)
+    ]
+    for tensor in (probes.similar, probes.dissimilar):
+        prompts += prompt_list(tensor.flatten(0, 1), "pairs") if len(tensor) else []
+    try:
+        check_prompts(site, prompts)
+    except ConfigError as err:
+        raise ConfigError(
+            f"the probe set does not fit this model: {err}; build one that does, e.g. "
+            "probes=ProbeSet.build(tokenizer, seq_len=<shorter>, handpicked=False)"
+        ) from None
+
+
+def _broadcast(obj: Any, world: int) -> Any:
+    """Rank zero's `obj` on every rank."""
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj: Any, rank: int, world: int) -> list[Any]:
+    """Every rank's `obj` on rank zero (in rank order); [] elsewhere."""
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []

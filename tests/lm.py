@@ -1,0 +1,104 @@
+"""Tiny language-model training setups for the driver tests (Lightning and the HF Trainer).
+
+A 2-layer width-32 GPT-2 trained on windows of the built-in corpus, tokenized with the locally
+trained BPE tokenizer; batches can carry padding so that token counting is tested on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from regionwatch.corpus import token_stream
+from regionwatch.measure import ProbeConfig
+from regionwatch.probes import ProbeSet
+
+SEQ = 16  # training sequence length
+BATCH = 4
+SMALL_PROBE = ProbeConfig(num_alphas=5, grid=5)  # fast, but every part runs
+
+
+def tiny_gpt2(
+    vocab: int, *, seed: int = 0, positions: int = 64, layers: int = 2
+) -> GPT2LMHeadModel:
+    """A seeded random GPT-2 (the global RNG is restored)."""
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=positions, n_embd=32, n_layer=layers, n_head=4
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.random.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+
+def small_probes(tokenizer: PreTrainedTokenizerBase) -> ProbeSet:
+    """A small probe set of the built-in corpus: 13 prompts, 4 + 4 pairs, 2 triples."""
+    return ProbeSet.build(
+        tokenizer, n_prompts=13, n_similar=4, n_dissimilar=4, n_triples=2, max_tokens=60_000
+    )
+
+
+class Windows(Dataset):
+    """Consecutive SEQ-token windows of the built-in corpus; every third one padded at the end."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, count: int = 64, *, pad: bool = True
+    ) -> None:
+        ids = torch.from_numpy(
+            token_stream(tokenizer, max_tokens=SEQ * count + SEQ).ids.astype("int64")
+        )
+        self.ids = ids[: SEQ * count].reshape(count, SEQ)
+        self.mask = torch.ones_like(self.ids)
+        if pad:
+            self.mask[::3, -5:] = 0  # 5 padding tokens in every third window
+        self.pad_id = tokenizer.pad_token_id or 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.where(self.mask[i].bool(), self.ids[i], self.pad_id)
+        labels = torch.where(self.mask[i].bool(), self.ids[i], -100)
+        return {"input_ids": ids, "attention_mask": self.mask[i], "labels": labels}
+
+    def non_padding(self, indices: range) -> int:
+        return int(self.mask[list(indices)].sum())
+
+
+class TinyLM(L.LightningModule):
+    """A LightningModule holding a GPT-2 as `self.lm` (found by the callback automatically)."""
+
+    def __init__(self, vocab: int, *, lr: float = 3e-3, seed: int = 0, positions: int = 64) -> None:
+        super().__init__()
+        self.lm = tiny_gpt2(vocab, seed=seed, positions=positions)
+        self.lr = lr
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.lm(**batch).loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def loader(data: Windows) -> DataLoader:
+    """Fixed order (no shuffling): runs with and without the callback see the same batches."""
+    return DataLoader(data, batch_size=BATCH, shuffle=False)
+
+
+def trainer(tmp: Any, callbacks: list, **kwargs: Any) -> L.Trainer:
+    """A quiet CPU Lightning trainer writing under `tmp`."""
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 8,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": str(tmp),
+        "deterministic": True,
+    }
+    return L.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
