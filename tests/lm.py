@@ -6,12 +6,13 @@ trained BPE tokenizer; batches can carry padding so that token counting is teste
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase, TrainingArguments
 
 from regionwatch.corpus import token_stream
 from regionwatch.measure import ProbeConfig
@@ -102,3 +103,22 @@ def trainer(tmp: Any, callbacks: list, **kwargs: Any) -> L.Trainer:
         "deterministic": True,
     }
     return L.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+
+
+def hf_args(tmp: Path, **overrides) -> TrainingArguments:
+    """Quiet CPU training arguments that count non-padding tokens."""
+    values = {
+        "output_dir": str(tmp / "out"),
+        "per_device_train_batch_size": BATCH,
+        "max_steps": 6,
+        "learning_rate": 3e-3,
+        "report_to": [],
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "include_num_input_tokens_seen": "non_padding",
+        "dataloader_drop_last": True,
+        "seed": 0,
+    }
+    return TrainingArguments(**{**values, **overrides})

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from regionwatch import ConfigError, ProbeConfig, RegionMonitorCallback, Schedule, SnapshotStore
 from regionwatch.errors import UnsupportedModelError
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import BATCH, SMALL_PROBE, Windows, small_probes, tiny_gpt2
+from tests.lm import BATCH, SMALL_PROBE, Windows, hf_args, small_probes, tiny_gpt2
 
 
 @pytest.fixture(scope="module")
@@ -23,25 +23,6 @@ def data(text_tokenizer) -> Windows:
     return Windows(text_tokenizer)
 
 
-def args(tmp: Path, **overrides) -> TrainingArguments:
-    """Quiet CPU training arguments that count non-padding tokens."""
-    values = {
-        "output_dir": str(tmp / "out"),
-        "per_device_train_batch_size": BATCH,
-        "max_steps": 6,
-        "learning_rate": 3e-3,
-        "report_to": [],
-        "save_strategy": "no",
-        "logging_strategy": "no",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "include_num_input_tokens_seen": "non_padding",
-        "dataloader_drop_last": True,
-        "seed": 0,
-    }
-    return TrainingArguments(**{**values, **overrides})
-
-
 def train(
     tmp: Path, probes, data: Windows, *, callback: RegionMonitorCallback | None = None, **overrides
 ) -> Trainer:
@@ -49,7 +30,7 @@ def train(
         probes=probes, config=SMALL_PROBE, run_dir=tmp / "run", schedule=Schedule.every_steps(2)
     )
     trainer = Trainer(
-        tiny_gpt2(VOCAB), args(tmp, **overrides), train_dataset=data, callbacks=[callback]
+        tiny_gpt2(VOCAB), hf_args(tmp, **overrides), train_dataset=data, callbacks=[callback]
     )
     trainer.train()
     return trainer
