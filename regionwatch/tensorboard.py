@@ -1,0 +1,437 @@
+"""The TensorBoard sink: each Snapshot as scalars, histograms, curve figures and region-map images.
+
+The step axis is **tokens seen** (`Snapshot.tokens`, an int64 event step, so 5e10 tokens are
+fine), never the host's global step. That is why the sink writes to a TensorBoard run of its own,
+`<run_dir>/tensorboard` (`TB_SUBDIR`), and never into the trainer's writer: a run mixing
+token-indexed and step-indexed scalars would draw both on one meaningless x axis. When the run
+directory lies inside the trainer's log dir, `tensorboard --logdir <trainer log dir>` lists the
+trainer's run and `.../tensorboard` side by side, each on its own axis. The writer is
+`torch.utils.tensorboard.SummaryWriter`, whatever logger the host uses (Lightning's may be
+tensorboardX's), and it opens lazily on the first write, so a sink that never writes leaves no file.
+
+What one snapshot writes, at global_step = tokens seen (tags are a file format, STYLE.md §2.2):
+
+- `regionwatch/<key>` for every key of `Snapshot.summary` (PAPER.md §8: `max_slope/median`,
+  `max_slope/q25`, `max_slope/q75`, `max_slope/similar_median`, `max_slope/frac_linear`,
+  `dist/d1_median`, `pairs/excluded`, ...); NaN and infinite values are skipped.
+- `regionwatch/probe/seconds` (the probe's total time) and `regionwatch/probe/<part>_seconds`.
+- `regionwatch/max_slope_hist/{random,similar,dissimilar}`: histograms of the finite max slopes.
+- `regionwatch/curves/random` and `regionwatch/curves/similar_dissimilar`: figures of the median
+  r(a) over pairs with its q25..q75 band per alpha and the straight line r = a dashed for
+  reference; random pairs on one, similar and dissimilar pairs together on the other.
+- `regionwatch/maps/triple_<i>`: the region map of triple i (PAPER.md §5), one tag per triple so
+  that TensorBoard's image slider shows the regions forming over tokens.
+- Once per writer, a custom-scalars layout: max slope median with its q25/q75 margin for each pair
+  set, and similar vs dissimilar medians on one chart.
+
+Scalars are TensorBoard's float32 `simple_value`. Double-precision tensor scalars would keep more
+digits, but TensorBoard 2.21's fast data server does not list them at all and the classic
+`EventAccumulator` does not purge them on resume (both checked); exact numbers live in the store.
+
+Resume: `purge_after_tokens` writes a purge marker so that TensorBoard drops every event past the
+restored token count, and curves never double back.
+
+Viewing: TensorBoard keeps only 10 images per tag unless started with `--samples_per_plugin
+images=N`; `tensorboard_command` builds the command with N at least the number of snapshots. Never
+use `images=0`: it is often said to keep everything, but TensorBoard 2.21 then downsamples every
+image series to zero samples and the image dashboard serves no image at all (checked in
+tests/test_tensorboard.py against a real server).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+
+from regionwatch import metrics
+from regionwatch.errors import ConfigError
+from regionwatch.snapshot import Snapshot
+
+logger = logging.getLogger(__name__)
+
+TB_SUBDIR = "tensorboard"  # events live in <run_dir>/tensorboard, a TensorBoard run of their own
+TAG_ROOT = "regionwatch"  # every tag is regionwatch/<group>/<metric> (STYLE.md §2.2)
+PAIR_SETS = (
+    "random",
+    "similar",
+    "dissimilar",
+)  # labelled pair sets; "named" user pairs are too few
+
+# TensorBoard's own default is 10 images per tag. A live run keeps adding snapshots after the
+# command is printed, so the hint never goes below a log-spaced schedule's usual size.
+MIN_IMAGE_SAMPLES = 100
+
+# Region maps are G x G cells (G = 37 by default); each cell becomes a square block of pixels, so
+# the image is G * ceil(MIN_MAP_PIXELS / G) pixels wide: at least this, and every cell equal.
+MIN_MAP_PIXELS = 256
+# Anchor dots (PAPER.md §5: fill = own channel 1, others .5; edge = own channel .5, others 0),
+# drawn with numpy (a few ms per map): about a paper figure's marker relative to its panel.
+DOT_RADIUS_PX = 6.0
+DOT_EDGE_PX = 1.5
+ANCHOR_FILL = ((1.0, 0.5, 0.5), (0.5, 1.0, 0.5), (0.5, 0.5, 1.0))  # A, B, C
+ANCHOR_EDGE = ((0.5, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.5))
+
+# Curve figures, by name (the tag is regionwatch/curves/<name>) -> the pair sets drawn on it.
+# Random pairs alone are the paper's headline figure; similar and dissimilar pairs share one, as
+# in the paper's examples figure (claim 5: one set stays linear, the other jumps). Two figures,
+# not three: matplotlib's ~50 ms per figure is most of the sink's time.
+CURVE_FIGURES = MappingProxyType(
+    {"random": ("random",), "similar_dissimilar": ("similar", "dissimilar")}
+)
+CURVE_COLOURS = MappingProxyType(
+    {"random": "tab:blue", "similar": "tab:green", "dissimilar": "tab:red"}
+)
+# 480 x 360 pixels, readable in TensorBoard's image card without zooming.
+FIGURE_INCHES = (4.8, 3.6)
+FIGURE_DPI = 100
+FIGURE_MARGINS = MappingProxyType({"left": 0.13, "right": 0.97, "bottom": 0.13, "top": 0.92})
+ALPHA = "\N{GREEK SMALL LETTER ALPHA}"  # spelled out: ruff flags a literal one as ambiguous
+X_LABEL = f"{ALPHA} (interpolation weight)"
+Y_LABEL = f"d({ALPHA})/d(1)"  # relative distance, unitless: output distances over d(1)
+BAND_ALPHA = 0.25  # opacity of the q25..q75 bands
+GRID_ALPHA = 0.3  # faint grid lines
+
+# Scaled units for figure titles: "50B tokens" reads faster than 50,000,000,000 on a slider.
+_COUNT_UNITS = ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
+
+
+def tag(key: str) -> str:
+    """The TensorBoard tag of a summary key or run-level scalar: `regionwatch/<key>`."""
+    return f"{TAG_ROOT}/{key}"
+
+
+def map_side(grid: int) -> int:
+    """Width and height in pixels of a region-map image with `grid` cells per axis."""
+    return grid * math.ceil(MIN_MAP_PIXELS / grid)
+
+
+def layout() -> dict[str, dict[str, list[str | list[str]]]]:
+    """The custom-scalars layout: each pair set's median max slope in its q25..q75 margin.
+
+    Returns:
+        `SummaryWriter.add_custom_scalars`'s form: {category: {chart title: [kind, tags]}}.
+    """
+    charts: dict[str, list[str | list[str]]] = {
+        "max slope, random pairs (median, q25..q75)": [
+            "Margin",
+            [tag("max_slope/median"), tag("max_slope/q25"), tag("max_slope/q75")],
+        ]
+    }
+    for name in PAIR_SETS[1:]:
+        charts[f"max slope, {name} pairs (median, q25..q75)"] = [
+            "Margin",
+            [tag(f"max_slope/{name}_{q}") for q in ("median", "q25", "q75")],
+        ]
+    charts["max slope, similar vs dissimilar (medians)"] = [
+        "Multiline",
+        [tag("max_slope/similar_median"), tag("max_slope/dissimilar_median")],
+    ]
+    return {TAG_ROOT: charts}
+
+
+def tags(snapshot: Snapshot) -> list[str]:
+    """Every tag `TensorBoardSink.write` logs for `snapshot`, in the order it writes them."""
+    return [
+        *_scalars(snapshot),
+        *_histograms(snapshot),
+        *(tag(f"curves/{name}") for name in _curve_figures(snapshot)),
+        *(tag(f"maps/triple_{i}") for i in range(_map_count(snapshot))),
+    ]
+
+
+def tensorboard_command(logdir: str | Path, *, snapshots: int) -> str:
+    """The shell command that shows every region-map snapshot in TensorBoard.
+
+    TensorBoard keeps 10 images per tag by default; the slider would skip snapshots. N is at
+    least `snapshots` and never 0 (see the module docstring for why `images=0` shows nothing).
+
+    Args:
+        logdir: the directory to serve: a sink's directory, or any parent (the trainer's log dir
+            shows its runs and ours side by side).
+        snapshots: how many snapshots the run has or will have.
+
+    Returns:
+        `tensorboard --logdir <logdir> --samples_per_plugin images=<N>`, shell-quoted.
+
+    Raises:
+        ConfigError: `snapshots` is not an int >= 0.
+    """
+    if not isinstance(snapshots, int) or isinstance(snapshots, bool) or snapshots < 0:
+        raise ConfigError(f"snapshots={snapshots!r}: need an int >= 0 (the run's snapshot count)")
+    samples = max(snapshots, MIN_IMAGE_SAMPLES)
+    return f"tensorboard --logdir {shlex.quote(str(logdir))} --samples_per_plugin images={samples}"
+
+
+class TensorBoardSink:
+    """Writes snapshots to a TensorBoard run of their own whose step axis is tokens seen.
+
+    Opens a `torch.utils.tensorboard.SummaryWriter` in `log_dir` on the first write and flushes
+    after every snapshot (snapshots are rare; users watch them arrive). Only the process that
+    owns the run should make one (the monitor guards rank zero). After `close`, a write opens a
+    new event file in the same directory.
+
+    Args:
+        log_dir: directory of the event files, by convention `<run_dir>/TB_SUBDIR`; created if
+            missing. Keep it apart from the trainer's own event files.
+        purge_after_tokens: on resume, the token count restored from the checkpoint: TensorBoard
+            then hides every earlier event with a step (tokens) above it. None for a fresh run.
+
+    Raises:
+        ConfigError: `purge_after_tokens` is not an int >= 0 or None.
+
+    Example:
+        >>> sink = TensorBoardSink(run_dir / TB_SUBDIR)
+        >>> sink.write(snapshot)  # step = snapshot.tokens
+        >>> sink.write_scalars({"onset/tokens": 2.5e9}, tokens=snapshot.tokens)
+        >>> sink.close()
+    """
+
+    def __init__(self, log_dir: str | Path, *, purge_after_tokens: int | None = None) -> None:
+        if purge_after_tokens is not None and (
+            not isinstance(purge_after_tokens, int)
+            or isinstance(purge_after_tokens, bool)
+            or purge_after_tokens < 0
+        ):
+            raise ConfigError(
+                f"purge_after_tokens={purge_after_tokens!r}: need the restored token count "
+                "(an int >= 0), or None for a fresh run"
+            )
+        self.log_dir = Path(log_dir)
+        self.purge_after_tokens = purge_after_tokens
+        self._writer: SummaryWriter | None = None
+        self._purge_pending = purge_after_tokens is not None
+        self._last_tokens: int | None = None
+
+    def _open(self) -> SummaryWriter:
+        if self._writer is None:
+            # SummaryWriter hides events with step >= purge_step, so + 1 keeps the restored
+            # snapshot itself. Only the first writer purges: a reopen after close must not hide
+            # what this process has just written.
+            purge_step = self.purge_after_tokens + 1 if self._purge_pending else None
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
+            self._purge_pending = False
+            self._writer.add_custom_scalars(layout())
+            logger.debug("tensorboard: opened %s (purge_step=%s)", self.log_dir, purge_step)
+        return self._writer
+
+    def write(self, snapshot: Snapshot) -> None:
+        """Log everything of one snapshot at global_step = `snapshot.tokens`, then flush.
+
+        Args:
+            snapshot: the snapshot; its tokens should exceed the last written ones.
+        """
+        started = time.perf_counter()
+        writer = self._open()
+        step = int(snapshot.tokens)
+        self._check_order(step)
+        for name, value in _scalars(snapshot).items():
+            writer.add_scalar(name, value, step)
+        for name, values in _histograms(snapshot).items():
+            writer.add_histogram(name, values, step)
+        for name in _curve_figures(snapshot):
+            figure = curve_image(snapshot, name)
+            writer.add_image(tag(f"curves/{name}"), figure, step, dataformats="HWC")
+        for i in range(_map_count(snapshot)):
+            writer.add_image(
+                tag(f"maps/triple_{i}"), map_image(snapshot, i), step, dataformats="HWC"
+            )
+        writer.flush()
+        logger.debug(
+            "tensorboard: snapshot at tokens=%d written in %.3f s",
+            step,
+            time.perf_counter() - started,
+        )
+
+    def write_scalars(self, values: Mapping[str, float], *, tokens: int) -> None:
+        """Log run-level scalars (e.g. `onset/tokens`) as `regionwatch/<key>` at step `tokens`.
+
+        Args:
+            values: scalars by key; NaN and infinite ones are skipped.
+            tokens: tokens seen, the step to log them at.
+        """
+        writer = self._open()
+        for key, value in values.items():
+            if _finite(key, value):
+                writer.add_scalar(tag(key), float(value), int(tokens))
+        writer.flush()
+
+    def flush(self) -> None:
+        """Write pending events to disk (nothing to do before the first write)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file; a later write opens a new one."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> TensorBoardSink:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_order(self, step: int) -> None:
+        # TensorBoard treats a step at or before the last one as a restart and hides later points.
+        if self._last_tokens is not None and step <= self._last_tokens:
+            logger.warning(
+                "tensorboard: snapshot at tokens=%d does not follow the last one written "
+                "(tokens=%d); TensorBoard will show the curve restarting there",
+                step,
+                self._last_tokens,
+            )
+        self._last_tokens = step
+
+
+def _finite(key: str, value: float) -> bool:
+    if math.isfinite(value):
+        return True
+    logger.debug("tensorboard: %s is %s; not logged", key, value)
+    return False
+
+
+def _scalars(snapshot: Snapshot) -> dict[str, float]:
+    """Summary scalars and probe timing by tag, finite values only."""
+    values = {tag(key): value for key, value in snapshot.summary.items()}
+    timing = snapshot.measurement.timing
+    if "total" in timing:
+        values[tag("probe/seconds")] = timing["total"]
+    for key, seconds in timing.items():
+        if key.startswith("part/"):
+            values[tag(f"probe/{key.removeprefix('part/')}_seconds")] = seconds
+    return {name: float(v) for name, v in values.items() if _finite(name, v)}
+
+
+def _histograms(snapshot: Snapshot) -> dict[str, Tensor]:
+    """Finite max slopes of each measured pair set by tag; sets without one are left out."""
+    out = {}
+    for part in PAIR_SETS:
+        curves = snapshot.measurement.curves.get(part)
+        if curves is None:
+            continue
+        slopes = curves.max_slope[torch.isfinite(curves.max_slope)]
+        if slopes.numel():
+            out[tag(f"max_slope_hist/{part}")] = slopes.double()
+        else:
+            logger.debug("tensorboard: no finite max slope among %s pairs; no histogram", part)
+    return out
+
+
+def _curve_figures(snapshot: Snapshot) -> list[str]:
+    """Names of the curve figures with at least one measured pair set."""
+    measured = snapshot.measurement.curves
+    return [name for name, parts in CURVE_FIGURES.items() if any(p in measured for p in parts)]
+
+
+def _map_count(snapshot: Snapshot) -> int:
+    maps = snapshot.measurement.maps
+    return 0 if maps is None else len(maps.rgb)
+
+
+def _short_count(count: int) -> str:
+    for size, unit in _COUNT_UNITS:
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    return str(count)
+
+
+def curve_image(snapshot: Snapshot, name: str) -> np.ndarray:
+    """Render one curve figure: the median relative distance of its pair sets, with IQR bands.
+
+    Per pair set, the median r(a) over kept pairs (`metrics.median_curve`) and its q25..q75
+    band per alpha; the straight line r = a, what a network without regions gives, is dashed.
+    Drawn on a bare `Figure` with the Agg canvas, so the user's pyplot state and backend are
+    never touched.
+
+    Args:
+        snapshot: the snapshot.
+        name: a key of `CURVE_FIGURES` whose pair sets the snapshot measured at least one of.
+
+    Returns:
+        RGB pixels, uint8 [height, width, 3] (FIGURE_INCHES at FIGURE_DPI).
+    """
+    fig = Figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.5", linewidth=1, label=f"r = {ALPHA} (linear)")
+    # Quantile levels shared with metrics.quartiles, taken per alpha over the kept pairs.
+    levels = torch.tensor([metrics.QUARTILES[0], metrics.QUARTILES[-1]], dtype=torch.float64)
+    counts = []
+    for part in CURVE_FIGURES[name]:
+        curves = snapshot.measurement.curves.get(part)
+        if curves is None:
+            continue
+        rel = curves.relative.double()  # [P, K]; excluded pairs are rows of NaN
+        alphas = curves.alphas.double().numpy()
+        low, high = torch.nanquantile(rel, levels, dim=0).numpy()
+        kept = int((~curves.excluded).sum())
+        colour = CURVE_COLOURS[part]
+        ax.fill_between(alphas, low, high, color=colour, alpha=BAND_ALPHA, linewidth=0)
+        median = metrics.median_curve(rel).numpy()
+        ax.plot(alphas, median, color=colour, marker=".", label=f"{part}: median, q25..q75")
+        counts.append(f"{kept}/{len(rel)} {part}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel(Y_LABEL)
+    ax.set_title(
+        f"{_short_count(snapshot.tokens)} tokens seen; pairs kept: {', '.join(counts)}",
+        fontsize="medium",
+    )
+    ax.grid(alpha=GRID_ALPHA)
+    ax.legend(loc="upper left", fontsize="small")
+    # Fixed margins: tight_layout would double the time of a figure that never changes layout.
+    fig.subplots_adjust(**FIGURE_MARGINS)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def map_image(snapshot: Snapshot, index: int) -> np.ndarray:
+    """The region map of one triple, upscaled (nearest) with its anchor dots (PAPER.md §5).
+
+    Rows are beta from the axis's low end at the top, columns alpha left to right; each grid
+    cell is a square of pixels whose centre sits on the grid value, so an anchor (alpha, beta)
+    lands at ((alpha - g_0) / step + 1/2) cells from the top-left corner.
+
+    Args:
+        snapshot: a snapshot with region maps.
+        index: the triple, 0-based.
+
+    Returns:
+        RGB pixels, uint8 [side, side, 3] with side = `map_side(grid)`.
+    """
+    maps = snapshot.measurement.maps
+    assert maps is not None  # callers check _map_count
+    rgb = maps.rgb[index].double().clamp(0, 1).numpy()  # [G, G, 3]
+    grid = rgb.shape[0]
+    scale = map_side(grid) // grid
+    image = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
+    axis = maps.axis.double().numpy()
+    step = (axis[-1] - axis[0]) / (grid - 1)
+    centres = np.arange(image.shape[0]) + 0.5  # pixel centres, in pixels from the corner
+    for (alpha, beta), fill, edge in zip(
+        maps.anchors[index].double().tolist(), ANCHOR_FILL, ANCHOR_EDGE, strict=True
+    ):
+        x = ((alpha - axis[0]) / step + 0.5) * scale
+        y = ((beta - axis[0]) / step + 0.5) * scale
+        radius = np.hypot(centres[None, :] - x, centres[:, None] - y)  # [side, side]
+        image[radius <= DOT_RADIUS_PX] = edge
+        image[radius <= DOT_RADIUS_PX - DOT_EDGE_PX] = fill
+    return np.rint(image * 255).astype(np.uint8)
