@@ -1,0 +1,79 @@
+"""Training for the kill -9 test: `python -m tests.resume_train lightning|hf OUT STEPS`.
+
+Resumes from the newest checkpoint in OUT if there is one. Prints `STEP n` after every optimizer
+step and `WRITE n` / `WROTE n` around every snapshot write, which is slowed down so that a kill
+can land in the middle of one. Snapshots every 2 steps, checkpoints every 3, so that a resume
+usually restarts before snapshots that must be cut and retaken.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from transformers import AutoTokenizer, Trainer, TrainerCallback
+
+from regionwatch import ProbeSet, RegionMonitor, RegionMonitorCallback, Schedule, SnapshotStore
+from regionwatch.store import SnapshotStore as _Store
+from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
+
+PAUSE_S = 0.15  # per step: leaves the test time to aim its kill
+
+_write = _Store.write
+
+
+def slow_write(self: SnapshotStore, snapshot: object) -> Path:
+    print(f"WRITE {snapshot.step}", flush=True)
+    time.sleep(2 * PAUSE_S)
+    path = _write(self, snapshot)
+    print(f"WROTE {snapshot.step}", flush=True)
+    return path
+
+
+_Store.write = slow_write
+
+
+class Steps(Callback):
+    def on_train_batch_end(self, trainer: L.Trainer, *_: object) -> None:
+        print(f"STEP {trainer.global_step}", flush=True)
+        time.sleep(PAUSE_S)
+
+
+class HFSteps(TrainerCallback):
+    def on_step_end(self, args: object, state: object, control: object, **_: object) -> None:
+        print(f"STEP {state.global_step}", flush=True)
+        time.sleep(PAUSE_S)
+
+
+def main(kind: str, out: Path, steps: int) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    probes = ProbeSet.load(out / "probes", tokenizer=tokenizer)
+    data = Windows(tokenizer)
+    schedule = Schedule.every_steps(2)
+    if kind == "lightning":
+        monitor = RegionMonitor(
+            probes=probes, config=SMALL_PROBE, run_dir=out / "run", schedule=schedule
+        )
+        saver = ModelCheckpoint(
+            dirpath=out / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True
+        )
+        last = out / "ckpt" / "last.ckpt"
+        fit = trainer(out, [monitor, saver, Steps()], max_steps=steps, enable_checkpointing=True)
+        fit.fit(TinyLM(len(tokenizer)), loader(data), ckpt_path=last if last.exists() else None)
+    else:
+        monitor = RegionMonitorCallback(
+            probes=probes, config=SMALL_PROBE, run_dir=out / "run", schedule=schedule
+        )
+        args = hf_args(out, max_steps=steps, save_strategy="steps", save_steps=3)
+        run = Trainer(
+            tiny_gpt2(len(tokenizer)), args, train_dataset=data, callbacks=[monitor, HFSteps()]
+        )
+        run.train(resume_from_checkpoint=any((out / "out").glob("checkpoint-*")))
+    print("DONE", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]))
