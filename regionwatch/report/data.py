@@ -1,0 +1,367 @@
+"""The data step of a report: a run directory's store turned into plain numpy arrays (`RunData`).
+
+Figures never touch the store: they take the dataclasses defined here, so tests can hand them
+known numbers and assert on what is drawn. This module is also where the report decides which
+numbers it shows: the readable subset of checkpoints, the snapshot `--at` picks, the emergence
+onset and the grouping of runs by grid size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from regionwatch import metrics
+from regionwatch.errors import StoreError
+from regionwatch.measure import ProbeConfig
+from regionwatch.report.tokens import TokenAxis, format_tokens
+from regionwatch.snapshot import Snapshot
+from regionwatch.store import SnapshotStore
+
+logger = logging.getLogger(__name__)
+
+# `snapshot.info` keys that name the model and its size, in order of preference; drivers and the
+# CLI record some of these (the model class always).
+MODEL_NAME_KEYS = ("model_name", "model", "checkpoint_name", "model_class")
+MODEL_SIZE_KEYS = ("num_parameters", "n_params", "parameters")
+PAIR_PARTS = ("similar", "dissimilar", "named")
+
+
+@dataclass(frozen=True)
+class PairCurves:
+    """Curves of one set of labelled pairs at one snapshot (PAPER.md §4, §4.1).
+
+    Attributes:
+        relative: d(a)/d(1) per pair, [P, K]; NaN rows for excluded pairs.
+        logit_diff: 1 - n(a), the normalized logit difference, [P, K]; NaN where A and B
+            predict the same top token.
+        names: per pair label for named pairs ("S1", ...), else empty.
+        kinds: per pair "similar" / "dissimilar" / "user" for named pairs, else empty.
+    """
+
+    relative: np.ndarray
+    logit_diff: np.ndarray
+    names: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MapData:
+    """The region maps of one snapshot (PAPER.md §5).
+
+    Attributes:
+        axis: grid values for alpha (columns) and beta (rows, top to bottom), [G].
+        rgb: stored colours 1 - D/max, [T, G, G, 3] in [0, 1].
+        anchors: (alpha, beta) of A, B, C per triple, [T, 3, 2].
+    """
+
+    axis: np.ndarray
+    rgb: np.ndarray
+    anchors: np.ndarray
+
+
+@dataclass(frozen=True)
+class SnapshotData:
+    """What the figures need from one snapshot.
+
+    Attributes:
+        step: the host's global step.
+        tokens: training tokens seen.
+        alphas: the interpolation grid, [K].
+        median_curve: `metrics.median_curve` of the random pairs, [K]; None if not measured.
+        pairs: per labelled part ("similar", "dissimilar", "named") its curves.
+        maps: the region maps, or None if not measured.
+    """
+
+    step: int
+    tokens: int
+    alphas: np.ndarray
+    median_curve: np.ndarray | None
+    pairs: Mapping[str, PairCurves] = field(default_factory=dict)
+    maps: MapData | None = None
+
+    @classmethod
+    def from_snapshot(
+        cls, snapshot: Snapshot, *, named: Sequence[tuple[str, str]] = ()
+    ) -> SnapshotData:
+        """Arrays of a snapshot; `named` gives (name, kind) of the probe set's named pairs."""
+        m = snapshot.measurement
+        random = m.curves.get("random")
+        pairs = {}
+        for part in PAIR_PARTS:
+            if part in m.curves:
+                curves = m.curves[part]
+                labels = tuple(named) if part == "named" else ()
+                if labels and len(labels) != len(curves.relative):  # not the run's probe set
+                    labels = tuple((f"pair {i + 1}", "user") for i in range(len(curves.relative)))
+                pairs[part] = PairCurves(
+                    relative=curves.relative.double().numpy(),
+                    logit_diff=curves.logit_diff.double().numpy(),
+                    names=tuple(name for name, _ in labels),
+                    kinds=tuple(kind for _, kind in labels),
+                )
+        maps = None
+        if m.maps is not None:
+            maps = MapData(
+                axis=m.maps.axis.double().numpy(),
+                rgb=m.maps.rgb.double().numpy(),
+                anchors=m.maps.anchors.double().numpy(),
+            )
+        return cls(
+            step=snapshot.step,
+            tokens=snapshot.tokens,
+            alphas=metrics.alpha_grid(m.config.num_alphas).double().numpy(),
+            median_curve=None if random is None else _median(random.relative),
+            pairs=pairs,
+            maps=maps,
+        )
+
+
+@dataclass(frozen=True)
+class SlopeSeries:
+    """Median max slope over tokens of one run, with its quartiles (Figure 4c / 3c).
+
+    Attributes:
+        label: legend label (run name and model).
+        tokens: tokens seen per snapshot, ascending, [N].
+        q25: lower quartile of the max slopes per snapshot, [N].
+        median: median max slope per snapshot, [N].
+        q75: upper quartile per snapshot, [N].
+        num_alphas: the grid size S; slopes of different S are not comparable (PAPER.md §4).
+        onset: emergence onset in tokens (see `RunData.onset`), or None.
+        init_q25: bottom of the init band (q25 of the lowest-tokens snapshot).
+        init_q75: top of the init band, the onset's threshold.
+    """
+
+    label: str
+    tokens: np.ndarray
+    q25: np.ndarray
+    median: np.ndarray
+    q75: np.ndarray
+    num_alphas: int
+    onset: float | None = None
+    init_q25: float = math.nan
+    init_q75: float = math.nan
+
+
+@dataclass(frozen=True)
+class ScalarSeries:
+    """One headline scalar over tokens of one run (e.g. `align/auc`).
+
+    Attributes:
+        label: legend label.
+        tokens: tokens seen per snapshot, ascending, [N].
+        values: the scalar per snapshot, [N]; NaN where not measured.
+    """
+
+    label: str
+    tokens: np.ndarray
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Everything a report shows of one run, read from its store.
+
+    Attributes:
+        name: the run directory's name, unique within a report.
+        label: legend label: name and model (from `snapshot.info`).
+        path: the run directory.
+        run_id: the store's run id.
+        config: the probe config of the run.
+        provenance: the probe set's provenance (source, tokenizer, seed, sizes, named pairs).
+        probe_summary: `ProbeSet.summary()`, one line with counts, source and fingerprint.
+        named_pairs: the probe set's named pairs: name, kind, text_a, text_b.
+        info: the store's run info, updated with the latest snapshot's `info` (model class,
+            dtype, device, ...).
+        failures: failed measurements the store recorded.
+        records: the store's flat records (one per snapshot), ascending in tokens.
+        snapshots: per snapshot arrays, same order as `records`.
+    """
+
+    name: str
+    label: str
+    path: Path
+    run_id: str
+    config: ProbeConfig
+    provenance: Mapping[str, Any]
+    probe_summary: str
+    named_pairs: tuple[Mapping[str, str], ...]
+    info: Mapping[str, Any]
+    failures: tuple[Mapping[str, Any], ...]
+    records: tuple[Mapping[str, Any], ...]
+    snapshots: tuple[SnapshotData, ...]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Tokens seen per snapshot, ascending, [N]."""
+        return np.array([s.tokens for s in self.snapshots], dtype=np.float64)
+
+    def values(self, key: str) -> np.ndarray:
+        """A record key per snapshot as floats, [N]; missing or null values are NaN."""
+        return np.array([_float(r.get(key)) for r in self.records], dtype=np.float64)
+
+    @property
+    def init_q75(self) -> float:
+        """Top of the init band: `max_slope/q75` of the lowest-tokens snapshot (step 0)."""
+        return float(self.values("max_slope/q75")[0])
+
+    @property
+    def onset(self) -> float | None:
+        """The emergence onset: `metrics.emergence_onset` against the init band's top."""
+        return metrics.emergence_onset(
+            self.tokens.tolist(), self.values("max_slope/median").tolist(), self.init_q75
+        )
+
+    def slope_series(self) -> SlopeSeries:
+        """The run's median max slope and quartiles over tokens."""
+        return SlopeSeries(
+            label=self.label,
+            tokens=self.tokens,
+            q25=self.values("max_slope/q25"),
+            median=self.values("max_slope/median"),
+            q75=self.values("max_slope/q75"),
+            num_alphas=self.config.num_alphas,
+            onset=self.onset,
+            init_q25=float(self.values("max_slope/q25")[0]),
+            init_q75=self.init_q75,
+        )
+
+    def scalar_series(self, key: str) -> ScalarSeries:
+        """One record key over tokens (e.g. `align/auc`)."""
+        return ScalarSeries(label=self.label, tokens=self.tokens, values=self.values(key))
+
+    def at(self, tokens: float) -> SnapshotData:
+        """The snapshot nearest to `tokens` on the report's log token axis (0 = initialization).
+
+        Nearest in log tokens, because snapshots are log-spaced: asking for 1e9 between 0 and
+        1e10 means the 1e10 one. Ties go to the earlier snapshot.
+        """
+        axis = TokenAxis.spanning([*self.tokens, tokens])
+        gaps = np.abs(np.log10(axis.x(self.tokens)) - np.log10(axis.x([tokens])[0]))
+        chosen = self.snapshots[int(np.argmin(gaps))]
+        if chosen.tokens != tokens:
+            logger.info(
+                "%s: no snapshot at %s tokens; using the nearest, at %s",
+                self.name,
+                format_tokens(tokens),
+                format_tokens(chosen.tokens),
+            )
+        return chosen
+
+
+def load_run(path: str | Path, *, name: str | None = None, progress: bool = True) -> RunData:
+    """Read a run directory's store into plain arrays; never loads a model.
+
+    Args:
+        path: the run directory (a `SnapshotStore`).
+        name: the run's name in the report; default the directory's name.
+        progress: show a progress bar over the snapshots read.
+
+    Returns:
+        The run's data, snapshots ascending in tokens.
+
+    Raises:
+        StoreError: not a run directory, no snapshots yet, or snapshots of different grid sizes.
+    """
+    store = SnapshotStore(path)
+    path = Path(store.path)
+    name = name or path.resolve().name
+    records = sorted(store.records(), key=lambda r: (r["tokens"], r["step"]))
+    if not records:
+        raise StoreError(f"{path}: the run has no snapshots yet; nothing to report")
+    sizes = {r.get("num_alphas") for r in records}
+    if len(sizes) > 1:
+        raise StoreError(
+            f"{path}: snapshots were measured with different numbers of alphas {sorted(sizes)}; "
+            "max slopes of different grids cannot share an axis (PAPER.md §4)"
+        )
+    probes = store.probes()
+    named = [(pair.name, pair.kind) for pair in probes.named]
+    snapshots = []
+    latest = None
+    for record in tqdm(records, desc=f"report {name}", unit="snapshot", disable=not progress):
+        latest = store.read(record["step"])
+        snapshots.append(SnapshotData.from_snapshot(latest, named=named))
+    info = {**store.info, **(latest.info if latest is not None else {})}
+    return RunData(
+        name=name,
+        label=_label(name, info),
+        path=path,
+        run_id=store.run_id,
+        config=store.config,
+        provenance=dict(probes.provenance),
+        probe_summary=probes.summary(),
+        named_pairs=tuple(
+            {"name": p.name, "kind": p.kind, "text_a": p.text_a, "text_b": p.text_b}
+            for p in probes.named
+        ),
+        info=info,
+        failures=tuple(dict(f) for f in _failures(store)),
+        records=tuple(dict(r) for r in records),
+        snapshots=tuple(snapshots),
+    )
+
+
+def curve_subset(tokens: Sequence[float], max_curves: int) -> list[int]:
+    """A readable subset of snapshots: at most `max_curves`, log-spaced in tokens.
+
+    The first and the last snapshot are always in; the others are the snapshots nearest to
+    log-spaced targets between them (0 tokens counts at its marked axis position), so early
+    training, where regions form fastest, is not crowded out by a dense late schedule.
+
+    Args:
+        tokens: tokens seen per snapshot, ascending.
+        max_curves: the most indices to return, at least 2 (first and last).
+
+    Returns:
+        Ascending indices into `tokens`.
+    """
+    count = len(tokens)
+    if count <= max_curves:
+        return list(range(count))
+    logs = np.log10(TokenAxis.spanning(tokens).x(tokens))
+    targets = np.linspace(logs[0], logs[-1], max(max_curves, 2))
+    chosen = {0, count - 1}
+    for target in targets[1:-1]:
+        chosen.add(int(np.argmin(np.abs(logs - target))))
+    return sorted(chosen)
+
+
+def group_by_alphas(runs: Sequence[RunData]) -> dict[int, list[RunData]]:
+    """Runs grouped by their grid size S: max slopes are comparable only within a group."""
+    groups: dict[int, list[RunData]] = {}
+    for run in runs:
+        groups.setdefault(run.config.num_alphas, []).append(run)
+    return dict(sorted(groups.items()))
+
+
+def _median(relative: torch.Tensor) -> np.ndarray:
+    return metrics.median_curve(relative).double().numpy()
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _failures(store: SnapshotStore) -> list[Mapping[str, Any]]:
+    failures = store.failures()
+    return [f if isinstance(f, Mapping) else {"failure": str(f)} for f in failures]
+
+
+def _label(name: str, info: Mapping[str, Any]) -> str:
+    """Legend label: the run's name plus the model's name and size where the run recorded them."""
+    model = next((str(info[k]) for k in MODEL_NAME_KEYS if info.get(k)), None)
+    size = next((info[k] for k in MODEL_SIZE_KEYS if info.get(k)), None)
+    extras = [model] if model and model != name else []
+    if isinstance(size, int | float):
+        extras.append(f"{format_tokens(size)} params")
+    return f"{name} ({', '.join(extras)})" if extras else name
