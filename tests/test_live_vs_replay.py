@@ -1,0 +1,86 @@
+"""Live == replay: the numbers logged for a step equal `measure` on that step's saved weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import AutoModelForCausalLM, Trainer
+
+from regionwatch import (
+    RegionMonitor,
+    RegionMonitorCallback,
+    Schedule,
+    Snapshot,
+    SnapshotStore,
+    measure,
+)
+from regionwatch.snapshot import weights_fingerprint
+from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
+from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, small_probes, tiny_gpt2, trainer
+
+
+@pytest.fixture(scope="module")
+def probes(text_tokenizer):
+    return small_probes(text_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def data(text_tokenizer) -> Windows:
+    return Windows(text_tokenizer)
+
+
+def assert_same_numbers(live: Snapshot, model: torch.nn.Module, store: SnapshotStore) -> None:
+    """Bitwise equal curves, maps and headline scalars, and the same weights."""
+    replayed = measure(model, store.probes(), store.config)
+    assert weights_fingerprint(model) == live.weights_fingerprint
+    for part, curves in live.measurement.curves.items():
+        again = replayed.curves[part]
+        assert torch.equal(again.distance, curves.distance), part
+        assert torch.equal(again.top_a, curves.top_a), part
+    assert torch.equal(replayed.maps.distance, live.measurement.maps.distance)
+    for key, value in live.summary.items():
+        assert replayed.summary[key] == pytest.approx(value, rel=0, abs=0, nan_ok=True), key
+
+
+def test_lightning_live_numbers_equal_measuring_the_checkpoints(
+    tmp_path: Path, probes, data: Windows
+) -> None:
+    """Each .ckpt saved at a snapshot step reproduces that snapshot exactly (fp32, CPU)."""
+    monitor = RegionMonitor(
+        probes=probes,
+        config=SMALL_PROBE,
+        run_dir=tmp_path / "run",
+        schedule=Schedule.every_steps(3),
+    )
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer(tmp_path, [monitor, saver], max_steps=6, enable_checkpointing=True).fit(
+        TinyLM(VOCAB), loader(data)
+    )
+    store = SnapshotStore(tmp_path / "run")
+    checkpoints = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert [c.name for c in checkpoints] == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"]
+    for path, step in zip(checkpoints, (3, 6), strict=True):
+        module = TinyLM(VOCAB)
+        module.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+        assert_same_numbers(store.read(step), module.lm, store)
+
+
+def test_hf_live_numbers_equal_measuring_the_checkpoints(
+    tmp_path: Path, probes, data: Windows
+) -> None:
+    """Each checkpoint-N dir saved at a snapshot step reproduces that snapshot exactly."""
+    monitor = RegionMonitorCallback(
+        probes=probes,
+        config=SMALL_PROBE,
+        run_dir=tmp_path / "run",
+        schedule=Schedule.every_steps(2),
+    )
+    run_args = hf_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    Trainer(tiny_gpt2(VOCAB), run_args, train_dataset=data, callbacks=[monitor]).train()
+    store = SnapshotStore(tmp_path / "run")
+    for step in (2, 4):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / f"checkpoint-{step}")
+        assert_same_numbers(store.read(step), model.eval(), store)
