@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 MODEL_NAME_KEYS = ("model_name", "model", "checkpoint_name", "model_class")
 MODEL_SIZE_KEYS = ("num_parameters", "n_params", "parameters")
 PAIR_PARTS = ("similar", "dissimilar", "named")
+MIN_ONSET_SNAPSHOTS = 2  # the init snapshot and one after it
 
 
 @dataclass(frozen=True)
@@ -210,16 +211,39 @@ class RunData:
         return np.array([_float(r.get(key)) for r in self.records], dtype=np.float64)
 
     @property
+    def measured(self) -> np.ndarray:
+        """Mask [N] of snapshots with a median max slope (a part may have measured no pairs)."""
+        return np.isfinite(self.values("max_slope/median"))
+
+    @property
+    def init_q25(self) -> float:
+        """Bottom of the init band: `max_slope/q25` of the first measured snapshot (step 0)."""
+        return self._first("max_slope/q25")
+
+    @property
     def init_q75(self) -> float:
-        """Top of the init band: `max_slope/q75` of the lowest-tokens snapshot (step 0)."""
-        return float(self.values("max_slope/q75")[0])
+        """Top of the init band: `max_slope/q75` of the first measured snapshot (step 0)."""
+        return self._first("max_slope/q75")
 
     @property
     def onset(self) -> float | None:
-        """The emergence onset: `metrics.emergence_onset` against the init band's top."""
+        """The emergence onset: `metrics.emergence_onset` against the init band's top.
+
+        Over the snapshots with a median only, as the live monitor logs it to TensorBoard
+        (`onset/tokens`), so that the page and TensorBoard agree; None before a second one.
+        """
+        keep = self.measured
+        if keep.sum() < MIN_ONSET_SNAPSHOTS or not math.isfinite(self.init_q75):
+            return None
         return metrics.emergence_onset(
-            self.tokens.tolist(), self.values("max_slope/median").tolist(), self.init_q75
+            self.tokens[keep].tolist(),
+            self.values("max_slope/median")[keep].tolist(),
+            self.init_q75,
         )
+
+    def _first(self, key: str) -> float:
+        values = self.values(key)[self.measured]
+        return float(values[0]) if values.size else math.nan
 
     def slope_series(self) -> SlopeSeries:
         """The run's median max slope and quartiles over tokens."""
@@ -231,7 +255,7 @@ class RunData:
             q75=self.values("max_slope/q75"),
             num_alphas=self.config.num_alphas,
             onset=self.onset,
-            init_q25=float(self.values("max_slope/q25")[0]),
+            init_q25=self.init_q25,
             init_q75=self.init_q75,
         )
 

@@ -204,10 +204,11 @@ def _runs_table(runs: Sequence[RunData]) -> str:
 def _section(section: RunSection) -> str:
     run = section.run
     onset = run.onset
-    first = run.records[0]
+    measured = [r for r, ok in zip(run.records, run.measured, strict=True) if ok]
+    first = measured[0] if measured else run.records[0]  # where the init band comes from
     band = (
         f"init band (max slope q25-q75 at {format_tokens(first['tokens'])} tokens, step "
-        f"{first['step']}): {_num(first.get('max_slope/q25'))} - {_num(run.init_q75)}"
+        f"{first['step']}): {_num(run.init_q25)} - {_num(run.init_q75)}"
     )
     parts = [
         f'<h2 id="run-{escape(run.name)}">Run {escape(run.label)}</h2>',
