@@ -1,0 +1,744 @@
+"""`SnapshotStore`: a run directory holding the probe set, the config and every snapshot.
+
+Layout (STORE_FORMAT_VERSION 1)::
+
+    run_dir/config.json        run id, ProbeConfig.to_dict(), fingerprints, versions, info
+    run_dir/probes/            the ProbeSet (ProbeSet.save)
+    run_dir/snapshots/<tokens:016d>-<step:010d>.safetensors   arrays; metadata holds the header
+    run_dir/snapshots/<same>.json                             sidecar: header, record, size, sha256
+    run_dir/index.jsonl        every snapshot's row, for listing without torch
+    run_dir/failures.jsonl     failed measurements (never counted as snapshots)
+    run_dir/writer.lock        flock of the one writer
+
+Index format, readable by any tool without regionwatch: UTF-8 JSON lines. Line 1 is
+`{"format": "regionwatch.index", "format_version": 1, "run_id": ...}`; each further line is one
+snapshot, sorted by (tokens, step): the keys of `Snapshot.record()` (NaN as null) plus `file` (name
+under snapshots/), `size` (bytes) and `sha256` (hex) of the safetensors file. failures.jsonl has
+the same first line (format "regionwatch.failures") and rows {step, tokens, error, wall_time}.
+
+Write protocol. The sidecar is the commit record; the index is derived from the sidecars and is
+what readers list; every file becomes visible only by `atomic.write_atomic` (temp, fsync,
+`os.replace`, fsync dir). `write` goes: (1) retire the step's old snapshot if any: unlink its
+sidecar, rewrite the index without it, unlink its data file; (2) the data file; (3) the sidecar;
+(4) the index. Crash analysis: a crash inside any atomic write leaves a temp file, removed on the
+next open. After (1)'s unlink the old snapshot is uncommitted and the open drops its row and data.
+After (2) the data file has no sidecar and is removed on open. After (3) the open finds a sidecar
+the index lacks, checks the data file's size and sha256, and indexes it. So a reopened store shows
+for that step the old snapshot, none, or the new one, never a half or mismatched file; readers see
+only whole index versions. `truncate_after` follows (1) for each dropped step.
+
+Concurrency: one writer per run, any number of readers. The writer holds an exclusive `flock` on
+writer.lock from `create` (or its first write) until `close` or exit; the kernel drops it when a
+process dies, so a crash leaves no stale lock. A second writer gets a StoreError. Opening a store
+runs crash cleanup (temp files, orphans, index reconciliation) only if it can take the lock at that
+moment: while a writer is active its temp files are live and must stay. The lock and
+`os.replace` assume a local POSIX filesystem.
+
+Size: about 700 lines (a third docstrings), over the ~400-line guideline, on purpose: the write
+protocol, the open-time repair of each of its crash points, the index format both rely on and the
+writer lock are one crash-safety argument, kept in one file so that it can be checked in one
+read. The generic part, durable file writes, lives in `regionwatch.atomic`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
+
+import safetensors.torch
+from safetensors import SafetensorError
+
+import regionwatch
+from regionwatch.atomic import (
+    TEMP_MARK,
+    bytes_digest,
+    clean_temp_files,
+    file_digest,
+    sync_dir,
+    write_atomic,
+    write_json_atomic,
+)
+from regionwatch.errors import ConfigError, StoreError
+from regionwatch.measure import ProbeConfig
+from regionwatch.probes import ProbeSet
+from regionwatch.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    import pandas
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+STORE_FORMAT_VERSION = 1  # bump, and keep a reader for the old one, whenever the layout changes
+RUN_FORMAT, INDEX_FORMAT = "regionwatch.run", "regionwatch.index"
+SIDECAR_FORMAT, FAILURES_FORMAT = "regionwatch.sidecar", "regionwatch.failures"
+CONFIG_FILE, PROBES_DIR, SNAPSHOTS_DIR = "config.json", "probes", "snapshots"
+INDEX_FILE, FAILURES_FILE, LOCK_FILE = "index.jsonl", "failures.jsonl", "writer.lock"
+HEADER_KEY = "regionwatch.header"  # safetensors metadata key of Snapshot.header() as JSON
+# Zero-padded so that file names sort like (tokens, step): 16 digits hold 10^15 tokens, 10 digits
+# 10^9 steps, far beyond any pretraining run (Llama 3: 1.5e13 tokens).
+TOKENS_DIGITS, STEP_DIGITS = 16, 10
+RUN_ID_CHARS = 12
+WRITER_LOCK_WAIT_S = 5.0  # an opener's cleanup holds the lock for milliseconds; a writer, hours
+LOCK_POLL_S = 0.05
+CHECK_ATTEMPTS = 3  # listings re-read an index a writer replaced meanwhile, at most this often
+SAFETENSORS_LENGTH_BYTES = 8  # a safetensors file starts with its JSON header's length (u64 LE)
+ROW_TYPES = {"step": int, "tokens": int, "file": str, "size": int, "sha256": str}
+FAILURE_TYPES = {"step": int, "tokens": int, "error": str, "wall_time": float}
+# What an interrupted `create` may leave behind; anything else in a directory makes it not ours.
+CREATE_LEFTOVERS = frozenset({PROBES_DIR, SNAPSHOTS_DIR, INDEX_FILE, LOCK_FILE})
+_FORMATS = {INDEX_FILE: INDEX_FORMAT, FAILURES_FILE: FAILURES_FORMAT}
+
+
+class Damage(NamedTuple):
+    """One problem `SnapshotStore.verify` found: the file and what is wrong with it."""
+
+    file: Path
+    reason: str
+
+
+class SnapshotStore:
+    """The run directory: probe set, config and one snapshot per measured step.
+
+    Open an existing run with `SnapshotStore(path)` (readers: reports, TensorBoard, `show`), or
+    create or resume one with `SnapshotStore.create` (the writer). See the module docstring for
+    the layout, the index format and the crash-safe write protocol.
+
+    Args:
+        path: an existing run directory.
+
+    Attributes:
+        path: the run directory.
+        run_id: the run's id, stamped on every snapshot.
+        config: the run's ProbeConfig, as saved.
+        probe_fingerprint: `ProbeSet.fingerprint` of the run's probe set.
+        info: free-form facts given to `create`.
+
+    Raises:
+        StoreError: `path` is not a run directory, or its config.json is damaged or newer.
+
+    Example:
+        >>> store = SnapshotStore.create(run_dir, probes=probes, config=ProbeConfig())
+        >>> store.write(snapshot)
+        >>> SnapshotStore(run_dir).read(snapshot.step).step == snapshot.step
+        True
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._snapshots = self.path / SNAPSHOTS_DIR
+        self._lock: IO[bytes] | None = None
+        meta = _read_run_config(self.path / CONFIG_FILE)
+        try:
+            self.run_id: str = meta["run_id"]
+            self.probe_fingerprint: str = meta["probe_fingerprint"]
+            self.config = ProbeConfig.from_dict(meta["config"])
+            self.info: dict[str, Any] = dict(meta.get("info") or {})
+        except (KeyError, TypeError, ValueError) as err:
+            raise StoreError(f"{self.path / CONFIG_FILE}: malformed ({err!r})") from err
+        lock = _acquire_lock(self.path, wait_s=0.0)
+        if lock is None:
+            logger.debug("%s: a writer is active; crash cleanup left to it", self.path)
+            return
+        try:
+            self._maintain()
+        finally:
+            lock.close()  # releases the flock: this object becomes a writer only when it writes
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        probes: ProbeSet,
+        config: ProbeConfig,
+        run_id: str | None = None,
+        info: Mapping[str, Any] | None = None,
+    ) -> SnapshotStore:
+        """Create a run directory, or reopen it for writing if it holds this very run.
+
+        Resume and replay call this again on their run dir: it opens the run if its probe set
+        and config fingerprints (and `run_id`, if given) match, and refuses otherwise. A reopened
+        run keeps its own run id, config.json and info (`info` is then not written).
+
+        Args:
+            path: the run directory; created, or empty, or an earlier run of the same settings.
+            probes: the probe set every snapshot measures; saved to probes/.
+            config: the measurement settings; saved to config.json.
+            run_id: the run's id; default a fresh random 12-hex-digit id.
+            info: free-form JSON facts about the run (model, data, host).
+
+        Returns:
+            The store, holding the writer lock.
+
+        Raises:
+            StoreError: `path` holds something else, another run's settings, or a live writer.
+            ConfigError: `info` is not JSON-serializable.
+        """
+        path = Path(path)
+        if not (path / CONFIG_FILE).exists():
+            _check_empty(path)
+            path.mkdir(parents=True, exist_ok=True)
+            lock = _acquire_lock(path, wait_s=WRITER_LOCK_WAIT_S)
+            if lock is None:
+                raise StoreError(f"{path}: another process is creating or writing this run")
+            try:
+                if not (path / CONFIG_FILE).exists():  # else another creator won the race
+                    run_id = run_id or uuid.uuid4().hex[:RUN_ID_CHARS]
+                    _write_run(path, probes=probes, config=config, run_id=run_id, info=info)
+            finally:
+                lock.close()
+        store = cls(path)
+        store._check_same_run(probes, config, run_id)
+        store._lock_for_writing()
+        return store
+
+    def probes(self, *, tokenizer: PreTrainedTokenizerBase | None = None) -> ProbeSet:
+        """Load the run's probe set (checked against `tokenizer` if given)."""
+        return ProbeSet.load(self.path / PROBES_DIR, tokenizer=tokenizer)
+
+    def write(self, snapshot: Snapshot) -> Path:
+        """Store a snapshot atomically; a snapshot of the same step is replaced.
+
+        Args:
+            snapshot: a snapshot of this run (run id, probe and config fingerprints match).
+
+        Returns:
+            The snapshot's safetensors file.
+
+        Raises:
+            StoreError: the snapshot belongs to another run or settings, another process is
+                writing, or the disk refuses the write.
+            ConfigError: step or tokens negative or wider than the file name's digits.
+        """
+        self._check_snapshot(snapshot)
+        self._lock_for_writing()
+        header = snapshot.header()
+        try:
+            metadata = {HEADER_KEY: json.dumps(header, allow_nan=False)}
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"snapshot of step {snapshot.step}: header not JSON ({err})") from err
+        data = safetensors.torch.save(snapshot.arrays(), metadata=metadata)
+        data_path = self._snapshots / f"{_stem(snapshot.tokens, snapshot.step)}.safetensors"
+        row = {**_json_safe(snapshot.record()), "file": data_path.name, "size": len(data)}
+        row["sha256"] = bytes_digest(data)
+        sidecar = {"format": SIDECAR_FORMAT, "format_version": STORE_FORMAT_VERSION, "row": row}
+        self._retire(lambda step: step == snapshot.step)
+        write_atomic(data_path, data)
+        write_json_atomic(data_path.with_suffix(".json"), {**sidecar, "header": header})
+        others = [r for r in self._rows() if r["step"] != snapshot.step]
+        self._write_rows(INDEX_FILE, [*others, row])
+        logger.debug("stored step %d (%d tokens) as %s", snapshot.step, snapshot.tokens, data_path)
+        return data_path
+
+    def read(self, step: int) -> Snapshot:
+        """Load the snapshot of `step`, checking size, sha256, format and header on the way.
+
+        Args:
+            step: the global step the snapshot was taken at.
+
+        Returns:
+            The snapshot, equal to the one written (derived numbers recomputed by `metrics`).
+
+        Raises:
+            StoreError: no snapshot at `step`, or its file is missing or damaged (the message
+                names the file and the reason: size, hash, unreadable safetensors, header).
+        """
+        row = self._row(step)
+        try:
+            return self._load(row)
+        except StoreError:
+            fresh = self._row(step)  # the writer may have replaced the step while we read it
+            if fresh == row:
+                raise
+            return self._load(fresh)
+
+    def steps(self) -> list[int]:
+        """The steps with a readable snapshot, ascending."""
+        return sorted(row["step"] for row in self.records())
+
+    def records(self) -> list[dict[str, Any]]:
+        """One row per snapshot, sorted by (tokens, step): the `show --json` lines.
+
+        Reads only index.jsonl and stats the files (no tensors, no hashing): a row whose file is
+        missing or has the wrong size is skipped with a warning. Bit rot of the right size is
+        only found by `verify` or `read`.
+        """
+        rows, lines, problems = self._checked_rows(hash_it=False)
+        for problem in lines:
+            logger.warning("%s: %s; skipped", self.path / INDEX_FILE, problem)
+        for name, problem in problems.items():
+            logger.warning("skipping %s: %s", self._snapshots / name, problem)
+        return [row for row in rows if row["file"] not in problems]
+
+    def verify(self) -> list[Damage]:
+        """Check every indexed file's size and sha256 against the index (loads no tensors).
+
+        Returns:
+            One `Damage` per damaged index line and per missing, truncated or altered file.
+        """
+        _, lines, problems = self._checked_rows(hash_it=True)
+        damage = [Damage(self.path / INDEX_FILE, problem) for problem in lines]
+        return damage + [Damage(self._snapshots / name, why) for name, why in problems.items()]
+
+    def latest(self) -> tuple[int, int] | None:
+        """(step, tokens) of the snapshot with the highest step, or None for an empty run."""
+        rows = self.records()
+        newest = max(rows, key=lambda row: row["step"], default=None)
+        return None if newest is None else (newest["step"], newest["tokens"])
+
+    def truncate_after(self, step: int) -> list[int]:
+        """Drop every snapshot and failure after `step` (resuming from an older checkpoint).
+
+        Returns:
+            The dropped snapshots' steps, ascending.
+        """
+        self._lock_for_writing()
+        dropped = self._retire(lambda s: s > step)
+        failures = self.failures()
+        if any(f["step"] > step for f in failures):
+            self._write_rows(FAILURES_FILE, [f for f in failures if f["step"] <= step])
+        if dropped:
+            logger.info("%s: dropped snapshots after step %d: %s", self.path, step, dropped)
+        return dropped
+
+    def record_failure(self, *, step: int, tokens: int, error: str) -> None:
+        """Record a failed measurement in failures.jsonl, so that reports can list it."""
+        self._lock_for_writing()
+        failure = {"step": int(step), "tokens": int(tokens), "error": str(error)}
+        self._write_rows(FAILURES_FILE, [*self.failures(), {**failure, "wall_time": time.time()}])
+
+    def failures(self) -> list[dict[str, Any]]:
+        """The recorded failures, oldest first."""
+        return _read_jsonl(self.path / FAILURES_FILE, FAILURES_FORMAT, FAILURE_TYPES)
+
+    def to_pandas(self) -> pandas.DataFrame:
+        """`records()` as a DataFrame, one row per snapshot.
+
+        Raises:
+            ImportError: pandas is not installed.
+        """
+        try:
+            import pandas  # optional: only this method needs it
+        except ImportError as err:
+            raise ImportError(
+                "SnapshotStore.to_pandas needs pandas, which is not installed: "
+                "`pip install pandas`, or use records() for the same rows as dicts"
+            ) from err
+        return pandas.DataFrame.from_records(self.records())
+
+    def close(self) -> None:
+        """Give up the writer lock (readers need not call this)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> SnapshotStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _lock_for_writing(self) -> None:
+        if self._lock is not None:
+            return
+        lock = _acquire_lock(self.path, wait_s=WRITER_LOCK_WAIT_S)
+        if lock is None:
+            try:  # the holder wrote its pid into the lock file
+                holder = (self.path / LOCK_FILE).read_text(encoding="utf-8").strip()
+            except OSError:
+                holder = "unknown"
+            raise StoreError(
+                f"{self.path}: another writer ({holder}) holds {LOCK_FILE}, or the run is "
+                "read-only; a run has one writer: stop the other one, or use a new run directory"
+            )
+        self._lock = lock
+        self._maintain()  # a writer that died since we opened may have left temp files
+
+    def _maintain(self) -> None:
+        """Under the lock: remove crash leftovers and rebuild the index from the sidecars."""
+        clean_temp_files(self.path)
+        clean_temp_files(self._snapshots)
+        self._snapshots.mkdir(exist_ok=True)
+        indexed = {row["file"]: row for row in self._rows()}
+        rows: dict[int, dict[str, Any]] = {}
+        committed = set()
+        for path in sorted(self._snapshots.glob("*.json")):
+            committed.add(path.with_suffix(".safetensors").name)  # damaged or not: keep its data
+            row = _read_sidecar(path)
+            if row is None:
+                continue
+            if indexed.get(row["file"]) != row:
+                problem = _problem(self._snapshots / row["file"], row, hash_it=True)
+                if problem:
+                    logger.warning("not indexing %s: %s", self._snapshots / row["file"], problem)
+                    continue
+                logger.info("indexing %s, written before an interrupted index update", path.name)
+            old = rows.get(row["step"])
+            if old is not None:  # only a power cut that undid an unlink can leave two
+                logger.warning("two snapshots of step %d; keeping the newer", row["step"])
+                row = max(old, row, key=lambda r: r.get("wall_time") or 0.0)
+            rows[row["step"]] = row
+        for name in sorted(set(indexed) - {row["file"] for row in rows.values()}):
+            logger.warning("dropping %s from the index: its sidecar is gone or damaged", name)
+        for path in sorted(self._snapshots.glob("*.safetensors")):
+            if path.name not in committed:
+                path.unlink(missing_ok=True)
+                logger.info("removed %s: a write interrupted before its sidecar", path)
+        on_disk, problems = _parse_jsonl(self.path / INDEX_FILE, INDEX_FORMAT, ROW_TYPES)
+        if problems or on_disk != _sorted(rows.values()):
+            self._write_rows(INDEX_FILE, list(rows.values()))
+            logger.info("%s: rebuilt %s from the snapshots' sidecars", self.path, INDEX_FILE)
+
+    def _retire(self, doomed: Callable[[int], bool]) -> list[int]:
+        """Remove the snapshots whose step `doomed(step)` holds; return their steps, ascending."""
+        stems = {p: _parse_stem(p.stem) for p in self._snapshots.glob("*.json")}
+        sidecars = [p for p, stem in stems.items() if stem is not None and doomed(stem[1])]
+        if not sidecars:
+            return []
+        for sidecar in sidecars:
+            sidecar.unlink(missing_ok=True)  # the commit record first: now uncommitted on reopen
+        self._write_rows(INDEX_FILE, [r for r in self._rows() if not doomed(r["step"])])
+        for sidecar in sidecars:
+            sidecar.with_suffix(".safetensors").unlink(missing_ok=True)
+        sync_dir(self._snapshots)
+        return sorted(stems[p][1] for p in sidecars)  # type: ignore[index]
+
+    def _checked_rows(
+        self, *, hash_it: bool
+    ) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:
+        """Index rows, damaged index lines, and {file: problem} for rows whose file is bad.
+
+        A writer rewrites the index before it unlinks a replaced file, so a file that vanished
+        while the index changed was replaced, not damaged: check again against the new index.
+        """
+        for _ in range(CHECK_ATTEMPTS):
+            rows, lines = _parse_jsonl(self.path / INDEX_FILE, INDEX_FORMAT, ROW_TYPES)
+            problems = {
+                row["file"]: problem
+                for row in rows
+                if (problem := _problem(self._snapshots / row["file"], row, hash_it=hash_it))
+            }
+            if (
+                not problems
+                or _parse_jsonl(self.path / INDEX_FILE, INDEX_FORMAT, ROW_TYPES)[0] == rows
+            ):
+                break
+        return rows, lines, problems
+
+    def _rows(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.path / INDEX_FILE, INDEX_FORMAT, ROW_TYPES)
+
+    def _row(self, step: int) -> dict[str, Any]:
+        rows = self._rows()
+        for row in rows:
+            if row["step"] == step:
+                return row
+        steps = sorted(row["step"] for row in rows)
+        known = f"steps {steps[0]}..{steps[-1]} ({len(steps)})" if steps else "no snapshots"
+        raise StoreError(f"{self.path}: no snapshot at step {step}; the run has {known}")
+
+    def _load(self, row: Mapping[str, Any]) -> Snapshot:
+        path = self._snapshots / row["file"]
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise StoreError(
+                f"{path}: cannot read the snapshot of step {row['step']}: {err}"
+            ) from err
+        # Hash the very bytes we load: a check on the file followed by a second read could pass
+        # on one version and load another.
+        problem = _problem(path, row, data=data)
+        if problem:
+            raise StoreError(f"{path}: damaged: {problem}; re-measure step {row['step']}")
+        try:
+            length = int.from_bytes(data[:SAFETENSORS_LENGTH_BYTES], "little")
+            raw = json.loads(data[SAFETENSORS_LENGTH_BYTES : SAFETENSORS_LENGTH_BYTES + length])
+            header = json.loads(raw["__metadata__"][HEADER_KEY])
+            arrays = safetensors.torch.load(data)
+        except (ValueError, KeyError, TypeError, SafetensorError) as err:
+            raise StoreError(f"{path}: unreadable safetensors file ({err!r})") from err
+        stamp = (header.get("run_id"), header.get("step"), header.get("tokens"))
+        if stamp != (self.run_id, row["step"], row["tokens"]):
+            raise StoreError(
+                f"{path}: header mismatch: it holds (run, step, tokens) {stamp}, the index says "
+                f"{(self.run_id, row['step'], row['tokens'])}"
+            )
+        try:
+            return Snapshot.from_parts(header, arrays)
+        except (StoreError, KeyError, TypeError, ValueError) as err:
+            raise StoreError(f"{path}: not a readable snapshot ({err})") from err
+
+    def _write_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Rewrite index.jsonl (sorted by tokens, step) or failures.jsonl (in order), atomically."""
+        if name == INDEX_FILE:
+            rows = _sorted(rows)
+        _write_jsonl(self.path / name, _FORMATS[name], self.run_id, rows)
+
+    def _check_same_run(self, probes: ProbeSet, config: ProbeConfig, run_id: str | None) -> None:
+        problems = []
+        if probes.fingerprint != self.probe_fingerprint:
+            problems.append(f"probe set {probes.fingerprint} (the run's: {self.probe_fingerprint})")
+        if config.fingerprint != self.config.fingerprint:
+            ours, theirs = self.config.to_dict(), config.to_dict()
+            changed = [
+                f"{k}={theirs[k]!r} (the run's: {ours[k]!r})" for k in ours if ours[k] != theirs[k]
+            ]
+            problems.append("config " + ", ".join(changed))
+        if run_id is not None and run_id != self.run_id:
+            problems.append(f"run_id {run_id!r} (the run's: {self.run_id!r})")
+        if problems:
+            raise StoreError(
+                f"{self.path} holds run {self.run_id} measured differently: {'; '.join(problems)}."
+                " Resume and replay must measure what the run measured: use its probe set and"
+                " config, or pass a new --out / run_dir to start a new run"
+            )
+
+    def _check_snapshot(self, snapshot: Snapshot) -> None:
+        problems = [
+            f"{what} {given!r} (the run's: {ours!r})"
+            for what, given, ours in (
+                ("run_id", snapshot.run_id, self.run_id),
+                ("probe fingerprint", snapshot.probe_fingerprint, self.probe_fingerprint),
+                ("config fingerprint", snapshot.config_fingerprint, self.config.fingerprint),
+            )
+            if given != ours
+        ]
+        if problems:
+            raise StoreError(
+                f"refusing the snapshot of step {snapshot.step} for {self.path}: "
+                f"{', '.join(problems)}; a run holds one probe set and config: use a new run dir"
+            )
+        for name, value, digits in (
+            ("step", snapshot.step, STEP_DIGITS),
+            ("tokens", snapshot.tokens, TOKENS_DIGITS),
+        ):
+            if not 0 <= value < 10**digits:
+                raise ConfigError(f"Snapshot.{name}={value}: need 0 <= {name} < 10**{digits}")
+
+
+def _write_run(
+    path: Path,
+    *,
+    probes: ProbeSet,
+    config: ProbeConfig,
+    run_id: str,
+    info: Mapping[str, Any] | None,
+) -> None:
+    """Write a new run's files; config.json goes last because its presence makes a run."""
+    probes.save(path / PROBES_DIR)
+    (path / SNAPSHOTS_DIR).mkdir(exist_ok=True)
+    _write_jsonl(path / INDEX_FILE, INDEX_FORMAT, run_id, [])
+    meta = {
+        "format": RUN_FORMAT,
+        "format_version": STORE_FORMAT_VERSION,
+        "run_id": run_id,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "regionwatch_version": regionwatch.__version__,
+        "probe_fingerprint": probes.fingerprint,
+        "config_fingerprint": config.fingerprint,
+        "config": config.to_dict(),
+        "info": dict(info or {}),
+    }
+    write_json_atomic(path / CONFIG_FILE, meta)
+    logger.info("created run %s in %s", run_id, path)
+
+
+def _read_run_config(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise StoreError(
+            f"{path.parent} is not a regionwatch run directory (no {CONFIG_FILE}); create one "
+            "with SnapshotStore.create"
+        ) from err
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{path}: damaged, not readable JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT:
+        raise StoreError(f"{path}: not a regionwatch run config (no format {RUN_FORMAT!r})")
+    _check_version(path, meta)
+    return meta
+
+
+def _check_version(path: Path, header: Mapping[str, Any]) -> None:
+    version = header.get("format_version")
+    if not isinstance(version, int) or version > STORE_FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format_version {version!r}; this regionwatch reads versions up to "
+            f"{STORE_FORMAT_VERSION}: upgrade regionwatch"
+        )
+
+
+def _check_empty(path: Path) -> None:
+    """Refuse a directory that holds anything but what an interrupted `create` leaves."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise StoreError(f"{path} is a file; a run needs a new or empty directory")
+    strange = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.name not in CREATE_LEFTOVERS and not fnmatch(p.name, TEMP_MARK)
+    )
+    snapshots = path / SNAPSHOTS_DIR
+    if snapshots.is_dir() and any(snapshots.iterdir()):
+        strange.append(f"{SNAPSHOTS_DIR}/...")
+    if strange:
+        raise StoreError(
+            f"{path} is not empty and not a regionwatch run (no {CONFIG_FILE}; it holds "
+            f"{strange[:5]}): pass a new or empty directory as --out / run_dir"
+        )
+
+
+def _acquire_lock(path: Path, *, wait_s: float) -> IO[bytes] | None:
+    """Take the run's exclusive flock, waiting up to `wait_s`; None if someone else holds it.
+
+    Also None where the directory is read-only (an archived run): readers need no lock.
+    """
+    try:
+        lock = (path / LOCK_FILE).open("a+b")
+    except OSError as err:
+        logger.debug("cannot open %s (%s); treating the run as read-only", path / LOCK_FILE, err)
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                lock.close()
+                return None
+            time.sleep(LOCK_POLL_S)
+        except OSError as err:  # a filesystem without flock (some network mounts)
+            lock.close()
+            logger.warning("cannot lock %s: %s", path / LOCK_FILE, err)
+            return None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}\n".encode())  # named in the second writer's error
+    lock.flush()
+    return lock
+
+
+def _stem(tokens: int, step: int) -> str:
+    return f"{tokens:0{TOKENS_DIGITS}d}-{step:0{STEP_DIGITS}d}"
+
+
+def _parse_stem(stem: str) -> tuple[int, int] | None:
+    """(tokens, step) from a snapshot file stem, or None for a name the store did not make."""
+    tokens, _, step = stem.partition("-")
+    if (len(tokens), len(step)) != (TOKENS_DIGITS, STEP_DIGITS) or not (tokens + step).isdigit():
+        return None
+    return int(tokens), int(step)
+
+
+def _json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN and infinities are not JSON: a record's non-finite floats are stored as null."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+
+
+def _sorted(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda row: (row["tokens"], row["step"]))
+
+
+def _problem(
+    path: Path, row: Mapping[str, Any], *, hash_it: bool = False, data: bytes | None = None
+) -> str | None:
+    """What is wrong with a snapshot file given its index row, or None; hashes only if asked."""
+    if data is None:
+        try:
+            size = path.stat().st_size
+        except OSError as err:
+            return f"file missing or unreadable ({err.strerror})"
+    else:
+        size = len(data)
+    if size != row["size"]:
+        return f"size {size} bytes, the index says {row['size']} (truncated or overwritten)"
+    if data is not None or hash_it:
+        try:
+            digest = bytes_digest(data) if data is not None else file_digest(path)
+        except StoreError as err:
+            return str(err)
+        if digest != row["sha256"]:
+            return "sha256 differs from the index's (bit rot or an overwrite)"
+    return None
+
+
+def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    """The index row a sidecar commits, or None (with a warning) if it is damaged."""
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8"))
+        row = sidecar["row"]
+        _check_version(path, sidecar)
+        bad = [k for k, kind in ROW_TYPES.items() if not isinstance(row.get(k), kind)]
+        if sidecar.get("format") != SIDECAR_FORMAT or bad:
+            raise ValueError(f"not a snapshot sidecar (bad keys {bad})")
+        if row["file"] != path.with_suffix(".safetensors").name:
+            raise ValueError(f"names file {row['file']!r}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        logger.warning("%s: damaged sidecar (%s); its snapshot is not indexed", path, err)
+        return None
+    return row
+
+
+def _parse_jsonl(
+    path: Path, fmt: str, types: Mapping[str, type]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of an index-like file and what is wrong with it; damaged lines are left out.
+
+    Raises:
+        StoreError: the file is of a newer format version.
+    """
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return [], ([] if fmt == FAILURES_FORMAT else [f"{path.name} is missing"])
+    except OSError as err:
+        return [], [f"{path.name} unreadable ({err.strerror})"]
+    problems = []
+    try:
+        head = json.loads(lines[0])
+        if not isinstance(head, dict) or head.get("format") != fmt:
+            raise ValueError(f"no format {fmt!r}")
+        _check_version(path, head)
+    except ValueError as err:
+        problems.append(f"line 1: damaged header ({err})")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            bad = [k for k, kind in types.items() if not isinstance(row.get(k), kind)]
+            if bad or ("file" in row and Path(row["file"]).name != row["file"]):
+                raise ValueError(f"keys {bad or ['file']} missing or wrong")
+        except (ValueError, AttributeError) as err:
+            problems.append(f"line {number}: damaged ({err})")
+            continue
+        rows.append(row)
+    return rows, problems
+
+
+def _read_jsonl(path: Path, fmt: str, types: Mapping[str, type]) -> list[dict[str, Any]]:
+    rows, problems = _parse_jsonl(path, fmt, types)
+    for problem in problems:
+        logger.warning("%s: %s; skipped", path, problem)
+    return rows
+
+
+def _write_jsonl(path: Path, fmt: str, run_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    header = {"format": fmt, "format_version": STORE_FORMAT_VERSION, "run_id": run_id}
+    lines = [json.dumps(line, allow_nan=False) for line in (header, *rows)]
+    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
