@@ -112,6 +112,7 @@ def test_token_axis_marks_zero_half_a_decade_left() -> None:
     assert labels[1:] == ["1M", "10M", "100M", "1B"]
     assert axis.x([0, 5e6]).tolist() == [axis.zero, 5e6]
     assert "0" not in TokenAxis.spanning([5e6, 1e8]).ticks()[1]
+    assert TokenAxis.spanning([0, 0]).ticks()[1] == ["0"]  # only the init snapshot so far
 
 
 def test_curve_subset_is_log_spaced_with_first_and_last() -> None:
@@ -251,7 +252,9 @@ def test_pairs_figure_draws_the_stored_pair_curves(runs: dict[str, Path]) -> Non
     for got, want in zip(logits, dissimilar.logit_diff.numpy(), strict=False):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     named = {line.get_label(): line.get_ydata() for line in right.get_lines()}
-    np.testing.assert_allclose(named["S1"], stored["named"].relative[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        named["S1 (similar)"], stored["named"].relative[0].numpy(), rtol=1e-6
+    )
     np.testing.assert_allclose(named["D1: 1 - n($\\alpha$)"], stored["named"].logit_diff[1])
     assert fig.get_suptitle() == "small at 4M"
     assert all(ax.get_title() and ax.get_xlabel() and ax.get_legend() for ax in fig.axes)
@@ -466,6 +469,19 @@ def test_cli_report_writes_the_page(runs: dict[str, Path], tmp_path: Path, capsy
     assert (out / "pairs_coarse_at_1M.png").is_file()
     assert main(["report", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert "not a regionwatch run directory" in capsys.readouterr().err
+
+
+def test_report_of_a_run_with_only_its_init_snapshot(tmp_path: Path) -> None:
+    """Early in training a run has one snapshot: every figure is drawn, ticked "0" only."""
+    synthetic_run(tmp_path / "init", [0])
+    data = load_run(tmp_path / "init", progress=False)
+    ax = slope_over_tokens_figure([data.slope_series()]).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0"]
+    assert data.onset is None
+    index = write_report([tmp_path / "init"], tmp_path / "out", progress=False)
+    assert "Emergence onset: <b>not yet</b>" in index.read_text()
+    with Image.open(tmp_path / "out" / "maps_init.gif") as gif:
+        assert gif.n_frames == 1
 
 
 def test_report_refuses_a_run_without_snapshots(tmp_path: Path) -> None:

@@ -166,22 +166,25 @@ def _logit_panel(ax: Axes, alphas: np.ndarray, dissimilar: PairCurves | None) ->
     if dissimilar is None or not len(dissimilar.relative):
         return
     colour = KIND_COLOURS["dissimilar"]
-    for row in dissimilar.logit_diff:
+    # A pair whose prompts predict the same top token has no logit difference (NaN row).
+    defined = dissimilar.logit_diff[np.isfinite(dissimilar.logit_diff).any(axis=1)]
+    for row in defined:
         ax.plot(alphas, row, color=colour, alpha=PAIR_ALPHA, linewidth=PAIR_WIDTH)
-    ax.plot(
-        alphas,
-        _median(dissimilar.logit_diff),
-        color=colour,
-        linewidth=MEDIAN_WIDTH,
-        label=f"1 - n($\\alpha$): median of {len(dissimilar.logit_diff)}",
-    )
+    if len(defined):
+        ax.plot(
+            alphas,
+            _median(defined),
+            color=colour,
+            linewidth=MEDIAN_WIDTH,
+            label=f"1 - n($\\alpha$): median of {len(defined)} with different top tokens",
+        )
     ax.plot(
         alphas,
         _median(dissimilar.relative),
         color="black",
         linestyle=LOGIT_STYLE,
         linewidth=CURVE_WIDTH,
-        label="d($\\alpha$) / d(1): median",
+        label=f"d($\\alpha$) / d(1): median of {len(dissimilar.relative)}",
     )
 
 
@@ -189,11 +192,14 @@ def _named_panel(ax: Axes, alphas: np.ndarray, named: PairCurves) -> None:
     colours = colormaps[NAMED_COLOURS]
     for i, (name, kind) in enumerate(zip(named.names, named.kinds, strict=True)):
         colour = colours(i % colours.N)
-        ax.plot(alphas, named.relative[i], color=colour, linewidth=CURVE_WIDTH, label=name)
-        if kind == "dissimilar":
+        logits = named.logit_diff[i]
+        same_top = not np.isfinite(logits).any()
+        label = f"{name} ({kind}{'; same top token' if same_top else ''})"
+        ax.plot(alphas, named.relative[i], color=colour, linewidth=CURVE_WIDTH, label=label)
+        if not same_top:
             ax.plot(
                 alphas,
-                named.logit_diff[i],
+                logits,
                 color=colour,
                 linestyle=LOGIT_STYLE,
                 linewidth=PAIR_WIDTH * 1.5,

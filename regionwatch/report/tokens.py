@@ -80,15 +80,18 @@ class TokenAxis:
     """A log axis of tokens seen with a marked position for 0 tokens.
 
     Attributes:
-        zero: where 0 tokens is drawn: half a decade left of `low`, or `low` itself when the
-            axis shows no 0-token point (then nothing is marked).
-        low: the smallest positive token count shown.
-        high: the largest token count shown.
+        zero: where 0 tokens is drawn: half a decade left of `low` (1 if nothing is positive).
+        low: the smallest positive token count shown (`zero` if none).
+        high: the largest token count shown (`zero` if none).
+        marks_zero: the axis shows a 0-token point, ticked "0".
+        has_positive: the axis shows positive counts (with decade ticks).
     """
 
     zero: float
     low: float
     high: float
+    marks_zero: bool = True
+    has_positive: bool = True
 
     @classmethod
     def spanning(cls, tokens: Iterable[float]) -> TokenAxis:
@@ -96,10 +99,10 @@ class TokenAxis:
         values = np.asarray(list(tokens), dtype=np.float64)
         positive = values[values > 0]
         if positive.size == 0:  # only initialization snapshots so far
-            return cls(zero=DEFAULT_ONE, low=DEFAULT_ONE, high=DEFAULT_ONE)
+            return cls(zero=DEFAULT_ONE, low=DEFAULT_ONE, high=DEFAULT_ONE, has_positive=False)
         low, high = float(positive.min()), float(positive.max())
         if positive.size == values.size:  # no 0-token point: nothing to mark
-            return cls(zero=low, low=low, high=high)
+            return cls(zero=low, low=low, high=high, marks_zero=False)
         return cls(zero=low / 10**ZERO_OFFSET_DECADES, low=low, high=high)
 
     def x(self, tokens: Iterable[float]) -> np.ndarray:
@@ -109,14 +112,15 @@ class TokenAxis:
 
     def ticks(self) -> tuple[list[float], list[str]]:
         """Tick positions and labels: "0" at `zero`, then decades (or the end points) in range."""
-        decades = LogLocator(base=10).tick_values(self.low, self.high)
-        inside = [float(t) for t in decades if self.low <= t <= self.high]
-        if len(inside) < MIN_DECADE_TICKS:
-            inside = sorted({self.low, self.high})
-        labels = [format_tokens(t) for t in inside]
-        if self.zero < self.low:
-            return [self.zero, *inside], [format_tokens(0), *labels]
-        return inside, labels
+        positions, labels = ([self.zero], [format_tokens(0)]) if self.marks_zero else ([], [])
+        if self.has_positive:
+            decades = LogLocator(base=10).tick_values(self.low, self.high)
+            inside = [float(t) for t in decades if self.low <= t <= self.high]
+            if len(inside) < MIN_DECADE_TICKS:
+                inside = sorted({self.low, self.high})
+            positions += inside
+            labels += [format_tokens(t) for t in inside]
+        return positions, labels
 
     def apply(self, ax: Axes, *, label: str = "training tokens seen (log scale)") -> None:
         """Make `ax`'s x axis this one: log scale, limits, "0" tick and a break mark after it."""
@@ -127,10 +131,11 @@ class TokenAxis:
         ax.set_xticks(positions, labels)
         # Minor ticks only right of the break: left of it the axis is not to scale.
         minor = LogLocator(base=10, subs=MINOR_SUBS).tick_values(self.low, self.high * pad)
-        ax.set_xticks([float(t) for t in minor if self.low <= t <= self.high * pad], minor=True)
+        minor = [float(t) for t in minor if self.low <= t <= self.high * pad]
+        ax.set_xticks(minor if self.has_positive else [], minor=True)
         ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: minors would crowd
         ax.set_xlabel(label)
-        if self.zero < self.low:
+        if self.marks_zero and self.has_positive:
             self.mark_break(ax)
 
     def mark_break(self, ax: Axes) -> None:

@@ -22,6 +22,8 @@ from regionwatch.report.style import PANEL_SIZE, RUN_COLOURS, new_figure, styled
 from regionwatch.report.tokens import TokenAxis, format_tokens
 
 CAPSIZE = 3
+BAR_WIDTH = 1.3
+BAR_ALPHA = 0.65
 MARKER_SIZE = 5
 LINE_WIDTH = 1.8
 WIDE = 1.35  # the trend figures are wider than a curve panel: tokens span many decades
@@ -69,7 +71,7 @@ def slope_over_tokens_figure(
             colour = colours(i % colours.N)
             if np.isfinite([s.init_q25, s.init_q75]).all():
                 ax.axhspan(s.init_q25, s.init_q75, color=colour, alpha=INIT_BAND_ALPHA, linewidth=0)
-            ax.errorbar(
+            bars = ax.errorbar(
                 axis.x(s.tokens),
                 s.median,
                 yerr=np.stack([s.median - s.q25, s.q75 - s.median]),
@@ -77,9 +79,12 @@ def slope_over_tokens_figure(
                 marker="o",
                 markersize=MARKER_SIZE,
                 linewidth=LINE_WIDTH,
+                elinewidth=BAR_WIDTH,
                 capsize=CAPSIZE,
                 label=s.label,
             )
+            for artist in (*bars.lines[1], *bars.lines[2]):
+                artist.set_alpha(BAR_ALPHA)  # runs at the same tokens overlap: see through them
             if s.onset is not None:
                 onsets.append(
                     ax.axvline(
