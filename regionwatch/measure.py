@@ -290,8 +290,14 @@ class ProbeConfig:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of everything that changes the numbers (not the memory budget)."""
-        numbers = {k: v for k, v in self.to_dict().items() if k != "max_batch_tokens"}
+        """Hash of the settings that make numbers comparable across snapshots.
+
+        Leaves out the memory budget and which parts were measured: neither changes any number
+        that was measured (a run may measure region maps at fewer snapshots than curves).
+        """
+        numbers = {
+            k: v for k, v in self.to_dict().items() if k not in ("max_batch_tokens", "parts")
+        }
         return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
 
 

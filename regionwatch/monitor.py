@@ -54,6 +54,10 @@ from regionwatch.tensorboard import TB_SUBDIR, TensorBoardSink
 logger = logging.getLogger(__name__)
 
 RUN_SUBDIR = "regionwatch"  # default run dir inside the trainer's log dir
+# Region maps cost 3 x grid^2 patched points per triple: at grid 37 about as much as the rest of
+# the probe set ten times over. Two per decade of tokens (plus the first and the last snapshot)
+# still show regions forming, and keep a monitored run's overhead within a few percent.
+MAPS_PER_DECADE = 2
 PRECISIONS = ("fp32", "trainer")
 Precision = Literal["fp32", "trainer"]
 ContextFactory = Callable[[], AbstractContextManager[Any]]
@@ -66,6 +70,8 @@ class WatchConfig:
     Attributes:
         probe: what one measurement computes.
         schedule: when to measure (default: log-spaced, 8 per decade of tokens).
+        maps_schedule: which of those snapshots also draw region maps (default: log-spaced, 2
+            per decade, and always the first and the last); None: every snapshot.
         precision: "fp32" measures in float32 with autocast off (a model trained in half
             precision is measured through a float32 copy); "trainer" measures under the trainer's
             own precision context. Recorded in every snapshot.
@@ -75,6 +81,9 @@ class WatchConfig:
 
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     schedule: Schedule = field(default_factory=Schedule.log_tokens)
+    maps_schedule: Schedule | None = field(
+        default_factory=lambda: Schedule.log_tokens(per_decade=MAPS_PER_DECADE)
+    )
     precision: Precision = "fp32"
     tensorboard: bool = True
     probe_seed: int = 0
@@ -86,6 +95,10 @@ class WatchConfig:
             raise ConfigError(
                 f"WatchConfig.schedule={self.schedule!r}: need a regionwatch.Schedule, "
                 "e.g. Schedule.every_steps(50) or Schedule.log_tokens(per_decade=8)"
+            )
+        if self.maps_schedule is not None and not isinstance(self.maps_schedule, Schedule):
+            raise ConfigError(
+                f"WatchConfig.maps_schedule={self.maps_schedule!r}: need a Schedule or None"
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: need one of {PRECISIONS}")
@@ -131,6 +144,7 @@ class Monitor:
         self._store: SnapshotStore | None = None
         self._sink: TensorBoardSink | None = None
         self._last: Mark | None = None
+        self._last_maps: Mark | None = None
         self._info: dict[str, Any] = {}
         self.failures = 0
 
@@ -223,7 +237,7 @@ class Monitor:
                 (replay adding points to a run).
             tokens: tokens seen at `truncate_after`; TensorBoard drops events past it.
         """
-        last = None
+        last = last_maps = None
         if self._rank == 0:
             self._store = SnapshotStore.create(
                 self.run_dir,
@@ -242,10 +256,12 @@ class Monitor:
                     )
             newest = self._store.latest()
             last = None if newest is None else Mark(*newest)
+            mapped = [r for r in self._store.records() if "maps" in r.get("parts", ())]
+            last_maps = Mark(mapped[-1]["step"], mapped[-1]["tokens"]) if mapped else None
             if self.watch.tensorboard:
                 purge = None if newest is None else tokens
                 self._sink = TensorBoardSink(self.run_dir / TB_SUBDIR, purge_after_tokens=purge)
-        self._last = _broadcast(last, self._world)
+        self._last, self._last_maps = _broadcast((last, last_maps), self._world)  # rank 0's
 
     def maybe_measure(
         self, model: nn.Module, *, step: int, tokens: int, final: bool = False
@@ -254,17 +270,38 @@ class Monitor:
         if not self.watch.schedule.due(step, tokens, self._last, final=final):
             return None
         self._last = Mark(step, tokens)  # also on failure: a broken probe must not retry every step
-        return self.measure_now(model, step=step, tokens=tokens)
+        maps = self.watch.maps_schedule is None or self.watch.maps_schedule.due(
+            step, tokens, self._last_maps, final=final
+        )
+        if maps:
+            self._last_maps = self._last
+        return self.measure_now(model, step=step, tokens=tokens, maps=maps)
 
     def measure_now(
-        self, model: nn.Module, *, step: int, tokens: int, info: Mapping[str, Any] | None = None
+        self,
+        model: nn.Module,
+        *,
+        step: int,
+        tokens: int,
+        maps: bool = True,
+        info: Mapping[str, Any] | None = None,
     ) -> Snapshot | None:
         """Measure now and record the snapshot (rank zero); None if the measurement failed.
 
         Every rank must call it (it is a collective). Failures are logged with their traceback and
         recorded in the store; they never propagate.
+
+        Args:
+            model: the causal LM.
+            step: global step of the weights.
+            tokens: training tokens seen.
+            maps: also draw the region maps (when the probe config includes them).
+            info: extra facts recorded in the snapshot.
         """
-        shard = self._guarded_measure(model, step)
+        config = self.watch.probe
+        if not maps and "maps" in config.parts and len(config.parts) > 1:
+            config = replace(config, parts=tuple(p for p in config.parts if p != "maps"))
+        shard = self._guarded_measure(model, step, config)
         shards = _gather(shard, self._rank, self._world)
         if self._rank != 0:
             return None
@@ -319,8 +356,9 @@ class Monitor:
     def _build_probes(self) -> ProbeSet:
         return ProbeSet.build(self._tokenizer, self._source, seed=self.watch.probe_seed)
 
-    def _guarded_measure(self, model: nn.Module, step: int) -> Measurement | None:
-        config = self.watch.probe
+    def _guarded_measure(
+        self, model: nn.Module, step: int, config: ProbeConfig
+    ) -> Measurement | None:
         shard = (self._rank, self._world)
         for attempt in range(2):
             try:

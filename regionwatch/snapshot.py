@@ -98,8 +98,9 @@ class Snapshot:
         """One flat JSON-able dict: the index row and `regionwatch show --json` line.
 
         Keys: `step`, `tokens`, `wall_time`, `run_id`, the fingerprints, every summary scalar
-        under its PAPER.md §8 name (`max_slope/median`, ...), `probe_seconds`, and the settings
-        that make max slopes comparable (`num_alphas`, `grid`, `write_layer`).
+        under its PAPER.md §8 name (`max_slope/median`, ...), `probe_seconds`, the settings
+        that make max slopes comparable (`num_alphas`, `grid`, `write_layer`), and `parts`
+        (the parts measured, e.g. ["dissimilar", "maps", "named", "random", "similar"]).
         """
         config = self.measurement.config
         return {
@@ -113,6 +114,9 @@ class Snapshot:
             "num_alphas": config.num_alphas,
             "grid": config.grid,
             "write_layer": config.write_layer,
+            "parts": sorted(
+                [*self.measurement.curves, *(["maps"] if self.measurement.maps else [])]
+            ),
             **{k: _json_float(v) for k, v in self.summary.items()},
             "probe_seconds": self.measurement.timing.get("total", math.nan),
         }

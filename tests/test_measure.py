@@ -374,6 +374,8 @@ def test_probe_config_round_trips_and_rejects_unknown_keys() -> None:
     assert again == config
     assert again.fingerprint == config.fingerprint
     assert ProbeConfig(max_batch_tokens=64).fingerprint == ProbeConfig().fingerprint
+    assert ProbeConfig(parts=("random",)).fingerprint == ProbeConfig().fingerprint
+    assert ProbeConfig(num_alphas=11).fingerprint != ProbeConfig().fingerprint
     with pytest.raises(ConfigError, match=r"unknown keys \['num_alpha'\]"):
         ProbeConfig.from_dict({"num_alpha": 11})
 
