@@ -4,7 +4,8 @@
 
 Prints `ready` once torch and the base snapshot are loaded, then answers one line per command:
 `fork SEED` forks a child that opens the store and writes, rewrites and truncates snapshots until
-it is killed (answers `child PID`); `reap PID` waits for that child (answers `status STATUS`).
+it is killed (answers `child PID`; the child prints `done N` after each operation, or `dead` if
+it fails); `reap PID` waits for that child (answers `status STATUS`); `exit` ends.
 Forking from a warm interpreter makes each kill cost milliseconds instead of a 2 s torch import,
 so the test can afford dozens of kills; each child is still a separate process that opens the
 store itself and dies by SIGKILL mid-write.
@@ -15,6 +16,7 @@ against what the writer wrote for that step.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -60,7 +62,7 @@ def derive(base: Snapshot, step: int, variant: int) -> Snapshot:
 def write_until_killed(run_dir: str, base: Snapshot, seed: int) -> None:
     rng = random.Random(seed)
     store = SnapshotStore(run_dir)
-    while True:
+    for done in itertools.count(1):
         steps = store.steps()
         draw = rng.random()
         if len(steps) > MAX_SNAPSHOTS and draw < TRUNCATE_P:
@@ -71,6 +73,8 @@ def write_until_killed(run_dir: str, base: Snapshot, seed: int) -> None:
             store.record_failure(step=steps[-1], tokens=0, error=f"simulated {seed}")
         else:
             store.write(derive(base, steps[-1] + 1 if steps else 0, rng.choice(VARIANTS)))
+        sys.stdout.write(f"done {done}\n")  # one line, under PIPE_BUF: a kill cannot split it
+        sys.stdout.flush()
 
 
 def main() -> None:
@@ -81,17 +85,21 @@ def main() -> None:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     for line in sys.stdin:
-        command, argument = line.split()
+        command, _, argument = line.strip().partition(" ")
         if command == "fork":
             pid = os.fork()
             if pid == 0:
                 try:
                     write_until_killed(run_dir, base, int(argument))
-                except BaseException:  # noqa: BLE001 - report to the test, which sees a non-kill exit
+                except BaseException:  # noqa: BLE001 - reported to the test, which then fails
                     traceback.print_exc()
                     sys.stderr.flush()
+                    sys.stdout.write("dead 1\n")
+                    sys.stdout.flush()
                 os._exit(1)
             sys.stdout.write(f"child {pid}\n")
+        elif command == "exit":
+            return
         elif command == "reap":
             _, status = os.waitpid(int(argument), 0)
             sys.stdout.write(f"status {status}\n")
