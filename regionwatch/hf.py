@@ -27,7 +27,13 @@ from typing_extensions import override
 from regionwatch.corpus import Source
 from regionwatch.errors import ConfigError
 from regionwatch.measure import ProbeConfig
-from regionwatch.monitor import Monitor, Precision, WatchConfig
+from regionwatch.monitor import (
+    DEFAULT_MAPS_SCHEDULE,
+    DEFAULT_SCHEDULE,
+    Monitor,
+    Precision,
+    WatchConfig,
+)
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import Schedule
 
@@ -48,6 +54,8 @@ class RegionMonitorCallback(TrainerCallback):
         probes: a ready probe set.
         config: what each measurement computes (default `ProbeConfig()`).
         schedule: when to measure (default `Schedule.log_tokens(per_decade=8)`).
+        maps_schedule: which snapshots also draw region maps (default: 2 per decade of
+            tokens, and the first and last); None: every snapshot.
         run_dir: where the run is stored.
         source: text for the probe set (default: the built-in corpus).
         seed: seed of the probe set.
@@ -69,7 +77,8 @@ class RegionMonitorCallback(TrainerCallback):
         *,
         probes: ProbeSet | None = None,
         config: ProbeConfig | None = None,
-        schedule: Schedule | None = None,
+        schedule: Schedule = DEFAULT_SCHEDULE,
+        maps_schedule: Schedule | None = DEFAULT_MAPS_SCHEDULE,
         run_dir: str | Path | None = None,
         source: Source = None,
         seed: int = 0,
@@ -78,7 +87,8 @@ class RegionMonitorCallback(TrainerCallback):
     ) -> None:
         watch = WatchConfig(
             probe=config or ProbeConfig(),
-            schedule=schedule or Schedule.log_tokens(),
+            schedule=schedule,
+            maps_schedule=maps_schedule,
             precision=precision,
             tensorboard=tensorboard,
             probe_seed=seed,

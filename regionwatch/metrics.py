@@ -317,21 +317,27 @@ def emergence_onset(
     The init band is the interquartile range of the pairs' max slopes at initialization (the
     step-0 snapshot); the onset is the earliest snapshot whose median exceeds the band's top
     (`init_q75`) and after which every later median does too, so a single noisy point does not
-    count. None while the curve has not left the band for good.
+    count. Snapshots without a median (NaN: every pair excluded) carry no information and are
+    skipped. The live monitor (TensorBoard `onset/tokens`) and the report both use this.
 
     Args:
         tokens: tokens seen of each snapshot, ascending.
-        medians: median max slope of each snapshot (NaN counts as not above).
+        medians: median max slope of each snapshot (NaN or None: skipped).
         init_q75: q75 of the max slopes at initialization.
 
     Returns:
-        The tokens of the onset snapshot, or None.
+        The tokens of the onset snapshot, or None while the curve has not left the band for
+        good, before a second snapshot, or without a finite `init_q75`.
     """
+    series = [
+        (t, m) for t, m in zip(tokens, medians, strict=True) if m is not None and math.isfinite(m)
+    ]
+    if len(series) < 2 or not math.isfinite(init_q75):  # noqa: PLR2004  (init + one more)
+        return None
     onset = None
-    for t, m in zip(tokens, medians, strict=True):
-        above = m > init_q75  # False for NaN
-        if above and onset is None:
-            onset = t
-        elif not above:
+    for t, m in series:
+        if m <= init_q75:
             onset = None
+        elif onset is None:
+            onset = t
     return onset

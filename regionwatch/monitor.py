@@ -58,6 +58,9 @@ RUN_SUBDIR = "regionwatch"  # default run dir inside the trainer's log dir
 # the probe set ten times over. Two per decade of tokens (plus the first and the last snapshot)
 # still show regions forming, and keep a monitored run's overhead within a few percent.
 MAPS_PER_DECADE = 2
+# Schedules are frozen, so these defaults are safe to share as argument defaults.
+DEFAULT_SCHEDULE = Schedule.log_tokens()  # 8 per decade of tokens: regions form early
+DEFAULT_MAPS_SCHEDULE = Schedule.log_tokens(per_decade=MAPS_PER_DECADE)
 PRECISIONS = ("fp32", "trainer")
 Precision = Literal["fp32", "trainer"]
 ContextFactory = Callable[[], AbstractContextManager[Any]]
@@ -80,10 +83,8 @@ class WatchConfig:
     """
 
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    schedule: Schedule = field(default_factory=Schedule.log_tokens)
-    maps_schedule: Schedule | None = field(
-        default_factory=lambda: Schedule.log_tokens(per_decade=MAPS_PER_DECADE)
-    )
+    schedule: Schedule = DEFAULT_SCHEDULE
+    maps_schedule: Schedule | None = DEFAULT_MAPS_SCHEDULE
     precision: Precision = "fp32"
     tensorboard: bool = True
     probe_seed: int = 0
@@ -412,13 +413,14 @@ class Monitor:
 
 
 def _onset(records: list[dict[str, Any]]) -> float | None:
-    """Emergence onset over the snapshots so far (see `metrics.emergence_onset`)."""
-    rows = [r for r in records if r.get("max_slope/median") is not None]
-    if len(rows) < 2 or rows[0].get("max_slope/q75") is None:  # noqa: PLR2004  (init + one more)
+    """Emergence onset over the snapshots so far (`metrics.emergence_onset`)."""
+    measured = [r for r in records if r.get("max_slope/median") is not None]
+    if not measured or measured[0].get("max_slope/q75") is None:
         return None
-    tokens = [r["tokens"] for r in rows]
-    medians = [r["max_slope/median"] for r in rows]
-    return metrics.emergence_onset(tokens, medians, rows[0]["max_slope/q75"])
+    medians = [r["max_slope/median"] for r in measured]
+    return metrics.emergence_onset(
+        [r["tokens"] for r in measured], medians, measured[0]["max_slope/q75"]
+    )
 
 
 def _all_fp32(model: nn.Module) -> bool:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -29,6 +27,7 @@ from safetensors import SafetensorError
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from regionwatch.atomic import sync_dir, temp_path, write_atomic
 from regionwatch.corpus import (
     Source,
     describe,
@@ -394,18 +393,19 @@ class ProbeSet:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Not tempfile.mkdtemp: its 0o700 mode would stay on the probe set after the rename.
-            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+            # temp_path's mark lets a store's crash cleanup recognise a half-saved probe set.
+            tmp = temp_path(path)
             tmp.mkdir()
         except OSError as err:
             raise StoreError(f"cannot create {path}: {err}") from err
         try:
-            _write_synced(tmp / TENSORS_FILE, data)
-            _write_synced(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+            write_atomic(tmp / TENSORS_FILE, data)
+            write_atomic(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
             tmp.rename(path)  # atomic: readers see no directory or a whole one
-        except OSError as err:
+        except (OSError, StoreError) as err:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(f"cannot write probe set to {path}: {err}") from err
-        _sync_dir(path.parent)
+        sync_dir(path.parent)
         logger.debug("saved probe set %s to %s", self.fingerprint, path)
         return path
 
@@ -655,21 +655,6 @@ def _json_form(value: Mapping[str, Any]) -> Any:
         raise ConfigError(
             f"ProbeSet.provenance must be JSON-serializable (it is saved as JSON): {err}"
         ) from err
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())  # on disk before the rename makes the directory visible
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

@@ -118,7 +118,7 @@ class Snapshot:
                 [*self.measurement.curves, *(["maps"] if self.measurement.maps else [])]
             ),
             **{k: _json_float(v) for k, v in self.summary.items()},
-            "probe_seconds": self.measurement.timing.get("total", math.nan),
+            "probe_seconds": _json_float(self.measurement.timing.get("total", math.nan)),
         }
 
     def header(self) -> dict[str, Any]:

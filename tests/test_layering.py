@@ -22,6 +22,7 @@ RANK = {
     "probes": 2,
     "loading": 2,
     "engine": 3,
+    "checkpoints": 3,
     "parts": 4,
     "measure": 5,
     "reference": 6,
@@ -38,7 +39,7 @@ RANK = {
     "__main__": 13,
 }
 # Host frameworks stay in their drivers (STYLE.md §2.1).
-HOST_IMPORTS = {"lightning": {"lightning"}, "pytorch_lightning": {"lightning"}}
+HOST_IMPORTS = {"lightning": {"lightning", "demo"}, "pytorch_lightning": {"lightning"}}
 
 
 def modules() -> list[Path]:

@@ -189,7 +189,9 @@ def test_emergence_onset_needs_the_curve_to_stay_above_the_band() -> None:
     assert metrics.emergence_onset(tokens, [1.1, 1.3, 1.1, 1.4, 1.6], 1.2) == 1000
     assert metrics.emergence_onset(tokens, [1.1, 1.3, 1.4, 1.5, 1.6], 1.2) == 10
     assert metrics.emergence_onset(tokens, [1.1, 1.3, 1.4, 1.5, 1.1], 1.2) is None
-    assert metrics.emergence_onset(tokens, [1.1, 1.3, float("nan"), 1.5, 1.6], 1.2) == 1000
+    assert metrics.emergence_onset(tokens, [1.1, 1.3, float("nan"), 1.5, 1.6], 1.2) == 10  # skipped
+    assert metrics.emergence_onset(tokens[:1], [1.1], 1.0) is None  # needs a second snapshot
+    assert metrics.emergence_onset(tokens, [1.1, 1.3, 1.4, 1.5, 1.6], float("nan")) is None
 
 
 def test_solid_fraction_of_a_gradient_and_of_solid_regions() -> None:

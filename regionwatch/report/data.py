@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 MODEL_NAME_KEYS = ("model_name", "model", "checkpoint_name", "model_class")
 MODEL_SIZE_KEYS = ("num_parameters", "n_params", "parameters")
 PAIR_PARTS = ("similar", "dissimilar", "named")
-MIN_ONSET_SNAPSHOTS = 2  # the init snapshot and one after it
 
 
 @dataclass(frozen=True)
@@ -232,13 +231,8 @@ class RunData:
         Over the snapshots with a median only, as the live monitor logs it to TensorBoard
         (`onset/tokens`), so that the page and TensorBoard agree; None before a second one.
         """
-        keep = self.measured
-        if keep.sum() < MIN_ONSET_SNAPSHOTS or not math.isfinite(self.init_q75):
-            return None
         return metrics.emergence_onset(
-            self.tokens[keep].tolist(),
-            self.values("max_slope/median")[keep].tolist(),
-            self.init_q75,
+            self.tokens.tolist(), self.values("max_slope/median").tolist(), self.init_q75
         )
 
     def _first(self, key: str) -> float:

@@ -1,0 +1,326 @@
+"""`regionwatch demo`: pretrain a small LM from scratch on the built-in corpus, monitored live.
+
+Everything is local: a byte-level BPE tokenizer trained on the built-in corpus (Tiny
+Shakespeare), training windows served through `datasets`, a GPT-2- or Llama-style model built from
+a config, and `RegionMonitor` (Lightning) or `RegionMonitorCallback` (transformers.Trainer)
+attached. This module is an application of the library, like `examples/`: it is the one place
+besides the drivers that imports both trainers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import lightning as L
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from transformers import (
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    get_cosine_schedule_with_warmup,
+)
+
+from regionwatch.corpus import builtin_text, token_stream, train_tokenizer
+from regionwatch.errors import ConfigError
+from regionwatch.hf import RegionMonitorCallback
+from regionwatch.lightning import RegionMonitor
+from regionwatch.measure import ProbeConfig
+from regionwatch.monitor import MAPS_PER_DECADE
+from regionwatch.probes import ProbeSet
+from regionwatch.schedule import DEFAULT_PER_DECADE, Schedule
+
+logger = logging.getLogger(__name__)
+
+TRAINERS = ("lightning", "hf")
+ARCHITECTURES = ("gpt2", "llama")
+RUN_DIR = "regionwatch"  # the run inside a demo's output directory
+LLAMA_FFN_RATIO = 4  # intermediate width / width, as GPT-2's MLP
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """The demo run: model shape, data, optimisation, and what regionwatch measures and when.
+
+    The defaults are `configs/demo.yaml`: a 4-layer d=256 GPT-2 with a 2k BPE vocabulary,
+    batches of 32 x 128 tokens, AdamW 1e-3 with warmup and cosine decay, about 10 minutes on
+    2 CPU cores.
+    """
+
+    architecture: Literal["gpt2", "llama"] = "gpt2"
+    layers: int = 4
+    width: int = 256
+    heads: int = 4
+    vocab_size: int = 2048
+    seq_len: int = 128
+    batch_size: int = 32
+    steps: int = 300
+    learning_rate: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    seed: int = 0
+    per_decade: int = DEFAULT_PER_DECADE  # snapshots per decade of training tokens
+    maps_per_decade: int = MAPS_PER_DECADE
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"DemoConfig.architecture={self.architecture!r}: need one of {ARCHITECTURES}"
+            )
+        for name in (
+            "layers",
+            "width",
+            "heads",
+            "vocab_size",
+            "seq_len",
+            "batch_size",
+            "steps",
+            "per_decade",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"DemoConfig.{name}={value!r}: need an int >= 1")
+        if self.width % self.heads:
+            raise ConfigError(
+                f"DemoConfig.width={self.width} must be a multiple of heads={self.heads}"
+            )
+        if not (isinstance(self.learning_rate, float | int) and self.learning_rate > 0):
+            raise ConfigError(f"DemoConfig.learning_rate={self.learning_rate!r}: need a number > 0")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DemoConfig:
+        """From a mapping such as a parsed YAML file; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"demo config: unknown keys {unknown}; known: {sorted(known)}")
+        values = dict(data)
+        if "probe" in values:
+            values["probe"] = ProbeConfig.from_dict(values["probe"])
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DemoConfig:
+        """From a YAML file like configs/demo.yaml."""
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read demo config {path}: {err}") from err
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"demo config {path}: expected a mapping of settings, got {type(data).__name__}"
+            )
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as a YAML file holds it."""
+        return {**asdict(self), "probe": self.probe.to_dict()}
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens per optimizer step (no padding: windows are full)."""
+        return self.batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """Where a demo run went."""
+
+    out: Path  # everything of this run
+    run_dir: Path  # the regionwatch run (store + tensorboard/)
+    seconds: float  # wall time of training, probes included
+
+
+def model_config(config: DemoConfig) -> PretrainedConfig:
+    """The HF config of the demo model (no dropout: the demo is short and the corpus small)."""
+    if config.architecture == "gpt2":
+        return GPT2Config(
+            vocab_size=config.vocab_size,
+            n_positions=config.seq_len,
+            n_embd=config.width,
+            n_layer=config.layers,
+            n_head=config.heads,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.width,
+        intermediate_size=LLAMA_FFN_RATIO * config.width,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=config.heads,
+        max_position_embeddings=config.seq_len,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+    )
+
+
+def new_model(config: DemoConfig) -> PreTrainedModel:
+    """A freshly initialised demo model (the caller seeds)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(model_config(config))
+
+
+def training_data(config: DemoConfig, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    """The built-in corpus as seq_len-token windows, a torch-format `datasets.Dataset`."""
+    ids = token_stream(tokenizer).ids
+    count = len(ids) // config.seq_len
+    windows = ids[: count * config.seq_len].reshape(count, config.seq_len)
+    data = datasets.Dataset.from_dict({"input_ids": windows.tolist()})
+    data = data.map(
+        lambda row: {"attention_mask": [1] * len(row["input_ids"]), "labels": row["input_ids"]}
+    )
+    return data.with_format("torch")
+
+
+class DemoModule(L.LightningModule):
+    """A causal LM (`self.model`) trained with AdamW, linear warmup and cosine decay."""
+
+    def __init__(self, config: DemoConfig) -> None:
+        super().__init__()
+        self.config_ = config
+        self.model = new_model(config)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Next-token loss of one batch."""
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        """AdamW with warmup and cosine decay, stepped every optimizer step."""
+        c = self.config_
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay
+        )
+        schedule = get_cosine_schedule_with_warmup(optimizer, c.warmup_steps, c.steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def run_demo(
+    config: DemoConfig,
+    out: str | Path,
+    *,
+    trainer: Literal["lightning", "hf"] = "lightning",
+    progress: bool = True,
+) -> DemoResult:
+    """Train the demo model with regionwatch attached; return where everything went.
+
+    Raises:
+        ConfigError: a bad trainer name, or an output directory that is not empty.
+    """
+    if trainer not in TRAINERS:
+        raise ConfigError(f"trainer={trainer!r}: need one of {TRAINERS}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty: pass another --out (each demo run needs its own)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tokenizer = train_tokenizer([builtin_text()], vocab_size=config.vocab_size)
+    tokenizer.save_pretrained(out / "tokenizer")
+    probes = ProbeSet.build(tokenizer, seed=config.seed, progress=progress)
+    data = training_data(config, tokenizer)
+    schedule = Schedule.log_tokens(per_decade=config.per_decade)
+    maps = Schedule.log_tokens(per_decade=config.maps_per_decade)
+    started = time.perf_counter()
+    run = _train_lightning if trainer == "lightning" else _train_hf
+    run(config, out, data, probes, schedule, maps, progress)
+    return DemoResult(out=out, run_dir=out / RUN_DIR, seconds=time.perf_counter() - started)
+
+
+def _train_lightning(
+    config: DemoConfig,
+    out: Path,
+    data: datasets.Dataset,
+    probes: ProbeSet,
+    schedule: Schedule,
+    maps: Schedule,
+    progress: bool,
+) -> None:
+    L.seed_everything(config.seed, verbose=False)  # the demo owns its run: seeding it is its job
+    monitor = RegionMonitor(
+        probes=probes,
+        config=config.probe,
+        schedule=schedule,
+        maps_schedule=maps,
+        run_dir=out / RUN_DIR,
+    )
+    module = DemoModule(config)
+    loader = DataLoader(
+        data,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=_generator(config),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu" if not torch.cuda.is_available() else "auto",
+        max_steps=config.steps,
+        callbacks=[monitor],
+        default_root_dir=str(out),
+        logger=L.pytorch.loggers.TensorBoardLogger(str(out), name="lightning"),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=10,
+    )
+    trainer.fit(module, loader)
+
+
+def _train_hf(
+    config: DemoConfig,
+    out: Path,
+    data: datasets.Dataset,
+    probes: ProbeSet,
+    schedule: Schedule,
+    maps: Schedule,
+    progress: bool,
+) -> None:
+    callback = RegionMonitorCallback(
+        probes=probes,
+        config=config.probe,
+        schedule=schedule,
+        maps_schedule=maps,
+        run_dir=out / RUN_DIR,
+    )
+    args = TrainingArguments(
+        output_dir=str(out / "hf"),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type="cosine",
+        logging_steps=10,
+        save_strategy="no",
+        report_to=["tensorboard"],
+        logging_dir=str(out / "hf" / "logs"),
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=not progress,
+        dataloader_drop_last=True,
+        seed=config.seed,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.random.manual_seed(config.seed)
+        model = new_model(config)
+    Trainer(model, args, train_dataset=data, callbacks=[callback]).train()
+
+
+def _generator(config: DemoConfig) -> torch.Generator:
+    return torch.Generator().manual_seed(config.seed)
