@@ -1,19 +1,35 @@
-"""Paths into models and tokenizers: `save_pretrained` directories, configs, the built-in BPE.
+"""Paths into models and tokenizers: `save_pretrained` dirs, state-dict checkpoints, configs, BPE.
 
 Everything loads from local files (or a local Hugging Face cache): regionwatch never needs the
-network to measure a model.
+network to measure a model. Checkpoint kinds beyond `save_pretrained` (what replay meets):
+single-file state dicts (Lightning `.ckpt`, `torch.save` files, `.safetensors`), whose keys may
+carry a wrapper's prefix (`lm.`, `model.`) or torch.compile's `_orig_mod.`, and whose
+architecture comes from a `config.json` or the checkpoint's hyper-parameters. Weights load safely:
+safetensors as such, pickles with `torch.load(weights_only=True)`, and full unpickling (which runs
+arbitrary code) only when the caller says it trusts the file. (Over 400 lines: the safety rules
+of each checkpoint kind sit with the loader they guard.)
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
+import re
+import zipfile
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
+from torch import Tensor
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -24,6 +40,24 @@ from regionwatch.errors import CheckpointError, ConfigError
 logger = logging.getLogger(__name__)
 
 BUILTIN_TOKENIZER = "builtin"  # --tokenizer value: byte-level BPE trained on the built-in corpus
+CONFIG_FILE = "config.json"  # a model's architecture, as save_pretrained writes it
+# What save_pretrained writes, whole or sharded; transformers itself prefers the safetensors ones.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Single-file state dicts: Lightning, torch.save, and safetensors files.
+STATE_DICT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
+# Where a state dict sits inside a checkpoint dict: Lightning's key, then nanoGPT's.
+STATE_DICT_KEYS = ("state_dict", "model")
+# torch.compile wraps a module as `_orig_mod`, so its state-dict keys gain this path segment.
+COMPILED_SEGMENT = re.compile(r"(^|\.)_orig_mod\.")
+# torch.distributed.checkpoint (FSDP's sharded form) writes this beside its *.distcp shards.
+SHARDED_METADATA, SHARD_GLOB = ".metadata", "*.distcp"
+CONSOLIDATE = "python -m torch.distributed.checkpoint.format_utils dcp_to_torch {src} {dst}"
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -48,14 +82,144 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a causal LM from a `save_pretrained` directory (or a hub id found in the local cache).
 
+    Refuses a checkpoint that lacks weights the model has, rather than measuring them as
+    transformers would leave them: freshly initialised.
+
+    Args:
+        path: the directory, or a hub repo id ("org/name").
+        dtype: dtype to measure in.
+        device: device to load onto.
+        revision: hub branch, tag or commit (e.g. Pythia's "step1000"); None for the default.
+
     Raises:
         CheckpointError: nothing loadable there, with the loader's reason.
     """
+    where = str(path) if revision is None else f"{path} (revision {revision})"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), revision=revision)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"cannot load a causal LM from {path}: {err}") from err
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), revision=revision, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise CheckpointError(f"cannot load a causal LM from {where}: {err}") from err
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        raise CheckpointError(
+            f"{where} does not hold the weights of its own config's {type(model).__name__}: "
+            f"missing {_some(missing)}, wrong shape {_some(mismatched)}; a damaged or mislabelled "
+            "checkpoint"
+        )
     return model.to(device=device, dtype=dtype).eval()
+
+
+def has_weights(path: Path) -> bool:
+    """Whether a directory holds `save_pretrained` weight files."""
+    return any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether `path` is a torch.distributed.checkpoint directory (e.g. FSDP's sharded form)."""
+    return path.is_dir() and (path / SHARDED_METADATA).is_file() and any(path.glob(SHARD_GLOB))
+
+
+def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:
+    """Read a single-file checkpoint without running code from it, unless told it is trusted.
+
+    A `.safetensors` file is read as such (it cannot hold code). Anything else goes through
+    `torch.load(weights_only=True)`, which unpickles tensors and plain containers only, memory-
+    mapped when the file allows it (so reading a checkpoint's step costs no RAM, and optimizer
+    state is never paged in). Full unpickling runs arbitrary code from the file: only with
+    `trust_pickle`.
+
+    Args:
+        path: the file.
+        trust_pickle: allow full unpickling when weights-only loading refuses the file.
+
+    Returns:
+        What the file holds (for safetensors: {"state_dict": tensors}).
+
+    Raises:
+        CheckpointError: unreadable or truncated, or it holds pickled objects and `trust_pickle`
+            is off (the message says which object and how to allow it).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return {"state_dict": safetensors.torch.load_file(path)}
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    zipped = zipfile.is_zipfile(path)  # torch.save's format since 1.6; only it can be mmapped
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            raise CheckpointError(_pickle_refusal(path, err, zipped=zipped)) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint ({_first_line(err)}); is the file complete?"
+        ) from err
+    logger.warning("%s: unpickling it fully, as --trust-pickle allows", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=zipped)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+
+
+def load_state_dict_model(
+    path: str | Path,
+    *,
+    config_dir: str | Path | None = None,
+    state_key: str | None = None,
+    trust_pickle: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> PreTrainedModel:
+    """Build the causal LM a single-file state dict (e.g. a Lightning `.ckpt`) holds the weights of.
+
+    The architecture comes from, first that exists: `config_dir`, a `config.json` beside the
+    file, a model config in the checkpoint's hyper-parameters (a config object, or a dict with a
+    `model_type`). The key prefix of the wrapped model (a LightningModule's `lm.`, `model.`) is the
+    one under which the checkpoint's keys match the model's, unless `state_key` names it;
+    torch.compile's `_orig_mod.` segments are dropped. Every weight of the model must be there
+    (tied copies count once), and nothing else under the prefix.
+
+    Args:
+        path: the checkpoint file.
+        config_dir: directory of the model's `config.json`.
+        state_key: the prefix of the model's keys in the checkpoint ("lm" or "lm."; "" for none).
+        trust_pickle: allow full unpickling (see `read_checkpoint`).
+        dtype: dtype to measure in.
+        device: device to load onto.
+
+    Raises:
+        CheckpointError: unreadable, sharded, no architecture found, or weights that do not fit
+            the architecture (the message names the keys).
+    """
+    path = Path(path)
+    if is_sharded_checkpoint(path):
+        raise CheckpointError(sharded_message(path))
+    checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
+    state = _state_dict(checkpoint, path)
+    config = _model_config(path, config_dir, checkpoint)
+    # from_config initialises weights from the global RNG: draw them from a forked one, so that
+    # loading a checkpoint inside someone's script leaves their random stream as it was.
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config)
+    weights = _match_keys(state, model, state_key, path)
+    _load_exactly(model, weights, path)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def sharded_message(path: Path) -> str:
+    """Why a sharded checkpoint directory cannot be replayed, and the command that fixes it."""
+    shards = len(list(path.glob(SHARD_GLOB)))
+    out = path.with_name(path.name + ".pt")
+    return (
+        f"{path} is a sharded checkpoint directory (torch.distributed.checkpoint, as FSDP writes "
+        f"it; {shards} *.distcp shard files): its weights are split across files. Consolidate it "
+        f"into one file first: `{CONSOLIDATE.format(src=path, dst=out)}`, then replay {out} "
+        "(with --config DIR if no config.json lies beside it)"
+    )
 
 
 def init_model(
@@ -83,8 +247,12 @@ def init_model(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """A tokenizer from a directory, or `builtin`: BPE trained on the built-in corpus (~1 s).
+def load_tokenizer(path: str | Path, *, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """A tokenizer from a directory or cached hub id, or `builtin`: BPE on the built-in corpus.
+
+    Args:
+        path: a directory with tokenizer files, a hub repo id, or "builtin" (trains in ~1 s).
+        revision: hub branch, tag or commit.
 
     Raises:
         CheckpointError: no tokenizer files there.
@@ -93,9 +261,166 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         logger.info("training the built-in BPE tokenizer (vocab %d)", DEFAULT_VOCAB_SIZE)
         return train_tokenizer([builtin_text()], vocab_size=DEFAULT_VOCAB_SIZE)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), revision=revision)
     except (OSError, ValueError) as err:
         raise CheckpointError(
             f"no tokenizer in {path}: {err}; "
             f"pass --tokenizer DIR (or --tokenizer {BUILTIN_TOKENIZER})"
         ) from err
+
+
+def has_tokenizer(path: Path) -> bool:
+    """Whether a directory holds tokenizer files."""
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _state_dict(checkpoint: Any, path: Path) -> dict[str, Tensor]:
+    """The name -> tensor mapping inside a checkpoint: under a known key, or the whole of it."""
+    candidates = [checkpoint.get(key) for key in STATE_DICT_KEYS] if _is_map(checkpoint) else []
+    for found in [*candidates, checkpoint]:
+        if _is_map(found) and any(isinstance(v, Tensor) for v in found.values()):
+            return {k: v for k, v in found.items() if isinstance(v, Tensor)}
+    keys = sorted(checkpoint)[:8] if _is_map(checkpoint) else type(checkpoint).__name__
+    raise CheckpointError(
+        f"{path}: no state dict in it (looked under the keys {list(STATE_DICT_KEYS)} and for a "
+        f"name -> tensor mapping; it holds {keys})"
+    )
+
+
+def _model_config(path: Path, config_dir: str | Path | None, checkpoint: Any) -> PretrainedConfig:
+    """The architecture: `config_dir`, then a config.json beside the file, then hyper-parameters."""
+    for where in (config_dir, path.parent if (path.parent / CONFIG_FILE).is_file() else None):
+        if where is not None:
+            try:
+                return AutoConfig.from_pretrained(str(where))
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"cannot read a model config from {where}: {err}") from err
+    hparams = checkpoint.get("hyper_parameters") if _is_map(checkpoint) else None
+    config = _config_in(hparams)
+    if config is None:
+        raise CheckpointError(
+            f"{path}: cannot tell its model architecture: no {CONFIG_FILE} beside it, no "
+            "--config DIR given, and its hyper-parameters hold no model config. Pass "
+            f"--config DIR (config_dir=...), a directory with the model's {CONFIG_FILE}"
+        )
+    return config
+
+
+def _config_in(hparams: Any, depth: int = 2) -> PretrainedConfig | None:
+    """A model config among hyper-parameters: a config object, or a dict with a `model_type`.
+
+    Looks `depth` levels deep, as LightningModules often nest their settings one level.
+    """
+    if isinstance(hparams, PretrainedConfig):
+        return hparams
+    if not _is_map(hparams) or depth < 0:
+        return None
+    if isinstance(hparams.get("model_type"), str):
+        fields = {k: v for k, v in hparams.items() if k != "model_type"}
+        try:
+            return AutoConfig.for_model(hparams["model_type"], **fields)
+        except (ValueError, TypeError) as err:
+            logger.debug("hyper-parameters: not a model config (%s)", err)
+            return None
+    for value in hparams.values():
+        config = _config_in(value, depth - 1)
+        if config is not None:
+            return config
+    return None
+
+
+def _match_keys(
+    state: Mapping[str, Tensor], model: PreTrainedModel, state_key: str | None, path: Path
+) -> dict[str, Tensor]:
+    """The checkpoint's weights of `model`, named as `model.state_dict()` names them."""
+    state = {COMPILED_SEGMENT.sub(r"\1", key): value for key, value in state.items()}
+    wanted = set(model.state_dict())
+    if state_key is None:
+        prefix = _find_prefix(state, wanted)
+        if prefix is None:
+            raise CheckpointError(
+                f"{path}: none of its {len(state)} weights (e.g. {_some(sorted(state))}) is a "
+                f"weight of {type(model).__name__} (e.g. {_some(sorted(wanted))}) under any "
+                "prefix: the wrong architecture (--config DIR), or pass --state-key PREFIX"
+            )
+    else:
+        prefix = state_key if not state_key or state_key.endswith(".") else f"{state_key}."
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def _find_prefix(state: Mapping[str, Tensor], wanted: set[str]) -> str | None:
+    """The key prefix under which most of the checkpoint's keys are the model's (shortest on ties).
+
+    Tried at every dot: `lm.transformer.h.0.attn.c_attn.weight` offers "", "lm.",
+    "lm.transformer.", ...; a LightningModule holding a GPT-2 as `self.lm` wins with "lm.".
+    """
+    votes: Counter[str] = Counter()
+    for key in state:
+        parts = key.split(".")
+        for cut in range(len(parts)):
+            if ".".join(parts[cut:]) in wanted:
+                votes[".".join(parts[:cut]) + ("." if cut else "")] += 1
+    if not votes:
+        return None
+    return min(votes, key=lambda prefix: (-votes[prefix], len(prefix)))
+
+
+def _load_exactly(model: PreTrainedModel, weights: Mapping[str, Tensor], path: Path) -> None:
+    """Copy `weights` into `model`, refusing missing, unexpected and misshapen ones."""
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatches raise even when not strict
+        raise CheckpointError(
+            f"{path}: its weights do not fit {type(model).__name__}: {_first_line(err)}"
+        ) from err
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = [params[k] for k in weights if k in params]
+    # A tied weight (GPT-2's lm_head is its token embedding) may be saved under one name only.
+    missing = [
+        k
+        for k in result.missing_keys
+        if not any(params.get(k) is p for p in loaded if p is not None)
+    ]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: its weights do not fit {type(model).__name__} ({model.config.model_type}): "
+            f"missing {_some(missing)}, unexpected {_some(result.unexpected_keys)}; the wrong "
+            "architecture (--config DIR) or key prefix (--state-key PREFIX)"
+        )
+
+
+def _pickle_refusal(path: Path, err: pickle.UnpicklingError, *, zipped: bool) -> str:
+    """Why a pickled checkpoint was refused, naming the object that needs full unpickling."""
+    detail = next(
+        (line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+        _first_line(err),
+    )
+    what = (
+        "holds pickled Python objects besides tensors"
+        if zipped
+        else "is damaged, or a legacy-format pickle holding Python objects"
+    )
+    return (
+        f"{path} {what} ({detail}). torch.load(weights_only=True) refuses them because "
+        "unpickling runs code from the file. Lightning checkpoints whose hyper-parameters hold "
+        "objects (a model config, a tokenizer) need full unpickling: if you trust the file, pass "
+        "--trust-pickle (trust_pickle=True)"
+    )
+
+
+def _is_map(value: Any) -> bool:
+    return isinstance(value, Mapping)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _some(items: Any, count: int = 3) -> str:
+    """A few items of a list for an error message: `['a', 'b', ...] (12)`."""
+    items = list(items)
+    if not items:
+        return "none"
+    more = ", ..." if len(items) > count else ""
+    return f"[{', '.join(map(str, items[:count]))}{more}] ({len(items)})"
