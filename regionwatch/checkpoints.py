@@ -1,0 +1,476 @@
+"""Checkpoints of a training run: finding them, placing them in training, and loading them.
+
+What replay measures. `discover` turns SOURCE paths and hub revisions into `Checkpoint`s ordered
+by (tokens, step): `save_pretrained` directories (HF Trainer `checkpoint-N` folders among them),
+single-file state dicts (Lightning `.ckpt`, `torch.save` files), sharded directories (refused at
+load with the command that consolidates them) and hub revisions (Pythia's `step1000`, OLMo's
+`step1000-tokens4B`). The step and tokens of each come from the first that applies: the Trainer's
+`trainer_state.json`; a `.ckpt`'s `global_step` (and the tokens a `RegionMonitor` recorded in its
+callback state); the name (`parse_revision`, the one reader of checkpoint names); tokens as
+step x `tokens_per_step`. A checkpoint whose tokens stay unknown is refused, never guessed.
+
+Over 400 lines on purpose: every rule that places a checkpoint in training is here, side by side,
+so that one read shows how any checkpoint got its step and tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import list_repo_refs
+from huggingface_hub.file_download import repo_folder_name
+from transformers import PreTrainedModel
+
+from regionwatch.errors import CheckpointError, ConfigError
+from regionwatch.loading import (
+    CONFIG_FILE,
+    STATE_DICT_SUFFIXES,
+    has_weights,
+    is_sharded_checkpoint,
+    load_model,
+    load_state_dict_model,
+    read_checkpoint,
+    sharded_message,
+)
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["pretrained", "state_dict", "sharded", "hub"]
+TRAINER_STATE = "trainer_state.json"  # the HF Trainer's state in every checkpoint-N folder
+SCANNED_SUFFIXES = (".ckpt",)  # files picked up inside a SOURCE directory; others must be named
+REGION_MONITOR_STATE = "RegionMonitor"  # its Lightning state_key: the class name
+LISTED_REVISIONS = 8  # revision names quoted in an error message
+# Token units in revision names: OLMo's `step1000-tokens4B` is 4e9 tokens (rounded by its makers).
+TOKEN_UNITS = MappingProxyType({"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12})
+_TRAINER_NAME = re.compile(r"checkpoint-(?P<step>\d+)")  # HF Trainer: checkpoint-500
+_LIGHTNING_NAME = re.compile(r"(?:^|-)step=(?P<step>\d+)(?=[-.]|$)")  # epoch=0-step=500(-v1)
+# Pythia `step1000`; OLMo `step1000-tokens4B`, OLMo 2 `stage1-step1000-tokens5B`; ours plain.
+_STEP_NAME = re.compile(r"(?:^|[-_])step(?P<step>\d+)(?:-tokens(?P<tokens>\d+)(?P<unit>[KMBT]?))?$")
+
+# Pythia (Biderman et al. 2023, §2 and the EleutherAI/pythia README): 154 checkpoints per model,
+# step0, ten log-spaced ones (1, 2, 4, ..., 512), then every 1000 steps up to 143000; each step
+# is 1024 sequences x 2048 tokens.
+PYTHIA_STEPS = (0, *(2**i for i in range(10)), *range(1000, 143_001, 1000))
+PYTHIA_TOKENS_PER_STEP = 1024 * 2048  # 2,097,152
+
+
+def revision_name(step: int) -> str:
+    """The hub revision of a step, as Pythia names its branches: `step1000`."""
+    return f"step{step}"
+
+
+PYTHIA_REVISIONS = tuple(revision_name(step) for step in PYTHIA_STEPS)
+
+
+@dataclass(frozen=True)
+class RevisionSchedule:
+    """A public model family's checkpoint revisions and its tokens per optimizer step."""
+
+    revisions: tuple[str, ...]
+    tokens_per_step: int
+
+
+# `--revisions pythia` expands to these; the tokens per step then need no flag.
+REVISION_SCHEDULES = MappingProxyType(
+    {"pythia": RevisionSchedule(PYTHIA_REVISIONS, PYTHIA_TOKENS_PER_STEP)}
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Checkpoint:
+    """One checkpoint to replay: where it is, and where in training it was saved.
+
+    Attributes:
+        kind: "pretrained" (a save_pretrained dir), "state_dict" (one file), "sharded" (a
+            torch.distributed.checkpoint dir; refused at load) or "hub" (a repo revision).
+        path: the file or directory (None for hub revisions).
+        repo: the hub repo id (hub revisions only).
+        revision: the hub revision (hub revisions only).
+        step: optimizer steps taken when it was saved.
+        tokens: training tokens seen when it was saved.
+        found: how step and tokens were found, e.g. "step and tokens: trainer_state.json".
+        tokens_per_step: the tokens-per-step default of its revision schedule, if any.
+    """
+
+    kind: Kind
+    path: Path | None = None
+    repo: str | None = None
+    revision: str | None = None
+    step: int | None = None
+    tokens: int | None = None
+    found: str = ""
+    tokens_per_step: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The checkpoint as a user would name it: its path, or `repo@revision`."""
+        return f"{self.repo}@{self.revision}" if self.repo else str(self.path)
+
+    @property
+    def name(self) -> str:
+        """The short name its step may be read from: the revision or the file's name."""
+        if self.revision is not None:
+            return self.revision
+        name = self.path.name
+        for suffix in STATE_DICT_SUFFIXES:  # `epoch=0-step=4.ckpt.pt` (consolidated) too
+            name = name.removesuffix(suffix)
+        return name
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadOptions:
+    """How to load checkpoints: the options of `load_state_dict_model` and the measuring dtype."""
+
+    config_dir: Path | None = None
+    state_key: str | None = None
+    trust_pickle: bool = False
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+
+def parse_revision(name: str) -> tuple[int, int | None] | None:
+    """Step and tokens from a checkpoint's name; None if the name says neither.
+
+    The one reader of checkpoint names. Understood: `checkpoint-N` (HF Trainer), `stepN`
+    (Pythia), `stepN-tokensT` with T plain or in K/M/B/T units (OLMo; a `stage1-` prefix too),
+    `epoch=E-step=N` (Lightning, with any `-metric=...` or `-vN` after it).
+
+    Args:
+        name: a directory, file (without suffix) or revision name.
+
+    Returns:
+        (step, tokens), tokens None where the name holds none.
+
+    Example:
+        >>> parse_revision("step1000-tokens4B")
+        (1000, 4000000000)
+    """
+    trainer = _TRAINER_NAME.fullmatch(name)
+    if trainer:
+        return int(trainer["step"]), None
+    lightning = _LIGHTNING_NAME.search(name)
+    if lightning:
+        return int(lightning["step"]), None
+    plain = _STEP_NAME.search(name)
+    if plain is None:
+        return None
+    tokens = None if plain["tokens"] is None else int(plain["tokens"]) * TOKEN_UNITS[plain["unit"]]
+    return int(plain["step"]), tokens
+
+
+def discover(
+    sources: Sequence[str | Path] = (),
+    *,
+    tokens_per_step: int | None = None,
+    repo: str | None = None,
+    revisions: str | Sequence[str] | None = None,
+    trust_pickle: bool = False,
+) -> list[Checkpoint]:
+    """Find the checkpoints of SOURCE paths and hub revisions, in training order.
+
+    A SOURCE is a checkpoint (a save_pretrained dir, a state-dict file, a sharded dir) or a
+    directory searched for them (save_pretrained dirs and `*.ckpt` files at any depth; hidden and
+    symlinked directories are not entered). The same file given twice (or via a symlink such as
+    Lightning's `last.ckpt`) counts once.
+
+    Args:
+        sources: paths.
+        tokens_per_step: tokens per optimizer step, for checkpoints that record no token count.
+        repo: a hub repo id whose `revisions` to replay.
+        revisions: names, comma-separated or a list; globs (`step*`) match the repo's revisions;
+            a key of `REVISION_SCHEDULES` ("pythia") stands for its list.
+        trust_pickle: allow full unpickling when reading a `.ckpt`'s step (see `read_checkpoint`).
+
+    Returns:
+        The checkpoints sorted by (tokens, step); every one but sharded ones has both.
+
+    Raises:
+        CheckpointError: a SOURCE that does not exist or holds no checkpoint, or checkpoints
+            whose step or tokens cannot be known (the message names `--tokens-per-step`).
+        ConfigError: revisions without a repo, or a bad `tokens_per_step`.
+    """
+    if tokens_per_step is not None and (
+        not isinstance(tokens_per_step, int)
+        or isinstance(tokens_per_step, bool)
+        or tokens_per_step <= 0
+    ):
+        raise ConfigError(
+            f"--tokens-per-step {tokens_per_step!r}: need an int > 0 (training tokens per "
+            "optimizer step, e.g. batch size x sequence length x gradient accumulation x ranks)"
+        )
+    found: list[Checkpoint] = []
+    for source in sources:
+        found += _scan(Path(source))
+    if repo is not None:
+        found += [
+            Checkpoint(kind="hub", repo=repo, revision=name, tokens_per_step=default)
+            for name, default in expand_revisions(repo, revisions)
+        ]
+    elif revisions:
+        raise ConfigError("--revisions needs --repo NAME: the hub repo they are revisions of")
+    unique = {_identity(c): c for c in reversed(found)}  # the first mention wins
+    placed = [_place(c, tokens_per_step, trust_pickle) for c in found if unique[_identity(c)] is c]
+    _refuse_unplaced(placed)
+    return sorted(placed, key=_order)
+
+
+def expand_revisions(
+    repo: str, revisions: str | Sequence[str] | None
+) -> list[tuple[str, int | None]]:
+    """Revision names, each with its schedule's tokens per step if it came from one.
+
+    Raises:
+        CheckpointError: a glob that matches no revision of the repo.
+        ConfigError: no revisions given.
+    """
+    items = revisions.split(",") if isinstance(revisions, str) else list(revisions or ())
+    items = [item.strip() for item in items if item.strip()]
+    if not items:
+        raise ConfigError(
+            f"--repo {repo} needs --revisions: names (step0,step1000), a glob ('step*') or "
+            f"a known schedule ({', '.join(REVISION_SCHEDULES)})"
+        )
+    out: list[tuple[str, int | None]] = []
+    refs: list[str] | None = None
+    for item in items:
+        if item in REVISION_SCHEDULES:
+            schedule = REVISION_SCHEDULES[item]
+            out += [(name, schedule.tokens_per_step) for name in schedule.revisions]
+        elif any(char in item for char in "*?["):
+            refs = list_revisions(repo) if refs is None else refs
+            matched = sorted((r for r in refs if fnmatchcase(r, item)), key=_revision_order)
+            if not matched:
+                raise CheckpointError(
+                    f"--revisions {item!r} matches none of the {len(refs)} revisions of {repo}: "
+                    f"{sorted(refs)[:LISTED_REVISIONS]}"
+                )
+            out += [(name, None) for name in matched]
+        else:
+            out.append((item, None))
+    return out
+
+
+def list_revisions(repo: str) -> list[str]:
+    """The branches and tags of a hub repo; offline, those in the local Hugging Face cache.
+
+    Offline (`HF_HUB_OFFLINE=1`), or when the hub cannot be reached, the answer is the refs the
+    local cache holds (`<HF_HUB_CACHE>/models--org--name/refs/`): only revisions downloaded
+    before. That is logged, since it may be fewer than the repo has.
+    """
+    if not hub_constants.HF_HUB_OFFLINE:
+        try:
+            refs = list_repo_refs(repo)
+            return [ref.name for ref in (*refs.branches, *refs.tags)]
+        except OSError as err:  # the hub's HTTP errors and connection errors are OSErrors
+            logger.warning("cannot list the revisions of %s on the hub (%s)", repo, err)
+    refs_dir = Path(hub_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
+    refs_dir /= "refs"
+    names = sorted(p.name for p in refs_dir.iterdir() if p.is_file()) if refs_dir.is_dir() else []
+    logger.warning(
+        "listing the revisions of %s from the local cache %s only (offline): %d found",
+        repo,
+        refs_dir,
+        len(names),
+    )
+    return names
+
+
+def load(checkpoint: Checkpoint, options: LoadOptions) -> PreTrainedModel:
+    """Load a checkpoint's causal LM, in eval mode.
+
+    Raises:
+        CheckpointError: anything that makes it unloadable, with the reason.
+    """
+    at = {"dtype": options.dtype, "device": options.device}
+    if checkpoint.kind == "hub":
+        return load_model(checkpoint.repo, revision=checkpoint.revision, **at)
+    if checkpoint.kind == "pretrained":
+        return load_model(checkpoint.path, **at)
+    if checkpoint.kind == "sharded":
+        raise CheckpointError(sharded_message(checkpoint.path))
+    return load_state_dict_model(
+        checkpoint.path,
+        config_dir=options.config_dir,
+        state_key=options.state_key,
+        trust_pickle=options.trust_pickle,
+        **at,
+    )
+
+
+def _scan(source: Path) -> list[Checkpoint]:
+    if not source.exists():
+        raise CheckpointError(f"SOURCE {source} does not exist")
+    if source.is_file():
+        if source.suffix not in STATE_DICT_SUFFIXES:
+            raise CheckpointError(
+                f"SOURCE {source} is not a checkpoint file (known suffixes: "
+                f"{', '.join(STATE_DICT_SUFFIXES)}); for a save_pretrained model pass its directory"
+            )
+        return [Checkpoint(kind="state_dict", path=source)]
+    found = list(_walk(source))
+    if not found:
+        raise CheckpointError(
+            f"no checkpoints in {source}: looked for save_pretrained directories ({CONFIG_FILE} "
+            "with model.safetensors or pytorch_model.bin), Trainer checkpoint-N folders, "
+            f"Lightning {', '.join(SCANNED_SUFFIXES)} files and sharded checkpoint directories"
+        )
+    return found
+
+
+def _walk(directory: Path) -> Iterator[Checkpoint]:
+    if is_sharded_checkpoint(directory):
+        yield Checkpoint(kind="sharded", path=directory)
+        return
+    if _is_pretrained(directory):
+        yield Checkpoint(kind="pretrained", path=directory)
+    for child in sorted(directory.iterdir()):
+        if child.name.startswith("."):
+            continue  # .git, .cache, .no_exist: never checkpoints
+        if child.is_dir() and not child.is_symlink():
+            yield from _walk(child)
+        elif child.is_file() and child.suffix in SCANNED_SUFFIXES:
+            yield Checkpoint(kind="state_dict", path=child)
+
+
+def _is_pretrained(directory: Path) -> bool:
+    """A save_pretrained dir: weights, or a model config in a folder named or stated like one.
+
+    The second case keeps a checkpoint whose weights went missing in the replay (it then fails
+    with that reason), while a bare config beside `.ckpt` files is not taken for a checkpoint.
+    """
+    if not (directory / CONFIG_FILE).is_file():
+        return False
+    if has_weights(directory):
+        return True
+    if not ((directory / TRAINER_STATE).is_file() or parse_revision(directory.name)):
+        return False
+    return "model_type" in _read_json(directory / CONFIG_FILE)
+
+
+def _place(checkpoint: Checkpoint, tokens_per_step: int | None, trust_pickle: bool) -> Checkpoint:
+    """Fill in step and tokens, each from the first source that has it."""
+    steps: list[tuple[int | None, str]] = []
+    tokens: list[tuple[int | None, str]] = []
+    if checkpoint.kind == "pretrained" and (checkpoint.path / TRAINER_STATE).is_file():
+        state = _read_json(checkpoint.path / TRAINER_STATE)
+        step, seen = state.get("global_step"), state.get("num_input_tokens_seen")
+        steps.append((step, TRAINER_STATE))
+        # The Trainer writes 0 when it was not asked to count (include_num_input_tokens_seen).
+        tokens.append((seen if seen or step == 0 else None, TRAINER_STATE))
+    if checkpoint.kind == "state_dict" and checkpoint.path.suffix != ".safetensors":
+        step, seen = _lightning_position(checkpoint.path, trust_pickle)
+        steps.append((step, "the checkpoint's global_step"))
+        tokens.append((seen, "the RegionMonitor state in the checkpoint"))
+    named = parse_revision(checkpoint.name)
+    if named is not None:
+        steps.append((named[0], "the name"))
+        tokens.append((named[1], "the name"))
+    step, step_from = _first(steps)
+    per_step = tokens_per_step or checkpoint.tokens_per_step
+    if step is not None and per_step is not None:
+        tokens.append((step * per_step, f"step x {per_step} tokens per step"))
+    seen, tokens_from = _first(tokens)
+    how = (
+        f"step and tokens from {step_from}"
+        if step_from == tokens_from
+        else f"step from {step_from}, tokens from {tokens_from}"
+    )
+    return replace(checkpoint, step=step, tokens=seen, found=how)
+
+
+def _lightning_position(path: Path, trust_pickle: bool) -> tuple[int | None, int | None]:
+    """A `.ckpt`'s global step and the tokens its RegionMonitor counted; Nones if unreadable.
+
+    Memory-mapped: this reads the few bytes of metadata, not the weights. An unreadable file
+    is not an error here; loading it reports why.
+    """
+    try:
+        data = read_checkpoint(path, trust_pickle=trust_pickle)
+    except CheckpointError as err:
+        logger.debug("%s: no step from its contents (%s)", path, err)
+        return None, None
+    if not isinstance(data, Mapping):
+        return None, None
+    step = data.get("global_step")
+    seen = None
+    for key, state in (data.get("callbacks") or {}).items():
+        if str(key).startswith(REGION_MONITOR_STATE) and isinstance(state, Mapping):
+            seen = state.get("tokens")
+    return _int_or_none(step), _int_or_none(seen)
+
+
+def _refuse_unplaced(checkpoints: list[Checkpoint]) -> None:
+    unplaced = [
+        c for c in checkpoints if c.kind != "sharded" and (c.step is None or c.tokens is None)
+    ]
+    if not unplaced:
+        return
+    lines = [
+        f"  {c.label}: "
+        + (
+            "no step (no trainer_state.json or global_step; the name is not checkpoint-N, stepN, "
+            "stepN-tokensT or epoch=E-step=N)"
+            if c.step is None
+            else f"step {c.step} ({c.found.split(',')[0]}), tokens unknown"
+        )
+        for c in unplaced
+    ]
+    raise CheckpointError(
+        f"cannot tell how many training tokens {len(unplaced)} checkpoint(s) had seen, and will "
+        "not guess:\n"
+        + "\n".join(lines)
+        + "\nPass --tokens-per-step N (tokens = step x N; tokens_per_step=...) for checkpoints "
+        "with a step; name the others like stepN (or pass the checkpoint-N folders themselves)"
+    )
+
+
+def _first(candidates: list[tuple[int | None, str]]) -> tuple[int | None, str]:
+    for value, where in candidates:
+        if value is not None:
+            return int(value), where
+    return None, "nowhere"
+
+
+def _identity(checkpoint: Checkpoint) -> tuple[str, ...]:
+    if checkpoint.kind == "hub":
+        return ("hub", checkpoint.repo, checkpoint.revision)
+    return ("path", str(checkpoint.path.resolve()))
+
+
+def _order(checkpoint: Checkpoint) -> tuple[Any, ...]:
+    # Sharded dirs may lack a position; they fail at load anyway, so they go last.
+    unknown = checkpoint.tokens is None
+    return (unknown, checkpoint.tokens or 0, checkpoint.step or 0, checkpoint.label)
+
+
+def _revision_order(name: str) -> tuple[int, int, str]:
+    parsed = parse_revision(name)
+    return (0, parsed[0], name) if parsed else (1, 0, name)
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return int(value) if isinstance(value, int) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; {} (with a warning) if damaged: placing falls back on the name."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        logger.warning("%s: not readable JSON (%s); ignored", path, err)
+        return {}
+    return data if isinstance(data, dict) else {}
