@@ -1,0 +1,152 @@
+"""Real checkpoints of tiny GPT-2 runs for the replay tests, and a local stand-in for the hub.
+
+- `save_pretrained` directories of seeded models;
+- an HF `Trainer` run saving `checkpoint-N` folders (with trainer_state.json), optionally with a
+  live `RegionMonitorCallback`;
+- a Lightning run saving `.ckpt` files with `ModelCheckpoint`, optionally with a live
+  `RegionMonitor`;
+- `add_hub_revision`: a Hugging Face hub cache laid out as `huggingface_hub` downloads it
+  (`models--org--name/{refs/<rev>, snapshots/<commit>/<file> -> ../../blobs/<sha256>}`), so that
+  `from_pretrained("org/name", revision="step2")` resolves offline through the real client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub.file_download import repo_folder_name
+from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+from regionwatch import RegionMonitor, RegionMonitorCallback, Schedule
+from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
+from tests.lm import BATCH, SMALL_PROBE, TinyLM, Windows, loader, tiny_gpt2, trainer
+
+
+def save_model(path: Path, *, seed: int, tokenizer: Any = None) -> GPT2LMHeadModel:
+    """A seeded tiny GPT-2 saved with save_pretrained (and the tokenizer, if given)."""
+    model = tiny_gpt2(VOCAB, seed=seed)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return model
+
+
+def lightning_run(
+    root: Path,
+    data: Windows,
+    *,
+    probes: Any = None,
+    every: int = 2,
+    save_every: int = 1,
+    max_steps: int = 6,
+    module: TinyLM | None = None,
+) -> Path:
+    """Train TinyLM saving a .ckpt every `save_every` steps; a live monitor if `probes` is given.
+
+    Returns:
+        The directory of the .ckpt files (the live run, if any, is `root / "live"`).
+    """
+    callbacks: list[Any] = [
+        ModelCheckpoint(
+            dirpath=root / "ckpts", every_n_train_steps=save_every, save_top_k=-1, save_last=False
+        )
+    ]
+    if probes is not None:
+        callbacks.append(
+            RegionMonitor(
+                probes=probes,
+                config=SMALL_PROBE,
+                schedule=Schedule.every_steps(every),
+                run_dir=root / "live",
+            )
+        )
+    fit = trainer(root, callbacks, max_steps=max_steps, enable_checkpointing=True)
+    fit.fit(module or TinyLM(VOCAB), loader(data))
+    return root / "ckpts"
+
+
+class ConfigLM(TinyLM):
+    """A TinyLM whose hyper-parameters hold its model config, as an object or as a dict."""
+
+    def __init__(self, config: GPT2Config | dict[str, Any]) -> None:
+        super().__init__(VOCAB)
+        self.save_hyperparameters()
+
+
+def trainer_run(
+    root: Path, data: Windows, *, probes: Any = None, every: int = 2, max_steps: int = 6
+) -> Path:
+    """Train with the HF Trainer saving checkpoint-N every `every` steps (live monitor if probes).
+
+    Returns:
+        The output dir holding checkpoint-N folders (the live run, if any, is `root / "live"`).
+    """
+    args = TrainingArguments(
+        output_dir=str(root / "out"),
+        per_device_train_batch_size=BATCH,
+        max_steps=max_steps,
+        learning_rate=3e-3,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=every,
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_drop_last=True,
+        seed=0,
+    )
+    callbacks = []
+    if probes is not None:
+        callbacks.append(
+            RegionMonitorCallback(
+                probes=probes,
+                config=SMALL_PROBE,
+                schedule=Schedule.every_steps(every),
+                run_dir=root / "live",
+            )
+        )
+    Trainer(tiny_gpt2(VOCAB), args, train_dataset=data, callbacks=callbacks).train()
+    return root / "out"
+
+
+def add_hub_revision(cache: Path, repo: str, revision: str, files: Path) -> str:
+    """Lay out the files of directory `files` as `revision` of `repo` in a hub cache.
+
+    The layout `huggingface_hub` writes when it downloads (file_download.py): each file's bytes
+    in `blobs/<sha256>`, the revision's tree in `snapshots/<commit>/` as relative symlinks to the
+    blobs, and `refs/<revision>` holding the commit hash.
+
+    Returns:
+        The commit hash.
+    """
+    root = cache / repo_folder_name(repo_id=repo, repo_type="model")
+    commit = hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (root / "blobs").mkdir(exist_ok=True)
+    for file in sorted(files.iterdir()):
+        data = file.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / revision).write_text(commit)
+    return commit
+
+
+def truncate(path: Path) -> None:
+    """Cut a file to half its size, as an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two models hold bitwise the same state dict."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -1,0 +1,550 @@
+"""Replay on real checkpoints: every source kind, ordering, failures, resume, live == replay."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from regionwatch import (
+    CheckpointError,
+    ConfigError,
+    ProbeConfig,
+    ProbeSet,
+    SnapshotStore,
+    StoreError,
+)
+from regionwatch.checkpoints import (
+    PYTHIA_REVISIONS,
+    PYTHIA_TOKENS_PER_STEP,
+    REVISION_SCHEDULES,
+    discover,
+    parse_revision,
+    revision_name,
+)
+from regionwatch.cli import main
+from regionwatch.loading import load_state_dict_model
+from regionwatch.replay import replay
+from regionwatch.snapshot import weights_fingerprint
+from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
+from tests.lm import SMALL_PROBE, Windows, small_probes, tiny_gpt2
+from tests.replay_runs import (
+    ConfigLM,
+    add_hub_revision,
+    lightning_run,
+    same_weights,
+    save_model,
+    trainer_run,
+    truncate,
+)
+
+SMALL = ["--alphas", str(SMALL_PROBE.num_alphas), "--grid", str(SMALL_PROBE.grid)]
+REPO = Path(__file__).resolve().parents[1]
+ROUNDOFF = 1e-5  # float32 round-off between differently composed query batches
+
+
+@pytest.fixture(scope="module")
+def probes(text_tokenizer) -> ProbeSet:
+    return small_probes(text_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def probe_dir(probes, tmp_path_factory) -> Path:
+    return probes.save(tmp_path_factory.mktemp("probes") / "probes")
+
+
+@pytest.fixture(scope="module")
+def data(text_tokenizer) -> Windows:
+    return Windows(text_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def lightning_live(tmp_path_factory, data, probes) -> Path:
+    """A Lightning run measured live at steps 0, 2, 4, saving a .ckpt after every step."""
+    root = tmp_path_factory.mktemp("lightning")
+    ckpts = lightning_run(root, data, probes=probes, every=2, save_every=1, max_steps=4)
+    tiny_gpt2(VOCAB).config.save_pretrained(ckpts)  # the architecture, beside the .ckpt files
+    return root
+
+
+@pytest.fixture(scope="module")
+def trainer_live(tmp_path_factory, data, probes) -> Path:
+    """An HF Trainer run measured live at steps 0, 2, 4, saving checkpoint-2 and checkpoint-4."""
+    root = tmp_path_factory.mktemp("trainer")
+    trainer_run(root, data, probes=probes, every=2, max_steps=4)
+    return root
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (NaN included, which torch.equal counts as unequal)."""
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
+
+
+def assert_same_snapshots(live: Path, replayed: Path, steps: list[int]) -> None:
+    """The replayed run holds, at each step, what the live run logged: bit for bit when both drew
+    region maps.
+
+    A live run draws region maps at fewer snapshots than curves (its maps schedule), a replay at
+    every checkpoint. Where the live snapshot drew them too, both measured the same query batches
+    and every array must be bitwise equal; at least one step must be such. Where it did not, the
+    engine batched the pairs' queries without the maps' ones, which moves results by float32
+    round-off (d(0) = 0 vs ~5e-7), so those steps are held to ROUNDOFF.
+    """
+    live_store, replay_store = SnapshotStore(live), SnapshotStore(replayed)
+    exact = 0
+    for step in steps:
+        a, b = live_store.read(step), replay_store.read(step)
+        assert (a.tokens, a.weights_fingerprint) == (b.tokens, b.weights_fingerprint), step
+        assert b.info["driver"] == "replay"
+        arrays_a, arrays_b = a.arrays(), b.arrays()
+        assert any(name.startswith("maps/") for name in arrays_b)
+        if a.measurement.maps is None:
+            for name in arrays_a:
+                torch.testing.assert_close(
+                    arrays_a[name], arrays_b[name], rtol=ROUNDOFF, atol=ROUNDOFF, equal_nan=True
+                )
+            continue
+        exact += 1
+        assert arrays_a.keys() == arrays_b.keys()
+        for name in arrays_a:
+            assert bitwise_equal(arrays_a[name], arrays_b[name]), (step, name)
+        assert dict(a.summary) == dict(b.summary), step
+    assert exact
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("checkpoint-500", (500, None)),
+        ("step1000", (1000, None)),
+        ("step0", (0, None)),
+        ("step1000-tokens4B", (1000, 4_000_000_000)),
+        ("step20-tokens41943040", (20, 41_943_040)),
+        ("step7-tokens12K", (7, 12_000)),
+        ("step7-tokens3M", (7, 3_000_000)),
+        ("stage1-step140000-tokens588B", (140_000, 588_000_000_000)),
+        ("epoch=0-step=4", (4, None)),
+        ("epoch=2-step=300-val_loss=0.51-v1", (300, None)),
+        ("epoch=0-step=2.ckpt", (2, None)),
+        ("last", None),
+        ("final", None),
+        ("steps100", None),
+        ("checkpoint-best", None),
+    ],
+)
+def test_parse_revision_reads_every_naming_scheme(name: str, expected) -> None:
+    """Trainer, Pythia, OLMo and Lightning names give (step, tokens); other names give None."""
+    assert parse_revision(name) == expected
+
+
+def test_pythia_schedule_is_the_published_one() -> None:
+    """154 revisions: step0, 1..512 doubling, then every 1000 to 143000; 2M tokens per step."""
+    assert len(PYTHIA_REVISIONS) == 154
+    assert PYTHIA_REVISIONS[:4] == ("step0", "step1", "step2", "step4")
+    assert PYTHIA_REVISIONS[10:13] == ("step512", "step1000", "step2000")
+    assert PYTHIA_REVISIONS[-1] == "step143000"
+    assert PYTHIA_TOKENS_PER_STEP == 2_097_152
+    assert REVISION_SCHEDULES["pythia"].revisions == PYTHIA_REVISIONS
+    assert all(parse_revision(revision_name(s)) == (s, None) for s in (0, 512, 143_000))
+
+
+def test_discover_orders_by_tokens_and_counts_each_checkpoint_once(
+    tmp_path: Path, trainer_live: Path
+) -> None:
+    """Order follows tokens, not steps or names; a path given twice or via a symlink counts once."""
+    save_model(tmp_path / "b" / "step9-tokens100", seed=0)
+    save_model(tmp_path / "a" / "step1-tokens900", seed=1)
+    (tmp_path / "link").symlink_to(tmp_path / "a" / "step1-tokens900")
+    sources = [tmp_path / "a", tmp_path / "b", tmp_path / "link", trainer_live / "out"]
+    found = discover([*sources, tmp_path / "b" / "step9-tokens100"])
+    live = SnapshotStore(trainer_live / "live").records()
+    assert [(c.step, c.tokens) for c in found] == [
+        (9, 100),
+        (2, live[1]["tokens"]),
+        (4, live[2]["tokens"]),
+        (1, 900),
+    ]
+    assert [c.kind for c in found] == ["pretrained"] * 4
+    assert found[0].found == "step and tokens from the name"
+    assert found[1].found == "step and tokens from trainer_state.json"
+
+
+def test_unknown_tokens_are_refused_naming_the_flag(tmp_path: Path, capsys) -> None:
+    """No token count anywhere: refused before measuring, naming --tokens-per-step; then used."""
+    model = save_model(tmp_path / "step3", seed=0)
+    state = {"global_step": 5, "state_dict": {f"lm.{k}": v for k, v in model.state_dict().items()}}
+    torch.save(state, tmp_path / "weights.ckpt")  # a .ckpt's own step: 5
+    save_model(tmp_path / "final", seed=1)
+    with pytest.raises(CheckpointError, match=r"--tokens-per-step N") as err:
+        discover([tmp_path / "step3", tmp_path / "weights.ckpt", tmp_path / "final"])
+    assert "step 3 (step from the name), tokens unknown" in str(err.value)
+    assert "final: no step" in str(err.value)
+    code = main(["replay", str(tmp_path / "step3"), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "--tokens-per-step" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    found = discover([tmp_path / "step3", tmp_path / "weights.ckpt"], tokens_per_step=64)
+    assert [(c.step, c.tokens) for c in found] == [(3, 192), (5, 320)]
+    assert (
+        found[1].found
+        == "step from the checkpoint's global_step, tokens from step x 64 tokens per step"
+    )
+
+
+def test_save_pretrained_dirs_replay_with_the_tokenizer_they_hold(
+    tmp_path: Path, text_tokenizer
+) -> None:
+    """The probe set comes from the checkpoints' own tokenizer; the run has TensorBoard logs."""
+    models = [
+        save_model(tmp_path / "src" / f"step{s}-tokens{t}", seed=s, tokenizer=text_tokenizer)
+        for s, t in ((1, 1000), (2, 2000))
+    ]
+    result = replay([tmp_path / "src"], out=tmp_path / "run", config=SMALL_PROBE, progress=False)
+    assert result.ok
+    assert [c.step for c in result.measured] == [1, 2]
+    store = SnapshotStore(tmp_path / "run")
+    rows = store.records()
+    assert [(r["step"], r["tokens"]) for r in rows] == [(1, 1000), (2, 2000)]
+    assert [r["weights_fingerprint"] for r in rows] == [weights_fingerprint(m) for m in models]
+    store.probes(tokenizer=text_tokenizer)  # raises unless built with this very tokenizer
+    assert store.read(2).info["checkpoint"] == str(tmp_path / "src" / "step2-tokens2000")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("regionwatch/max_slope/median")] == [1000, 2000]
+
+
+def test_trainer_checkpoints_replay_exactly_the_live_numbers(
+    tmp_path: Path, trainer_live: Path, probes
+) -> None:
+    """checkpoint-N folders of a live HF Trainer run give bit for bit the numbers it logged."""
+    result = replay([trainer_live / "out"], out=tmp_path / "run", probes=probes, config=SMALL_PROBE)
+    assert [c.step for c in result.measured] == [2, 4]
+    assert_same_snapshots(trainer_live / "live", tmp_path / "run", [2, 4])
+
+
+def test_lightning_checkpoints_replay_exactly_the_live_numbers(
+    tmp_path: Path, lightning_live: Path
+) -> None:
+    """A live Lightning run's .ckpt files, its run dir a SOURCE, give its numbers bit for bit."""
+    live = lightning_live / "live"
+    result = replay([live, lightning_live / "ckpts"], out=tmp_path / "run", progress=False)
+    assert [c.step for c in result.measured] == [1, 2, 3, 4]
+    assert {c.found for c in result.measured} == {
+        "step from the checkpoint's global_step, tokens from the RegionMonitor state in the "
+        "checkpoint"
+    }
+    assert (
+        SnapshotStore(tmp_path / "run").probe_fingerprint == SnapshotStore(live).probe_fingerprint
+    )
+    assert_same_snapshots(live, tmp_path / "run", [2, 4])
+
+
+def test_into_adds_the_missing_points_to_a_live_run(
+    tmp_path: Path, lightning_live: Path, capsys
+) -> None:
+    """--into measures only the steps the live run lacks and leaves its own snapshots alone."""
+    run = shutil.copytree(lightning_live / "live", tmp_path / "live")
+    before = {r["step"]: r["wall_time"] for r in SnapshotStore(run).records()}
+    code = main(["replay", str(lightning_live / "ckpts"), "--into", str(run)])
+    assert code == 0
+    assert "2 measured, 2 already there, 0 failed" in capsys.readouterr().out
+    rows = SnapshotStore(run).records()
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert {r["step"]: r["wall_time"] for r in rows if r["step"] in before} == before
+    assert [r["tokens"] for r in rows] == sorted(r["tokens"] for r in rows)
+
+
+def test_mixed_sources_in_one_call(
+    tmp_path: Path, lightning_live: Path, trainer_live: Path, probe_dir: Path, capsys
+) -> None:
+    """save_pretrained dirs, Trainer checkpoints and .ckpt files together, in token order."""
+    save_model(tmp_path / "step3-tokens150", seed=3)
+    sources = [
+        trainer_live / "out" / "checkpoint-4",
+        tmp_path / "step3-tokens150",
+        lightning_live / "ckpts" / "epoch=0-step=1.ckpt",
+    ]
+    argv = ["replay", *map(str, sources), "--out", str(tmp_path / "run"), "--probe", str(probe_dir)]
+    assert main([*argv, *SMALL]) == 0
+    assert "3 measured" in capsys.readouterr().out
+    store = SnapshotStore(tmp_path / "run")
+    rows = store.records()
+    assert [r["step"] for r in rows] == [1, 3, 4]
+    assert [r["tokens"] for r in rows] == sorted(r["tokens"] for r in rows)
+    assert rows[1]["tokens"] == 150
+    assert [store.read(r["step"]).info["checkpoint_kind"] for r in rows] == [
+        "state_dict",
+        "pretrained",
+        "pretrained",
+    ]
+
+
+@pytest.mark.slow
+def test_hub_revisions_resolve_offline_through_a_real_cache(
+    tmp_path: Path, text_tokenizer, probe_dir: Path
+) -> None:
+    """`from_pretrained(repo, revision=...)` finds each revision in a hub cache, offline."""
+    cache, prints = tmp_path / "hub", {}
+    for seed, revision in enumerate(("step0", "step2", "step4")):
+        model = save_model(tmp_path / "src" / revision, seed=seed, tokenizer=text_tokenizer)
+        add_hub_revision(cache, "org/tiny", revision, tmp_path / "src" / revision)
+        prints[revision] = weights_fingerprint(model)
+    local = save_model(tmp_path / "step3-tokens3500", seed=7)
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    argv = [
+        *("replay", str(tmp_path / "step3-tokens3500"), "--repo", "org/tiny"),
+        *("--revisions", "step*,step9", "--tokens-per-step", "1000"),
+        *("--out", str(tmp_path / "run"), "--probe", str(probe_dir), *SMALL),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "regionwatch", *argv],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-3000:]  # step9 is not in the cache
+    assert "from the local cache" in done.stderr
+    assert "FAILED org/tiny@step9" in done.stdout
+    rows = SnapshotStore(tmp_path / "run").records()
+    assert [(r["step"], r["tokens"]) for r in rows] == [(0, 0), (2, 2000), (3, 3500), (4, 4000)]
+    assert [r["weights_fingerprint"] for r in rows] == [
+        prints["step0"],
+        prints["step2"],
+        weights_fingerprint(local),
+        prints["step4"],
+    ]
+
+
+def test_bad_checkpoints_are_reported_and_skipped(tmp_path: Path, probe_dir: Path, capsys) -> None:
+    """Corrupt, weightless and misshapen checkpoints fail alone; the rest go in; exit status 1."""
+    for step in (1, 2, 3, 4, 5):
+        save_model(tmp_path / f"step{step}-tokens{step * 100}", seed=step)
+    truncate(tmp_path / "step2-tokens200" / "model.safetensors")
+    (tmp_path / "step3-tokens300" / "model.safetensors").unlink()
+    config = GPT2Config.from_pretrained(tmp_path / "step4-tokens400")
+    config.n_layer = 3  # the config now promises a block the weights lack
+    config.save_pretrained(tmp_path / "step4-tokens400")
+    argv = ["replay", str(tmp_path), "--out", str(tmp_path / "run"), "--probe", str(probe_dir)]
+    assert main([*argv, *SMALL]) == 1
+    out, err = capsys.readouterr()
+    assert "2 measured, 0 already there, 3 failed" in out
+    failed = [line for line in out.splitlines() if "FAILED" in line]
+    assert [line.split()[1].rstrip(":") for line in failed] == [
+        str(tmp_path / f"step{s}-tokens{s * 100}") for s in (2, 3, 4)
+    ]
+    assert "missing" in failed[2]
+    assert "h.2" in failed[2]
+    assert SnapshotStore(tmp_path / "run").steps() == [1, 5]
+    assert "replay: 100%" in err
+    assert "step5-tokens500" in err
+
+
+def test_pickled_checkpoint_needs_trust_pickle(
+    tmp_path: Path, data: Windows, probes, caplog
+) -> None:
+    """Hyper-parameters holding a config object: refused, naming the flag; loaded with it."""
+    module = ConfigLM(tiny_gpt2(VOCAB).config)  # the architecture travels as a pickled object
+    ckpts = lightning_run(tmp_path, data, max_steps=1, module=module)
+    kwargs = {"probes": probes, "config": SMALL_PROBE, "tokens_per_step": 64, "progress": False}
+    refused = replay([ckpts], out=tmp_path / "run", **kwargs)
+    assert not refused.measured
+    assert len(refused.failed) == 1
+    assert "--trust-pickle" in refused.failed[0][1]
+    assert "GPT2Config" in refused.failed[0][1]
+    trusted = replay([ckpts], out=tmp_path / "run", trust_pickle=True, **kwargs)
+    assert [c.step for c in trusted.measured] == [1]
+    assert trusted.ok
+    row = SnapshotStore(tmp_path / "run").records()[0]
+    assert row["weights_fingerprint"] == weights_fingerprint(module.lm)
+
+
+def test_state_dict_prefixes_and_compiled_keys_are_mapped(tmp_path: Path) -> None:
+    """`model.`, `_orig_mod.`, a config dict in hyper-parameters and --state-key all load right."""
+    model, other = tiny_gpt2(VOCAB, seed=0), tiny_gpt2(VOCAB, seed=1)
+    weights = model.state_dict()
+    compiled = {f"model._orig_mod.{k}": v for k, v in weights.items()}
+    hparams = {"settings": {"config": model.config.to_dict(), "lr": 0.1}}
+    torch.save({"state_dict": compiled, "hyper_parameters": hparams}, tmp_path / "a.ckpt")
+    assert same_weights(load_state_dict_model(tmp_path / "a.ckpt"), model)
+    two = {**{f"lm.{k}": v for k, v in weights.items()}}
+    two |= {f"teacher.{k}": v for k, v in other.state_dict().items()}
+    (tmp_path / "cfg").mkdir()
+    model.config.save_pretrained(tmp_path / "cfg")
+    torch.save(two, tmp_path / "two.pt")
+    loaded = load_state_dict_model(tmp_path / "two.pt", config_dir=tmp_path / "cfg")
+    assert same_weights(loaded, model)  # equal votes: the shortest prefix
+    teacher = load_state_dict_model(
+        tmp_path / "two.pt", config_dir=tmp_path / "cfg", state_key="teacher"
+    )
+    assert same_weights(teacher, other)
+    torch.save({"x.y": torch.ones(1)}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"--state-key PREFIX"):
+        load_state_dict_model(tmp_path / "bad.pt", config_dir=tmp_path / "cfg")
+    with pytest.raises(CheckpointError, match=r"--config DIR"):
+        load_state_dict_model(tmp_path / "two.pt")
+
+
+def test_sharded_checkpoint_names_the_consolidation_command(
+    tmp_path: Path, probes, text_tokenizer
+) -> None:
+    """An FSDP-style sharded dir fails with the command; the command's output then replays."""
+    model = tiny_gpt2(VOCAB, seed=0)
+    sharded = tmp_path / "ckpts" / "epoch=0-step=2.ckpt"
+    dcp.save(
+        {"state_dict": {f"lm.{k}": v for k, v in model.state_dict().items()}}, checkpoint_id=sharded
+    )
+    model.config.save_pretrained(tmp_path / "ckpts")
+    kwargs = {"probes": probes, "config": SMALL_PROBE, "tokens_per_step": 10, "progress": False}
+    result = replay([tmp_path / "ckpts"], out=tmp_path / "run", **kwargs)
+    assert len(result.failed) == 1
+    assert result.failed[0][0].kind == "sharded"
+    command = f"torch.distributed.checkpoint.format_utils dcp_to_torch {sharded} {sharded}.pt"
+    assert command in result.failed[0][1]
+    dcp_to_torch_save(sharded, f"{sharded}.pt")  # what the command runs
+    result = replay([Path(f"{sharded}.pt")], out=tmp_path / "run", **kwargs)
+    assert [(c.step, c.tokens) for c in result.measured] == [(2, 20)]
+    assert SnapshotStore(tmp_path / "run").records()[0]["weights_fingerprint"] == (
+        weights_fingerprint(model)
+    )
+
+
+def test_identical_weights_are_warned_and_one_model_lives_at_a_time(
+    tmp_path: Path, probes, caplog
+) -> None:
+    """Two checkpoints with the same weights: a warning naming both; models freed in between."""
+    save_model(tmp_path / "step1-tokens10", seed=0)
+    shutil.copytree(tmp_path / "step1-tokens10", tmp_path / "step2-tokens20")
+    save_model(tmp_path / "step3-tokens30", seed=1)
+    alive: list[int] = []
+
+    class CountModels(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:  # after each snapshot
+            alive.append(sum(isinstance(o, GPT2LMHeadModel) for o in gc.get_objects()))
+
+    gc.collect()
+    baseline = sum(isinstance(o, GPT2LMHeadModel) for o in gc.get_objects())
+    counter = CountModels(level=logging.INFO)
+    logging.getLogger("regionwatch.monitor").addHandler(counter)
+    try:
+        with caplog.at_level(logging.INFO, logger="regionwatch"):
+            result = replay(
+                [tmp_path], out=tmp_path / "run", probes=probes, config=SMALL_PROBE, progress=False
+            )
+    finally:
+        logging.getLogger("regionwatch.monitor").removeHandler(counter)
+    assert [(c.step, twin) for c, twin in result.duplicates] == [(2, 1)]
+    warning = next(
+        r.getMessage() for r in caplog.records if "exactly the weights" in r.getMessage()
+    )
+    assert "step2-tokens20" in warning
+    assert "step1-tokens10" in warning
+    assert len(alive) == 3
+    assert max(alive) == baseline + 1
+
+
+@pytest.mark.slow
+def test_replay_killed_midway_resumes_without_measuring_twice(
+    tmp_path: Path, probes, probe_dir: Path
+) -> None:
+    """kill -9 after the first snapshot lands; the rerun measures only what is missing."""
+    for step in range(1, 6):
+        save_model(tmp_path / "src" / f"step{step}-tokens{step * 10}", seed=step)
+    run = tmp_path / "run"
+    argv = ["replay", str(tmp_path / "src"), "--out", str(run), "--probe", str(probe_dir), *SMALL]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "regionwatch", *argv],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not _snapshots(run) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    store = SnapshotStore(run)  # reopening cleans whatever the kill left
+    before = {r["step"]: r["wall_time"] for r in store.records()}
+    assert 1 <= len(before) < 5
+    result = replay([tmp_path / "src"], out=run, probes=probes, config=SMALL_PROBE, progress=False)
+    assert sorted(c.step for c in result.skipped) == sorted(before)
+    assert sorted(c.step for c in result.measured) == sorted(set(range(1, 6)) - set(before))
+    rows = SnapshotStore(run).records()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert {r["step"]: r["wall_time"] for r in rows if r["step"] in before} == before
+    assert SnapshotStore(run).verify() == []
+
+
+def _snapshots(run: Path) -> int:
+    try:
+        lines = (run / "index.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    return max(len(lines) - 1, 0)
+
+
+def test_a_run_measured_differently_is_refused(tmp_path: Path, probes) -> None:
+    """Resuming into a run with other settings fails before any checkpoint is measured."""
+    save_model(tmp_path / "src" / "step1-tokens10", seed=0)
+    replay(
+        [tmp_path / "src"], out=tmp_path / "run", probes=probes, config=SMALL_PROBE, progress=False
+    )
+    with pytest.raises(StoreError, match=r"measured differently.*num_alphas=3"):
+        replay(
+            [tmp_path / "src"],
+            out=tmp_path / "run",
+            probes=probes,
+            config=ProbeConfig(num_alphas=3, grid=5),
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["replay", "{tmp}/nowhere", "--out", "{tmp}/run"], "does not exist"),
+        (["replay", "--out", "{tmp}/run", "--revisions", "step0"], "nothing to replay"),
+        (["replay", "{tmp}", "--into", "{tmp}/run"], "not a regionwatch run"),
+        (["replay", "{tmp}/empty", "--out", "{tmp}/run"], "no checkpoints in"),
+    ],
+)
+def test_cli_usage_errors_exit_2(tmp_path: Path, capsys, argv: list[str], match: str) -> None:
+    """Bad arguments and sources end with status 2 and a message saying what was wrong."""
+    (tmp_path / "empty").mkdir()
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_needs_exactly_one_run_dir(tmp_path: Path) -> None:
+    """--out and --into are exclusive, and one is required (argparse exits with 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["replay", str(tmp_path)])
+    assert exit_.value.code == 2
+    with pytest.raises(ConfigError, match="--revisions needs --repo"):
+        discover([], revisions="step0")
