@@ -124,6 +124,20 @@ def median_curve(rel: Tensor) -> Tensor:
     return torch.nanmedian(rel, dim=0).values
 
 
+def quartile_band(rel: Tensor) -> tuple[Tensor, Tensor]:
+    """q25 and q75 of r(a) over pairs at each alpha, ignoring excluded (NaN) pairs.
+
+    Args:
+        rel: shape [pairs, alphas].
+
+    Returns:
+        Two tensors of shape [alphas]: the band drawn around `median_curve`.
+    """
+    levels = torch.tensor([QUARTILES[0], QUARTILES[-1]], dtype=rel.dtype)
+    low, high = torch.nanquantile(rel, levels, dim=0)
+    return low, high
+
+
 def quartiles(values: Tensor) -> tuple[float, float, float]:
     """q25, median, q75 of the finite values (linear, as `torch.quantile`); NaN if none."""
     finite = values[torch.isfinite(values)].double()

@@ -372,8 +372,6 @@ def curve_image(snapshot: Snapshot, name: str) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.5", linewidth=1, label=f"r = {ALPHA} (linear)")
-    # Quantile levels shared with metrics.quartiles, taken per alpha over the kept pairs.
-    levels = torch.tensor([metrics.QUARTILES[0], metrics.QUARTILES[-1]], dtype=torch.float64)
     counts = []
     for part in CURVE_FIGURES[name]:
         curves = snapshot.measurement.curves.get(part)
@@ -381,7 +379,7 @@ def curve_image(snapshot: Snapshot, name: str) -> np.ndarray:
             continue
         rel = curves.relative.double()  # [P, K]; excluded pairs are rows of NaN
         alphas = curves.alphas.double().numpy()
-        low, high = torch.nanquantile(rel, levels, dim=0).numpy()
+        low, high = (band.numpy() for band in metrics.quartile_band(rel))
         kept = int((~curves.excluded).sum())
         colour = CURVE_COLOURS[part]
         ax.fill_between(alphas, low, high, color=colour, alpha=BAND_ALPHA, linewidth=0)

@@ -209,3 +209,11 @@ def test_solid_fraction_of_a_gradient_and_of_solid_regions() -> None:
     frac = metrics.solid_fraction(torch.stack([gradient, solid]), anchors.expand(2, -1, -1), axis)
     assert frac[1].item() == 1.0
     assert frac[0].item() < 0.15  # discs of radius 0.1 x max distance round the anchors (~0.1)
+
+
+def test_quartile_band_is_per_alpha_and_skips_excluded_pairs() -> None:
+    """The band is q25..q75 of r at each alpha over the kept pairs."""
+    rel = torch.tensor([[0.0, 0.1, 1.0], [0.0, 0.5, 1.0], [0.0, 0.9, 1.0], [float("nan")] * 3])
+    low, high = metrics.quartile_band(rel)
+    assert low.tolist() == pytest.approx([0.0, 0.3, 1.0])
+    assert high.tolist() == pytest.approx([0.0, 0.7, 1.0])
