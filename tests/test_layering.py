@@ -43,7 +43,14 @@ HOST_IMPORTS = {"lightning": {"lightning", "demo"}, "pytorch_lightning": {"light
 
 
 def modules() -> list[Path]:
-    return sorted(p for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    """Every module of the package, subpackages' modules included."""
+    top = [p for p in PACKAGE.glob("*.py") if p.stem != "__init__"]
+    return sorted(top + list(PACKAGE.glob("*/*.py")))
+
+
+def concept(path: Path) -> str:
+    """The layer a module belongs to: its own name, or its subpackage's."""
+    return path.stem if path.parent == PACKAGE else path.parent.name
 
 
 def imported(path: Path) -> set[str]:
@@ -61,37 +68,41 @@ def imported(path: Path) -> set[str]:
 
 def test_every_module_has_a_rank() -> None:
     """A new module must be placed in the layering on purpose."""
-    assert {p.stem for p in modules()} <= set(RANK)
+    assert {concept(p) for p in modules()} <= set(RANK)
 
 
-@pytest.mark.parametrize("path", modules(), ids=lambda p: p.stem)
+def label(path: Path) -> str:
+    return str(path.relative_to(PACKAGE).with_suffix(""))
+
+
+@pytest.mark.parametrize("path", modules(), ids=label)
 def test_imports_flow_one_way(path: Path) -> None:
-    """A module imports regionwatch modules of strictly lower rank only."""
-    own = RANK[path.stem]
+    """A module imports regionwatch modules of strictly lower rank only (or its own package's)."""
+    own = concept(path)
     for name in imported(path):
         parts = name.split(".")
-        if parts[0] != "regionwatch" or len(parts) < 2 or parts[1] not in RANK:
+        if parts[0] != "regionwatch" or len(parts) < 2 or parts[1] not in RANK or parts[1] == own:
             continue
-        assert RANK[parts[1]] < own, (
-            f"{path.stem} (rank {own}) imports {parts[1]} (rank {RANK[parts[1]]})"
+        assert RANK[parts[1]] < RANK[own], (
+            f"{label(path)} (rank {RANK[own]}) imports {parts[1]} (rank {RANK[parts[1]]})"
         )
 
 
-@pytest.mark.parametrize("path", modules(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", modules(), ids=label)
 def test_host_frameworks_stay_in_their_drivers(path: Path) -> None:
     """Only lightning.py imports lightning; the HF Trainer only appears in hf.py (and replay)."""
     for name in imported(path):
         root = name.split(".")[0]
         if root in HOST_IMPORTS:
-            assert path.stem in HOST_IMPORTS[root], f"{path.stem} imports {name}"
+            assert concept(path) in HOST_IMPORTS[root], f"{label(path)} imports {name}"
         if name.startswith("transformers.trainer") or name == "transformers.Trainer":
-            assert path.stem in {"hf", "demo"}, f"{path.stem} imports {name}"
+            assert concept(path) in {"hf", "demo"}, f"{label(path)} imports {name}"
 
 
 def test_library_never_imports_the_reference() -> None:
     """reference.py is for tests, benchmarks and users; the library itself never uses it."""
     for path in modules():
-        assert "regionwatch.reference" not in imported(path), path.stem
+        assert "regionwatch.reference" not in imported(path), label(path)
 
 
 def test_import_regionwatch_stays_light() -> None:
