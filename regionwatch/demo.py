@@ -309,7 +309,6 @@ def _train_hf(
         logging_steps=10,
         save_strategy="no",
         report_to=["tensorboard"],
-        logging_dir=str(out / "hf" / "logs"),
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=not progress,
         dataloader_drop_last=True,
