@@ -25,6 +25,7 @@ from regionwatch.measure import (
     region_maps,
 )
 from regionwatch.probes import ProbeSet
+from regionwatch.replay import ReplayResult, replay
 from regionwatch.schedule import Schedule
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import SnapshotStore
@@ -47,6 +48,7 @@ __all__ = [
     "RegionMonitor",
     "RegionMonitorCallback",
     "RegionWatchError",
+    "ReplayResult",
     "Schedule",
     "Snapshot",
     "SnapshotStore",
@@ -56,6 +58,7 @@ __all__ = [
     "interpolate",
     "measure",
     "region_maps",
+    "replay",
 ]
 
 

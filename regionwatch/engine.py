@@ -8,12 +8,16 @@ attends to the cached prefix and to itself only (a custom 4D mask), and its writ
 replaced by its vector. Queries are never replicated against a copied prefix; the cache is
 cropped back after each chunk. Contexts of equal length share one batch, so nothing is padded.
 
-Callers (interpolation, region maps, `measure`) describe work as prompts, the number of query
-vectors per context, and a function that builds those vectors from all prompts' write vectors.
+Callers (interpolation, region maps, `measure`) describe work as prompts, phases of query counts
+per context, and a function that builds those vectors from all prompts' write vectors. Phases
+(pair curves, then region maps) run one after the other on the same cached prefixes, and the
+batches never depend on which phases are present: a part's numbers are bitwise the same whether
+it is measured alone or beside others (a live snapshot without maps equals its replay with them).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +47,8 @@ DEFAULT_MAX_BATCH_TOKENS = 16384
 QUERY_CHUNK = 128
 
 Prompt = tuple[int, ...]
-BuildQueries = Callable[[Tensor], Mapping[int, Tensor]]
+Phase = Mapping[int, int]  # context prompt index -> number of query vectors
+BuildQueries = Callable[[Tensor], Sequence[Mapping[int, Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,10 @@ class CleanRun:
 
 @dataclass(frozen=True)
 class EngineResult:
-    """A clean run plus the readouts of every patched query, per context prompt index."""
+    """A clean run plus the readouts of every patched query, per phase and context prompt index."""
 
     clean: CleanRun
-    patched: Mapping[int, Tensor]  # context -> [queries, d_model], model dtype
+    patched: Sequence[Mapping[int, Tensor]]  # per phase: context -> [queries, d_model]
     clean_s: float  # wall time of the unpatched passes
     queries_s: float  # wall time of the patched query passes
 
@@ -74,19 +79,19 @@ class EngineResult:
 def run(
     site: ResidualSite,
     prompts: Sequence[Prompt],
-    query_counts: Mapping[int, int],
+    phases: Sequence[Phase],
     build: BuildQueries,
     *,
     max_batch_tokens: int,
 ) -> EngineResult:
-    """Run the clean pass of every prompt and every context's patched queries.
+    """Run the clean pass of every prompt and every context's patched queries, phase by phase.
 
     Args:
         site: the resolved model; must already be in eval mode under `torch.no_grad`.
         prompts: distinct token-id tuples, each at least 2 tokens long.
-        query_counts: context prompt index -> number of query vectors evaluated in its context.
-        build: maps all prompts' write vectors [prompts, d_model] to each context's query
-            vectors [queries, d_model] (float32; cast to the model dtype at the write).
+        phases: per phase, context prompt index -> number of query vectors in its context.
+        build: maps all prompts' write vectors [prompts, d_model] to each phase's query vectors,
+            context -> [queries, d_model] (float32; cast to the model dtype at the write).
         max_batch_tokens: most tokens in one forward pass.
 
     Returns:
@@ -97,9 +102,10 @@ def run(
     write: list[Tensor | None] = [None] * n
     final: list[Tensor | None] = [None] * n
     top: list[Tensor | None] = [None] * n
-    contexts = sorted(query_counts, key=lambda i: (len(prompts[i]), -query_counts[i]))
+    # Canonical order (length, then index): batches never depend on what the phases ask for.
+    contexts = sorted({c for phase in phases for c in phase}, key=lambda i: (len(prompts[i]), i))
     groups = _groups(prompts, contexts, max_batch_tokens)
-    others = [i for i in range(n) if i not in query_counts]
+    others = [i for i in range(n) if i not in set(contexts)]
 
     for chunk in _groups(prompts, others, max_batch_tokens):
         clock.phase("clean")
@@ -110,14 +116,14 @@ def run(
         _scatter(chunk, hidden, final)
         _scatter(chunk, logits(site, hidden).argmax(-1), top)
 
-    vectors: Mapping[int, Tensor] | None = None
+    vectors: Sequence[Mapping[int, Tensor]] | None = None
     if len(groups) > 1:  # a group's partners may sit in a later group: read every x first
         clock.phase("clean")
-        for chunk in _groups(prompts, contexts, max_batch_tokens):
+        for chunk in groups:
             _scatter(chunk, write_vectors(site, _stack(site, prompts, chunk)), write)
         vectors = build(torch.stack(write))
 
-    patched: dict[int, Tensor] = {}
+    patched: list[dict[int, Tensor]] = [{} for _ in phases]
     keyword = cache_keyword(site)
     for group in groups:
         clock.phase("clean")
@@ -133,7 +139,30 @@ def run(
         if vectors is None:
             vectors = build(torch.stack(write))
         clock.phase("queries")
-        _queries(site, ids, group, vectors, cache, keyword, max_batch_tokens, patched)
+        users = [k for k, phase in enumerate(phases) if any(c in phase for c in group)]
+        for k in users:
+            rows = sorted(
+                (r for r, c in enumerate(group) if c in phases[k]),
+                key=lambda r: -phases[k][group[r]],
+            )
+            counts = {phases[k][group[r]] for r in rows}
+            selects = rows != list(range(len(group)))
+            phase_cache = cache
+            if (selects or len(counts) > 1) and k != users[-1]:
+                phase_cache = copy.deepcopy(cache)  # this phase drops rows a later one needs
+            if selects:
+                phase_cache.batch_select_indices(torch.tensor(rows, device=ids.device))
+            members = [group[r] for r in rows]
+            _queries(
+                site,
+                ids[rows],
+                members,
+                vectors[k],
+                phase_cache,
+                keyword,
+                max_batch_tokens,
+                patched[k],
+            )
 
     clock.phase(None)
     clean = CleanRun(torch.stack(write), torch.stack(final), torch.stack(top))

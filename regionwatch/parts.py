@@ -80,18 +80,27 @@ def measuring(model: nn.Module) -> Iterator[nn.Module]:
             module.training = was_training
 
 
+PAIR_PHASE, MAP_PHASE = 0, 1  # pair curves run first, region maps after, on the same prefixes
+PHASES = (PAIR_PHASE, MAP_PHASE)
+Slot = tuple[int, int, int]  # (phase, context prompt index, offset of the slot's first query)
+
+
 @dataclass
 class Plan:
     """Prompts and query slots of one engine run, built up by the parts of a measurement.
 
-    A slot is a run of consecutive query vectors in one context; parts add slots while planning
-    and read their readouts back by slot after `execute`.
+    A slot is a run of consecutive query vectors in one context, in one phase; parts add slots
+    while planning and read their readouts back by slot after `execute`. Pair curves are phase
+    `PAIR_PHASE` and region maps `MAP_PHASE`, so the engine batches each kind the same way whether
+    or not the other is measured too.
     """
 
     prompts: list[engine.Prompt] = field(default_factory=list)
     _index: dict[engine.Prompt, int] = field(default_factory=dict)
-    _counts: dict[int, int] = field(default_factory=dict)
-    _builders: dict[int, list[Callable[[Tensor], Tensor]]] = field(default_factory=dict)
+    _counts: list[dict[int, int]] = field(default_factory=lambda: [{} for _ in PHASES])
+    _builders: list[dict[int, list[Callable[[Tensor], Tensor]]]] = field(
+        default_factory=lambda: [{} for _ in PHASES]
+    )
 
     def prompt(self, ids: engine.Prompt) -> int:
         """Index of a prompt, added once however often it is used."""
@@ -101,28 +110,31 @@ class Plan:
         return self._index[ids]
 
     def slot(
-        self, context: int, count: int, vectors: Callable[[Tensor], Tensor]
-    ) -> tuple[int, int]:
+        self, phase: int, context: int, count: int, vectors: Callable[[Tensor], Tensor]
+    ) -> Slot:
         """Reserve `count` queries in `context`; `vectors(write)` gives them, [count, d_model]."""
-        offset = self._counts.get(context, 0)
-        self._counts[context] = offset + count
-        self._builders.setdefault(context, []).append(vectors)
-        return (context, offset)
+        offset = self._counts[phase].get(context, 0)
+        self._counts[phase][context] = offset + count
+        self._builders[phase].setdefault(context, []).append(vectors)
+        return (phase, context, offset)
 
     def execute(self, site: ResidualSite, max_batch_tokens: int | None) -> engine.EngineResult:
         """Run every slot through the engine (the model must be under `measuring`)."""
 
-        def build(write: Tensor) -> dict[int, Tensor]:
-            return {c: torch.cat([f(write) for f in fs]) for c, fs in self._builders.items()}
+        def build(write: Tensor) -> list[dict[int, Tensor]]:
+            return [
+                {c: torch.cat([f(write) for f in fs]) for c, fs in builders.items()}
+                for builders in self._builders
+            ]
 
         budget = engine.DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
         return engine.run(site, self.prompts, self._counts, build, max_batch_tokens=budget)
 
 
-def readout(result: engine.EngineResult, slot: tuple[int, int], count: int) -> Tensor:
+def readout(result: engine.EngineResult, slot: Slot, count: int) -> Tensor:
     """The patched readouts of one slot, [count, d_model]."""
-    context, offset = slot
-    return result.patched[context][offset : offset + count]
+    phase, context, offset = slot
+    return result.patched[phase][context][offset : offset + count]
 
 
 class PairPart:
@@ -139,7 +151,7 @@ class PairPart:
         self.a = [plan.prompt(p) for p in pairs_a]
         self.b = [plan.prompt(p) for p in pairs_b]
         self.slots = [
-            plan.slot(ia, num_alphas, self._points(ia, ib))
+            plan.slot(PAIR_PHASE, ia, num_alphas, self._points(ia, ib))
             for ia, ib in zip(self.a, self.b, strict=True)
         ]
         self.points = len(self.slots) * num_alphas
@@ -183,7 +195,7 @@ class MapPart:
         self.axis = metrics.map_grid(grid, span)
         self.triples = [tuple(plan.prompt(p) for p in triple) for triple in triples]
         self.slots = [
-            [plan.slot(ctx, grid * grid, self._points(triple)) for ctx in triple]
+            [plan.slot(MAP_PHASE, ctx, grid * grid, self._points(triple)) for ctx in triple]
             for triple in self.triples
         ]
         self.points = len(self.triples) * 3 * grid * grid

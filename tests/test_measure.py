@@ -402,3 +402,19 @@ def test_bad_shards_are_refused() -> None:
     """A rank outside 0..world-1 is refused before measuring."""
     with pytest.raises(ConfigError, match=r"shard=\(2, 2\)"):
         measure(tiny_model("gpt2"), _probe_set(), shard=(2, 2))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_region_maps_never_change_the_pair_curves(arch: str) -> None:
+    """Pair curves are bitwise the same with and without region maps beside them, so a live
+    snapshot measured without maps equals its replay with maps."""
+    model, probes = tiny_model(arch), _probe_set()
+    with_maps = measure(model, probes, ProbeConfig(num_alphas=5, grid=5))
+    without = measure(
+        model, probes, ProbeConfig(num_alphas=5, parts=("random", "similar", "dissimilar", "named"))
+    )
+    for part, curves in without.curves.items():
+        assert torch.equal(with_maps.curves[part].distance, curves.distance), part
+        assert torch.equal(
+            with_maps.curves[part].logit_diff.nan_to_num(7), curves.logit_diff.nan_to_num(7)
+        ), part

@@ -53,7 +53,6 @@ from tests.replay_runs import (
 
 SMALL = ["--alphas", str(SMALL_PROBE.num_alphas), "--grid", str(SMALL_PROBE.grid)]
 REPO = Path(__file__).resolve().parents[1]
-ROUNDOFF = 1e-5  # float32 round-off between differently composed query batches
 
 
 @pytest.fixture(scope="module")
@@ -98,35 +97,23 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def assert_same_snapshots(live: Path, replayed: Path, steps: list[int]) -> None:
-    """The replayed run holds, at each step, what the live run logged: bit for bit when both drew
-    region maps.
+    """The replayed run holds, at each step, what the live run logged, bit for bit.
 
     A live run draws region maps at fewer snapshots than curves (its maps schedule), a replay at
-    every checkpoint. Where the live snapshot drew them too, both measured the same query batches
-    and every array must be bitwise equal; at least one step must be such. Where it did not, the
-    engine batched the pairs' queries without the maps' ones, which moves results by float32
-    round-off (d(0) = 0 vs ~5e-7), so those steps are held to ROUNDOFF.
+    every checkpoint; the engine batches pair curves the same way either way, so every array the
+    live snapshot has is bitwise equal to the replayed one, and so are the shared scalars.
     """
     live_store, replay_store = SnapshotStore(live), SnapshotStore(replayed)
-    exact = 0
     for step in steps:
         a, b = live_store.read(step), replay_store.read(step)
         assert (a.tokens, a.weights_fingerprint) == (b.tokens, b.weights_fingerprint), step
         assert b.info["driver"] == "replay"
         arrays_a, arrays_b = a.arrays(), b.arrays()
         assert any(name.startswith("maps/") for name in arrays_b)
-        if a.measurement.maps is None:
-            for name in arrays_a:
-                torch.testing.assert_close(
-                    arrays_a[name], arrays_b[name], rtol=ROUNDOFF, atol=ROUNDOFF, equal_nan=True
-                )
-            continue
-        exact += 1
-        assert arrays_a.keys() == arrays_b.keys()
+        assert arrays_a.keys() <= arrays_b.keys()
         for name in arrays_a:
             assert bitwise_equal(arrays_a[name], arrays_b[name]), (step, name)
-        assert dict(a.summary) == dict(b.summary), step
-    assert exact
+        assert dict(a.summary).items() <= dict(b.summary).items(), step
 
 
 @pytest.mark.parametrize(
