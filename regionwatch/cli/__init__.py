@@ -1,0 +1,45 @@
+"""The `regionwatch` command line: one verb per module, each a thin layer over the library.
+
+The only package that prints and configures logging (STYLE.md §2.7). Verbs import the library
+inside `run`, so `regionwatch --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from regionwatch.cli import demo, measure, replay, report, show
+from regionwatch.errors import RegionWatchError
+
+VERBS = (demo, measure, show, replay, report)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `regionwatch` console script and `python -m regionwatch`."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with logging_redirect_tqdm():
+            return args.run(args)
+    except RegionWatchError as err:  # a user error: the message says how to fix it
+        print(f"regionwatch {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every verb."""
+    top = argparse.ArgumentParser(
+        prog="regionwatch", description="Watch stable regions form in the residual stream."
+    )
+    top.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
+    verbs = top.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb in VERBS:
+        verb.add(verbs)
+    return top

@@ -1,0 +1,60 @@
+"""Plain-text tables the verbs print: max-slope quartiles, and snapshots over tokens."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+
+def slope_table(summary: Mapping[str, float]) -> str:
+    """Quartiles of max slope per pair set, one row each, and the excluded and near-linear pairs."""
+    rows = [("max slope", "q25", "median", "q75")]
+    for label, prefix in (("random", ""), ("similar", "similar_"), ("dissimilar", "dissimilar_")):
+        if f"max_slope/{prefix}median" in summary:
+            rows.append(
+                (label, *(num(summary[f"max_slope/{prefix}{q}"]) for q in ("q25", "median", "q75")))
+            )
+    extra = []
+    if "pairs/excluded" in summary:
+        extra.append(f"excluded pairs (d(1) <= 0.01): {int(summary['pairs/excluded'])}")
+    if "max_slope/frac_linear" in summary:
+        extra.append(f"near-linear pairs: {num(summary['max_slope/frac_linear'])}")
+    return "\n".join([aligned(rows), *extra])
+
+
+def tokens_table(records: list[Mapping[str, Any]], damaged: Mapping[str, str] | None = None) -> str:
+    """One row per snapshot: tokens, step, max-slope quartiles, similar vs dissimilar medians.
+
+    With `damaged` (file -> reason, from `SnapshotStore.verify`), a last column says each file's
+    state.
+    """
+    header = ("tokens", "step", "q25", "median", "q75", "similar", "dissimilar", "maps")
+    rows = [header + (("file",) if damaged is not None else ())]
+    for r in records:
+        row = (
+            f"{r['tokens']:,}",
+            str(r["step"]),
+            *(num(r.get(f"max_slope/{q}")) for q in ("q25", "median", "q75")),
+            num(r.get("max_slope/similar_median")),
+            num(r.get("max_slope/dissimilar_median")),
+            "yes" if "maps" in r.get("parts", ()) else "",
+        )
+        rows.append(row + ((damaged.get(r.get("file", ""), "ok"),) if damaged is not None else ()))
+    return aligned(rows)
+
+
+def aligned(rows: list[tuple[str, ...]]) -> str:
+    """Columns padded to a common width: the first left-aligned, the others right-aligned."""
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, width, strict=True))
+        ).rstrip()
+        for r in rows
+    )
+
+
+def num(value: float | None) -> str:
+    """Three decimals; "nan" for a missing or undefined number."""
+    return "nan" if value is None or math.isnan(value) else f"{value:.3f}"

@@ -1,0 +1,119 @@
+"""The `measure` and `show` verbs, run in-process on tiny models; `--help` of every verb."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import GPT2Config
+
+from regionwatch import SnapshotStore
+from regionwatch.cli import VERBS, main
+from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory: pytest.TempPathFactory, text_tokenizer) -> Path:
+    """A tiny GPT-2 config with the test tokenizer beside it."""
+    path = tmp_path_factory.mktemp("tiny")
+    GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4).save_pretrained(
+        path
+    )
+    text_tokenizer.save_pretrained(path)
+    return path
+
+
+def measure_args(config_dir: Path, *extra: str) -> list[str]:
+    return [
+        "measure",
+        "--init-from",
+        str(config_dir),
+        "--pairs",
+        "9",
+        "--alphas",
+        "5",
+        "--grid",
+        "5",
+        *extra,
+    ]
+
+
+def test_measure_prints_the_max_slope_table(
+    config_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A freshly initialised model's quartiles, near 1, and the probe time."""
+    assert main(measure_args(config_dir)) == 0
+    out = capsys.readouterr().out
+    assert "init from" in out
+    random_row = next(line for line in out.splitlines() if line.startswith("random"))
+    q25, median, q75 = (float(v) for v in random_row.split()[1:])
+    assert 1.0 <= q25 <= median <= q75 < 2.0  # random init: close to a straight line
+    assert "probe time:" in out
+
+
+def test_measure_out_writes_a_one_snapshot_run_and_show_lists_it(
+    tmp_path: Path, config_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--out stores the snapshot; show prints it as a table and as JSON lines."""
+    run = tmp_path / "run"
+    assert main(measure_args(config_dir, "--out", str(run), "--step", "7", "--tokens", "1234")) == 0
+    capsys.readouterr()
+    assert main(["show", str(run)]) == 0
+    table = capsys.readouterr().out
+    assert "1,234" in table
+    assert " ok" in table
+    assert main(["show", str(run), "--json"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    record = json.loads(line)
+    assert (record["step"], record["tokens"]) == (7, 1234)
+    for key in ("max_slope/median", "max_slope/q25", "max_slope/q75", "max_slope/similar_median"):
+        assert isinstance(record[key], float)
+
+
+def test_measure_reuses_a_probe_set(tmp_path: Path, config_dir: Path) -> None:
+    """--probe measures exactly the saved prompts of another run."""
+    first = tmp_path / "first"
+    assert main(measure_args(config_dir, "--out", str(first))) == 0
+    second = tmp_path / "second"
+    assert (
+        main(measure_args(config_dir, "--out", str(second), "--probe", str(first / "probes"))) == 0
+    )
+    a, b = SnapshotStore(first).records()[0], SnapshotStore(second).records()[0]
+    assert a["probe_fingerprint"] == b["probe_fingerprint"]
+    assert a["max_slope/median"] == b["max_slope/median"]
+
+
+def test_show_flags_a_damaged_file(
+    tmp_path: Path, config_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A bit flip in a snapshot file is reported by show, with exit status 1."""
+    run = tmp_path / "run"
+    assert main(measure_args(config_dir, "--out", str(run))) == 0
+    (path,) = (run / "snapshots").glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["show", str(run)]) == 1
+    assert "sha256" in capsys.readouterr().out
+
+
+def test_user_errors_exit_2_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A usage error prints one line naming the problem, exit status 2."""
+    assert main(["measure"]) == 2
+    assert "MODEL_DIR or --init-from" in capsys.readouterr().err
+    assert main(["show", str(tmp_path)]) == 2
+    assert "regionwatch show: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", [v.__name__.rsplit(".", 1)[1] for v in VERBS])
+def test_every_verb_has_help(verb: str) -> None:
+    """`python -m regionwatch VERB --help` works from a shell."""
+    done = subprocess.run(
+        [sys.executable, "-m", "regionwatch", verb, "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0
+    assert verb in done.stdout
