@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 TRAINERS = ("lightning", "hf")
 ARCHITECTURES = ("gpt2", "llama")
 RUN_DIR = "regionwatch"  # the run inside a demo's output directory
+MODEL_DIR = "model"  # the final model and tokenizer, saved for `regionwatch replay` / `measure`
 LLAMA_FFN_RATIO = 4  # intermediate width / width, as GPT-2's MLP
 
 
@@ -140,7 +141,8 @@ class DemoResult:
 
     out: Path  # everything of this run
     run_dir: Path  # the regionwatch run (store + tensorboard/)
-    seconds: float  # wall time of training, probes included
+    model_dir: Path  # the final model and tokenizer (save_pretrained)
+    seconds: float  # wall time of training (fit), probes included
 
 
 def model_config(config: DemoConfig) -> PretrainedConfig:
@@ -218,8 +220,16 @@ def run_demo(
     *,
     trainer: Literal["lightning", "hf"] = "lightning",
     progress: bool = True,
+    monitor: bool = True,
 ) -> DemoResult:
     """Train the demo model with regionwatch attached; return where everything went.
+
+    Args:
+        config: the run.
+        out: an empty or new directory for everything of the run.
+        trainer: "lightning" (RegionMonitor) or "hf" (transformers.Trainer and its callback).
+        progress: show progress bars.
+        monitor: attach regionwatch (False: the same run without it, for the overhead benchmark).
 
     Raises:
         ConfigError: a bad trainer name, or an output directory that is not empty.
@@ -232,34 +242,31 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tokenizer = train_tokenizer([builtin_text()], vocab_size=config.vocab_size)
-    tokenizer.save_pretrained(out / "tokenizer")
-    probes = ProbeSet.build(tokenizer, seed=config.seed, progress=progress)
+    watch = None
+    if monitor:
+        watch = {
+            "probes": ProbeSet.build(tokenizer, seed=config.seed, progress=progress),
+            "config": config.probe,
+            "schedule": Schedule.log_tokens(per_decade=config.per_decade),
+            "maps_schedule": Schedule.log_tokens(per_decade=config.maps_per_decade),
+            "run_dir": out / RUN_DIR,
+        }
     data = training_data(config, tokenizer)
-    schedule = Schedule.log_tokens(per_decade=config.per_decade)
-    maps = Schedule.log_tokens(per_decade=config.maps_per_decade)
-    started = time.perf_counter()
-    run = _train_lightning if trainer == "lightning" else _train_hf
-    run(config, out, data, probes, schedule, maps, progress)
-    return DemoResult(out=out, run_dir=out / RUN_DIR, seconds=time.perf_counter() - started)
+    train = _train_lightning if trainer == "lightning" else _train_hf
+    model, seconds = train(config, out, data, watch, progress)
+    model.save_pretrained(out / MODEL_DIR)
+    tokenizer.save_pretrained(out / MODEL_DIR)
+    return DemoResult(out=out, run_dir=out / RUN_DIR, model_dir=out / MODEL_DIR, seconds=seconds)
 
 
 def _train_lightning(
     config: DemoConfig,
     out: Path,
     data: datasets.Dataset,
-    probes: ProbeSet,
-    schedule: Schedule,
-    maps: Schedule,
+    watch: dict[str, Any] | None,
     progress: bool,
-) -> None:
+) -> tuple[PreTrainedModel, float]:
     L.seed_everything(config.seed, verbose=False)  # the demo owns its run: seeding it is its job
-    monitor = RegionMonitor(
-        probes=probes,
-        config=config.probe,
-        schedule=schedule,
-        maps_schedule=maps,
-        run_dir=out / RUN_DIR,
-    )
     module = DemoModule(config)
     loader = DataLoader(
         data,
@@ -271,7 +278,7 @@ def _train_lightning(
     trainer = L.Trainer(
         accelerator="cpu" if not torch.cuda.is_available() else "auto",
         max_steps=config.steps,
-        callbacks=[monitor],
+        callbacks=[] if watch is None else [RegionMonitor(**watch)],
         default_root_dir=str(out),
         logger=L.pytorch.loggers.TensorBoardLogger(str(out), name="lightning"),
         enable_progress_bar=progress,
@@ -279,25 +286,18 @@ def _train_lightning(
         enable_checkpointing=False,
         log_every_n_steps=10,
     )
+    started = time.perf_counter()
     trainer.fit(module, loader)
+    return module.model, time.perf_counter() - started
 
 
 def _train_hf(
     config: DemoConfig,
     out: Path,
     data: datasets.Dataset,
-    probes: ProbeSet,
-    schedule: Schedule,
-    maps: Schedule,
+    watch: dict[str, Any] | None,
     progress: bool,
-) -> None:
-    callback = RegionMonitorCallback(
-        probes=probes,
-        config=config.probe,
-        schedule=schedule,
-        maps_schedule=maps,
-        run_dir=out / RUN_DIR,
-    )
+) -> tuple[PreTrainedModel, float]:
     args = TrainingArguments(
         output_dir=str(out / "hf"),
         max_steps=config.steps,
@@ -318,7 +318,10 @@ def _train_hf(
     with torch.random.fork_rng(devices=[]):
         torch.random.manual_seed(config.seed)
         model = new_model(config)
-    Trainer(model, args, train_dataset=data, callbacks=[callback]).train()
+    callbacks = [] if watch is None else [RegionMonitorCallback(**watch)]
+    started = time.perf_counter()
+    Trainer(model, args, train_dataset=data, callbacks=callbacks).train()
+    return model, time.perf_counter() - started
 
 
 def _generator(config: DemoConfig) -> torch.Generator:

@@ -58,5 +58,6 @@ def run(args: argparse.Namespace) -> int:
     print(tokens_table(records))
     report = write_report([result.run_dir], out / "report", progress=not args.quiet)
     print(f"\nreport: {report}")
+    print(f"final model: {result.model_dir} (regionwatch measure / replay it)")
     print(f"TensorBoard: {tensorboard_command(out, snapshots=len(records))}")
     return 0

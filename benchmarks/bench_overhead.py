@@ -1,0 +1,119 @@
+"""Overhead of live monitoring: the demo-sized run with and without RegionMonitor, side by side.
+
+    python benchmarks/bench_overhead.py           # the demo (configs/demo.yaml): ~20 min, 2 cores
+    python benchmarks/bench_overhead.py --quick   # toy size, seconds (the smoke test)
+
+Both runs train the same model on the same batches in one process (the order alternates over
+repeats so that drift hits both); only `fit` is timed. The result JSON holds the wall times, the
+overhead ratio, the snapshots taken and the probe's own seconds per snapshot (which every
+snapshot also logs to TensorBoard as regionwatch/probe/seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from regionwatch import SnapshotStore
+from regionwatch.demo import DemoConfig, run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = {
+    "layers": 2,
+    "width": 64,
+    "heads": 2,
+    "vocab_size": 512,
+    "seq_len": 64,
+    "batch_size": 8,
+    "steps": 20,
+}
+
+
+def environment() -> dict:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "commit": commit.stdout.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--steps", type=int, help="override the config's steps")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of runs (order alternates)")
+    parser.add_argument("--trainer", choices=["lightning", "hf"], default="lightning")
+    parser.add_argument(
+        "--quick", action="store_true", help="toy size: seconds, for the smoke test"
+    )
+    parser.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/...)")
+    args = parser.parse_args()
+
+    config = DemoConfig.from_dict(QUICK) if args.quick else DemoConfig.from_yaml(args.config)
+    if args.steps:
+        config = dataclasses.replace(config, steps=args.steps)
+    times: dict[str, list[float]] = {"without": [], "with": []}
+    probe_s: list[float] = []
+    snapshots = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            order = ("without", "with") if repeat % 2 == 0 else ("with", "without")
+            for variant in order:
+                out = Path(tmp) / f"{variant}-{repeat}"
+                result = run_demo(
+                    config, out, trainer=args.trainer, progress=False, monitor=variant == "with"
+                )
+                times[variant].append(result.seconds)
+                print(f"{variant:>7} monitor: {result.seconds:7.1f} s", flush=True)
+                if variant == "with":
+                    records = SnapshotStore(result.run_dir).records()
+                    snapshots = len(records)
+                    probe_s = [r["probe_seconds"] for r in records]
+    without, with_ = statistics.median(times["without"]), statistics.median(times["with"])
+    result = {
+        "env": environment(),
+        "params": {**vars(args), "config": config.to_dict()}
+        | {"config_path": str(args.config), "out": str(args.out)},
+        "wall_s": times,
+        "median_without_s": without,
+        "median_with_s": with_,
+        "overhead": with_ / without - 1,
+        "snapshots": snapshots,
+        "probe_s_per_snapshot": statistics.mean(probe_s) if probe_s else None,
+        "probe_s_total": sum(probe_s),
+        "target": 0.03,
+    }
+    out = (
+        args.out
+        or ROOT
+        / "benchmarks"
+        / "results"
+        / f"bench_overhead-{'quick' if args.quick else 'demo'}-{result['env']['device']}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"overhead {100 * result['overhead']:.1f}% ({snapshots} snapshots, "
+        f"{result['probe_s_total']:.1f} s of probes) -> {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
