@@ -40,12 +40,12 @@ from regionwatch.measure import ProbeConfig
 from regionwatch.monitor import MAPS_PER_DECADE
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import DEFAULT_PER_DECADE, Schedule
+from regionwatch.store import DEFAULT_RUN_NAME
 
 logger = logging.getLogger(__name__)
 
 TRAINERS = ("lightning", "hf")
 ARCHITECTURES = ("gpt2", "llama")
-RUN_DIR = "regionwatch"  # the run inside a demo's output directory
 MODEL_DIR = "model"  # the final model and tokenizer, saved for `regionwatch replay` / `measure`
 LLAMA_FFN_RATIO = 4  # intermediate width / width, as GPT-2's MLP
 
@@ -249,14 +249,16 @@ def run_demo(
             "config": config.probe,
             "schedule": Schedule.log_tokens(per_decade=config.per_decade),
             "maps_schedule": Schedule.log_tokens(per_decade=config.maps_per_decade),
-            "run_dir": out / RUN_DIR,
+            "run_dir": out / DEFAULT_RUN_NAME,
         }
     data = training_data(config, tokenizer)
     train = _train_lightning if trainer == "lightning" else _train_hf
     model, seconds = train(config, out, data, watch, progress)
     model.save_pretrained(out / MODEL_DIR)
     tokenizer.save_pretrained(out / MODEL_DIR)
-    return DemoResult(out=out, run_dir=out / RUN_DIR, model_dir=out / MODEL_DIR, seconds=seconds)
+    return DemoResult(
+        out=out, run_dir=out / DEFAULT_RUN_NAME, model_dir=out / MODEL_DIR, seconds=seconds
+    )
 
 
 def _train_lightning(

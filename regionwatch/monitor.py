@@ -48,12 +48,11 @@ from regionwatch.measure import (
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import Mark, Schedule
 from regionwatch.snapshot import Snapshot
-from regionwatch.store import SnapshotStore
+from regionwatch.store import DEFAULT_RUN_NAME, SnapshotStore
 from regionwatch.tensorboard import TB_SUBDIR, TensorBoardSink
 
 logger = logging.getLogger(__name__)
 
-RUN_SUBDIR = "regionwatch"  # default run dir inside the trainer's log dir
 # Region maps cost 3 x grid^2 patched points per triple: at grid 37 about as much as the rest of
 # the probe set ten times over. Two per decade of tokens (plus the first and the last snapshot)
 # still show regions forming, and keep a monitored run's overhead within a few percent.
@@ -202,7 +201,7 @@ class Monitor:
                 raise ConfigError(
                     "no run_dir given and the trainer has no log directory: pass run_dir=..."
                 )
-            self.run_dir = Path(log_dir) / RUN_SUBDIR
+            self.run_dir = Path(log_dir) / DEFAULT_RUN_NAME
         if rank == 0:
             _check_writable(self.run_dir)
         if self._probes is None:

@@ -74,6 +74,7 @@ class Snapshot:
         """Stamp a fresh measurement of `model` on `probes` at (step, tokens)."""
         facts = {
             "model_class": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(_dtype(model)),
             "device": str(_device(model)),
         }

@@ -89,6 +89,7 @@ HEADER_KEY = "regionwatch.header"  # safetensors metadata key of Snapshot.header
 # 10^9 steps, far beyond any pretraining run (Llama 3: 1.5e13 tokens).
 TOKENS_DIGITS, STEP_DIGITS = 16, 10
 RUN_ID_CHARS = 12
+DEFAULT_RUN_NAME = "regionwatch"  # a run dir's name inside a trainer's log dir (or a demo's out)
 WRITER_LOCK_WAIT_S = 5.0  # an opener's cleanup holds the lock for milliseconds; a writer, hours
 LOCK_POLL_S = 0.05
 CHECK_ATTEMPTS = 3  # listings re-read an index a writer replaced meanwhile, at most this often

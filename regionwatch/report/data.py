@@ -24,7 +24,7 @@ from regionwatch.errors import StoreError
 from regionwatch.measure import ProbeConfig
 from regionwatch.report.tokens import TokenAxis, format_tokens
 from regionwatch.snapshot import Snapshot
-from regionwatch.store import SnapshotStore
+from regionwatch.store import DEFAULT_RUN_NAME, SnapshotStore
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,9 @@ def load_run(path: str | Path, *, name: str | None = None, progress: bool = True
     """
     store = SnapshotStore(path)
     path = Path(store.path)
-    name = name or path.resolve().name
+    # A run in a trainer's log dir (or a demo's out) is called "regionwatch": name it by its parent.
+    resolved = path.resolve()
+    name = name or (resolved.parent.name if resolved.name == DEFAULT_RUN_NAME else resolved.name)
     records = sorted(store.records(), key=lambda r: (r["tokens"], r["step"]))
     if not records:
         raise StoreError(f"{path}: the run has no snapshots yet; nothing to report")
