@@ -520,7 +520,8 @@ def test_report_of_a_real_tiny_model_run(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         container.lines[0].get_ydata(), [r["max_slope/median"] for r in records(run)]
     )
-    assert data.label == "tiny (GPT2LMHeadModel)"
+    size = sum(p.numel() for p in model.parameters())
+    assert data.label == f"tiny (GPT2LMHeadModel, {format_tokens(size)} params)"
     html = index.read_text()
     assert html.count('<tr class="snapshot') == 2
     assert (tmp_path / "out" / "maps_tiny.gif").is_file()
