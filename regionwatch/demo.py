@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from regionwatch.corpus import builtin_text, token_stream, train_tokenizer
-from regionwatch.errors import ConfigError
+from regionwatch.errors import ConfigError, check_keys
 from regionwatch.hf import RegionMonitorCallback
 from regionwatch.lightning import RegionMonitor
 from regionwatch.measure import ProbeConfig
@@ -103,10 +103,7 @@ class DemoConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DemoConfig:
         """From a mapping such as a parsed YAML file; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"demo config: unknown keys {unknown}; known: {sorted(known)}")
+        check_keys("demo config", data, (f.name for f in fields(cls)))
         values = dict(data)
         if "probe" in values:
             values["probe"] = ProbeConfig.from_dict(values["probe"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 
 class RegionWatchError(Exception):
     """Base class of every error regionwatch raises on purpose."""
@@ -21,3 +24,19 @@ class CheckpointError(RegionWatchError):
 
 class StoreError(RegionWatchError):
     """A run directory or one of its files is missing, damaged, or of another run."""
+
+
+def check_keys(owner: str, data: Any, known: Iterable[str]) -> None:
+    """Refuse settings that are not a mapping or hold unknown keys (STYLE.md §2.3).
+
+    A typo in a YAML file or a saved config must not silently run another experiment.
+
+    Raises:
+        ConfigError: naming the owner, the unknown keys and the known ones.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{owner}: need a mapping of settings, got {type(data).__name__}")
+    known = set(known)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{owner}: unknown keys {unknown}; known: {sorted(known)}")

@@ -32,7 +32,6 @@ from regionwatch.monitor import (
     DEFAULT_SCHEDULE,
     Monitor,
     Precision,
-    WatchConfig,
 )
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import Schedule
@@ -85,16 +84,17 @@ class RegionMonitorCallback(TrainerCallback):
         precision: Precision = "fp32",
         tensorboard: bool = True,
     ) -> None:
-        watch = WatchConfig(
-            probe=config or ProbeConfig(),
+        self.monitor = Monitor.from_options(
+            tokenizer=tokenizer,
+            probes=probes,
+            config=config,
             schedule=schedule,
             maps_schedule=maps_schedule,
+            run_dir=run_dir,
+            source=source,
+            seed=seed,
             precision=precision,
             tensorboard=tensorboard,
-            probe_seed=seed,
-        )
-        self.monitor = Monitor(
-            watch, tokenizer=tokenizer, probes=probes, source=source, run_dir=run_dir
         )
 
     @override

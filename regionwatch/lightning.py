@@ -22,7 +22,6 @@ from regionwatch.monitor import (
     DEFAULT_SCHEDULE,
     Monitor,
     Precision,
-    WatchConfig,
 )
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import Schedule
@@ -82,16 +81,17 @@ class RegionMonitor(Callback):
         model_attr: str | None = None,
         count_tokens: CountTokens | None = None,
     ) -> None:
-        watch = WatchConfig(
-            probe=config or ProbeConfig(),
+        self.monitor = Monitor.from_options(
+            tokenizer=tokenizer,
+            probes=probes,
+            config=config,
             schedule=schedule,
             maps_schedule=maps_schedule,
+            run_dir=run_dir,
+            source=source,
+            seed=seed,
             precision=precision,
             tensorboard=tensorboard,
-            probe_seed=seed,
-        )
-        self.monitor = Monitor(
-            watch, tokenizer=tokenizer, probes=probes, source=source, run_dir=run_dir
         )
         self._model_attr = model_attr
         self._count = count_tokens or count_batch_tokens

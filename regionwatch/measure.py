@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from regionwatch import engine, metrics
 from regionwatch.access import ResidualSite, resolve
-from regionwatch.errors import ConfigError
+from regionwatch.errors import ConfigError, check_keys
 from regionwatch.parts import Curves, MapPart, PairPart, Plan, RegionMaps, measuring
 from regionwatch.probes import ProbeSet
 
@@ -278,10 +278,7 @@ class ProbeConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProbeConfig:
         """Rebuild a config; unknown keys are an error (a typo must not run another experiment)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"ProbeConfig: unknown keys {unknown}; known: {sorted(known)}")
+        check_keys("ProbeConfig", data, (f.name for f in fields(cls)))
         values = dict(data)
         for key in ("span", "parts"):
             if key in values:

@@ -148,6 +148,32 @@ class Monitor:
         self._info: dict[str, Any] = {}
         self.failures = 0
 
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None,
+        probes: ProbeSet | None,
+        config: ProbeConfig | None,
+        schedule: Schedule,
+        maps_schedule: Schedule | None,
+        run_dir: str | Path | None,
+        source: Source,
+        seed: int,
+        precision: Precision,
+        tensorboard: bool,
+    ) -> Monitor:
+        """A monitor from the drivers' keyword arguments (see `RegionMonitor` for their meaning)."""
+        watch = WatchConfig(
+            probe=config or ProbeConfig(),
+            schedule=schedule,
+            maps_schedule=maps_schedule,
+            precision=precision,
+            tensorboard=tensorboard,
+            probe_seed=seed,
+        )
+        return cls(watch, tokenizer=tokenizer, probes=probes, source=source, run_dir=run_dir)
+
     @property
     def probes(self) -> ProbeSet:
         """The run's probe set (built or loaded at `setup`)."""

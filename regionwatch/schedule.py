@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from numbers import Integral
 from typing import Any, Literal, get_args
 
-from regionwatch.errors import ConfigError
+from regionwatch.errors import ConfigError, check_keys
 
 Kind = Literal["steps", "tokens", "log_tokens"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -265,12 +265,7 @@ class Schedule:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
         """Rebuild a schedule; unknown keys are an error (a typo must not run another schedule)."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"Schedule.from_dict: need a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Schedule: unknown keys {unknown}; known: {sorted(known)}")
+        check_keys("Schedule", data, (f.name for f in fields(cls)))
         return cls(**data)
 
     def describe(self) -> str:

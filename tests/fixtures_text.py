@@ -11,6 +11,7 @@ import pytest
 
 from regionwatch.corpus import builtin_text, train_tokenizer
 from regionwatch.probes import ProbeSet
+from tests.lm import Windows, small_probes
 
 TEXT_VOCAB_SIZE = 2048  # the demo's size: trains in under a second, still whole common words
 
@@ -31,3 +32,15 @@ def text_tokenizer(corpus_text: str):
 def builtin_probes(text_tokenizer) -> ProbeSet:
     """The default probe set (seed 0, PAPER.md §8 sizes) of the built-in corpus."""
     return ProbeSet.build(text_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def lm_probes(text_tokenizer) -> ProbeSet:
+    """The small probe set the driver tests measure (13 prompts, 4 + 4 pairs, 2 triples)."""
+    return small_probes(text_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def lm_data(text_tokenizer) -> Windows:
+    """Corpus windows for tiny training runs; every third one padded."""
+    return Windows(text_tokenizer)

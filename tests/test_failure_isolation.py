@@ -11,17 +11,7 @@ from transformers import Trainer
 
 from regionwatch import RegionMonitor, RegionMonitorCallback, Schedule, SnapshotStore
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, small_probes, tiny_gpt2, trainer
-
-
-@pytest.fixture(scope="module")
-def probes(text_tokenizer):
-    return small_probes(text_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def data(text_tokenizer) -> Windows:
-    return Windows(text_tokenizer)
+from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
 
 
 def break_probes(
@@ -40,20 +30,20 @@ def break_probes(
 
 
 def test_failing_probe_is_recorded_and_training_goes_on(
-    tmp_path: Path, probes, data: Windows, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every scheduled probe fails; every step still trains; failures are stored and logged."""
     module = TinyLM(VOCAB)
     break_probes(module.lm, RuntimeError("probe exploded"))
     callback = RegionMonitor(
-        probes=probes,
+        probes=lm_probes,
         config=SMALL_PROBE,
         run_dir=tmp_path / "run",
         schedule=Schedule.every_steps(2),
     )
     fit = trainer(tmp_path, [callback], max_steps=5)
     with caplog.at_level(logging.ERROR, logger="regionwatch"):
-        fit.fit(module, loader(data))
+        fit.fit(module, loader(lm_data))
     assert fit.global_step == 5
     store = SnapshotStore(tmp_path / "run")
     assert store.steps() == []
@@ -65,53 +55,57 @@ def test_failing_probe_is_recorded_and_training_goes_on(
 
 
 def test_out_of_memory_retries_with_half_the_budget(
-    tmp_path: Path, probes, data: Windows, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An OOM inside the probe is retried once with half the memory budget, then succeeds."""
     module = TinyLM(VOCAB)
     raised = break_probes(module.lm, torch.cuda.OutOfMemoryError("CUDA out of memory"), times=1)
     callback = RegionMonitor(
-        probes=probes,
+        probes=lm_probes,
         config=SMALL_PROBE,
         run_dir=tmp_path / "run",
         schedule=Schedule.every_steps(2),
     )
     with caplog.at_level(logging.WARNING, logger="regionwatch"):
-        trainer(tmp_path, [callback], max_steps=2).fit(module, loader(data))
+        trainer(tmp_path, [callback], max_steps=2).fit(module, loader(lm_data))
     assert len(raised) == 1
     assert SnapshotStore(tmp_path / "run").steps() == [0, 2]
     assert any("retrying with max_batch_tokens=8192" in r.getMessage() for r in caplog.records)
 
 
 def test_out_of_memory_twice_gives_up_on_that_snapshot_only(
-    tmp_path: Path, probes, data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
     """Two OOMs in a row skip the snapshot; the next scheduled one is taken."""
     module = TinyLM(VOCAB)
     break_probes(module.lm, torch.cuda.OutOfMemoryError("CUDA out of memory"), times=2)
     callback = RegionMonitor(
-        probes=probes,
+        probes=lm_probes,
         config=SMALL_PROBE,
         run_dir=tmp_path / "run",
         schedule=Schedule.every_steps(2),
     )
-    trainer(tmp_path, [callback], max_steps=2).fit(module, loader(data))
+    trainer(tmp_path, [callback], max_steps=2).fit(module, loader(lm_data))
     store = SnapshotStore(tmp_path / "run")
     assert store.steps() == [2]
     assert [f["step"] for f in store.failures()] == [0]
 
 
-def test_hf_failing_probe_does_not_stop_the_trainer(tmp_path: Path, probes, data: Windows) -> None:
+def test_hf_failing_probe_does_not_stop_the_trainer(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
     """Under transformers.Trainer a failing probe is recorded and every step still runs."""
     model = tiny_gpt2(VOCAB)
     break_probes(model, ValueError("bad probe"))
     callback = RegionMonitorCallback(
-        probes=probes,
+        probes=lm_probes,
         config=SMALL_PROBE,
         run_dir=tmp_path / "run",
         schedule=Schedule.every_steps(2),
     )
-    run = Trainer(model, hf_args(tmp_path, max_steps=4), train_dataset=data, callbacks=[callback])
+    run = Trainer(
+        model, hf_args(tmp_path, max_steps=4), train_dataset=lm_data, callbacks=[callback]
+    )
     run.train()
     assert run.state.global_step == 4
     assert [f["step"] for f in SnapshotStore(tmp_path / "run").failures()] == [0, 2, 4]

@@ -12,42 +12,32 @@ from regionwatch import ConfigError, ProbeConfig, RegionMonitor, Schedule, Snaps
 from regionwatch.errors import UnsupportedModelError
 from regionwatch.lightning import count_batch_tokens, find_model
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import BATCH, SMALL_PROBE, TinyLM, Windows, loader, small_probes, trainer
+from tests.lm import BATCH, SMALL_PROBE, TinyLM, Windows, loader, trainer
 
 
-@pytest.fixture(scope="module")
-def probes(text_tokenizer):
-    return small_probes(text_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def data(text_tokenizer) -> Windows:
-    return Windows(text_tokenizer)
-
-
-def fit(tmp: Path, probes, data: Windows, **kwargs) -> RegionMonitor:
+def fit(tmp: Path, lm_probes, lm_data: Windows, **kwargs) -> RegionMonitor:
     trainer_kwargs = {
         k: kwargs.pop(k) for k in ("max_steps", "accumulate_grad_batches") if k in kwargs
     }
     callback = RegionMonitor(
-        probes=probes,
+        probes=lm_probes,
         config=SMALL_PROBE,
         run_dir=tmp / "run",
         schedule=Schedule.every_steps(3),
         **kwargs,
     )
-    trainer(tmp, [callback], **trainer_kwargs).fit(TinyLM(VOCAB), loader(data))
+    trainer(tmp, [callback], **trainer_kwargs).fit(TinyLM(VOCAB), loader(lm_data))
     return callback
 
 
 def test_snapshots_at_scheduled_steps_with_exact_token_counts(
-    tmp_path: Path, probes, data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
     """Steps 0, 3, 6 and the final 8 are stored with the non-padding tokens seen so far."""
-    callback = fit(tmp_path, probes, data, max_steps=8)
+    callback = fit(tmp_path, lm_probes, lm_data, max_steps=8)
     records = SnapshotStore(tmp_path / "run").records()
     assert [r["step"] for r in records] == [0, 3, 6, 8]
-    expected = [data.non_padding(range(step * BATCH)) for step in (0, 3, 6, 8)]
+    expected = [lm_data.non_padding(range(step * BATCH)) for step in (0, 3, 6, 8)]
     assert [r["tokens"] for r in records] == expected
     assert expected[1] < 3 * BATCH * 16  # the padding was really left out
     assert callback.tokens == expected[-1]
@@ -55,20 +45,20 @@ def test_snapshots_at_scheduled_steps_with_exact_token_counts(
 
 
 def test_gradient_accumulation_counts_every_micro_batch(
-    tmp_path: Path, probes, data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
     """With 2 micro-batches per optimizer step, step s has seen 2 * s batches' tokens."""
-    fit(tmp_path, probes, data, max_steps=6, accumulate_grad_batches=2)
+    fit(tmp_path, lm_probes, lm_data, max_steps=6, accumulate_grad_batches=2)
     records = SnapshotStore(tmp_path / "run").records()
     assert [r["step"] for r in records] == [0, 3, 6]
     assert [r["tokens"] for r in records] == [
-        data.non_padding(range(2 * s * BATCH)) for s in (0, 3, 6)
+        lm_data.non_padding(range(2 * s * BATCH)) for s in (0, 3, 6)
     ]
 
 
-def test_tensorboard_logs_over_tokens(tmp_path: Path, probes, data: Windows) -> None:
+def test_tensorboard_logs_over_tokens(tmp_path: Path, lm_probes, lm_data: Windows) -> None:
     """The run's TensorBoard scalars use tokens seen as their step and equal the store's numbers."""
-    fit(tmp_path, probes, data, max_steps=6)
+    fit(tmp_path, lm_probes, lm_data, max_steps=6)
     records = SnapshotStore(tmp_path / "run").records()
     events = EventAccumulator(
         str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0, "images": 0}
@@ -80,16 +70,18 @@ def test_tensorboard_logs_over_tokens(tmp_path: Path, probes, data: Windows) -> 
     assert len(events.Images("regionwatch/maps/triple_0")) == len(records)
 
 
-def test_custom_token_counter_overrides(tmp_path: Path, probes, data: Windows) -> None:
+def test_custom_token_counter_overrides(tmp_path: Path, lm_probes, lm_data: Windows) -> None:
     """A user-given count_tokens(batch) is what gets summed."""
-    fit(tmp_path, probes, data, max_steps=3, count_tokens=lambda batch: 1000)
+    fit(tmp_path, lm_probes, lm_data, max_steps=3, count_tokens=lambda batch: 1000)
     assert [r["tokens"] for r in SnapshotStore(tmp_path / "run").records()] == [0, 3000]
 
 
-def test_run_dir_defaults_into_the_trainer_log_dir(tmp_path: Path, probes, data: Windows) -> None:
+def test_run_dir_defaults_into_the_trainer_log_dir(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
     """Without run_dir the run lives in <trainer.log_dir>/regionwatch."""
-    callback = RegionMonitor(probes=probes, config=SMALL_PROBE, schedule=Schedule.every_steps(2))
-    trainer(tmp_path, [callback], max_steps=2).fit(TinyLM(VOCAB), loader(data))
+    callback = RegionMonitor(probes=lm_probes, config=SMALL_PROBE, schedule=Schedule.every_steps(2))
+    trainer(tmp_path, [callback], max_steps=2).fit(TinyLM(VOCAB), loader(lm_data))
     assert SnapshotStore(tmp_path / "regionwatch").steps() == [0, 2]
 
 
@@ -127,10 +119,10 @@ def test_find_model_is_unambiguous(text_tokenizer) -> None:
     ],
 )
 def test_bad_configuration_fails_before_the_first_optimizer_step(
-    tmp_path: Path, probes, data: Windows, setup: str, error: type, match: str
+    tmp_path: Path, lm_probes, lm_data: Windows, setup: str, error: type, match: str
 ) -> None:
     """Each bad setting raises in setup / before the first step, with the fix in the message."""
-    kwargs, positions, run_dir, batches = {}, 64, tmp_path / "run", loader(data)
+    kwargs, positions, run_dir, batches = {}, 64, tmp_path / "run", loader(lm_data)
     if setup == "write_layer":
         kwargs["config"] = ProbeConfig(write_layer=5)
     elif setup == "context":
@@ -140,7 +132,7 @@ def test_bad_configuration_fails_before_the_first_optimizer_step(
         run_dir.write_text("a file, not a directory")
     elif setup == "batch":
         batches = torch.utils.data.DataLoader([torch.ones(4).float()] * 8, batch_size=4)
-    callback = RegionMonitor(probes=probes, run_dir=run_dir, **kwargs)
+    callback = RegionMonitor(probes=lm_probes, run_dir=run_dir, **kwargs)
     model = TinyLM(VOCAB, positions=positions)
     if setup == "batch":
         model.training_step = lambda batch, i: model.lm(

@@ -19,17 +19,7 @@ from regionwatch import (
 )
 from regionwatch.snapshot import weights_fingerprint
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, small_probes, tiny_gpt2, trainer
-
-
-@pytest.fixture(scope="module")
-def probes(text_tokenizer):
-    return small_probes(text_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def data(text_tokenizer) -> Windows:
-    return Windows(text_tokenizer)
+from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
 
 
 def assert_same_numbers(live: Snapshot, model: torch.nn.Module, store: SnapshotStore) -> None:
@@ -40,24 +30,25 @@ def assert_same_numbers(live: Snapshot, model: torch.nn.Module, store: SnapshotS
         again = replayed.curves[part]
         assert torch.equal(again.distance, curves.distance), part
         assert torch.equal(again.top_a, curves.top_a), part
-    assert torch.equal(replayed.maps.distance, live.measurement.maps.distance)
+    if live.measurement.maps is not None:  # the live maps schedule skips some snapshots
+        assert torch.equal(replayed.maps.distance, live.measurement.maps.distance)
     for key, value in live.summary.items():
         assert replayed.summary[key] == pytest.approx(value, rel=0, abs=0, nan_ok=True), key
 
 
 def test_lightning_live_numbers_equal_measuring_the_checkpoints(
-    tmp_path: Path, probes, data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
     """Each .ckpt saved at a snapshot step reproduces that snapshot exactly (fp32, CPU)."""
     monitor = RegionMonitor(
-        probes=probes,
+        probes=lm_probes,
         config=SMALL_PROBE,
         run_dir=tmp_path / "run",
         schedule=Schedule.every_steps(3),
     )
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     trainer(tmp_path, [monitor, saver], max_steps=6, enable_checkpointing=True).fit(
-        TinyLM(VOCAB), loader(data)
+        TinyLM(VOCAB), loader(lm_data)
     )
     store = SnapshotStore(tmp_path / "run")
     checkpoints = sorted((tmp_path / "ckpt").glob("*.ckpt"))
@@ -69,17 +60,17 @@ def test_lightning_live_numbers_equal_measuring_the_checkpoints(
 
 
 def test_hf_live_numbers_equal_measuring_the_checkpoints(
-    tmp_path: Path, probes, data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
     """Each checkpoint-N dir saved at a snapshot step reproduces that snapshot exactly."""
     monitor = RegionMonitorCallback(
-        probes=probes,
+        probes=lm_probes,
         config=SMALL_PROBE,
         run_dir=tmp_path / "run",
         schedule=Schedule.every_steps(2),
     )
     run_args = hf_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
-    Trainer(tiny_gpt2(VOCAB), run_args, train_dataset=data, callbacks=[monitor]).train()
+    Trainer(tiny_gpt2(VOCAB), run_args, train_dataset=lm_data, callbacks=[monitor]).train()
     store = SnapshotStore(tmp_path / "run")
     for step in (2, 4):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / f"checkpoint-{step}")

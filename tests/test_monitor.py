@@ -11,18 +11,13 @@ from regionwatch import ConfigError, Schedule, SnapshotStore
 from regionwatch.monitor import Monitor, WatchConfig
 from regionwatch.schedule import Mark
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, small_probes, tiny_gpt2
+from tests.lm import SMALL_PROBE, tiny_gpt2
 
 
-@pytest.fixture(scope="module")
-def probes(text_tokenizer):
-    return small_probes(text_tokenizer)
-
-
-def run(tmp: Path, probes, watch: WatchConfig, marks: list[tuple[int, int]]) -> Monitor:
+def run(tmp: Path, lm_probes, watch: WatchConfig, marks: list[tuple[int, int]]) -> Monitor:
     """Start at step 0, then offer the monitor each (step, tokens) of `marks`, the last as final."""
     model = tiny_gpt2(VOCAB)
-    monitor = Monitor(watch, probes=probes, run_dir=tmp / "run")
+    monitor = Monitor(watch, probes=lm_probes, run_dir=tmp / "run")
     monitor.setup(model, log_dir=None)
     monitor.start(model, step=0, tokens=0)
     for i, (step, tokens) in enumerate(marks):
@@ -31,11 +26,11 @@ def run(tmp: Path, probes, watch: WatchConfig, marks: list[tuple[int, int]]) -> 
     return monitor
 
 
-def test_maps_follow_their_own_sparser_schedule(tmp_path: Path, probes) -> None:
+def test_maps_follow_their_own_sparser_schedule(tmp_path: Path, lm_probes) -> None:
     """Curves at every snapshot; maps 2 per decade of tokens, plus the first and the last."""
     watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1))
     marks = [(s, 100 * s) for s in range(1, 11)]  # 100..1000 tokens: buckets 4, 4.6.., 5, 6
-    run(tmp_path, probes, watch, marks)
+    run(tmp_path, lm_probes, watch, marks)
     records = SnapshotStore(tmp_path / "run").records()
     assert [r["step"] for r in records] == list(range(11))
     with_maps = [r["step"] for r in records if "maps" in r["parts"]]
@@ -44,19 +39,19 @@ def test_maps_follow_their_own_sparser_schedule(tmp_path: Path, probes) -> None:
     assert all("random" in r["parts"] for r in records)
 
 
-def test_maps_schedule_none_maps_every_snapshot(tmp_path: Path, probes) -> None:
+def test_maps_schedule_none_maps_every_snapshot(tmp_path: Path, lm_probes) -> None:
     """maps_schedule=None draws region maps at every snapshot."""
     watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1), maps_schedule=None)
-    run(tmp_path, probes, watch, [(1, 100), (2, 200)])
+    run(tmp_path, lm_probes, watch, [(1, 100), (2, 200)])
     assert all("maps" in r["parts"] for r in SnapshotStore(tmp_path / "run").records())
 
 
-def test_reopened_monitor_continues_both_schedules(tmp_path: Path, probes) -> None:
+def test_reopened_monitor_continues_both_schedules(tmp_path: Path, lm_probes) -> None:
     """A monitor reopening the run takes its last marks from the store, not from memory."""
     watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(2))
-    run(tmp_path, probes, watch, [(2, 200), (4, 400), (5, 500)])
+    run(tmp_path, lm_probes, watch, [(2, 200), (4, 400), (5, 500)])
     model = tiny_gpt2(VOCAB)
-    again = Monitor(watch, probes=probes, run_dir=tmp_path / "run")
+    again = Monitor(watch, probes=lm_probes, run_dir=tmp_path / "run")
     again.setup(model, log_dir=None)
     again.open(truncate_after=4, tokens=400)
     assert again.last == Mark(4, 400)
@@ -65,10 +60,12 @@ def test_reopened_monitor_continues_both_schedules(tmp_path: Path, probes) -> No
     again.close()
 
 
-def test_onset_is_logged_live_once_the_median_leaves_the_init_band(tmp_path: Path, probes) -> None:
+def test_onset_is_logged_live_once_the_median_leaves_the_init_band(
+    tmp_path: Path, lm_probes
+) -> None:
     """regionwatch/onset/tokens appears in TensorBoard when the onset is defined."""
     watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1), maps_schedule=None)
-    monitor = run(tmp_path, probes, watch, [(1, 100)])
+    monitor = run(tmp_path, lm_probes, watch, [(1, 100)])
     records = SnapshotStore(tmp_path / "run").records()
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
@@ -93,8 +90,8 @@ def test_watch_config_refuses_bad_values(kwargs: dict, match: str) -> None:
         WatchConfig(**kwargs)
 
 
-def test_precision_trainer_needs_a_trainer_context(tmp_path: Path, probes) -> None:
+def test_precision_trainer_needs_a_trainer_context(tmp_path: Path, lm_probes) -> None:
     """precision="trainer" without a trainer precision context fails at setup."""
-    monitor = Monitor(WatchConfig(precision="trainer"), probes=probes, run_dir=tmp_path / "run")
+    monitor = Monitor(WatchConfig(precision="trainer"), probes=lm_probes, run_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match="trainer precision context"):
         monitor.setup(tiny_gpt2(VOCAB), log_dir=None)

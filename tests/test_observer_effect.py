@@ -4,23 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import Trainer
 
 from regionwatch import RegionMonitor, RegionMonitorCallback, Schedule, SnapshotStore
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, small_probes, tiny_gpt2, trainer
-
-
-@pytest.fixture(scope="module")
-def probes(text_tokenizer):
-    return small_probes(text_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def data(text_tokenizer) -> Windows:
-    return Windows(text_tokenizer)
+from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:
@@ -34,48 +23,48 @@ def assert_same_tensors(a: dict, b: dict) -> None:
             assert value == b[key], key
 
 
-def lightning_run(tmp: Path, data: Windows, callbacks: list) -> tuple[dict, dict]:
+def lightning_run(tmp: Path, lm_data: Windows, callbacks: list) -> tuple[dict, dict]:
     module = TinyLM(VOCAB)  # GPT-2 has dropout: any RNG the probe drew would change the weights
     fit = trainer(tmp, callbacks, max_steps=7)
-    fit.fit(module, loader(data))
+    fit.fit(module, loader(lm_data))
     return module.state_dict(), fit.optimizers[0].state_dict()
 
 
-def test_lightning_run_is_bitwise_unchanged(tmp_path: Path, probes, data: Windows) -> None:
+def test_lightning_run_is_bitwise_unchanged(tmp_path: Path, lm_probes, lm_data: Windows) -> None:
     """Weights and optimizer state after 7 steps are identical with and without RegionMonitor."""
     torch.random.manual_seed(123)
-    plain = lightning_run(tmp_path / "plain", data, [])
+    plain = lightning_run(tmp_path / "plain", lm_data, [])
     torch.random.manual_seed(123)
     callback = RegionMonitor(
-        probes=probes,
+        probes=lm_probes,
         config=SMALL_PROBE,
         run_dir=tmp_path / "run",
         schedule=Schedule.every_steps(2),
     )
-    watched = lightning_run(tmp_path / "watched", data, [callback])
+    watched = lightning_run(tmp_path / "watched", lm_data, [callback])
     assert SnapshotStore(tmp_path / "run").steps() == [0, 2, 4, 6, 7]  # it really measured
     assert_same_tensors(plain[0], watched[0])
     assert_same_tensors(plain[1], watched[1])
 
 
-def hf_run(tmp: Path, data: Windows, callbacks: list) -> tuple[dict, dict]:
+def hf_run(tmp: Path, lm_data: Windows, callbacks: list) -> tuple[dict, dict]:
     trainer_ = Trainer(
-        tiny_gpt2(VOCAB), hf_args(tmp, max_steps=5), train_dataset=data, callbacks=callbacks
+        tiny_gpt2(VOCAB), hf_args(tmp, max_steps=5), train_dataset=lm_data, callbacks=callbacks
     )
     trainer_.train()
     return trainer_.model.state_dict(), trainer_.optimizer.state_dict()
 
 
-def test_hf_run_is_bitwise_unchanged(tmp_path: Path, probes, data: Windows) -> None:
+def test_hf_run_is_bitwise_unchanged(tmp_path: Path, lm_probes, lm_data: Windows) -> None:
     """Weights and optimizer state after 5 Trainer steps equal a run without the callback."""
-    plain = hf_run(tmp_path / "plain", data, [])
+    plain = hf_run(tmp_path / "plain", lm_data, [])
     callback = RegionMonitorCallback(
-        probes=probes,
+        probes=lm_probes,
         config=SMALL_PROBE,
         run_dir=tmp_path / "run",
         schedule=Schedule.every_steps(2),
     )
-    watched = hf_run(tmp_path / "watched", data, [callback])
+    watched = hf_run(tmp_path / "watched", lm_data, [callback])
     assert SnapshotStore(tmp_path / "run").steps() == [0, 2, 4, 5]
     assert_same_tensors(plain[0], watched[0])
     assert_same_tensors(plain[1], watched[1])

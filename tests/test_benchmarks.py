@@ -1,0 +1,50 @@
+"""The benchmark scripts still run: each one's --quick mode, end to end, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+AGREEMENT_TOL = 1e-5  # PAPER.md §9: the fast path matches the reference to float32 round-off
+
+
+def test_bench_probe_quick_writes_its_json(tmp_path: Path) -> None:
+    """bench_probe --quick times floors, probe, reference and maps and records their agreement."""
+    out = tmp_path / "probe.json"
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_probe.py"), "--quick", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(out.read_text())
+
+    assert {"torch", "transformers", "device", "dtype", "threads", "git"} <= set(result["env"])
+    assert result["params"]["quick"] is True
+    assert {r["arch"] for r in result["interpolate"]} == {"gpt2", "llama"}
+    for record in result["interpolate"]:
+        variants = record["variants"]
+        assert set(variants) == {"floor_forward", "floor_min", "interpolate"}
+        for timing in variants.values():
+            assert len(timing["raw_s"]) == record["rounds"] >= 1
+            assert timing["median_s"] > 0
+            assert "peak_extra_bytes" in timing
+        assert {
+            "interpolate_vs_floor_forward",
+            "interpolate_vs_floor_min",
+            "speedup_vs_reference",
+        } <= set(record["ratios"])
+        assert record["reference"]["full_s"] > 0
+        agreement = record["agreement"]
+        assert agreement["pairs_checked"] == record["pairs"]
+        for key in ("relative_max_abs_diff", "max_slope_max_rel_diff", "distance_max_rel_diff"):
+            assert agreement[key] < AGREEMENT_TOL, (record["arch"], key, agreement[key])
+    assert len(result["maps"]) == len(result["interpolate"])
+    for record in result["maps"]:
+        assert record["region_maps"]["median_s"] > 0
+        assert record["reference"]["speedup_vs_reference"] > 0
+        assert record["agreement"]["distance_max_rel_diff"] < AGREEMENT_TOL
