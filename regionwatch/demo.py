@@ -66,7 +66,7 @@ class DemoConfig:
     vocab_size: int = 2048
     seq_len: int = 128
     batch_size: int = 32
-    steps: int = 300
+    steps: int = 600
     learning_rate: float = 1e-3
     warmup_steps: int = 30
     weight_decay: float = 0.1
