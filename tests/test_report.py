@@ -36,7 +36,7 @@ from regionwatch.report import (
     slope_over_tokens_figure,
     write_report,
 )
-from regionwatch.report.build import curve_panel
+from regionwatch.report.build import curve_panel, load_runs
 from regionwatch.report.maps import ANCHOR_AREA, ANCHOR_EDGE, ANCHOR_FILL
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import SnapshotStore
@@ -526,3 +526,15 @@ def test_report_of_a_real_tiny_model_run(tmp_path: Path) -> None:
     assert html.count('<tr class="snapshot') == 2
     assert (tmp_path / "out" / "maps_tiny.gif").is_file()
     assert (tmp_path / "out" / "pairs_tiny_latest.png").is_file()
+
+
+def test_runs_named_regionwatch_take_their_parent_directory_names(tmp_path: Path) -> None:
+    """`out/6l/regionwatch` reports as "6l" (legend and file names); twins get a suffix."""
+    for parent in ("a/2l", "a/6l", "b/6l"):
+        synthetic_run(tmp_path / parent / "regionwatch", [0, 1000])
+    runs = load_runs(
+        [tmp_path / p / "regionwatch" for p in ("a/2l", "a/6l", "b/6l")], progress=False
+    )
+    assert [r.name for r in runs] == ["2l", "6l", "6l-2"]
+    write_report([tmp_path / "a/6l/regionwatch"], tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "maps_6l.gif").is_file()

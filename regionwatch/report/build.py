@@ -16,7 +16,14 @@ import numpy as np
 
 from regionwatch.errors import ConfigError
 from regionwatch.report.curves import CurvePanel, pairs_figure, relative_curves_figure
-from regionwatch.report.data import RunData, SnapshotData, curve_subset, group_by_alphas, load_run
+from regionwatch.report.data import (
+    RunData,
+    SnapshotData,
+    curve_subset,
+    group_by_alphas,
+    load_run,
+    run_name,
+)
 from regionwatch.report.maps import region_animation, region_strip_figure
 from regionwatch.report.page import Image, RunSection, render_page
 from regionwatch.report.style import save
@@ -77,7 +84,7 @@ def load_runs(run_dirs: Sequence[str | Path], *, progress: bool = True) -> list[
     runs: list[RunData] = []
     seen: set[str] = set()
     for run_dir in run_dirs:
-        base = Path(run_dir).resolve().name
+        base = run_name(run_dir)
         name, n = base, 1
         while name in seen:  # e.g. a/run and b/run: file names and legends must differ
             n += 1

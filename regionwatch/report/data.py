@@ -276,6 +276,16 @@ class RunData:
         return chosen
 
 
+def run_name(path: str | Path) -> str:
+    """A run's name in reports: its directory's name, or its parent's for a default-named run.
+
+    A run inside a trainer's log dir (or a demo's out) is called "regionwatch"; the directory
+    above it says which run it is (`runs/6l-384/regionwatch` -> "6l-384").
+    """
+    resolved = Path(path).resolve()
+    return resolved.parent.name if resolved.name == DEFAULT_RUN_NAME else resolved.name
+
+
 def load_run(path: str | Path, *, name: str | None = None, progress: bool = True) -> RunData:
     """Read a run directory's store into plain arrays; never loads a model.
 
@@ -292,9 +302,7 @@ def load_run(path: str | Path, *, name: str | None = None, progress: bool = True
     """
     store = SnapshotStore(path)
     path = Path(store.path)
-    # A run in a trainer's log dir (or a demo's out) is called "regionwatch": name it by its parent.
-    resolved = path.resolve()
-    name = name or (resolved.parent.name if resolved.name == DEFAULT_RUN_NAME else resolved.name)
+    name = name or run_name(path)
     records = sorted(store.records(), key=lambda r: (r["tokens"], r["step"]))
     if not records:
         raise StoreError(f"{path}: the run has no snapshots yet; nothing to report")
