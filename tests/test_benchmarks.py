@@ -11,17 +11,21 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 AGREEMENT_TOL = 1e-5  # PAPER.md §9: the fast path matches the reference to float32 round-off
 
 
-def test_bench_probe_quick_writes_its_json(tmp_path: Path) -> None:
-    """bench_probe --quick times floors, probe, reference and maps and records their agreement."""
-    out = tmp_path / "probe.json"
+def run_quick(script: str, out: Path) -> dict:
+    """Run benchmarks/<script> --quick as a user would; its JSON result."""
     subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_probe.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
         check=True,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_probe_quick_writes_its_json(tmp_path: Path) -> None:
+    """bench_probe --quick times floors, probe, reference and maps and records their agreement."""
+    result = run_quick("bench_probe.py", tmp_path / "probe.json")
 
     assert {"torch", "transformers", "device", "dtype", "threads", "git"} <= set(result["env"])
     assert result["params"]["quick"] is True
@@ -48,3 +52,15 @@ def test_bench_probe_quick_writes_its_json(tmp_path: Path) -> None:
         assert record["region_maps"]["median_s"] > 0
         assert record["reference"]["speedup_vs_reference"] > 0
         assert record["agreement"]["distance_max_rel_diff"] < AGREEMENT_TOL
+
+
+def test_bench_overhead_quick_writes_its_json(tmp_path: Path) -> None:
+    """bench_overhead --quick times both runs and the monitor's own share of the monitored one."""
+    result = run_quick("bench_overhead.py", tmp_path / "overhead.json")
+
+    assert len(result["wall_s"]["with"]) == len(result["wall_s"]["without"]) == 1
+    assert result["snapshots"] >= 2  # step 0 and the end, at least
+    (in_monitor,) = result["in_monitor_s"]
+    # The probe is part of what the monitor does per snapshot, and the monitor part of the run.
+    assert 0 < result["probe_s_total"] <= in_monitor < result["median_with_s"]
+    assert result["in_monitor_share"] == in_monitor / result["median_with_s"]
