@@ -117,3 +117,24 @@ def test_every_verb_has_help(verb: str) -> None:
     )
     assert done.returncode == 0
     assert verb in done.stdout
+
+
+def test_a_library_logger_with_its_own_level_prints_once() -> None:
+    """Lightning-style loggers (own INFO level and handler) are not echoed by the CLI's handler."""
+    script = (
+        "import logging\n"
+        "from tqdm.contrib.logging import logging_redirect_tqdm\n"
+        "from regionwatch.cli import configure_logging\n"
+        "configure_logging('warning')\n"
+        "lib = logging.getLogger('lib')\n"
+        "lib.setLevel(logging.INFO)\n"
+        "lib.addHandler(logging.StreamHandler())\n"
+        "with logging_redirect_tqdm():\n"
+        "    lib.info('hello')\n"
+        "    logging.getLogger('regionwatch.x').warning('careful')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stderr.count("hello") == 1  # from the library's own handler only
+    assert "WARNING regionwatch.x: careful" in done.stderr

@@ -22,13 +22,29 @@ VERBS = (demo, measure, show, replay, report)
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `regionwatch` console script and `python -m regionwatch`."""
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     try:
         with logging_redirect_tqdm():
             return args.run(args)
     except RegionWatchError as err:  # a user error: the message says how to fix it
         print(f"regionwatch {args.verb}: error: {err}", file=sys.stderr)
         return 2
+
+
+def configure_logging(level: str) -> None:
+    """Log records at `level` and above to stderr, once each (the root logger's only handler).
+
+    Libraries that give their loggers a level and a handler of their own (Lightning: INFO) also
+    propagate to the root's handler whatever the root's level, so every such line would print
+    twice. A filter on our handler holds them to `level`: a filter, not a handler level, because
+    `logging_redirect_tqdm` keeps a handler's filters but not its level.
+    """
+    threshold = logging.getLevelName(level.upper())
+    handler = logging.StreamHandler()
+    handler.addFilter(lambda record: record.levelno >= threshold)
+    logging.basicConfig(
+        level=threshold, format="%(levelname)s %(name)s: %(message)s", handlers=[handler]
+    )
 
 
 def parser() -> argparse.ArgumentParser:
