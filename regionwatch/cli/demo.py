@@ -14,7 +14,7 @@ def add(verbs: argparse._SubParsersAction) -> None:
     """Register the verb."""
     p = verbs.add_parser(
         "demo",
-        help="pretrain a small LM on the built-in corpus with regionwatch attached (CPU, ~10 min)",
+        help="pretrain a small LM on the built-in corpus with regionwatch attached (CPU, ~7 min)",
         description="Pretrain a small GPT-2 (or Llama) from scratch on the built-in corpus with "
         "the region monitor attached, then print the run, the TensorBoard command and the "
         "max-slope table over tokens, and write a report.",
