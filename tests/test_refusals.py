@@ -184,7 +184,9 @@ def test_a_config_asking_for_custom_code_is_refused_without_a_prompt(
     assert "Do you wish" not in out
 
 
-def test_a_tokenizer_asking_for_custom_code_is_not_run(tmp_path: Path, text_tokenizer) -> None:
+def test_a_tokenizer_asking_for_custom_code_is_not_run(
+    tmp_path: Path, text_tokenizer, capsys: pytest.CaptureFixture
+) -> None:
     """A tokenizer_config.json naming custom code gives a CheckpointError, no prompt, no code."""
     text_tokenizer.save_pretrained(tmp_path)
     path = tmp_path / "tokenizer_config.json"
@@ -194,6 +196,7 @@ def test_a_tokenizer_asking_for_custom_code_is_not_run(tmp_path: Path, text_toke
     (tmp_path / "evil.py").write_text("raise SystemExit('custom code ran')\n")
     with pytest.raises(CheckpointError, match="no tokenizer in"):
         load_tokenizer(tmp_path)
+    assert "Do you wish" not in capsys.readouterr().out
 
 
 def sharded(folder: Path) -> list[str]:
