@@ -41,10 +41,10 @@ BLOCK_PATHS: Mapping[str, str] = MappingProxyType(
 MASKED_ATTENTION = ("eager", "sdpa")
 # Architectures the probe cannot measure, whatever block_path says, and why. ALiBi models build
 # their position biases from a 2D padding mask and cannot take the engine's 4D one (Falcon
-# only with `alibi=True`, checked through the config's flag); state-space models have no
-# attention for the engine's KV cache and masks to drive.
+# only with `alibi=True`, checked through the config's flag); state-space and recurrent models
+# have no attention for the engine's KV cache and masks to drive.
 _ALIBI = "ALiBi attention, whose position biases cannot take the probe's 4D attention mask"
-_NO_ATTENTION = "no attention layers: a state-space model, not a transformer the probe can drive"
+_NO_ATTENTION = "no attention layers (a state-space or recurrent model) for the probe to drive"
 REFUSED_MODELS: Mapping[str, str] = MappingProxyType(
     {
         "bloom": _ALIBI,

@@ -21,9 +21,13 @@ from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
     FalconConfig,
+    FalconMambaConfig,
     GPT2Config,
     GPT2Model,
+    Mamba2Config,
     MambaConfig,
+    MptConfig,
+    RwkvConfig,
 )
 
 from regionwatch import (
@@ -318,6 +322,37 @@ REFUSED = {
     ),
     "mamba": (
         lambda: tiny(MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2)),
+        "no attention layers",
+    ),
+    "mpt": (lambda: tiny(MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB)), "ALiBi"),
+    "mamba2": (
+        lambda: tiny(
+            Mamba2Config(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_heads=4,
+                head_dim=16,
+                n_groups=1,
+                expand=2,
+            )
+        ),
+        "no attention layers",
+    ),
+    "falcon_mamba": (
+        lambda: tiny(FalconMambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2)),
+        "no attention layers",
+    ),
+    "rwkv": (
+        lambda: tiny(
+            RwkvConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                num_hidden_layers=2,
+                attention_hidden_size=32,
+                intermediate_size=64,
+            )
+        ),
         "no attention layers",
     ),
     "gpt2_no_head": (
