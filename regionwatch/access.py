@@ -39,6 +39,22 @@ BLOCK_PATHS: Mapping[str, str] = MappingProxyType(
 )
 # The engine hands transformers a custom 4D additive mask; these implementations honour one.
 MASKED_ATTENTION = ("eager", "sdpa")
+# Architectures the probe cannot measure, whatever block_path says, and why. ALiBi models build
+# their position biases from a 2D padding mask and cannot take the engine's 4D one (Falcon
+# only with `alibi=True`, checked through the config's flag); state-space and recurrent models
+# have no attention for the engine's KV cache and masks to drive.
+_ALIBI = "ALiBi attention, whose position biases cannot take the probe's 4D attention mask"
+_NO_ATTENTION = "no attention layers (a state-space or recurrent model) for the probe to drive"
+REFUSED_MODELS: Mapping[str, str] = MappingProxyType(
+    {
+        "bloom": _ALIBI,
+        "mpt": _ALIBI,
+        "mamba": _NO_ATTENTION,
+        "mamba2": _NO_ATTENTION,
+        "falcon_mamba": _NO_ATTENTION,
+        "rwkv": _NO_ATTENTION,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -117,13 +133,36 @@ def resolve(
         The resolved site.
 
     Raises:
-        UnsupportedModelError: unknown architecture without `block_path`, a path that does not
-            lead to a block list, no unembedding, an attention implementation that ignores custom
-            masks, or `write_layer` out of range. Raised before any forward pass.
+        UnsupportedModelError: an architecture the probe cannot drive (`REFUSED_MODELS`, ALiBi),
+            unknown architecture without `block_path`, no LM head, a path that does not lead to a
+            block list, an attention implementation that ignores custom masks, weights on the
+            meta device, or `write_layer` out of range. Raised before any forward pass.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     supported = ", ".join(BLOCK_PATHS)
+    refused = REFUSED_MODELS.get(model_type)
+    if refused is None and getattr(config, "alibi", False) is True:
+        refused = _ALIBI
+    if refused is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} (model_type {model_type!r}) cannot be probed: {refused}; "
+            f"supported: {supported}"
+        )
+    get_head = getattr(model, "get_output_embeddings", None)
+    if not callable(get_head) or get_head() is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no LM head (get_output_embeddings() gives none): the "
+            "probe reads next-token outputs; pass the causal LM, e.g. load it with "
+            "AutoModelForCausalLM (GPT2LMHeadModel, not GPT2Model)"
+        )
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has parameters on the meta device (e.g. {meta}): they hold "
+            "no values to measure; load the weights first (from_pretrained without "
+            "device_map='meta', or model.to_empty(...) then load_state_dict)"
+        )
     if block_path is None:
         if model_type not in BLOCK_PATHS:
             raise UnsupportedModelError(
@@ -139,7 +178,7 @@ def resolve(
             f"{type(model).__name__}, not a non-empty nn.ModuleList of decoder blocks"
         )
     base = getattr(model, "base_model", model)
-    if base is model or model.get_output_embeddings() is None:
+    if base is model:
         raise UnsupportedModelError(
             f"{type(model).__name__} is not a causal LM with a separate decoder stack and "
             "unembedding; load it with AutoModelForCausalLM"

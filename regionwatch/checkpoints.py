@@ -8,6 +8,9 @@ load with the command that consolidates them) and hub revisions (Pythia's `step1
 `trainer_state.json`; a `.ckpt`'s `global_step` (and the tokens a `RegionMonitor` recorded in its
 callback state); the name (`parse_revision`, the one reader of checkpoint names); tokens as
 step x `tokens_per_step`. A checkpoint whose tokens stay unknown is refused, never guessed.
+A checkpoint that cannot be read while it is placed (garbage bytes, a `trainer_state.json` whose
+step is no number, a model folder without `config.json`) carries the reason in `error`: replay
+reports it as failed and goes on with the others.
 
 Over 400 lines on purpose: every rule that places a checkpoint in training is here, side by side,
 so that one read shows how any checkpoint got its step and tokens.
@@ -100,6 +103,7 @@ class Checkpoint:
         tokens: training tokens seen when it was saved.
         found: how step and tokens were found, e.g. "step and tokens: trainer_state.json".
         tokens_per_step: the tokens-per-step default of its revision schedule, if any.
+        error: why it cannot be measured, found while discovering it; "" if nothing was.
     """
 
     kind: Kind
@@ -110,6 +114,7 @@ class Checkpoint:
     tokens: int | None = None
     found: str = ""
     tokens_per_step: int | None = None
+    error: str = ""
 
     @property
     def label(self) -> str:
@@ -333,6 +338,14 @@ def _walk(directory: Path) -> Iterator[Checkpoint]:
         return
     if _is_pretrained(directory):
         yield Checkpoint(kind="pretrained", path=directory)
+    elif _lacks_config(directory):
+        yield Checkpoint(
+            kind="pretrained",
+            path=directory,
+            error=f"a model checkpoint folder without {CONFIG_FILE}, so its architecture is "
+            f"unknown: copy the model's {CONFIG_FILE} into it (a single-file state dict in it: "
+            "pass the file as SOURCE with --config DIR)",
+        )
     for child in sorted(directory.iterdir()):
         if child.name.startswith("."):
             continue  # .git, .cache, .no_exist: never checkpoints
@@ -357,13 +370,38 @@ def _is_pretrained(directory: Path) -> bool:
     return "model_type" in _read_json(directory / CONFIG_FILE)
 
 
+def _lacks_config(directory: Path) -> bool:
+    """A folder that holds a model's weights, or is a Trainer checkpoint, but no config.json."""
+    if (directory / CONFIG_FILE).is_file():
+        return False
+    trainer = (directory / TRAINER_STATE).is_file() and parse_revision(directory.name) is not None
+    return has_weights(directory) or trainer
+
+
 def _place(checkpoint: Checkpoint, tokens_per_step: int | None, trust_pickle: bool) -> Checkpoint:
+    """Fill in step and tokens; a checkpoint unreadable on the way gets the reason as `error`."""
+    if checkpoint.error:
+        return checkpoint
+    try:
+        return _position(checkpoint, tokens_per_step, trust_pickle)
+    except CheckpointError as err:  # the reason says it all: no traceback
+        logger.warning("%s: %s", checkpoint.label, err)
+        return replace(checkpoint, error=str(err))
+    except Exception as err:  # guarantee: one bad checkpoint never stops the replay
+        logger.exception("%s: cannot be read; skipped", checkpoint.label)
+        return replace(checkpoint, error=f"{type(err).__name__}: {err}")
+
+
+def _position(
+    checkpoint: Checkpoint, tokens_per_step: int | None, trust_pickle: bool
+) -> Checkpoint:
     """Fill in step and tokens, each from the first source that has it."""
     steps: list[tuple[int | None, str]] = []
     tokens: list[tuple[int | None, str]] = []
     if checkpoint.kind == "pretrained" and (checkpoint.path / TRAINER_STATE).is_file():
         state = _read_json(checkpoint.path / TRAINER_STATE)
-        step, seen = state.get("global_step"), state.get("num_input_tokens_seen")
+        step = _count(state.get("global_step"), TRAINER_STATE, "global_step")
+        seen = _count(state.get("num_input_tokens_seen"), TRAINER_STATE, "num_input_tokens_seen")
         steps.append((step, TRAINER_STATE))
         # The Trainer writes 0 when it was not asked to count (include_num_input_tokens_seen).
         tokens.append((seen if seen or step == 0 else None, TRAINER_STATE))
@@ -389,16 +427,15 @@ def _place(checkpoint: Checkpoint, tokens_per_step: int | None, trust_pickle: bo
 
 
 def _lightning_position(path: Path, trust_pickle: bool) -> tuple[int | None, int | None]:
-    """A `.ckpt`'s global step and the tokens its RegionMonitor counted; Nones if unreadable.
+    """A `.ckpt`'s global step and the tokens its RegionMonitor counted (None where absent).
 
-    Memory-mapped: this reads the few bytes of metadata, not the weights. An unreadable file
-    is not an error here; loading it reports why.
+    Memory-mapped: this reads the few bytes of metadata, not the weights.
+
+    Raises:
+        CheckpointError: the file is unreadable (or pickled and not trusted): loading it would
+            fail for the same reason.
     """
-    try:
-        data = read_checkpoint(path, trust_pickle=trust_pickle)
-    except CheckpointError as err:
-        logger.debug("%s: no step from its contents (%s)", path, err)
-        return None, None
+    data = read_checkpoint(path, trust_pickle=trust_pickle)
     if not isinstance(data, Mapping):
         return None, None
     step = data.get("global_step")
@@ -411,7 +448,9 @@ def _lightning_position(path: Path, trust_pickle: bool) -> tuple[int | None, int
 
 def _refuse_unplaced(checkpoints: list[Checkpoint]) -> None:
     unplaced = [
-        c for c in checkpoints if c.kind != "sharded" and (c.step is None or c.tokens is None)
+        c
+        for c in checkpoints
+        if c.kind != "sharded" and not c.error and (c.step is None or c.tokens is None)
     ]
     if not unplaced:
         return
@@ -456,6 +495,18 @@ def _order(checkpoint: Checkpoint) -> tuple[Any, ...]:
 def _revision_order(name: str) -> tuple[int, int, str]:
     parsed = parse_revision(name)
     return (0, parsed[0], name) if parsed else (1, 0, name)
+
+
+def _count(value: Any, source: str, key: str) -> int | None:
+    """A step or token count as recorded in `source`: an int >= 0, or None if absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(
+            f"{source}: {key} is {value!r}, not a count (an int >= 0); the file is damaged: "
+            f"restore it, or delete it to place the checkpoint by its name"
+        )
+    return value
 
 
 def _int_or_none(value: Any) -> int | None:

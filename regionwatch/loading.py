@@ -6,12 +6,15 @@ single-file state dicts (Lightning `.ckpt`, `torch.save` files, `.safetensors`),
 carry a wrapper's prefix (`lm.`, `model.`) or torch.compile's `_orig_mod.`, and whose
 architecture comes from a `config.json` or the checkpoint's hyper-parameters. Weights load safely:
 safetensors as such, pickles with `torch.load(weights_only=True)`, and full unpickling (which runs
-arbitrary code) only when the caller says it trusts the file. (Over 400 lines: the safety rules
+arbitrary code) only when the caller says it trusts the file. A repository's own code never runs
+(`trust_remote_code=False` on every load), and weights are read only from files inside the
+checkpoint's folder, whatever an index file or a symlink says. (Over 400 lines: the safety rules
 of each checkpoint kind sit with the loader they guard.)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import re
@@ -23,6 +26,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError
 from torch import Tensor
 from transformers import (
@@ -58,6 +62,22 @@ COMPILED_SEGMENT = re.compile(r"(^|\.)_orig_mod\.")
 # torch.distributed.checkpoint (FSDP's sharded form) writes this beside its *.distcp shards.
 SHARDED_METADATA, SHARD_GLOB = ".metadata", "*.distcp"
 CONSOLIDATE = "python -m torch.distributed.checkpoint.format_utils dcp_to_torch {src} {dst}"
+REMOTE_CODE_KEY = "auto_map"  # a config's pointer to Python files of its repository
+# What torch.load raises on bytes that are no checkpoint: a text file fails its legacy-pickle
+# magic-number lookup with a KeyError, random bytes as an UnpicklingError, a broken zip as a
+# RuntimeError; a full unpickle of garbage can fail in any of the others.
+UNREADABLE = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    ImportError,
+)
 DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -73,6 +93,38 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_device(name: str) -> str:
+    """A device name torch knows and this machine has (`cpu`, `cuda`, `cuda:1`, `mps`).
+
+    Checked before anything loads, so that `--device cuda` on a machine without CUDA says so
+    instead of failing deep inside `Module.to`.
+
+    Raises:
+        ConfigError: not a device name, or a device this machine lacks.
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(
+            f"--device {name!r}: not a torch device ({err}); e.g. cpu, cuda:0"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}, "
+            "torch.cuda.is_available() is False); use --device cpu"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+            f"use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"--device {name}: MPS is not available on this machine; use --device cpu"
+        )
+    return name
+
+
 def load_model(
     path: str | Path,
     *,
@@ -83,7 +135,10 @@ def load_model(
     """Load a causal LM from a `save_pretrained` directory (or a hub id found in the local cache).
 
     Refuses a checkpoint that lacks weights the model has, rather than measuring them as
-    transformers would leave them: freshly initialised.
+    transformers would leave them (freshly initialised), and one whose weights the model does
+    not have (a config that claims fewer layers than the weights hold would be measured as a
+    truncated model). Never runs the repository's code, and reads weights only from inside the
+    folder (see `check_folder`).
 
     Args:
         path: the directory, or a hub repo id ("org/name").
@@ -95,21 +150,69 @@ def load_model(
         CheckpointError: nothing loadable there, with the loader's reason.
     """
     where = str(path) if revision is None else f"{path} (revision {revision})"
+    local = _local_folder(path, revision)
+    if local is not None:
+        check_folder(*local, where=where)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(path), revision=revision, output_loading_info=True
+            str(path), revision=revision, output_loading_info=True, trust_remote_code=False
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"cannot load a causal LM from {where}: {err}") from err
     missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
     mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
-    if missing or mismatched:
+    if missing or unexpected or mismatched:
         raise CheckpointError(
-            f"{where} does not hold the weights of its own config's {type(model).__name__}: "
-            f"missing {_some(missing)}, wrong shape {_some(mismatched)}; a damaged or mislabelled "
-            "checkpoint"
+            f"{where} does not hold the weights of its own config's {type(model).__name__} "
+            f"({getattr(model.config, 'num_hidden_layers', '?')} layers): missing "
+            f"{_some(missing)}, unexpected {_some(unexpected)}, wrong shape {_some(mismatched)}; "
+            f"a damaged or mislabelled checkpoint: its {CONFIG_FILE} must describe the model "
+            "its weights came from"
         )
     return model.to(device=device, dtype=dtype).eval()
+
+
+def check_folder(folder: Path, root: Path, *, where: str) -> None:
+    """Refuse a model folder whose config asks for custom code or whose weights lie outside it.
+
+    transformers would import the Python files a config's `auto_map` names (or ask on stdin
+    whether to), and it opens whatever path a shard index or a symlink names, `../x` and absolute
+    paths included. A checkpoint is data: neither may happen.
+
+    Args:
+        folder: the directory holding config.json and the weight files.
+        root: what the weights must resolve inside: the folder itself, or for a hub cache the
+            repository's cache folder (its snapshot files are symlinks to `../../blobs/`).
+        where: the checkpoint as named in messages.
+
+    Raises:
+        CheckpointError: custom code asked for, an unreadable index, or a weight file outside.
+    """
+    config = folder / CONFIG_FILE
+    if config.is_file() and REMOTE_CODE_KEY in _read_json_object(config, where):
+        raise CheckpointError(
+            f"{where}: its {CONFIG_FILE} names custom code ({REMOTE_CODE_KEY!r}); regionwatch "
+            "never runs a repository's code. Save the model with an architecture transformers "
+            f"ships (a config without {REMOTE_CODE_KEY!r}), or measure it in-process with "
+            "regionwatch.measure(model, ...)"
+        )
+    names = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    for index in [name for name in names if name.endswith(".index.json")]:
+        weight_map = _read_json_object(folder / index, where).get("weight_map")
+        if not isinstance(weight_map, Mapping) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(f"{where}: {index} holds no weight_map of file names")
+        names += sorted(set(weight_map.values()))
+    inside = root.resolve()
+    for name in names:
+        if Path(name).is_absolute() or not (folder / name).resolve().is_relative_to(inside):
+            raise CheckpointError(
+                f"{where}: weight file {name!r} lies outside the checkpoint folder {folder} "
+                "(an absolute or `..` path, or a symlink out); regionwatch reads weights only "
+                "from inside it: copy the files into the folder and name them relatively"
+            )
 
 
 def has_weights(path: Path) -> bool:
@@ -149,20 +252,28 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:
         except (OSError, SafetensorError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
     zipped = zipfile.is_zipfile(path)  # torch.save's format since 1.6; only it can be mmapped
+    if not zipped and not _starts_like_pickle(path):
+        raise CheckpointError(
+            f"{path}: not a torch checkpoint: neither a zip archive (torch.save's format since "
+            "torch 1.6) nor a pickle; is it the right file, and complete?"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as err:
         if not trust_pickle:
             raise CheckpointError(_pickle_refusal(path, err, zipped=zipped)) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
+    except UNREADABLE as err:
         raise CheckpointError(
-            f"{path}: not a readable torch checkpoint ({_first_line(err)}); is the file complete?"
+            f"{path}: not a readable torch checkpoint ({type(err).__name__}: {_first_line(err)}); "
+            "is the file complete?"
         ) from err
     logger.warning("%s: unpickling it fully, as --trust-pickle allows", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=zipped)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+    except UNREADABLE as err:
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint ({type(err).__name__}: {_first_line(err)})"
+        ) from err
 
 
 def load_state_dict_model(
@@ -204,7 +315,7 @@ def load_state_dict_model(
     # from_config initialises weights from the global RNG: draw them from a forked one, so that
     # loading a checkpoint inside someone's script leaves their random stream as it was.
     with torch.random.fork_rng(devices=[]):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     weights = _match_keys(state, model, state_key, path)
     _load_exactly(model, weights, path)
     return model.to(device=device, dtype=dtype).eval()
@@ -235,15 +346,16 @@ def init_model(
     saved and restored, so measuring never reseeds anyone's run.
 
     Raises:
-        CheckpointError: no readable config there.
+        CheckpointError: no readable config there, or one that names custom code.
     """
+    check_folder(Path(config_dir), Path(config_dir), where=str(config_dir))
     try:
-        config = AutoConfig.from_pretrained(str(config_dir))
+        config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read a model config from {config_dir}: {err}") from err
     with torch.random.fork_rng(devices=[]):
         torch.random.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -261,7 +373,7 @@ def load_tokenizer(path: str | Path, *, revision: str | None = None) -> PreTrain
         logger.info("training the built-in BPE tokenizer (vocab %d)", DEFAULT_VOCAB_SIZE)
         return train_tokenizer([builtin_text()], vocab_size=DEFAULT_VOCAB_SIZE)
     try:
-        return AutoTokenizer.from_pretrained(str(path), revision=revision)
+        return AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise CheckpointError(
             f"no tokenizer in {path}: {err}; "
@@ -292,7 +404,7 @@ def _model_config(path: Path, config_dir: str | Path | None, checkpoint: Any) ->
     for where in (config_dir, path.parent if (path.parent / CONFIG_FILE).is_file() else None):
         if where is not None:
             try:
-                return AutoConfig.from_pretrained(str(where))
+                return AutoConfig.from_pretrained(str(where), trust_remote_code=False)
             except (OSError, ValueError) as err:
                 raise CheckpointError(f"cannot read a model config from {where}: {err}") from err
     hparams = checkpoint.get("hyper_parameters") if _is_map(checkpoint) else None
@@ -406,6 +518,46 @@ def _pickle_refusal(path: Path, err: pickle.UnpicklingError, *, zipped: bool) ->
         "objects (a model config, a tokenizer) need full unpickling: if you trust the file, pass "
         "--trust-pickle (trust_pickle=True)"
     )
+
+
+def _local_folder(path: str | Path, revision: str | None) -> tuple[Path, Path] | None:
+    """(folder, root) of a model on disk: a directory, or a hub revision in the local cache.
+
+    None for a hub id not in the cache: transformers then downloads the repository's own files.
+    """
+    if Path(path).is_dir():
+        return Path(path), Path(path)
+    try:
+        cached = try_to_load_from_cache(str(path), CONFIG_FILE, revision=revision)
+    except ValueError:  # not a valid repo id either; from_pretrained says so
+        return None
+    if not isinstance(cached, str):
+        return None
+    folder = Path(cached).parent  # <cache>/models--org--name/snapshots/<commit>/
+    return folder, folder.parents[1]
+
+
+def _read_json_object(path: Path, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{where}: {path.name} is not readable JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: {path.name} holds no JSON object")
+    return data
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    """Whether a file opens with pickle's PROTO opcode, as torch's legacy format (protocol 2) does.
+
+    Tells a text file or random bytes from an old checkpoint, so that garbage is not answered
+    with advice to unpickle it fully.
+    """
+    try:
+        with path.open("rb") as file:
+            return file.read(1) == pickle.PROTO
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err})") from err
 
 
 def _is_map(value: Any) -> bool:

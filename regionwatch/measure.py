@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -195,9 +197,32 @@ def check_grid(grid: int, span: tuple[float, float]) -> None:
     """Refuse region-map grids that are too coarse or empty."""
     if not isinstance(grid, int) or grid < MIN_GRID:
         raise ConfigError(f"grid={grid!r}: need an int >= {MIN_GRID}")
-    low, high = span
-    if not low < high:
-        raise ConfigError(f"span={span!r}: need low < high, e.g. {DEFAULT_SPAN}")
+    check_span(span)
+
+
+def check_span(span: Any) -> tuple[float, float]:
+    """The region-map axis range as two finite floats, low < high.
+
+    Raises:
+        ConfigError: not two numbers (a string, three values), not finite, or not increasing.
+    """
+    two_numbers = (
+        isinstance(span, Sequence)
+        and not isinstance(span, str)
+        and len(span) == 2  # noqa: PLR2004
+        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in span)
+    )
+    if not two_numbers:
+        raise ConfigError(
+            f"span={span!r}: need two numbers (low, high) for the alpha and beta axes, "
+            f"e.g. {DEFAULT_SPAN}"
+        )
+    low, high = float(span[0]), float(span[1])
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ConfigError(
+            f"span={span!r}: need finite low < high (the map's grid spans it), e.g. {DEFAULT_SPAN}"
+        )
+    return low, high
 
 
 def check_budget(max_batch_tokens: int | None) -> None:
@@ -253,7 +278,7 @@ class ProbeConfig:
                 "(0 = after the first block)"
             )
         _field_check("num_alphas", check_alphas, self.num_alphas)
-        object.__setattr__(self, "span", tuple(float(v) for v in self.span))
+        object.__setattr__(self, "span", _field_check("span", check_span, self.span))
         _field_check("grid", lambda g: check_grid(g, self.span), self.grid)
         _field_check("max_batch_tokens", check_budget, self.max_batch_tokens)
         parts = tuple(self.parts)
@@ -298,9 +323,9 @@ class ProbeConfig:
         return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _field_check(name: str, check: Callable[[Any], None], value: Any) -> None:
+def _field_check(name: str, check: Callable[[Any], Any], value: Any) -> Any:
     try:
-        check(value)
+        return check(value)
     except ConfigError as err:
         raise ConfigError(f"ProbeConfig.{name}: {err}") from None
 

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
+from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,6 +107,26 @@ class WatchConfig:
             raise ConfigError(f"seed={self.probe_seed!r}: need an int >= 0")
 
 
+def _check_arguments(tokenizer: Any, probes: Any, run_dir: Any) -> None:
+    """Refuse a tokenizer, probe set or run dir of the wrong kind, naming the fix (all drivers)."""
+    if tokenizer is not None and not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise ConfigError(
+            f"tokenizer={tokenizer!r}: need the tokenizer object, not "
+            f"{type(tokenizer).__name__}; load it first, e.g. "
+            f"tokenizer=AutoTokenizer.from_pretrained({str(tokenizer)!r})"
+        )
+    if probes is not None and not isinstance(probes, ProbeSet):
+        raise ConfigError(
+            f"probes={probes!r}: need a ProbeSet, not {type(probes).__name__}; for a saved one "
+            f"pass probes=ProbeSet.load({str(probes)!r})"
+        )
+    if run_dir is not None and not isinstance(run_dir, str | PathLike):
+        raise ConfigError(
+            f"run_dir={run_dir!r}: need a path (str or pathlib.Path) or None, not "
+            f"{type(run_dir).__name__}"
+        )
+
+
 class Monitor:
     """Schedule, measure and record stable-region snapshots of one training run.
 
@@ -118,7 +139,8 @@ class Monitor:
         run_dir: the run directory; None: `<log dir>/regionwatch` (given at `setup`).
 
     Raises:
-        ConfigError: neither a tokenizer nor a probe set.
+        ConfigError: neither a tokenizer nor a probe set, or an argument of the wrong kind (a
+            tokenizer's name instead of the tokenizer, a probe folder instead of the set).
     """
 
     def __init__(
@@ -135,6 +157,7 @@ class Monitor:
                 "regionwatch needs the model's tokenizer (tokenizer=...) to build its probe set, "
                 "or a ready probe set (probes=ProbeSet.build(tokenizer) or ProbeSet.load(dir))"
             )
+        _check_arguments(tokenizer, probes, run_dir)
         self.watch = watch
         self._tokenizer, self._probes, self._source = tokenizer, probes, source
         self.run_dir: Path | None = None if run_dir is None else Path(run_dir)

@@ -155,6 +155,34 @@ class ProbeSet:
     triples: Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
     provenance: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Refuse region-map triples that are not indices into `random`.
+
+        Indexing does not stop a negative index (it counts from the end) and an index past the
+        end fails only deep inside the measurement: either would measure other prompts than
+        the ones meant.
+        """
+        triples, count = self.triples, len(self.random)
+        if (
+            not isinstance(triples, Tensor)
+            or triples.dtype.is_floating_point
+            or triples.dtype == torch.bool
+            or triples.dim() != 2  # noqa: PLR2004
+            or triples.shape[1] != TRIPLE_SIZE
+        ):
+            shape = tuple(triples.shape) if isinstance(triples, Tensor) else type(triples).__name__
+            raise ConfigError(
+                f"ProbeSet.triples: need an integer tensor [n, {TRIPLE_SIZE}] of indices into "
+                f"`random`, got {shape}"
+            )
+        bad = triples[(triples < 0) | (triples >= count)]
+        if bad.numel():
+            raise ConfigError(
+                f"ProbeSet.triples holds index {int(bad[0])}; each must index one of the "
+                f"{count} random prompts (0..{count - 1}): fix the triples, or build the set "
+                "with ProbeSet.build(n_triples=...)"
+            )
+
     @property
     def random_pairs(self) -> tuple[Tensor, Tensor]:
         """Contexts and partners of the chained random pairs, each [prompts - 1, seq_len]."""

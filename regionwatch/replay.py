@@ -12,8 +12,9 @@ Guarantees:
   but the run's own, so a stored step was measured exactly as this replay would measure it;
 - Ctrl-C or a kill leaves nothing half-written (the store's writes are atomic), and a rerun goes on
   where it stopped;
-- one bad checkpoint (corrupt, missing weights, wrong architecture, a failed measurement) is logged
-  with its traceback and skipped; the others are measured, and the result lists the failures;
+- one bad checkpoint (garbage bytes, missing or extra weights, no config.json, custom code, a
+  failed measurement) is named and skipped: an error of ours is logged with its message, anything
+  unforeseen with its traceback; the others are measured, and the result lists the failures;
 - one model at a time: each is released before the next loads, so memory peaks at about one model.
 """
 
@@ -32,8 +33,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from regionwatch.checkpoints import Checkpoint, LoadOptions, discover, load
-from regionwatch.errors import ConfigError, StoreError
-from regionwatch.loading import has_tokenizer, load_tokenizer
+from regionwatch.errors import ConfigError, RegionWatchError, StoreError
+from regionwatch.loading import check_device, has_tokenizer, load_tokenizer
 from regionwatch.measure import ProbeConfig
 from regionwatch.monitor import Monitor, WatchConfig
 from regionwatch.probes import ProbeSet
@@ -127,6 +128,7 @@ def replay(
     """
     if (out is None) == (into is None):
         raise ConfigError("replay needs a run to write: --out RUN_DIR or --into RUN_DIR (one)")
+    check_device(device)
     run_dir = Path(out if into is None else into)
     if into is not None and not _is_run(run_dir):
         raise StoreError(f"--into {run_dir}: not a regionwatch run; pass --out to start one")
@@ -168,6 +170,9 @@ def _replay_all(
     with tqdm(checkpoints, desc=DRIVER, unit="ckpt", disable=not progress) as bar:
         for checkpoint in bar:
             bar.set_postfix_str(checkpoint.name)  # the one being measured now
+            if checkpoint.error:  # unreadable while it was discovered; logged then
+                result.failed.append((checkpoint, checkpoint.error))
+                continue
             row = held.get(checkpoint.step)
             if row is not None and row["tokens"] == checkpoint.tokens:
                 logger.info("%s: step %d already measured", checkpoint.label, checkpoint.step)
@@ -212,6 +217,9 @@ def _measure(
         snapshot = monitor.measure_now(
             model, step=checkpoint.step, tokens=checkpoint.tokens, info=_info(checkpoint)
         )
+    except RegionWatchError as err:  # the message names the problem and its fix
+        logger.warning("%s: cannot be measured; skipped: %s", checkpoint.label, err)
+        return None, f"{type(err).__name__}: {err}"
     except Exception as err:  # guarantee: one bad checkpoint never stops the replay
         logger.exception("%s: cannot be measured; skipped", checkpoint.label)
         return None, f"{type(err).__name__}: {err}"

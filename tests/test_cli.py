@@ -78,9 +78,10 @@ def test_measure_reuses_a_probe_set(tmp_path: Path, config_dir: Path) -> None:
     first = tmp_path / "first"
     assert main(measure_args(config_dir, "--out", str(first))) == 0
     second = tmp_path / "second"
-    assert (
-        main(measure_args(config_dir, "--out", str(second), "--probe", str(first / "probes"))) == 0
-    )
+    reuse = measure_args(config_dir, "--out", str(second), "--probe", str(first / "probes"))
+    pairs = reuse.index("--pairs")
+    del reuse[pairs : pairs + 2]  # the saved set fixes its pairs: --pairs would be refused
+    assert main(reuse) == 0
     a, b = SnapshotStore(first).records()[0], SnapshotStore(second).records()[0]
     assert a["probe_fingerprint"] == b["probe_fingerprint"]
     assert a["max_slope/median"] == b["max_slope/median"]

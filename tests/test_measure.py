@@ -353,7 +353,7 @@ def test_measure_runs_only_the_parts_asked_for() -> None:
         ({"write_layer": True}, r"ProbeConfig.write_layer=True"),
         ({"num_alphas": 1}, r"ProbeConfig.num_alphas: num_alphas=1"),
         ({"grid": 1}, r"ProbeConfig.grid: grid=1"),
-        ({"span": (0.5, 0.5)}, r"ProbeConfig.grid: span=\(0.5, 0.5\)"),
+        ({"span": (0.5, 0.5)}, r"ProbeConfig.span: span=\(0.5, 0.5\)"),
         ({"parts": ("random", "maps", "maps")}, r"ProbeConfig.parts"),
         ({"parts": ("everything",)}, r"ProbeConfig.parts"),
         ({"parts": ()}, r"ProbeConfig.parts"),

@@ -6,7 +6,10 @@ import argparse
 from pathlib import Path
 
 from regionwatch.cli.tables import slope_table
-from regionwatch.errors import RegionWatchError
+from regionwatch.errors import ConfigError, RegionWatchError
+
+# Flags that only shape a probe set built here: with --probe they would be silently ignored.
+BUILD_FLAGS = (("text", "--text"), ("pairs", "--pairs"), ("seq_len", "--seq-len"))
 
 
 def add(verbs: argparse._SubParsersAction) -> None:
@@ -37,10 +40,12 @@ def add(verbs: argparse._SubParsersAction) -> None:
         help="text file or folder to draw prompts from (default: built-in corpus)",
     )
     p.add_argument(
-        "--pairs", type=int, default=99, help="random pairs (chained: pairs + 1 prompts)"
+        "--pairs",
+        type=int,
+        help="random pairs (chained: pairs + 1 prompts; default 99, PAPER.md §3.1)",
     )
-    p.add_argument("--seq-len", type=int, default=10, help="tokens per prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the probe set (and of --init-from)")
+    p.add_argument("--seq-len", type=int, help="tokens per prompt (default 10)")
+    p.add_argument("--seed", type=int, help="seed of the probe set (and of --init-from; default 0)")
     p.add_argument("--write-layer", type=int, default=0, help="block whose output is patched")
     p.add_argument("--alphas", type=int, default=21, help="interpolation grid points")
     p.add_argument("--grid", type=int, default=37, help="region-map grid points per axis")
@@ -59,18 +64,27 @@ def add(verbs: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the verb; the exit status."""
-    from regionwatch.loading import init_model, load_model, load_tokenizer, parse_dtype
+    from regionwatch.loading import (
+        check_device,
+        init_model,
+        load_model,
+        load_tokenizer,
+        parse_dtype,
+    )
     from regionwatch.measure import ProbeConfig, measure
-    from regionwatch.probes import ProbeSet
+    from regionwatch.probes import DEFAULT_PROMPTS, DEFAULT_SEQ_LEN, ProbeSet
 
     if (args.model_dir is None) == (args.init_from is None):
         raise RegionWatchError("give a MODEL_DIR or --init-from CONFIG_DIR (exactly one)")
+    _check_flags(args)
+    check_device(args.device)
     dtype = parse_dtype(args.dtype)
     source_dir = args.model_dir or args.init_from
     tokenizer = load_tokenizer(args.tokenizer or source_dir)
     config = ProbeConfig(write_layer=args.write_layer, num_alphas=args.alphas, grid=args.grid)
+    seed = 0 if args.seed is None else args.seed
     if args.init_from is not None:
-        model = init_model(args.init_from, seed=args.seed, dtype=dtype, device=args.device)
+        model = init_model(args.init_from, seed=seed, dtype=dtype, device=args.device)
     else:
         model = load_model(args.model_dir, dtype=dtype, device=args.device)
     if args.probe is not None:
@@ -79,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
         probes = ProbeSet.build(
             tokenizer,
             args.text,
-            seed=args.seed,
-            seq_len=args.seq_len,
-            n_prompts=args.pairs + 1,
+            seed=seed,
+            seq_len=DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len,
+            n_prompts=DEFAULT_PROMPTS if args.pairs is None else args.pairs + 1,
             progress=True,
         )
     result = measure(model, probes, config)
@@ -108,3 +122,24 @@ def run(args: argparse.Namespace) -> int:
     print(slope_table(result.summary))
     print(f"probe time: {result.timing['total']:.2f} s")
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse a missing model folder, and flags that --probe would make meaningless."""
+    for path, flag in ((args.model_dir, "MODEL_DIR"), (args.init_from, "--init-from")):
+        if path is not None and not path.is_dir():
+            raise ConfigError(
+                f"{flag} {path}: no such directory; pass the save_pretrained folder of a causal "
+                "LM (MODEL_DIR) or a folder with its config.json (--init-from CONFIG_DIR)"
+            )
+    if args.probe is None:
+        return
+    ignored = [flag for name, flag in BUILD_FLAGS if getattr(args, name) is not None]
+    if args.seed is not None and args.init_from is None:
+        ignored.append("--seed")
+    if ignored:
+        raise ConfigError(
+            f"{', '.join(ignored)} with --probe {args.probe}: the saved probe set fixes its "
+            f"prompts, so {' and '.join(ignored)} would be ignored; drop them, or drop --probe "
+            "to build a new probe set"
+        )

@@ -61,7 +61,7 @@ def write_report(
         The path of `index.html`.
 
     Raises:
-        ConfigError: no run given, or `max_curves` < 2.
+        ConfigError: no run given, `max_curves` < 2, or `out` is a file or cannot be made.
         StoreError: a directory is not a run, or has no snapshots yet.
     """
     if not run_dirs:
@@ -69,7 +69,15 @@ def write_report(
     if max_curves < MIN_CURVES:
         raise ConfigError(f"write_report(max_curves={max_curves}): need >= {MIN_CURVES}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"--out {out} (out=...) is a file; the report is a folder of files: name a new or "
+            "existing directory"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out} (out=...): cannot create the folder ({err})") from err
     runs = load_runs(run_dirs, progress=progress)
     overview, notes = _overview(runs, out, max_curves)
     sections = [_run_section(run, out, at_tokens=at_tokens, max_curves=max_curves) for run in runs]
