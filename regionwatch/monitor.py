@@ -424,7 +424,7 @@ class Monitor:
         self._store.write(snapshot)
         if self._sink is not None:
             self._sink.write(snapshot)
-            onset = _onset(self._store.records())
+            onset = metrics.record_onset(self._store.records())
             if onset is not None:
                 self._sink.write_scalars({"onset/tokens": onset}, tokens=snapshot.tokens)
             self._sink.flush()
@@ -435,17 +435,6 @@ class Monitor:
             self._store.record_failure(step=step, tokens=tokens, error=error)
         except Exception:  # the failure record itself must not stop training either
             logger.exception("could not record the failed snapshot at step %d", step)
-
-
-def _onset(records: list[dict[str, Any]]) -> float | None:
-    """Emergence onset over the snapshots so far (`metrics.emergence_onset`)."""
-    measured = [r for r in records if r.get("max_slope/median") is not None]
-    if not measured or measured[0].get("max_slope/q75") is None:
-        return None
-    medians = [r["max_slope/median"] for r in measured]
-    return metrics.emergence_onset(
-        [r["tokens"] for r in measured], medians, measured[0]["max_slope/q75"]
-    )
 
 
 def _all_fp32(model: nn.Module) -> bool:

@@ -172,9 +172,7 @@ def test_onset_leaves_the_init_band(runs: dict[str, Path]) -> None:
     assert rows[1]["max_slope/median"] <= run.init_q75 < rows[2]["max_slope/median"]
     assert run.onset == SMALL_TOKENS[2]
     # The page's onset is the one the live monitor logs to TensorBoard (onset/tokens).
-    from regionwatch.monitor import _onset
-
-    assert _onset(rows) == run.onset
+    assert metrics.record_onset(rows) == run.onset
 
 
 def test_runs_with_different_alphas_never_share_a_slope_axis(
