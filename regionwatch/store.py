@@ -45,7 +45,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -231,7 +230,7 @@ class SnapshotStore:
             raise ConfigError(f"snapshot of step {snapshot.step}: header not JSON ({err})") from err
         data = safetensors.torch.save(snapshot.arrays(), metadata=metadata)
         data_path = self._snapshots / f"{_stem(snapshot.tokens, snapshot.step)}.safetensors"
-        row = {**_json_safe(snapshot.record()), "file": data_path.name, "size": len(data)}
+        row = {**snapshot.record(), "file": data_path.name, "size": len(data)}
         row["sha256"] = bytes_digest(data)
         sidecar = {"format": SIDECAR_FORMAT, "format_version": STORE_FORMAT_VERSION, "row": row}
         self._retire(lambda step: step == snapshot.step)
@@ -641,13 +640,6 @@ def _parse_stem(stem: str) -> tuple[int, int] | None:
     if (len(tokens), len(step)) != (TOKENS_DIGITS, STEP_DIGITS) or not (tokens + step).isdigit():
         return None
     return int(tokens), int(step)
-
-
-def _json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
-    """NaN and infinities are not JSON: a record's non-finite floats are stored as null."""
-    return {
-        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
-    }
 
 
 def _sorted(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from regionwatch import metrics
+from regionwatch.atomic import float_from_json
 from regionwatch.errors import StoreError
 from regionwatch.measure import ProbeConfig
 from regionwatch.report.tokens import TokenAxis, format_tokens
@@ -207,7 +208,7 @@ class RunData:
 
     def values(self, key: str) -> np.ndarray:
         """A record key per snapshot as floats, [N]; missing or null values are NaN."""
-        return np.array([_float(r.get(key)) for r in self.records], dtype=np.float64)
+        return np.array([float_from_json(r.get(key)) for r in self.records], dtype=np.float64)
 
     @property
     def measured(self) -> np.ndarray:
@@ -371,10 +372,6 @@ def group_by_alphas(runs: Sequence[RunData]) -> dict[int, list[RunData]]:
 
 def _median(relative: torch.Tensor) -> np.ndarray:
     return metrics.median_curve(relative).double().numpy()
-
-
-def _float(value: Any) -> float:
-    return math.nan if value is None else float(value)
 
 
 def _label(name: str, info: Mapping[str, Any]) -> str:
