@@ -18,6 +18,7 @@ RANK = {
     "metrics": 1,
     "schedule": 1,
     "corpus": 1,
+    "palette": 1,
     "access": 2,
     "probes": 2,
     "loading": 2,

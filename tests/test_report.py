@@ -22,6 +22,7 @@ from regionwatch import metrics
 from regionwatch.cli import main
 from regionwatch.errors import ConfigError, StoreError
 from regionwatch.measure import ProbeConfig, measure
+from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL
 from regionwatch.probes import ProbeSet
 from regionwatch.report import (
     TokenAxis,
@@ -37,7 +38,7 @@ from regionwatch.report import (
     write_report,
 )
 from regionwatch.report.build import curve_panel, load_runs
-from regionwatch.report.maps import ANCHOR_AREA, ANCHOR_EDGE, ANCHOR_FILL
+from regionwatch.report.maps import ANCHOR_AREA
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import SnapshotStore
 from tests.conftest import random_prompts, tiny_model

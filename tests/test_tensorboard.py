@@ -28,10 +28,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from regionwatch.errors import ConfigError
 from regionwatch.measure import ProbeConfig, measure
+from regionwatch.palette import ANCHOR_FILL
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
 from regionwatch.tensorboard import (
-    ANCHOR_FILL,
     DOT_RADIUS_PX,
     FIGURE_DPI,
     FIGURE_INCHES,
