@@ -16,7 +16,6 @@ import logging
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +36,7 @@ from regionwatch.corpus import (
     tokenizer_name,
 )
 from regionwatch.errors import ConfigError, StoreError
+from regionwatch.version import VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class ProbeSet:
             )
         provenance = {
             "format_version": FORMAT_VERSION,
-            "regionwatch_version": _version(),
+            "regionwatch_version": VERSION,
             "tokenizer_name": tokenizer_name(tokenizer),
             "tokenizer_hash": tokenizer_hash(tokenizer),
             "source": description,
@@ -633,15 +633,6 @@ def _pair_problem(ids_a: Sequence[int], ids_b: Sequence[int]) -> str | None:
 
 def _pieces(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
-
-
-def _version() -> str:
-    # From the installed metadata, not `regionwatch.__version__`: the package __init__ imports
-    # measure, which imports this module, so importing it here would be circular.
-    try:
-        return metadata.version("regionwatch")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:

@@ -57,7 +57,6 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 import safetensors.torch
 from safetensors import SafetensorError
 
-import regionwatch
 from regionwatch.atomic import (
     TEMP_MARK,
     bytes_digest,
@@ -71,6 +70,7 @@ from regionwatch.errors import ConfigError, StoreError
 from regionwatch.measure import ProbeConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
+from regionwatch.version import VERSION
 
 if TYPE_CHECKING:
     import pandas
@@ -544,7 +544,7 @@ def _write_run(
         "format_version": STORE_FORMAT_VERSION,
         "run_id": run_id,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "regionwatch_version": regionwatch.__version__,
+        "regionwatch_version": VERSION,
         "probe_fingerprint": probes.fingerprint,
         "config_fingerprint": config.fingerprint,
         "config": config.to_dict(),

@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "regionwatch"
 # A module may import only from modules of a lower rank (rows above it in STYLE.md §2.1).
 RANK = {
     "errors": 0,
+    "version": 0,
     "atomic": 1,
     "metrics": 1,
     "schedule": 1,
