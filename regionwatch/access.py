@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regionwatch.errors import UnsupportedModelError
+from regionwatch.errors import UnsupportedModelError, check_int
 
 BLOCK_PATHS: Mapping[str, str] = MappingProxyType(
     {
@@ -152,11 +152,14 @@ def resolve(
             'attn_implementation="sdpa"'
         )
     last = len(blocks) - 2
-    if not isinstance(write_layer, int) or not 0 <= write_layer <= last:
-        raise UnsupportedModelError(
-            f"write_layer={write_layer!r} is out of range for a model with {len(blocks)} blocks: "
-            f"allowed 0..{last} (the last block's output is only read after the final norm)"
-        )
+    check_int(
+        "write_layer",
+        write_layer,
+        maximum=last,
+        hint=f"the model has {len(blocks)} blocks; the last block's output is only read after "
+        "the final norm",
+        error=UnsupportedModelError,
+    )
     return ResidualSite(model, base, blocks, write_layer, block_path)
 
 

@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from regionwatch.corpus import builtin_text, token_stream, train_tokenizer
-from regionwatch.errors import ConfigError, check_keys
+from regionwatch.errors import ConfigError, check_int, check_keys
 from regionwatch.hf import RegionMonitorCallback
 from regionwatch.lightning import RegionMonitor
 from regionwatch.measure import ProbeConfig
@@ -90,14 +90,14 @@ class DemoConfig:
             "steps",
             "per_decade",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"DemoConfig.{name}={value!r}: need an int >= 1")
+            check_int(f"DemoConfig.{name}", getattr(self, name), minimum=1)
         if self.width % self.heads:
             raise ConfigError(
                 f"DemoConfig.width={self.width} must be a multiple of heads={self.heads}"
             )
-        if not (isinstance(self.learning_rate, float | int) and self.learning_rate > 0):
+        if isinstance(self.learning_rate, bool) or not (
+            isinstance(self.learning_rate, float | int) and self.learning_rate > 0
+        ):
             raise ConfigError(f"DemoConfig.learning_rate={self.learning_rate!r}: need a number > 0")
 
     @classmethod

@@ -36,7 +36,7 @@ from regionwatch import metrics
 from regionwatch.access import resolve
 from regionwatch.corpus import Source
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
-from regionwatch.errors import ConfigError
+from regionwatch.errors import ConfigError, check_int
 from regionwatch.measure import (
     Measurement,
     ProbeConfig,
@@ -102,8 +102,7 @@ class WatchConfig:
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: need one of {PRECISIONS}")
-        if not isinstance(self.probe_seed, int) or self.probe_seed < 0:
-            raise ConfigError(f"seed={self.probe_seed!r}: need an int >= 0")
+        check_int("WatchConfig.probe_seed", self.probe_seed)
 
 
 class Monitor:

@@ -56,7 +56,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from regionwatch import metrics
-from regionwatch.errors import ConfigError
+from regionwatch.errors import check_int
 from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL, PAIR_COLOURS
 from regionwatch.snapshot import Snapshot
 
@@ -164,8 +164,7 @@ def tensorboard_command(logdir: str | Path, *, snapshots: int) -> str:
     Raises:
         ConfigError: `snapshots` is not an int >= 0.
     """
-    if not isinstance(snapshots, int) or isinstance(snapshots, bool) or snapshots < 0:
-        raise ConfigError(f"snapshots={snapshots!r}: need an int >= 0 (the run's snapshot count)")
+    check_int("snapshots", snapshots, hint="the run's snapshot count")
     samples = max(snapshots, MIN_IMAGE_SAMPLES)
     return f"tensorboard --logdir {shlex.quote(str(logdir))} --samples_per_plugin images={samples}"
 
@@ -195,15 +194,9 @@ class TensorBoardSink:
     """
 
     def __init__(self, log_dir: str | Path, *, purge_after_tokens: int | None = None) -> None:
-        if purge_after_tokens is not None and (
-            not isinstance(purge_after_tokens, int)
-            or isinstance(purge_after_tokens, bool)
-            or purge_after_tokens < 0
-        ):
-            raise ConfigError(
-                f"purge_after_tokens={purge_after_tokens!r}: need the restored token count "
-                "(an int >= 0), or None for a fresh run"
-            )
+        if purge_after_tokens is not None:
+            hint = "the restored token count, or None for a fresh run"
+            check_int("purge_after_tokens", purge_after_tokens, hint=hint)
         self.log_dir = Path(log_dir)
         self.purge_after_tokens = purge_after_tokens
         self._writer: SummaryWriter | None = None
