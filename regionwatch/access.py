@@ -204,25 +204,18 @@ def capturing(site: ResidualSite) -> Iterator[list[Tensor]]:
 
 
 @contextmanager
-def patching(site: ResidualSite, vectors: Tensor, *, last_only: bool = False) -> Iterator[None]:
+def patching(site: ResidualSite, vectors: Tensor) -> Iterator[None]:
     """Overwrite the write-site residual while active.
 
     Args:
         site: the resolved model.
-        vectors: with `last_only`, shape [batch, d_model] written at the last position (the
-            reference's hook); otherwise [batch, queries, d_model] replacing every position of
-            a query pass, whose inputs are all patched last tokens.
-        last_only: patch only the last position.
+        vectors: [batch, positions, d_model] (or broadcastable to the block output) replacing
+            every position: in a query pass all inputs are patched last tokens.
     """
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
         hidden = _hidden(output)
-        if last_only:
-            hidden = hidden.clone()
-            hidden[:, -1] = vectors.to(hidden.dtype)
-        else:
-            hidden = vectors.to(hidden.dtype).expand_as(hidden)
-        return _replace_hidden(output, hidden)
+        return _replace_hidden(output, vectors.to(hidden.dtype).expand_as(hidden))
 
     handle = site.blocks[site.write_layer].register_forward_hook(hook)
     try:

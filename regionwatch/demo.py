@@ -36,6 +36,7 @@ from regionwatch.corpus import builtin_text, token_stream, train_tokenizer
 from regionwatch.errors import ConfigError, check_int, check_keys
 from regionwatch.hf import RegionMonitorCallback
 from regionwatch.lightning import RegionMonitor
+from regionwatch.loading import seeded_init
 from regionwatch.measure import ProbeConfig
 from regionwatch.monitor import MAPS_PER_DECADE
 from regionwatch.probes import ProbeSet
@@ -314,8 +315,7 @@ def _train_hf(
         seed=config.seed,
         use_cpu=not torch.cuda.is_available(),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.random.manual_seed(config.seed)
+    with seeded_init(config.seed):
         model = new_model(config)
     callbacks = [] if watch is None else [RegionMonitorCallback(**watch)]
     started = time.perf_counter()

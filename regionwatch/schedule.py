@@ -170,11 +170,6 @@ class Schedule:
         """Snapshots log-spaced in tokens, `per_decade` per factor of 10: the callbacks' default."""
         return cls(kind="log_tokens", per_decade=per_decade)
 
-    @property
-    def needs_tokens(self) -> bool:
-        """Whether `due` reads the token count; a driver that cannot count tokens must refuse it."""
-        return self.kind != "steps"
-
     def due(self, step: int, tokens: int, last: Mark | None, *, final: bool = False) -> bool:
         """True when a snapshot should be taken now.
 

@@ -83,7 +83,9 @@ def test_patching_a_tuple_block_patches_every_row() -> None:
     site = access.ResidualSite(block, block, nn.ModuleList([block]), 0, "x")
     hidden = torch.zeros(3, 4, 2)
     vectors = torch.arange(6.0).reshape(3, 2)
-    with access.patching(site, vectors, last_only=True):
+    written = torch.zeros(3, 4, 2)
+    written[:, -1] = vectors
+    with access.patching(site, written):
         out, extra = block(hidden)
     assert extra is None
     assert torch.equal(out[:, -1], vectors)
