@@ -5,7 +5,7 @@ Layout (STORE_FORMAT_VERSION 1)::
     run_dir/config.json        run id, ProbeConfig.to_dict(), fingerprints, versions, info
     run_dir/probes/            the ProbeSet (ProbeSet.save)
     run_dir/snapshots/<tokens:016d>-<step:010d>.safetensors   arrays; metadata holds the header
-    run_dir/snapshots/<same>.json                             sidecar: header, record, size, sha256
+    run_dir/snapshots/<same>.json                             sidecar: its index row (commit record)
     run_dir/index.jsonl        every snapshot's row, for listing without torch
     run_dir/failures.jsonl     failed measurements (never counted as snapshots)
     run_dir/writer.lock        flock of the one writer
@@ -235,7 +235,7 @@ class SnapshotStore:
         sidecar = {"format": SIDECAR_FORMAT, "format_version": STORE_FORMAT_VERSION, "row": row}
         self._retire(lambda step: step == snapshot.step)
         write_atomic(data_path, data)
-        write_json_atomic(data_path.with_suffix(".json"), {**sidecar, "header": header})
+        write_json_atomic(data_path.with_suffix(".json"), sidecar)  # the header: in the data file
         others = [r for r in self._rows() if r["step"] != snapshot.step]
         self._write_rows(INDEX_FILE, [*others, row])
         logger.debug("stored step %d (%d tokens) as %s", snapshot.step, snapshot.tokens, data_path)
