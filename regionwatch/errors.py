@@ -50,12 +50,14 @@ def check_int(
     minimum: int = 0,
     maximum: int | None = None,
     hint: str = "",
+    integral: bool = False,
     error: type[RegionWatchError] = ConfigError,
 ) -> int:
     """`value` as a plain int in minimum..maximum; every integer setting is checked here.
 
     Bools are refused although Python counts them as ints: `steps=True` is a mistake, never a
-    count. numpy integers are welcome (and come back as int).
+    count. Other integer types (numpy's) only with `integral`: a setting that is stored or
+    saved as JSON as given must be a plain int.
 
     Args:
         name: the setting as the user wrote it, e.g. "ProbeConfig.grid" or "--tokens-per-step".
@@ -63,6 +65,7 @@ def check_int(
         minimum: the smallest allowed value.
         maximum: the largest allowed value; None for no bound.
         hint: what the value means or how to fix it, added to the message in parentheses.
+        integral: also accept any `numbers.Integral` (numpy integers), returned as int.
         error: the error to raise (a ConfigError unless the bound comes from the model).
 
     Returns:
@@ -73,7 +76,7 @@ def check_int(
     """
     if (
         isinstance(value, bool)
-        or not isinstance(value, Integral)
+        or not isinstance(value, Integral if integral else int)
         or value < minimum
         or (maximum is not None and value > maximum)
     ):

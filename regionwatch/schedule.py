@@ -80,8 +80,8 @@ class Mark:
     tokens: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "step", check_int("Mark.step", self.step))
-        object.__setattr__(self, "tokens", check_int("Mark.tokens", self.tokens))
+        object.__setattr__(self, "step", check_int("Mark.step", self.step, integral=True))
+        object.__setattr__(self, "tokens", check_int("Mark.tokens", self.tokens, integral=True))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +137,7 @@ class Schedule:
             self.every,
             minimum=1,
             hint=f"kind={self.kind!r}: the {self.kind} between snapshots; use {maker}",
+            integral=True,
         )
         object.__setattr__(self, "every", every)
 
@@ -152,6 +153,7 @@ class Schedule:
             minimum=1,
             maximum=MAX_PER_DECADE,
             hint=f"default {DEFAULT_PER_DECADE}; for denser snapshots use Schedule.every_steps(n)",
+            integral=True,
         )
         object.__setattr__(self, "per_decade", per_decade)
 
@@ -194,7 +196,10 @@ class Schedule:
                 its snapshot store's latest snapshot: the monitor must first drop the
                 snapshots after the checkpoint's step (or use a new run directory).
         """
-        step, tokens = check_int("step", step), check_int("tokens", tokens)
+        step, tokens = (
+            check_int("step", step, integral=True),
+            check_int("tokens", tokens, integral=True),
+        )
         if last is None:
             return True
         if step < last.step or tokens < last.tokens:
@@ -232,8 +237,8 @@ class Schedule:
         Raises:
             ConfigError: a negative or non-integer argument.
         """
-        total_steps = check_int("total_steps", total_steps)
-        tokens_per_step = check_int("tokens_per_step", tokens_per_step)
+        total_steps = check_int("total_steps", total_steps, integral=True)
+        tokens_per_step = check_int("tokens_per_step", tokens_per_step, integral=True)
         marks: list[Mark] = []
         for step in range(total_steps + 1):
             last = marks[-1] if marks else None

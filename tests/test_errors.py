@@ -47,9 +47,12 @@ def test_bools_and_non_ints_are_refused(value: object) -> None:
         check_int("n", value, minimum=-1)
 
 
-def test_numpy_ints_come_back_as_int_and_the_error_type_and_hint_are_kept() -> None:
-    """numpy integers are counts too; a model-given bound raises the caller's error type."""
-    assert type(check_int("n", np.int64(3))) is int
+def test_numpy_ints_when_asked_and_the_error_type_and_hint() -> None:
+    """numpy integers only where asked (they would not survive JSON as given); a bound the model
+    sets raises the caller's error type."""
+    assert type(check_int("n", np.int64(3), integral=True)) is int
+    with pytest.raises(ConfigError, match=r"n=np\.int64\(3\)|n=3"):
+        check_int("n", np.int64(3))
     with pytest.raises(UnsupportedModelError, match=r"layer=4: need an int in 0\.\.2 \(3 blocks\)"):
         check_int("layer", 4, maximum=2, hint="3 blocks", error=UnsupportedModelError)
 
