@@ -29,8 +29,9 @@ from regionwatch.replay import ReplayResult, replay
 from regionwatch.schedule import Schedule
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import SnapshotStore
+from regionwatch.version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 _LAZY = {
     "RegionMonitor": "regionwatch.lightning",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from regionwatch.errors import UnsupportedModelError
+from regionwatch.errors import UnsupportedModelError, check_int
 
 BLOCK_PATHS: Mapping[str, str] = MappingProxyType(
     {
@@ -191,11 +191,14 @@ def resolve(
             'attn_implementation="sdpa"'
         )
     last = len(blocks) - 2
-    if not isinstance(write_layer, int) or not 0 <= write_layer <= last:
-        raise UnsupportedModelError(
-            f"write_layer={write_layer!r} is out of range for a model with {len(blocks)} blocks: "
-            f"allowed 0..{last} (the last block's output is only read after the final norm)"
-        )
+    check_int(
+        "write_layer",
+        write_layer,
+        maximum=last,
+        hint=f"the model has {len(blocks)} blocks; the last block's output is only read after "
+        "the final norm",
+        error=UnsupportedModelError,
+    )
     return ResidualSite(model, base, blocks, write_layer, block_path)
 
 
@@ -240,25 +243,18 @@ def capturing(site: ResidualSite) -> Iterator[list[Tensor]]:
 
 
 @contextmanager
-def patching(site: ResidualSite, vectors: Tensor, *, last_only: bool = False) -> Iterator[None]:
+def patching(site: ResidualSite, vectors: Tensor) -> Iterator[None]:
     """Overwrite the write-site residual while active.
 
     Args:
         site: the resolved model.
-        vectors: with `last_only`, shape [batch, d_model] written at the last position (the
-            reference's hook); otherwise [batch, queries, d_model] replacing every position of
-            a query pass, whose inputs are all patched last tokens.
-        last_only: patch only the last position.
+        vectors: [batch, positions, d_model] (or broadcastable to the block output) replacing
+            every position: in a query pass all inputs are patched last tokens.
     """
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
         hidden = _hidden(output)
-        if last_only:
-            hidden = hidden.clone()
-            hidden[:, -1] = vectors.to(hidden.dtype)
-        else:
-            hidden = vectors.to(hidden.dtype).expand_as(hidden)
-        return _replace_hidden(output, hidden)
+        return _replace_hidden(output, vectors.to(hidden.dtype).expand_as(hidden))
 
     handle = site.blocks[site.write_layer].register_forward_hook(hook)
     try:

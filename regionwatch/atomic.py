@@ -8,7 +8,8 @@ crash at any point leaves at most a temporary file, which `clean_temp_files` rec
 `TEMP_MARK` and removes the next time a writer opens the directory.
 
 POSIX only (Linux, macOS): it relies on `os.replace` being atomic and on fsync of a directory.
-This module imports only the standard library (and `regionwatch.errors`), so any layer may use it.
+This module imports only the standard library (and `regionwatch.errors`), so any layer may use it;
+that makes it also the home of the JSON form of a float (`json_float`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -109,6 +111,21 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
             "only str, int, finite float, bool, None, lists and dicts with str keys"
         ) from err
     return write_atomic(path, (text + "\n").encode("utf-8"))
+
+
+def json_float(value: float) -> float | None:
+    """A float as strict JSON holds it: NaN and infinities (no JSON form) become null.
+
+    The one place regionwatch encodes a missing number for JSON (records, headers, the index);
+    `float_from_json` reads it back.
+    """
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def float_from_json(value: float | None) -> float:
+    """The float `json_float` stored: null reads back as NaN."""
+    return math.nan if value is None else float(value)
 
 
 def sync_dir(path: str | Path) -> None:

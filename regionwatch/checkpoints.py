@@ -34,7 +34,7 @@ from huggingface_hub import list_repo_refs
 from huggingface_hub.file_download import repo_folder_name
 from transformers import PreTrainedModel
 
-from regionwatch.errors import CheckpointError, ConfigError
+from regionwatch.errors import CheckpointError, ConfigError, check_int
 from regionwatch.loading import (
     CONFIG_FILE,
     STATE_DICT_SUFFIXES,
@@ -204,14 +204,13 @@ def discover(
             whose step or tokens cannot be known (the message names `--tokens-per-step`).
         ConfigError: revisions without a repo, or a bad `tokens_per_step`.
     """
-    if tokens_per_step is not None and (
-        not isinstance(tokens_per_step, int)
-        or isinstance(tokens_per_step, bool)
-        or tokens_per_step <= 0
-    ):
-        raise ConfigError(
-            f"--tokens-per-step {tokens_per_step!r}: need an int > 0 (training tokens per "
-            "optimizer step, e.g. batch size x sequence length x gradient accumulation x ranks)"
+    if tokens_per_step is not None:
+        check_int(
+            "--tokens-per-step",
+            tokens_per_step,
+            minimum=1,
+            hint="training tokens per optimizer step, e.g. batch size x sequence length x "
+            "gradient accumulation x ranks",
         )
     found: list[Checkpoint] = []
     for source in sources:

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from regionwatch.errors import ConfigError, RegionWatchError
+from regionwatch.errors import ConfigError, RegionWatchError, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -173,15 +173,12 @@ def train_tokenizer(
             "train_tokenizer(texts=<a single string>): pass a list of documents, e.g. [text], "
             "not a bare string (it would be read one character at a time)"
         )
-    if (
-        not isinstance(vocab_size, int)
-        or isinstance(vocab_size, bool)
-        or vocab_size < MIN_VOCAB_SIZE
-    ):
-        raise ConfigError(
-            f"train_tokenizer(vocab_size={vocab_size!r}): need an int >= {MIN_VOCAB_SIZE} "
-            f"({BYTE_ALPHABET_SIZE} byte tokens plus {EOS_TOKEN})"
-        )
+    check_int(
+        "train_tokenizer: vocab_size",
+        vocab_size,
+        minimum=MIN_VOCAB_SIZE,
+        hint=f"{BYTE_ALPHABET_SIZE} byte tokens plus {EOS_TOKEN}",
+    )
     chars = 0
 
     def counted() -> Iterator[str]:

@@ -27,15 +27,17 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
     Trainer,
     TrainingArguments,
     get_cosine_schedule_with_warmup,
 )
 
 from regionwatch.corpus import builtin_text, token_stream, train_tokenizer
-from regionwatch.errors import ConfigError, check_keys
+from regionwatch.errors import ConfigError, check_int, check_keys
 from regionwatch.hf import RegionMonitorCallback
 from regionwatch.lightning import RegionMonitor
+from regionwatch.loading import seeded_init
 from regionwatch.measure import ProbeConfig
 from regionwatch.monitor import MAPS_PER_DECADE
 from regionwatch.probes import ProbeSet
@@ -90,14 +92,14 @@ class DemoConfig:
             "steps",
             "per_decade",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"DemoConfig.{name}={value!r}: need an int >= 1")
+            check_int(f"DemoConfig.{name}", getattr(self, name), minimum=1)
         if self.width % self.heads:
             raise ConfigError(
                 f"DemoConfig.width={self.width} must be a multiple of heads={self.heads}"
             )
-        if not (isinstance(self.learning_rate, float | int) and self.learning_rate > 0):
+        if isinstance(self.learning_rate, bool) or not (
+            isinstance(self.learning_rate, float | int) and self.learning_rate > 0
+        ):
             raise ConfigError(f"DemoConfig.learning_rate={self.learning_rate!r}: need a number > 0")
 
     @classmethod
@@ -175,6 +177,11 @@ def new_model(config: DemoConfig) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(model_config(config))
 
 
+def demo_tokenizer(config: DemoConfig) -> PreTrainedTokenizerFast:
+    """The demo's BPE tokenizer: trained on the built-in corpus, `config.vocab_size` tokens."""
+    return train_tokenizer([builtin_text()], vocab_size=config.vocab_size)
+
+
 def training_data(config: DemoConfig, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
     """The built-in corpus as seq_len-token windows, a torch-format `datasets.Dataset`."""
     ids = token_stream(tokenizer).ids
@@ -217,7 +224,6 @@ def run_demo(
     *,
     trainer: Literal["lightning", "hf"] = "lightning",
     progress: bool = True,
-    monitor: bool = True,
 ) -> DemoResult:
     """Train the demo model with regionwatch attached; return where everything went.
 
@@ -226,7 +232,6 @@ def run_demo(
         out: an empty or new directory for everything of the run.
         trainer: "lightning" (RegionMonitor) or "hf" (transformers.Trainer and its callback).
         progress: show progress bars.
-        monitor: attach regionwatch (False: the same run without it, for the overhead benchmark).
 
     Raises:
         ConfigError: a bad trainer name, or an output directory that is not empty.
@@ -238,19 +243,17 @@ def run_demo(
         raise ConfigError(f"{out} is not empty: pass another --out (each demo run needs its own)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tokenizer = train_tokenizer([builtin_text()], vocab_size=config.vocab_size)
-    watch = None
-    if monitor:
-        watch = {
-            "probes": ProbeSet.build(tokenizer, seed=config.seed, progress=progress),
-            "config": config.probe,
-            "schedule": Schedule.log_tokens(per_decade=config.per_decade),
-            "maps_schedule": Schedule.log_tokens(per_decade=config.maps_per_decade),
-            "run_dir": out / DEFAULT_RUN_NAME,
-        }
+    tokenizer = demo_tokenizer(config)
+    watch = {
+        "probes": ProbeSet.build(tokenizer, seed=config.seed, progress=progress),
+        "config": config.probe,
+        "schedule": Schedule.log_tokens(per_decade=config.per_decade),
+        "maps_schedule": Schedule.log_tokens(per_decade=config.maps_per_decade),
+        "run_dir": out / DEFAULT_RUN_NAME,
+    }
+    callback = RegionMonitor(**watch) if trainer == "lightning" else RegionMonitorCallback(**watch)
     data = training_data(config, tokenizer)
-    train = _train_lightning if trainer == "lightning" else _train_hf
-    model, seconds = train(config, out, data, watch, progress)
+    model, seconds = train(config, out, data, [callback], trainer=trainer, progress=progress)
     model.save_pretrained(out / MODEL_DIR)
     tokenizer.save_pretrained(out / MODEL_DIR)
     return DemoResult(
@@ -258,11 +261,32 @@ def run_demo(
     )
 
 
+def train(
+    config: DemoConfig,
+    out: Path,
+    data: datasets.Dataset,
+    callbacks: list[Any],
+    *,
+    trainer: Literal["lightning", "hf"],
+    progress: bool,
+) -> tuple[PreTrainedModel, float]:
+    """Train the demo model on `data` with the trainer's own `callbacks` (`run_demo`'s step).
+
+    Public so that a run without regionwatch (the overhead benchmark's baseline) trains exactly
+    as the demo does.
+
+    Returns:
+        The trained model and the wall time of training (fit) in seconds.
+    """
+    train_with = _train_lightning if trainer == "lightning" else _train_hf
+    return train_with(config, out, data, callbacks, progress)
+
+
 def _train_lightning(
     config: DemoConfig,
     out: Path,
     data: datasets.Dataset,
-    watch: dict[str, Any] | None,
+    callbacks: list[Any],
     progress: bool,
 ) -> tuple[PreTrainedModel, float]:
     L.seed_everything(config.seed, verbose=False)  # the demo owns its run: seeding it is its job
@@ -277,7 +301,7 @@ def _train_lightning(
     trainer = L.Trainer(
         accelerator="cpu" if not torch.cuda.is_available() else "auto",
         max_steps=config.steps,
-        callbacks=[] if watch is None else [RegionMonitor(**watch)],
+        callbacks=callbacks,
         default_root_dir=str(out),
         logger=L.pytorch.loggers.TensorBoardLogger(str(out), name="lightning"),
         enable_progress_bar=progress,
@@ -294,7 +318,7 @@ def _train_hf(
     config: DemoConfig,
     out: Path,
     data: datasets.Dataset,
-    watch: dict[str, Any] | None,
+    callbacks: list[Any],
     progress: bool,
 ) -> tuple[PreTrainedModel, float]:
     args = TrainingArguments(
@@ -314,10 +338,8 @@ def _train_hf(
         seed=config.seed,
         use_cpu=not torch.cuda.is_available(),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.random.manual_seed(config.seed)
+    with seeded_init(config.seed):
         model = new_model(config)
-    callbacks = [] if watch is None else [RegionMonitorCallback(**watch)]
     started = time.perf_counter()
     Trainer(model, args, train_dataset=data, callbacks=callbacks).train()
     return model, time.perf_counter() - started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from numbers import Integral
 from typing import Any
 
 
@@ -40,3 +41,45 @@ def check_keys(owner: str, data: Any, known: Iterable[str]) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{owner}: unknown keys {unknown}; known: {sorted(known)}")
+
+
+def check_int(
+    name: str,
+    value: Any,
+    *,
+    minimum: int = 0,
+    maximum: int | None = None,
+    hint: str = "",
+    integral: bool = False,
+    error: type[RegionWatchError] = ConfigError,
+) -> int:
+    """`value` as a plain int in minimum..maximum; every integer setting is checked here.
+
+    Bools are refused although Python counts them as ints: `steps=True` is a mistake, never a
+    count. Other integer types (numpy's) only with `integral`: a setting that is stored or
+    saved as JSON as given must be a plain int.
+
+    Args:
+        name: the setting as the user wrote it, e.g. "ProbeConfig.grid" or "--tokens-per-step".
+        value: the value given.
+        minimum: the smallest allowed value.
+        maximum: the largest allowed value; None for no bound.
+        hint: what the value means or how to fix it, added to the message in parentheses.
+        integral: also accept any `numbers.Integral` (numpy integers), returned as int.
+        error: the error to raise (a ConfigError unless the bound comes from the model).
+
+    Returns:
+        `value` as an int.
+
+    Raises:
+        ConfigError (or `error`): naming the setting, the value and the allowed range.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Integral if integral else int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        allowed = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise error(f"{name}={value!r}: need an int {allowed}" + (f" ({hint})" if hint else ""))
+    return int(value)

@@ -20,7 +20,8 @@ import pickle
 import re
 import zipfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -353,10 +354,21 @@ def init_model(
         config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read a model config from {config_dir}: {err}") from err
-    with torch.random.fork_rng(devices=[]):
-        torch.random.manual_seed(seed)
+    with seeded_init(seed):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     return model.to(device=device, dtype=dtype).eval()
+
+
+@contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """The global CPU RNG seeded for a model's init inside, and the caller's restored on exit.
+
+    transformers initialises weights from the global RNG and takes no generator, so this is the
+    one place the library reseeds it (the lint bans `torch.manual_seed` everywhere else).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.manual_seed(seed)  # noqa: TID251  (inside fork_rng: restored on exit)
+        yield
 
 
 def load_tokenizer(path: str | Path, *, revision: str | None = None) -> PreTrainedTokenizerBase:

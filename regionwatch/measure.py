@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from regionwatch import engine, metrics
 from regionwatch.access import ResidualSite, resolve
-from regionwatch.errors import ConfigError, check_keys
+from regionwatch.errors import ConfigError, check_int, check_keys
 from regionwatch.parts import Curves, MapPart, PairPart, Plan, RegionMaps, measuring
 from regionwatch.probes import ProbeSet
 
@@ -186,17 +186,13 @@ def check_prompts(site: ResidualSite, prompts: Sequence[engine.Prompt]) -> None:
 
 def check_alphas(num_alphas: int) -> None:
     """Refuse grids too coarse to show a jump."""
-    if not isinstance(num_alphas, int) or num_alphas < MIN_ALPHAS:
-        raise ConfigError(
-            f"num_alphas={num_alphas!r}: need an int >= {MIN_ALPHAS} (2 points always "
-            "give a straight line)"
-        )
+    hint = "2 points always give a straight line"
+    check_int("num_alphas", num_alphas, minimum=MIN_ALPHAS, hint=hint)
 
 
 def check_grid(grid: int, span: tuple[float, float]) -> None:
     """Refuse region-map grids that are too coarse or empty."""
-    if not isinstance(grid, int) or grid < MIN_GRID:
-        raise ConfigError(f"grid={grid!r}: need an int >= {MIN_GRID}")
+    check_int("grid", grid, minimum=MIN_GRID)
     check_span(span)
 
 
@@ -227,10 +223,8 @@ def check_span(span: Any) -> tuple[float, float]:
 
 def check_budget(max_batch_tokens: int | None) -> None:
     """Refuse a memory budget that cannot hold one token."""
-    if max_batch_tokens is not None and (
-        not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
-    ):
-        raise ConfigError(f"max_batch_tokens={max_batch_tokens!r}: need a positive int or None")
+    if max_batch_tokens is not None:
+        check_int("max_batch_tokens", max_batch_tokens, minimum=1, hint="or None")
 
 
 def _same_count(*named: tuple[str, list[engine.Prompt]]) -> None:
@@ -268,15 +262,7 @@ class ProbeConfig:
     block_path: str | None = None
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.write_layer, int)
-            or isinstance(self.write_layer, bool)
-            or self.write_layer < 0
-        ):
-            raise ConfigError(
-                f"ProbeConfig.write_layer={self.write_layer!r}: need an int >= 0 "
-                "(0 = after the first block)"
-            )
+        check_int("ProbeConfig.write_layer", self.write_layer, hint="0 = after the first block")
         _field_check("num_alphas", check_alphas, self.num_alphas)
         object.__setattr__(self, "span", _field_check("span", check_span, self.span))
         _field_check("grid", lambda g: check_grid(g, self.span), self.grid)
@@ -478,9 +464,8 @@ def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
     if shard is None:
         return 0, 1
     rank, world = shard
-    if not (isinstance(rank, int) and isinstance(world, int) and 0 <= rank < world):
-        raise ConfigError(f"shard={shard!r}: need (rank, world) with 0 <= rank < world")
-    return rank, world
+    world = check_int(f"shard={shard!r}: world", world, minimum=1)
+    return check_int(f"shard={shard!r}: rank", rank, maximum=world - 1), world
 
 
 def _part_shares(

@@ -37,7 +37,7 @@ from regionwatch import metrics
 from regionwatch.access import resolve
 from regionwatch.corpus import Source
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
-from regionwatch.errors import ConfigError
+from regionwatch.errors import ConfigError, check_int
 from regionwatch.measure import (
     Measurement,
     ProbeConfig,
@@ -103,8 +103,7 @@ class WatchConfig:
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: need one of {PRECISIONS}")
-        if not isinstance(self.probe_seed, int) or self.probe_seed < 0:
-            raise ConfigError(f"seed={self.probe_seed!r}: need an int >= 0")
+        check_int("WatchConfig.probe_seed", self.probe_seed)
 
 
 def _check_arguments(tokenizer: Any, probes: Any, run_dir: Any) -> None:
@@ -447,7 +446,7 @@ class Monitor:
         self._store.write(snapshot)
         if self._sink is not None:
             self._sink.write(snapshot)
-            onset = _onset(self._store.records())
+            onset = metrics.record_onset(self._store.records())
             if onset is not None:
                 self._sink.write_scalars({"onset/tokens": onset}, tokens=snapshot.tokens)
             self._sink.flush()
@@ -458,17 +457,6 @@ class Monitor:
             self._store.record_failure(step=step, tokens=tokens, error=error)
         except Exception:  # the failure record itself must not stop training either
             logger.exception("could not record the failed snapshot at step %d", step)
-
-
-def _onset(records: list[dict[str, Any]]) -> float | None:
-    """Emergence onset over the snapshots so far (`metrics.emergence_onset`)."""
-    measured = [r for r in records if r.get("max_slope/median") is not None]
-    if not measured or measured[0].get("max_slope/q75") is None:
-        return None
-    medians = [r["max_slope/median"] for r in measured]
-    return metrics.emergence_onset(
-        [r["tokens"] for r in measured], medians, measured[0]["max_slope/q75"]
-    )
 
 
 def _all_fp32(model: nn.Module) -> bool:

@@ -16,7 +16,6 @@ import logging
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +35,8 @@ from regionwatch.corpus import (
     tokenizer_hash,
     tokenizer_name,
 )
-from regionwatch.errors import ConfigError, StoreError
+from regionwatch.errors import ConfigError, StoreError, check_int
+from regionwatch.version import VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ class ProbeSet:
             )
         provenance = {
             "format_version": FORMAT_VERSION,
-            "regionwatch_version": _version(),
+            "regionwatch_version": VERSION,
             "tokenizer_name": tokenizer_name(tokenizer),
             "tokenizer_hash": tokenizer_hash(tokenizer),
             "source": description,
@@ -501,32 +501,28 @@ class ProbeSet:
 
 
 def _check_sizes(seed: int, sizes: Mapping[str, int], max_tokens: int | None) -> None:
+    hints = {
+        "seq_len": "the patched last token needs a prefix to attend to",
+        "n_prompts": "for one chained pair",
+    }
+    minimums = {"seq_len": MIN_SEQ_LEN, "n_prompts": MIN_PROMPTS}
     for name, value in {"seed": seed, **sizes}.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"ProbeSet.build({name}={value!r}): need an int >= 0")
-    if sizes["seq_len"] < MIN_SEQ_LEN:
-        raise ConfigError(
-            f"ProbeSet.build(seq_len={sizes['seq_len']}): need >= {MIN_SEQ_LEN}; the patched "
-            "last token needs a prefix to attend to"
-        )
-    if sizes["n_prompts"] < MIN_PROMPTS:
-        raise ConfigError(
-            f"ProbeSet.build(n_prompts={sizes['n_prompts']}): need >= {MIN_PROMPTS} for one "
-            "chained pair"
+        check_int(
+            f"ProbeSet.build: {name}",
+            value,
+            minimum=minimums.get(name, 0),
+            hint=hints.get(name, ""),
         )
     most = sizes["n_prompts"] - (TRIPLE_SIZE - 1)
     if sizes["n_triples"] > most:
         raise ConfigError(
-            f"ProbeSet.build(n_triples={sizes['n_triples']}): triples are consecutive random "
+            f"ProbeSet.build: n_triples={sizes['n_triples']}: triples are consecutive random "
             f"prompts, so n_prompts={sizes['n_prompts']} allows at most {most}; lower n_triples "
             "or raise n_prompts"
         )
-    if max_tokens is not None and (
-        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-    ):
-        raise ConfigError(
-            f"ProbeSet.build(max_tokens={max_tokens!r}): need a positive int, or None to read "
-            "the whole source"
+    if max_tokens is not None:
+        check_int(
+            "ProbeSet.build: max_tokens", max_tokens, minimum=1, hint="or None to read it all"
         )
 
 
@@ -661,15 +657,6 @@ def _pair_problem(ids_a: Sequence[int], ids_b: Sequence[int]) -> str | None:
 
 def _pieces(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
-
-
-def _version() -> str:
-    # From the installed metadata, not `regionwatch.__version__`: the package __init__ imports
-    # measure, which imports this module, so importing it here would be circular.
-    try:
-        return metadata.version("regionwatch")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:

@@ -30,17 +30,28 @@ from regionwatch.parts import measuring
 
 
 def _clean(site: ResidualSite, prompt: Prompt) -> tuple[Tensor, Tensor, Tensor]:
-    """Write vector, readout and logits at the last position of one unpatched forward."""
+    """Write-site states [seq, d_model], last readout and last logits of one unpatched forward.
+
+    The write vector is the states' last row.
+    """
     ids = torch.tensor([prompt], device=site.device)
     out = site.model(input_ids=ids, output_hidden_states=True)
     states = out.hidden_states
-    return states[site.write_layer + 1][0, -1], states[-1][0, -1], out.logits[0, -1]
+    return states[site.write_layer + 1][0], states[-1][0, -1], out.logits[0, -1]
 
 
-def _patched(site: ResidualSite, prompt: Prompt, vectors: Tensor) -> tuple[Tensor, Tensor]:
-    """Readouts and logits of one full forward of `prompt` per vector in `vectors` [n, d_model]."""
+def _patched(
+    site: ResidualSite, prompt: Prompt, states: Tensor, vectors: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Readouts and logits of one full forward of `prompt` per vector in `vectors` [n, d_model].
+
+    Each forward's write site holds the prompt's clean `states` [seq, d_model] with the last
+    position overwritten by its vector: what a hook patching only the last position gives.
+    """
+    written = states.expand(len(vectors), -1, -1).clone()
+    written[:, -1] = vectors
     ids = torch.tensor([prompt], device=site.device).expand(len(vectors), -1)
-    with patching(site, vectors, last_only=True):
+    with patching(site, written):
         out = site.model(input_ids=ids, output_hidden_states=True)
     return out.hidden_states[-1][:, -1], out.logits[:, -1]
 
@@ -64,11 +75,11 @@ def interpolate(
     dists, diffs, tops = [], [], []
     with measuring(model):
         for a, b in zip(pairs_a, pairs_b, strict=True):
-            x_a, h_a, logits_a = _clean(site, a)
-            x_b, _, logits_b = _clean(site, b)
+            s_a, h_a, logits_a = _clean(site, a)
+            s_b, _, logits_b = _clean(site, b)
             t_a, t_b = int(logits_a.argmax()), int(logits_b.argmax())
-            points = metrics.interpolation_points(x_a[None], x_b[None], alphas)[0]
-            hidden, logits = _patched(site, a, points)
+            points = metrics.interpolation_points(s_a[None, -1], s_b[None, -1], alphas)[0]
+            hidden, logits = _patched(site, a, s_a, points)
             dists.append(metrics.distance(hidden, h_a))
             diffs.append((logits[:, t_a] - logits[:, t_b]).float())
             tops.append((t_a, t_b))
@@ -108,12 +119,12 @@ def region_maps(
     with measuring(model):
         for triple in triples:
             clean = [_clean(site, p) for p in triple]
-            a, b, c = (x for x, _, _ in clean)
+            a, b, c = (states[-1] for states, _, _ in clean)
             t, u = metrics.plane(a, b, c)
             points = metrics.plane_points(a, b, u, axis).flatten(0, 1)
             channels = []
-            for prompt, (_, h, _) in zip(triple, clean, strict=True):
-                hidden, _ = _patched(site, prompt, points)
+            for prompt, (states, h, _) in zip(triple, clean, strict=True):
+                hidden, _ = _patched(site, prompt, states, points)
                 channels.append(metrics.distance(hidden, h).reshape(grid, grid))
             maps.append(torch.stack(channels))
             anchors.append([[0.0, 0.0], [1.0, 0.0], [float(t), 1.0]])

@@ -17,10 +17,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from numbers import Integral
 from typing import Any, Literal, get_args
 
-from regionwatch.errors import ConfigError, check_keys
+from regionwatch.errors import ConfigError, check_int, check_keys
 
 Kind = Literal["steps", "tokens", "log_tokens"]
 KINDS: tuple[str, ...] = get_args(Kind)
@@ -65,13 +64,6 @@ def log_bucket(tokens: int, per_decade: int) -> int:
     return bucket
 
 
-def _count(name: str, value: Any) -> int:
-    """`value` as a plain int >= 0 (numpy ints welcome), else ConfigError naming `name`."""
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{name}={value!r}: need an int >= 0")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class Mark:
     """The (step, tokens) of the last snapshot taken.
@@ -88,8 +80,8 @@ class Mark:
     tokens: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "step", _count("Mark.step", self.step))
-        object.__setattr__(self, "tokens", _count("Mark.tokens", self.tokens))
+        object.__setattr__(self, "step", check_int("Mark.step", self.step, integral=True))
+        object.__setattr__(self, "tokens", check_int("Mark.tokens", self.tokens, integral=True))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,13 +132,14 @@ class Schedule:
                 f"Schedule.per_decade={self.per_decade!r}: kind={self.kind!r} takes no "
                 f"per_decade (it is for kind='log_tokens'); use {maker}"
             )
-        every = self.every
-        if not isinstance(every, Integral) or isinstance(every, bool) or every < 1:
-            raise ConfigError(
-                f"Schedule.every={every!r}: kind={self.kind!r} needs an int >= 1, the "
-                f"{self.kind} between snapshots; use {maker}"
-            )
-        object.__setattr__(self, "every", int(every))
+        every = check_int(
+            "Schedule.every",
+            self.every,
+            minimum=1,
+            hint=f"kind={self.kind!r}: the {self.kind} between snapshots; use {maker}",
+            integral=True,
+        )
+        object.__setattr__(self, "every", every)
 
     def _check_log_tokens(self) -> None:
         if self.every is not None:
@@ -154,17 +147,15 @@ class Schedule:
                 f"Schedule.every={self.every!r}: kind='log_tokens' takes no every (it is for "
                 "kind='steps' or 'tokens'); use Schedule.log_tokens(per_decade)"
             )
-        per_decade = DEFAULT_PER_DECADE if self.per_decade is None else self.per_decade
-        if (
-            not isinstance(per_decade, Integral)
-            or isinstance(per_decade, bool)
-            or not 1 <= per_decade <= MAX_PER_DECADE
-        ):
-            raise ConfigError(
-                f"Schedule.per_decade={per_decade!r}: need an int in 1..{MAX_PER_DECADE} "
-                f"(default {DEFAULT_PER_DECADE}); for denser snapshots use Schedule.every_steps(n)"
-            )
-        object.__setattr__(self, "per_decade", int(per_decade))
+        per_decade = check_int(
+            "Schedule.per_decade",
+            DEFAULT_PER_DECADE if self.per_decade is None else self.per_decade,
+            minimum=1,
+            maximum=MAX_PER_DECADE,
+            hint=f"default {DEFAULT_PER_DECADE}; for denser snapshots use Schedule.every_steps(n)",
+            integral=True,
+        )
+        object.__setattr__(self, "per_decade", per_decade)
 
     @classmethod
     def every_steps(cls, n: int) -> Schedule:
@@ -180,11 +171,6 @@ class Schedule:
     def log_tokens(cls, per_decade: int = DEFAULT_PER_DECADE) -> Schedule:
         """Snapshots log-spaced in tokens, `per_decade` per factor of 10: the callbacks' default."""
         return cls(kind="log_tokens", per_decade=per_decade)
-
-    @property
-    def needs_tokens(self) -> bool:
-        """Whether `due` reads the token count; a driver that cannot count tokens must refuse it."""
-        return self.kind != "steps"
 
     def due(self, step: int, tokens: int, last: Mark | None, *, final: bool = False) -> bool:
         """True when a snapshot should be taken now.
@@ -210,7 +196,10 @@ class Schedule:
                 its snapshot store's latest snapshot: the monitor must first drop the
                 snapshots after the checkpoint's step (or use a new run directory).
         """
-        step, tokens = _count("step", step), _count("tokens", tokens)
+        step, tokens = (
+            check_int("step", step, integral=True),
+            check_int("tokens", tokens, integral=True),
+        )
         if last is None:
             return True
         if step < last.step or tokens < last.tokens:
@@ -248,8 +237,8 @@ class Schedule:
         Raises:
             ConfigError: a negative or non-integer argument.
         """
-        total_steps = _count("total_steps", total_steps)
-        tokens_per_step = _count("tokens_per_step", tokens_per_step)
+        total_steps = check_int("total_steps", total_steps, integral=True)
+        tokens_per_step = check_int("tokens_per_step", tokens_per_step, integral=True)
         marks: list[Mark] = []
         for step in range(total_steps + 1):
             last = marks[-1] if marks else None

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from regionwatch import metrics
+from regionwatch.atomic import float_from_json, json_float
 from regionwatch.errors import StoreError
 from regionwatch.measure import Curves, Measurement, ProbeConfig, RegionMaps
 from regionwatch.probes import ProbeSet
@@ -96,7 +97,7 @@ class Snapshot:
         return self.measurement.summary
 
     def record(self) -> dict[str, Any]:
-        """One flat JSON-able dict: the index row and `regionwatch show --json` line.
+        """One flat strict-JSON dict (NaN as null): the index row and `show --json` line.
 
         Keys: `step`, `tokens`, `wall_time`, `run_id`, the fingerprints, every summary scalar
         under its PAPER.md §8 name (`max_slope/median`, ...), `probe_seconds`, the settings
@@ -118,8 +119,8 @@ class Snapshot:
             "parts": sorted(
                 [*self.measurement.curves, *(["maps"] if self.measurement.maps else [])]
             ),
-            **{k: _json_float(v) for k, v in self.summary.items()},
-            "probe_seconds": _json_float(self.measurement.timing.get("total", math.nan)),
+            **{k: json_float(v) for k, v in self.summary.items()},
+            "probe_seconds": json_float(self.measurement.timing.get("total", math.nan)),
         }
 
     def header(self) -> dict[str, Any]:
@@ -138,7 +139,7 @@ class Snapshot:
             "config": m.config.to_dict(),
             "parts": sorted(m.curves),
             "maps": m.maps is not None,
-            "summary": {k: _json_float(v) for k, v in m.summary.items()},
+            "summary": {k: json_float(v) for k, v in m.summary.items()},
             "timing": dict(m.timing),
             "info": dict(self.info),
         }
@@ -174,7 +175,7 @@ class Snapshot:
             maps = _maps(arrays) if header["maps"] else None
         except KeyError as err:
             raise StoreError(f"snapshot at step {header.get('step')} lacks array {err}") from None
-        summary = {k: (math.nan if v is None else float(v)) for k, v in header["summary"].items()}
+        summary = {k: float_from_json(v) for k, v in header["summary"].items()}
         measurement = Measurement(
             config=config, curves=curves, maps=maps, summary=summary, timing=header["timing"]
         )
@@ -228,11 +229,6 @@ def weights_fingerprint(model: nn.Module) -> str:
         flat = tensor.detach().contiguous().reshape(-1)
         digest.update(flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b"")
     return digest.hexdigest()
-
-
-def _json_float(value: float) -> float | None:
-    """NaN and infinities are not JSON: they are stored as null."""
-    return float(value) if math.isfinite(value) else None
 
 
 def _dtype(model: nn.Module) -> torch.dtype | None:

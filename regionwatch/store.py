@@ -5,7 +5,7 @@ Layout (STORE_FORMAT_VERSION 1)::
     run_dir/config.json        run id, ProbeConfig.to_dict(), fingerprints, versions, info
     run_dir/probes/            the ProbeSet (ProbeSet.save)
     run_dir/snapshots/<tokens:016d>-<step:010d>.safetensors   arrays; metadata holds the header
-    run_dir/snapshots/<same>.json                             sidecar: header, record, size, sha256
+    run_dir/snapshots/<same>.json                             sidecar: its index row (commit record)
     run_dir/index.jsonl        every snapshot's row, for listing without torch
     run_dir/failures.jsonl     failed measurements (never counted as snapshots)
     run_dir/writer.lock        flock of the one writer
@@ -45,7 +45,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -58,7 +57,6 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 import safetensors.torch
 from safetensors import SafetensorError
 
-import regionwatch
 from regionwatch.atomic import (
     TEMP_MARK,
     bytes_digest,
@@ -72,6 +70,7 @@ from regionwatch.errors import ConfigError, StoreError
 from regionwatch.measure import ProbeConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
+from regionwatch.version import VERSION
 
 if TYPE_CHECKING:
     import pandas
@@ -231,12 +230,12 @@ class SnapshotStore:
             raise ConfigError(f"snapshot of step {snapshot.step}: header not JSON ({err})") from err
         data = safetensors.torch.save(snapshot.arrays(), metadata=metadata)
         data_path = self._snapshots / f"{_stem(snapshot.tokens, snapshot.step)}.safetensors"
-        row = {**_json_safe(snapshot.record()), "file": data_path.name, "size": len(data)}
+        row = {**snapshot.record(), "file": data_path.name, "size": len(data)}
         row["sha256"] = bytes_digest(data)
         sidecar = {"format": SIDECAR_FORMAT, "format_version": STORE_FORMAT_VERSION, "row": row}
         self._retire(lambda step: step == snapshot.step)
         write_atomic(data_path, data)
-        write_json_atomic(data_path.with_suffix(".json"), {**sidecar, "header": header})
+        write_json_atomic(data_path.with_suffix(".json"), sidecar)  # the header: in the data file
         others = [r for r in self._rows() if r["step"] != snapshot.step]
         self._write_rows(INDEX_FILE, [*others, row])
         logger.debug("stored step %d (%d tokens) as %s", snapshot.step, snapshot.tokens, data_path)
@@ -545,7 +544,7 @@ def _write_run(
         "format_version": STORE_FORMAT_VERSION,
         "run_id": run_id,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "regionwatch_version": regionwatch.__version__,
+        "regionwatch_version": VERSION,
         "probe_fingerprint": probes.fingerprint,
         "config_fingerprint": config.fingerprint,
         "config": config.to_dict(),
@@ -641,13 +640,6 @@ def _parse_stem(stem: str) -> tuple[int, int] | None:
     if (len(tokens), len(step)) != (TOKENS_DIGITS, STEP_DIGITS) or not (tokens + step).isdigit():
         return None
     return int(tokens), int(step)
-
-
-def _json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
-    """NaN and infinities are not JSON: a record's non-finite floats are stored as null."""
-    return {
-        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
-    }
 
 
 def _sorted(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

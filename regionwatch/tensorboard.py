@@ -56,7 +56,8 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from regionwatch import metrics
-from regionwatch.errors import ConfigError
+from regionwatch.errors import check_int
+from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL, PAIR_COLOURS
 from regionwatch.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
@@ -80,8 +81,6 @@ MIN_MAP_PIXELS = 256
 # drawn with numpy (a few ms per map): about a paper figure's marker relative to its panel.
 DOT_RADIUS_PX = 6.0
 DOT_EDGE_PX = 1.5
-ANCHOR_FILL = ((1.0, 0.5, 0.5), (0.5, 1.0, 0.5), (0.5, 0.5, 1.0))  # A, B, C
-ANCHOR_EDGE = ((0.5, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.5))
 
 # Curve figures, by name (the tag is regionwatch/curves/<name>) -> the pair sets drawn on it.
 # Random pairs alone are the paper's headline figure; similar and dissimilar pairs share one, as
@@ -89,9 +88,6 @@ ANCHOR_EDGE = ((0.5, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.5))
 # not three: matplotlib's ~50 ms per figure is most of the sink's time.
 CURVE_FIGURES = MappingProxyType(
     {"random": ("random",), "similar_dissimilar": ("similar", "dissimilar")}
-)
-CURVE_COLOURS = MappingProxyType(
-    {"random": "tab:blue", "similar": "tab:green", "dissimilar": "tab:red"}
 )
 # 480 x 360 pixels, readable in TensorBoard's image card without zooming.
 FIGURE_INCHES = (4.8, 3.6)
@@ -168,8 +164,7 @@ def tensorboard_command(logdir: str | Path, *, snapshots: int) -> str:
     Raises:
         ConfigError: `snapshots` is not an int >= 0.
     """
-    if not isinstance(snapshots, int) or isinstance(snapshots, bool) or snapshots < 0:
-        raise ConfigError(f"snapshots={snapshots!r}: need an int >= 0 (the run's snapshot count)")
+    check_int("snapshots", snapshots, hint="the run's snapshot count")
     samples = max(snapshots, MIN_IMAGE_SAMPLES)
     return f"tensorboard --logdir {shlex.quote(str(logdir))} --samples_per_plugin images={samples}"
 
@@ -199,15 +194,9 @@ class TensorBoardSink:
     """
 
     def __init__(self, log_dir: str | Path, *, purge_after_tokens: int | None = None) -> None:
-        if purge_after_tokens is not None and (
-            not isinstance(purge_after_tokens, int)
-            or isinstance(purge_after_tokens, bool)
-            or purge_after_tokens < 0
-        ):
-            raise ConfigError(
-                f"purge_after_tokens={purge_after_tokens!r}: need the restored token count "
-                "(an int >= 0), or None for a fresh run"
-            )
+        if purge_after_tokens is not None:
+            hint = "the restored token count, or None for a fresh run"
+            check_int("purge_after_tokens", purge_after_tokens, hint=hint)
         self.log_dir = Path(log_dir)
         self.purge_after_tokens = purge_after_tokens
         self._writer: SummaryWriter | None = None
@@ -381,7 +370,7 @@ def curve_image(snapshot: Snapshot, name: str) -> np.ndarray:
         alphas = curves.alphas.double().numpy()
         low, high = (band.numpy() for band in metrics.quartile_band(rel))
         kept = int((~curves.excluded).sum())
-        colour = CURVE_COLOURS[part]
+        colour = PAIR_COLOURS[part]
         ax.fill_between(alphas, low, high, color=colour, alpha=BAND_ALPHA, linewidth=0)
         median = metrics.median_curve(rel).numpy()
         ax.plot(alphas, median, color=colour, marker=".", label=f"{part}: median, q25..q75")

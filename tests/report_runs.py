@@ -109,9 +109,14 @@ def snapshot(
     step: int,
     tokens: int,
     info: dict | None = None,
+    width: float | None = None,
 ) -> Snapshot:
-    """The index-th snapshot of a synthetic run (ramp width WIDTHS[index])."""
-    width = WIDTHS[index]
+    """The index-th snapshot of a synthetic run (ramp width `width`, default WIDTHS[index]).
+
+    A width above 1 clips nothing and starts above 0: max slopes below 1, lower than any
+    measured curve's (a curve from 0 to 1 has a max slope of at least 1).
+    """
+    width = WIDTHS[index] if width is None else width
     alphas = metrics.alpha_grid(config.num_alphas)
     parts = {
         "random": curves(alphas, torch.linspace(0.35, 0.65, PAIRS), width, seed=0),

@@ -1,15 +1,16 @@
 """Training for the kill -9 test: `python -m tests.resume_train lightning|hf OUT STEPS`.
 
 Resumes from the newest checkpoint in OUT if there is one. Prints `STEP n` after every optimizer
-step and `WRITE n` / `WROTE n` around every snapshot write, which is slowed down so that a kill
-can land in the middle of one. Snapshots every 2 steps, checkpoints every 3, so that a resume
-usually restarts before snapshots that must be cut and retaken.
+step and `WRITE n` as a snapshot write begins, and after each of these waits for a line on stdin:
+the test either answers (go on) or kills the process right there, at a point fixed by the
+output, not by the clock (`WROTE n` follows a finished write). Snapshots every 2 steps,
+checkpoints every 3, so that a resume usually restarts before snapshots that must be cut and
+retaken.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -20,32 +21,33 @@ from regionwatch import ProbeSet, RegionMonitor, RegionMonitorCallback, Schedule
 from regionwatch.store import SnapshotStore as _Store
 from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
 
-PAUSE_S = 0.15  # per step: leaves the test time to aim its kill
-
 _write = _Store.write
 
 
-def slow_write(self: SnapshotStore, snapshot: object) -> Path:
-    print(f"WRITE {snapshot.step}", flush=True)
-    time.sleep(2 * PAUSE_S)
+def pause(line: str) -> None:
+    """Print `line` and wait for the test's answer: a kill aimed at `line` lands exactly here."""
+    print(line, flush=True)
+    sys.stdin.readline()
+
+
+def paused_write(self: SnapshotStore, snapshot: object) -> Path:
+    pause(f"WRITE {snapshot.step}")
     path = _write(self, snapshot)
     print(f"WROTE {snapshot.step}", flush=True)
     return path
 
 
-_Store.write = slow_write
+_Store.write = paused_write
 
 
 class Steps(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *_: object) -> None:
-        print(f"STEP {trainer.global_step}", flush=True)
-        time.sleep(PAUSE_S)
+        pause(f"STEP {trainer.global_step}")
 
 
 class HFSteps(TrainerCallback):
     def on_step_end(self, args: object, state: object, control: object, **_: object) -> None:
-        print(f"STEP {state.global_step}", flush=True)
-        time.sleep(PAUSE_S)
+        pause(f"STEP {state.global_step}")
 
 
 def main(kind: str, out: Path, steps: int) -> None:

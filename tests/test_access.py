@@ -83,7 +83,9 @@ def test_patching_a_tuple_block_patches_every_row() -> None:
     site = access.ResidualSite(block, block, nn.ModuleList([block]), 0, "x")
     hidden = torch.zeros(3, 4, 2)
     vectors = torch.arange(6.0).reshape(3, 2)
-    with access.patching(site, vectors, last_only=True):
+    written = torch.zeros(3, 4, 2)
+    written[:, -1] = vectors
+    with access.patching(site, written):
         out, extra = block(hidden)
     assert extra is None
     assert torch.equal(out[:, -1], vectors)
@@ -117,8 +119,8 @@ def test_block_path_reaches_other_architectures() -> None:
     [
         ({"block_path": "model.nothing"}, r"does not exist.*'nothing'"),
         ({"block_path": "model.embed_tokens"}, r"not a non-empty nn.ModuleList"),
-        ({"write_layer": -1}, r"write_layer=-1 .*allowed 0\.\.1"),
-        ({"write_layer": 2}, r"write_layer=2 .*3 blocks.*allowed 0\.\.1"),
+        ({"write_layer": -1}, r"write_layer=-1: need an int in 0\.\.1"),
+        ({"write_layer": 2}, r"write_layer=2: need an int in 0\.\.1 \(the model has 3 blocks"),
         ({"write_layer": "0"}, r"write_layer='0'"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import os
 import stat
 import sys
@@ -151,3 +152,12 @@ def test_atomic_imports_only_the_standard_library() -> None:
     } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     names.discard("__future__")
     assert names - sys.stdlib_module_names == {"regionwatch.errors"}
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_floats_become_null_and_nan_again(value: float) -> None:
+    """The JSON form of a float: non-finite is null (strict JSON), read back as NaN."""
+    assert atomic.json_float(value) is None
+    assert json.dumps({"x": atomic.json_float(value)}, allow_nan=False) == '{"x": null}'
+    assert math.isnan(atomic.float_from_json(None))
+    assert atomic.json_float(1.5) == atomic.float_from_json(1.5) == 1.5

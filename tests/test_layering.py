@@ -14,10 +14,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "regionwatch"
 # A module may import only from modules of a lower rank (rows above it in STYLE.md §2.1).
 RANK = {
     "errors": 0,
+    "version": 0,
     "atomic": 1,
     "metrics": 1,
     "schedule": 1,
     "corpus": 1,
+    "palette": 1,
     "access": 2,
     "probes": 2,
     "loading": 2,
@@ -40,6 +42,8 @@ RANK = {
 }
 # Host frameworks stay in their drivers (STYLE.md §2.1).
 HOST_IMPORTS = {"lightning": {"lightning", "demo"}, "pytorch_lightning": {"lightning"}}
+# The HF Trainer's modules and names (Trainer, TrainerCallback, TrainingArguments, ...).
+TRAINER_NAMES = ("transformers.trainer", "transformers.Trainer", "transformers.Training")
 
 
 def modules() -> list[Path]:
@@ -54,16 +58,55 @@ def concept(path: Path) -> str:
 
 
 def imported(path: Path) -> set[str]:
-    """Every absolute module name imported anywhere in the file (also inside functions)."""
+    """Every absolute name imported anywhere in the file (also inside functions).
+
+    `import a.b` gives "a.b"; `from a import b` gives "a" and "a.b", so that a name imported
+    from a package (`from transformers import Trainer`) is seen as well as the package. The one
+    exception: `from regionwatch import metrics` gives "regionwatch.metrics" only, since it reads
+    the submodule, not the package root (which `import regionwatch` would).
+    """
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            if node.module == "regionwatch":
-                names.update(f"regionwatch.{alias.name}" for alias in node.names)
+            if node.module != "regionwatch":
+                names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
+
+
+def test_imported_names_include_from_imports(tmp_path: Path) -> None:
+    """The parser sees the names of `from X import Y`, and a root import as such."""
+    source = tmp_path / "example.py"
+    source.write_text(
+        "import regionwatch\n"
+        "from transformers import Trainer\n"
+        "from regionwatch import ConfigError, metrics\n"
+        "def f():\n    from regionwatch.report.data import RunData\n"
+    )
+    assert imported(source) == {
+        "regionwatch",
+        "transformers",
+        "transformers.Trainer",
+        "regionwatch.ConfigError",
+        "regionwatch.metrics",
+        "regionwatch.report.data",
+        "regionwatch.report.data.RunData",
+    }
+    assert [root_import(name) for name in sorted(imported(source))] == [
+        True, True, False, False, False, False, False,
+    ]  # fmt: skip
+
+
+def root_import(name: str) -> bool:
+    """Whether `name` reads the package root: `regionwatch` itself or a name it re-exports.
+
+    The root (`regionwatch/__init__.py`) imports nearly every module, so for a module inside
+    the package it is an upward import whatever the name.
+    """
+    parts = name.split(".")
+    return parts[0] == "regionwatch" and (len(parts) < 2 or parts[1] not in RANK)
 
 
 def test_every_module_has_a_rank() -> None:
@@ -80,8 +123,9 @@ def test_imports_flow_one_way(path: Path) -> None:
     """A module imports regionwatch modules of strictly lower rank only (or its own package's)."""
     own = concept(path)
     for name in imported(path):
+        assert not root_import(name), f"{label(path)} imports the package root ({name})"
         parts = name.split(".")
-        if parts[0] != "regionwatch" or len(parts) < 2 or parts[1] not in RANK or parts[1] == own:
+        if parts[0] != "regionwatch" or parts[1] == own:
             continue
         assert RANK[parts[1]] < RANK[own], (
             f"{label(path)} (rank {RANK[own]}) imports {parts[1]} (rank {RANK[parts[1]]})"
@@ -90,12 +134,12 @@ def test_imports_flow_one_way(path: Path) -> None:
 
 @pytest.mark.parametrize("path", modules(), ids=label)
 def test_host_frameworks_stay_in_their_drivers(path: Path) -> None:
-    """Only lightning.py imports lightning; the HF Trainer only appears in hf.py (and replay)."""
+    """Only lightning.py imports lightning; the HF Trainer only appears in hf.py (and the demo)."""
     for name in imported(path):
         root = name.split(".")[0]
         if root in HOST_IMPORTS:
             assert concept(path) in HOST_IMPORTS[root], f"{label(path)} imports {name}"
-        if name.startswith("transformers.trainer") or name == "transformers.Trainer":
+        if name.startswith(TRAINER_NAMES):
             assert concept(path) in {"hf", "demo"}, f"{label(path)} imports {name}"
 
 

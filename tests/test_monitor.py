@@ -12,6 +12,7 @@ from regionwatch.monitor import Monitor, WatchConfig
 from regionwatch.schedule import Mark
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
 from tests.lm import SMALL_PROBE, tiny_gpt2
+from tests.report_runs import snapshot as synthetic_snapshot
 
 
 def run(tmp: Path, lm_probes, watch: WatchConfig, marks: list[tuple[int, int]]) -> Monitor:
@@ -63,14 +64,35 @@ def test_reopened_monitor_continues_both_schedules(tmp_path: Path, lm_probes) ->
 def test_onset_is_logged_live_once_the_median_leaves_the_init_band(
     tmp_path: Path, lm_probes
 ) -> None:
-    """regionwatch/onset/tokens appears in TensorBoard when the onset is defined."""
+    """regionwatch/onset/tokens is logged at the onset of the store's records so far.
+
+    The run's first snapshots are synthetic with a known onset: an init band below any measured
+    curve's max slope (< 1), a second snapshot inside it, a third above it at 2000 tokens. The
+    monitor then measures the model (max slope >= 1: still above) and must log 2000.
+    """
+    run_dir = tmp_path / "run"
+    store = SnapshotStore.create(run_dir, probes=lm_probes, config=SMALL_PROBE, run_id="known")
+    with store:
+        for index, (width, tokens) in enumerate([(4.0, 0), (4.0, 1000), (1.0, 2000)]):
+            store.write(
+                synthetic_snapshot(
+                    lm_probes, SMALL_PROBE, run_id="known", index=index, step=index,
+                    tokens=tokens, width=width,
+                )
+            )  # fmt: skip
+    rows = store.records()
+    assert rows[1]["max_slope/median"] <= rows[0]["max_slope/q75"] < rows[2]["max_slope/median"]
     watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1), maps_schedule=None)
-    monitor = run(tmp_path, lm_probes, watch, [(1, 100)])
-    records = SnapshotStore(tmp_path / "run").records()
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    monitor = Monitor(watch, probes=lm_probes, run_dir=run_dir)
+    model = tiny_gpt2(VOCAB)
+    monitor.setup(model, log_dir=None)
+    monitor.open()
+    assert monitor.measure_now(model, step=3, tokens=3000) is not None
+    monitor.close()
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
-    above = records[1]["max_slope/median"] > records[0]["max_slope/q75"]
-    assert ("regionwatch/onset/tokens" in events.Tags()["scalars"]) == above
+    logged = events.Scalars("regionwatch/onset/tokens")
+    assert [(e.step, e.value) for e in logged] == [(3000, 2000.0)]
     assert monitor.failures == 0
 
 

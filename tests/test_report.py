@@ -22,6 +22,7 @@ from regionwatch import metrics
 from regionwatch.cli import main
 from regionwatch.errors import ConfigError, StoreError
 from regionwatch.measure import ProbeConfig, measure
+from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL
 from regionwatch.probes import ProbeSet
 from regionwatch.report import (
     TokenAxis,
@@ -37,7 +38,7 @@ from regionwatch.report import (
     write_report,
 )
 from regionwatch.report.build import curve_panel, load_runs
-from regionwatch.report.maps import ANCHOR_AREA, ANCHOR_EDGE, ANCHOR_FILL
+from regionwatch.report.maps import ANCHOR_AREA
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import SnapshotStore
 from tests.conftest import random_prompts, tiny_model
@@ -172,9 +173,7 @@ def test_onset_leaves_the_init_band(runs: dict[str, Path]) -> None:
     assert rows[1]["max_slope/median"] <= run.init_q75 < rows[2]["max_slope/median"]
     assert run.onset == SMALL_TOKENS[2]
     # The page's onset is the one the live monitor logs to TensorBoard (onset/tokens).
-    from regionwatch.monitor import _onset
-
-    assert _onset(rows) == run.onset
+    assert metrics.record_onset(rows) == run.onset
 
 
 def test_runs_with_different_alphas_never_share_a_slope_axis(

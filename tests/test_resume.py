@@ -18,7 +18,9 @@ from tests.lm import small_probes
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
 SCHEDULED = [0, 2, 4, 6, 8, 10]
-# Where each run is killed: after the n-th line starting with this text has been printed.
+# Lines after which the training script waits for an answer on stdin (see resume_train.py).
+PAUSES = ("STEP", "WRITE")
+# Where each run is killed: at the n-th pause line starting with this text.
 KILLS = [
     ("WRITE", 2),
     ("STEP", 5),
@@ -27,10 +29,14 @@ KILLS = [
 
 
 def launch(kind: str, out: Path, kill_at: tuple[str, int] | None) -> list[str]:
-    """Run the training script; with `kill_at`, SIGKILL it at that output line; return its lines."""
+    """Run the training script; with `kill_at`, SIGKILL it at that output line; return its lines.
+
+    The script waits at every pause line until answered, so the kill lands exactly there.
+    """
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.resume_train", kind, str(out), str(STEPS)],
         cwd=ROOT,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -38,11 +44,16 @@ def launch(kind: str, out: Path, kill_at: tuple[str, int] | None) -> list[str]:
     lines, seen = [], 0
     for line in proc.stdout:
         lines.append(line.strip())
+        if not line.startswith(PAUSES):
+            continue
         if kill_at and line.startswith(kill_at[0]):
             seen += 1
             if seen == kill_at[1]:
                 os.kill(proc.pid, signal.SIGKILL)
                 break
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    proc.stdin.close()
     proc.wait(timeout=120)
     if kill_at is None:
         assert proc.returncode == 0, lines[-5:]

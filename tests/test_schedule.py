@@ -244,8 +244,6 @@ def test_default_is_log_tokens():
     """Schedule() is the callbacks' default, log_tokens(8), also when rebuilt from {}."""
     assert Schedule() == Schedule.log_tokens() == Schedule.from_dict({})
     assert Schedule().per_decade == DEFAULT_PER_DECADE
-    assert Schedule().needs_tokens
-    assert not Schedule.every_steps(5).needs_tokens
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,15 @@ def test_rewriting_a_step_replaces_it(store: SnapshotStore, snapshot: Snapshot) 
         "0000000000000600-0000000006.json",
         "0000000000000600-0000000006.safetensors",
     ]
+    # The sidecar commits the index row only; the header lives once, in the data file.
+    sidecar = json.loads(
+        (store.path / "snapshots" / "0000000000000512-0000000005.json").read_text()
+    )
+    assert sidecar == {
+        "format": "regionwatch.sidecar",
+        "format_version": 1,
+        "row": store.records()[0],
+    }
 
 
 @pytest.mark.parametrize(

@@ -28,10 +28,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from regionwatch.errors import ConfigError
 from regionwatch.measure import ProbeConfig, measure
+from regionwatch.palette import ANCHOR_FILL
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
 from regionwatch.tensorboard import (
-    ANCHOR_FILL,
     DOT_RADIUS_PX,
     FIGURE_DPI,
     FIGURE_INCHES,
@@ -51,6 +51,9 @@ TOKENS = (0, 4096, 3 * 2**31, BIG_TOKENS)
 MAP_TAGS = ("regionwatch/maps/triple_0", "regionwatch/maps/triple_1")
 CURVE_TAGS = ("regionwatch/curves/random", "regionwatch/curves/similar_dissimilar")
 HIST_TAGS = tuple(f"regionwatch/max_slope_hist/{p}" for p in ("random", "similar", "dissimilar"))
+EXPLICIT_SECONDS = (
+    10**6
+)  # event-file name times below this are the tests' own (see in_writing_order)
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +97,23 @@ def read(log_dir: Path) -> ea.EventAccumulator:
     return ea.EventAccumulator(str(log_dir), size_guidance=dict.fromkeys(kinds, 0)).Reload()
 
 
-def next_second() -> None:
-    """Wait for the clock's next second before opening a second writer in this process.
+def in_writing_order(log_dir: Path) -> None:
+    """Name the event files written since the last call after their writer's turn, not the clock.
 
-    Event files are named events.out.tfevents.<seconds>.<host>.<pid>.<counter> and read in name
-    order; within one second a counter of 10 sorts before 9 and the resumed file would be read
-    first. Separate processes (a real resume) cannot hit this.
+    TensorBoard reads a directory's event files in name order, and names them
+    events.out.tfevents.<seconds>.<host>.<pid>.<counter>: two writers of this process within one
+    second sort by counter as text (10 before 9), so a resumed file could be read first. Separate
+    processes (a real resume) cannot hit this. Each call gives the files the next explicit
+    <seconds>, 1, 2, ... (far below any real clock), in the order the test wrote them.
     """
-    start = int(time.time())
-    while int(time.time()) == start:
-        time.sleep(0.02)
+    files = sorted(log_dir.glob("events.out.tfevents.*"))
+    turn = sum(int(f.name.split(".")[3]) < EXPLICIT_SECONDS for f in files)
+    for file in files:
+        parts = file.name.split(".")
+        if int(parts[3]) >= EXPLICIT_SECONDS:
+            turn += 1
+            parts[3] = f"{turn:010d}"
+            file.rename(file.with_name(".".join(parts)))
 
 
 def png(encoded: bytes) -> np.ndarray:
@@ -265,14 +275,15 @@ def test_resume_purges_events_past_the_restored_tokens(
     """
     first = series(snapshots, tuple(range(0, 6000, 1000)))
     write_all(tmp_path, first)
-    next_second()
+    in_writing_order(tmp_path)
     again = series(snapshots, (3000, 4000), offset=1)  # other measurements than before
     sink = TensorBoardSink(tmp_path, purge_after_tokens=2000)
     sink.write(again[0])
     sink.close()
-    next_second()
+    in_writing_order(tmp_path)
     sink.write(again[1])  # reopens: must not purge again what this sink wrote at 3000
     sink.close()
+    in_writing_order(tmp_path)
     acc = read(tmp_path)
     steps = [0, 1000, 2000, 3000, 4000]
     for name in (*acc.Tags()[ea.SCALARS], *acc.Tags()[ea.HISTOGRAMS], *acc.Tags()[ea.IMAGES]):
@@ -455,12 +466,13 @@ def test_real_server_serves_token_steps_and_every_region_map(
     run = sink_dir.relative_to(logdir).as_posix()
     first = series(snapshots, SERVED_TOKENS)
     write_all(sink_dir, first)
-    next_second()
+    in_writing_order(sink_dir)
     resumed = series(snapshots, SERVED_TOKENS[-3:], offset=1)
     with TensorBoardSink(sink_dir, purge_after_tokens=SERVED_TOKENS[-4]) as sink:
         for snap in resumed:
             sink.write(snap)
         sink.write_scalars({"e2e/written": 1.0}, tokens=SERVED_TOKENS[-1])
+    in_writing_order(sink_dir)
     served = first[:-3] + resumed
 
     hint = shlex.split(tensorboard_command(logdir, snapshots=len(served)))

@@ -18,6 +18,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from regionwatch import metrics
+from regionwatch.palette import PAIR_COLOURS
 from regionwatch.report.data import PairCurves
 from regionwatch.report.style import PANEL_SIZE, TOKENS_CMAP, new_figure, styled
 from regionwatch.report.tokens import TokenAxis, format_tokens
@@ -28,7 +29,6 @@ PAIR_WIDTH = 0.8
 MEDIAN_WIDTH = 2.6
 DIAGONAL = {"color": "0.45", "linestyle": ":", "linewidth": 1.2}
 ALPHA_LABEL = "$\\alpha$ (interpolation weight: 0 = prompt A, 1 = prompt B)"
-KIND_COLOURS = {"similar": "tab:blue", "dissimilar": "tab:orange", "user": "tab:purple"}
 NAMED_COLOURS = "tab10"
 LOGIT_STYLE = "--"  # dashed: the logit difference beside the solid distance curve it mirrors
 
@@ -146,7 +146,7 @@ def _pair_distances(ax: Axes, alphas: np.ndarray, pairs: Mapping[str, PairCurves
         if kind not in pairs or not len(pairs[kind].relative):
             continue
         relative = pairs[kind].relative
-        colour = KIND_COLOURS[kind]
+        colour = PAIR_COLOURS[kind]
         for row in relative:
             ax.plot(alphas, row, color=colour, alpha=PAIR_ALPHA, linewidth=PAIR_WIDTH)
         ax.plot(
@@ -165,7 +165,7 @@ def _logit_panel(ax: Axes, alphas: np.ndarray, dissimilar: PairCurves | None) ->
     ax.set_ylabel("1 - n($\\alpha$)  (0 = A's top token, 1 = B's)")
     if dissimilar is None or not len(dissimilar.relative):
         return
-    colour = KIND_COLOURS["dissimilar"]
+    colour = PAIR_COLOURS["dissimilar"]
     # A pair whose prompts predict the same top token has no logit difference (NaN row).
     defined = dissimilar.logit_diff[np.isfinite(dissimilar.logit_diff).any(axis=1)]
     for row in defined:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from regionwatch import metrics
+from regionwatch.atomic import float_from_json
 from regionwatch.errors import StoreError
 from regionwatch.measure import ProbeConfig
 from regionwatch.report.tokens import TokenAxis, format_tokens
@@ -207,7 +208,7 @@ class RunData:
 
     def values(self, key: str) -> np.ndarray:
         """A record key per snapshot as floats, [N]; missing or null values are NaN."""
-        return np.array([_float(r.get(key)) for r in self.records], dtype=np.float64)
+        return np.array([float_from_json(r.get(key)) for r in self.records], dtype=np.float64)
 
     @property
     def measured(self) -> np.ndarray:
@@ -226,14 +227,12 @@ class RunData:
 
     @property
     def onset(self) -> float | None:
-        """The emergence onset: `metrics.emergence_onset` against the init band's top.
+        """The emergence onset (`metrics.record_onset`), or None before it is defined.
 
-        Over the snapshots with a median only, as the live monitor logs it to TensorBoard
-        (`onset/tokens`), so that the page and TensorBoard agree; None before a second one.
+        The very computation the live monitor logs to TensorBoard (`onset/tokens`), so that the
+        page and TensorBoard agree.
         """
-        return metrics.emergence_onset(
-            self.tokens.tolist(), self.values("max_slope/median").tolist(), self.init_q75
-        )
+        return metrics.record_onset(self.records)
 
     def _first(self, key: str) -> float:
         values = self.values(key)[self.measured]
@@ -315,11 +314,10 @@ def load_run(path: str | Path, *, name: str | None = None, progress: bool = True
     probes = store.probes()
     named = [(pair.name, pair.kind) for pair in probes.named]
     snapshots = []
-    latest = None
     for record in tqdm(records, desc=f"report {name}", unit="snapshot", disable=not progress):
         latest = store.read(record["step"])
         snapshots.append(SnapshotData.from_snapshot(latest, named=named))
-    info = {**store.info, **(latest.info if latest is not None else {})}
+    info = {**store.info, **latest.info}  # the loop ran: records is not empty (checked above)
     return RunData(
         name=name,
         label=_label(name, info),
@@ -333,7 +331,7 @@ def load_run(path: str | Path, *, name: str | None = None, progress: bool = True
             for p in probes.named
         ),
         info=info,
-        failures=tuple(dict(f) for f in _failures(store)),
+        failures=tuple(store.failures()),
         records=tuple(dict(r) for r in records),
         snapshots=tuple(snapshots),
     )
@@ -374,15 +372,6 @@ def group_by_alphas(runs: Sequence[RunData]) -> dict[int, list[RunData]]:
 
 def _median(relative: torch.Tensor) -> np.ndarray:
     return metrics.median_curve(relative).double().numpy()
-
-
-def _float(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
-def _failures(store: SnapshotStore) -> list[Mapping[str, Any]]:
-    failures = store.failures()
-    return [f if isinstance(f, Mapping) else {"failure": str(f)} for f in failures]
 
 
 def _label(name: str, info: Mapping[str, Any]) -> str:

@@ -16,13 +16,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image
 
+from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL
 from regionwatch.report.style import MAP_PANEL, new_figure, styled
 from regionwatch.report.tokens import format_tokens
 
-# PAPER.md §5: anchor dots A, B, C: fill own channel 1 / others 0.5, edge own 0.5 / others 0.
-ANCHOR_NAMES = ("A", "B", "C")
-ANCHOR_FILL = ((1.0, 0.5, 0.5), (0.5, 1.0, 0.5), (0.5, 0.5, 1.0))
-ANCHOR_EDGE = ((0.5, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.5))
+ANCHOR_NAMES = ("A", "B", "C")  # coloured by palette.ANCHOR_FILL / ANCHOR_EDGE (PAPER.md §5)
 ANCHOR_AREA = 40  # points^2, the paper figure's marker area
 ANCHOR_EDGE_WIDTH = 1.0
 HALF_PIXEL = 0.5

@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from html import escape, unescape
 from typing import Any
 
-import regionwatch
 from regionwatch.report.data import RunData
 from regionwatch.report.tokens import format_tokens
+from regionwatch.version import VERSION
 
 DIGITS = 3  # decimals of the headline numbers: max slopes and AUCs differ in the second
 PROVENANCE_ORDER = (
@@ -144,7 +144,7 @@ def render_page(
     body = [
         "<h1>regionwatch report</h1>",
         f'<p class="muted">{len(runs)} run(s); generated {now} by regionwatch '
-        f"{escape(regionwatch.__version__)} from stored snapshots only. Method: Janiak et al., "
+        f"{escape(VERSION)} from stored snapshots only. Method: Janiak et al., "
         "<i>Characterizing stable regions in the residual stream of LLMs</i>, arXiv 2409.17113."
         "</p>",
         *(f'<p class="note">{escape(n)}</p>' for n in notes),
