@@ -13,6 +13,7 @@ from transformers import GPT2Config
 
 from regionwatch import SnapshotStore
 from regionwatch.cli import VERBS, main
+from tests.conftest import file_states
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
 
 
@@ -120,12 +121,12 @@ def test_show_refuses_a_linked_run_entry_and_touches_nothing(
     else:
         (run / entry).unlink(missing_ok=True)
     (run / entry).symlink_to(target)
-    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in weights.iterdir()}
+    before = file_states(weights)
     capsys.readouterr()
     assert main(["show", str(run)]) == 2
     assert f"{entry} is a symbolic link" in capsys.readouterr().err
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 2
-    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in weights.iterdir()} == before
+    assert file_states(weights) == before
 
 
 def test_user_errors_exit_2_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -15,6 +15,7 @@ from regionwatch import ConfigError, ProbeConfig, RegionMonitor, Schedule, Snaps
 from regionwatch.checkpoints import discover
 from regionwatch.errors import UnsupportedModelError
 from regionwatch.lightning import count_batch_tokens, find_model
+from tests.conftest import file_states
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
 from tests.lm import BATCH, SMALL_PROBE, TinyLM, Windows, loader, trainer
 
@@ -157,15 +158,6 @@ def test_neither_tokenizer_nor_probes_is_refused() -> None:
 # --- re-runs and resumes into a used run_dir --------------------------------------------------
 
 
-def run_files(run: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file of a run dir but the writer lock, with its bytes and mtime."""
-    return {
-        str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(run.rglob("*"))
-        if p.is_file() and p.name != "writer.lock"
-    }
-
-
 def checkpointed_fit(
     tmp: Path, lm_probes, lm_data: Windows, *, max_steps: int, ckpt: Path | None = None, **kwargs
 ) -> tuple[RegionMonitor, L.Trainer]:
@@ -191,7 +183,7 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
     """Another seed, no checkpoint, same run_dir: refused before step 0; not a file changes."""
     run = tmp_path / "run"
     fit(tmp_path, lm_probes, lm_data, max_steps=6)
-    before = run_files(run)
+    before = file_states(run, skip=("writer.lock",))
     callback = RegionMonitor(
         probes=lm_probes, config=SMALL_PROBE, run_dir=run, schedule=Schedule.every_steps(3)
     )
@@ -199,7 +191,9 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
     with pytest.raises(ConfigError, match=r"already holds run \w+ \(3 snapshots, steps 0\.\.6.*"):
         again.fit(TinyLM(VOCAB, seed=1), loader(lm_data))
     assert again.global_step == 0
-    assert run_files(run) == before  # every snapshot, the index, TensorBoard: byte for byte
+    assert (
+        file_states(run, skip=("writer.lock",)) == before
+    )  # every snapshot, the index, TensorBoard: byte for byte
     assert SnapshotStore(run).steps() == [0, 3, 6]
     assert SnapshotStore(run).verify() == []
 

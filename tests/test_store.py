@@ -32,7 +32,7 @@ from regionwatch.probes import NamedPair, ProbeSet
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import STORE_FORMAT_VERSION, SnapshotStore
 from tests import store_writer
-from tests.conftest import random_prompts, tiny_model
+from tests.conftest import file_states, random_prompts, tiny_model
 
 CONFIG = ProbeConfig(num_alphas=5, grid=5)
 RUN_ID = "run-1"
@@ -700,15 +700,6 @@ def test_a_reader_never_sees_a_partial_write(
 # --- readers never write; links are never followed --------------------------------------------
 
 
-def tree_state(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under `root` (not following links) with its bytes and mtime in ns."""
-    return {
-        str(p.relative_to(root)): (p.read_bytes(), p.lstat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
-
-
 def test_a_reader_repairs_nothing(store: SnapshotStore, snapshot: Snapshot) -> None:
     """Crash leftovers stay until a writer comes: opening, listing, verifying write nothing."""
     for step in range(3):
@@ -720,13 +711,13 @@ def test_a_reader_repairs_nothing(store: SnapshotStore, snapshot: Snapshot) -> N
     orphan.write_bytes(b"no sidecar")
     lines = (run / "index.jsonl").read_text().splitlines()
     (run / "index.jsonl").write_text("\n".join(lines[:2]) + "\n")  # steps 1, 2 unindexed
-    before = tree_state(run)
+    before = file_states(run)
     reader = SnapshotStore(run)
     assert reader.steps() == [0]
     assert reader.verify() == []
     reader.failures()
     reader.probes()
-    assert tree_state(run) == before  # not a byte, not an mtime
+    assert file_states(run) == before  # not a byte, not an mtime
     assert repaired(run).steps() == [0, 1, 2]  # the writer's repair indexes them
     assert not orphan.exists()
 
@@ -765,14 +756,14 @@ def test_a_linked_run_entry_is_refused_and_its_target_untouched(
         (target / "model.safetensors").write_bytes(b"weights")
         (target / ".model.safetensors.0a.rwtmp").write_bytes(b"partial download")
     (store.path / entry).symlink_to(target)
-    before = tree_state(elsewhere)
+    before = file_states(elsewhere)
     for open_it in (
         lambda: SnapshotStore(store.path),
         lambda: SnapshotStore.create(store.path, probes=store.probes(), config=CONFIG),
     ):
         with pytest.raises(StoreError, match=rf"{entry} is a symbolic link"):
             open_it()
-    assert tree_state(elsewhere) == before
+    assert file_states(elsewhere) == before
 
 
 def test_a_linked_snapshot_file_is_not_followed(store: SnapshotStore, snapshot: Snapshot) -> None:
