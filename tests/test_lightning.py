@@ -191,9 +191,8 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
     with pytest.raises(ConfigError, match=r"already holds run \w+ \(3 snapshots, steps 0\.\.6.*"):
         again.fit(TinyLM(VOCAB, seed=1), loader(lm_data))
     assert again.global_step == 0
-    assert (
-        file_states(run, skip=("writer.lock",)) == before
-    )  # every snapshot, the index, TensorBoard: byte for byte
+    # every snapshot, the index, TensorBoard: byte for byte
+    assert file_states(run, skip=("writer.lock",)) == before
     assert SnapshotStore(run).steps() == [0, 3, 6]
     assert SnapshotStore(run).verify() == []
 
