@@ -96,6 +96,7 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
     assert SnapshotStore(run).steps() == [0, 2, 4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restore_callbacks", [False, True])
 def test_resume_continues_the_run_its_checkpoint_names(
     tmp_path: Path, lm_probes, lm_data: Windows, restore_callbacks: bool
@@ -116,6 +117,7 @@ def test_resume_continues_the_run_its_checkpoint_names(
     assert records[-1]["tokens"] == resumed.state.num_input_tokens_seen
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_run_is_refused(
     tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:

@@ -177,6 +177,7 @@ def checkpointed_fit(
     return monitor, fit_trainer
 
 
+@pytest.mark.slow
 def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
     tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
@@ -197,6 +198,7 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
     assert SnapshotStore(run).verify() == []
 
 
+@pytest.mark.slow
 def test_a_restart_of_the_same_seeded_run_before_its_first_checkpoint_goes_on(
     tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
@@ -219,6 +221,7 @@ def test_a_restart_of_the_same_seeded_run_before_its_first_checkpoint_goes_on(
     assert SnapshotStore(run).steps() == [0]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run_its_checkpoint_names_without_a_stray_dir(
     tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
