@@ -339,11 +339,12 @@ class Monitor:
         steps = sorted(r["step"] for r in records)
         held = f"{len(steps)} snapshots, steps {steps[0]}..{steps[-1]}" if steps else "no snapshots"
         restored = self._restored or {}
-        why = (
-            f"the checkpoint this run resumed from belongs to run {restored['run_id']}"
-            if restored.get("run_id")
-            else f"this training run (at step {step}) did not resume from a checkpoint of it"
-        )
+        if restored.get("run_id"):
+            why = f"the checkpoint this run resumed from belongs to run {restored['run_id']}"
+        elif step > 0:  # a checkpoint was restored, but it names no run (older regionwatch)
+            why = f"the checkpoint this run resumed from (step {step}) does not name that run"
+        else:
+            why = "this training run did not resume from a checkpoint of it"
         return (
             f"run_dir {self.run_dir} already holds run {store.run_id} ({held}, "
             f"{len(failures)} failed), and {why}. regionwatch never mixes two runs in one "
