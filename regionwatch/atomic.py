@@ -176,6 +176,26 @@ def clean_temp_files(directory: str | Path) -> list[Path]:
     return removed
 
 
+def read_bytes(path: str | Path) -> bytes:
+    """A file's content, refusing to follow a symbolic link at its name (`O_NOFOLLOW`).
+
+    Run directories are read with this: a link planted inside one must never make regionwatch
+    read (or, through a later write, touch) a file elsewhere.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its bytes.
+
+    Raises:
+        OSError: the file cannot be read; `errno.ELOOP` if `path` is a symbolic link.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as file:
+        return file.read()
+
+
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's content as hex, read in chunks (snapshot files can be large).
 
@@ -189,7 +209,8 @@ def file_digest(path: str | Path) -> str:
         StoreError: the file cannot be read (the message names it).
     """
     try:
-        with Path(path).open("rb") as file:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # as `read_bytes`: never via a link
+        with os.fdopen(fd, "rb") as file:
             return hashlib.file_digest(file, DIGEST_ALGORITHM).hexdigest()
     except OSError as err:
         raise StoreError(f"cannot read {path} to check its hash: {err}") from err

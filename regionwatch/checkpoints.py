@@ -51,7 +51,10 @@ logger = logging.getLogger(__name__)
 Kind = Literal["pretrained", "state_dict", "sharded", "hub"]
 TRAINER_STATE = "trainer_state.json"  # the HF Trainer's state in every checkpoint-N folder
 SCANNED_SUFFIXES = (".ckpt",)  # files picked up inside a SOURCE directory; others must be named
-REGION_MONITOR_STATE = "RegionMonitor"  # its Lightning state_key: the class name
+# RegionMonitor's Lightning `state_key` (`monitor_state_key`): this name, then the run_dir it was
+# given in brackets, so that two monitors of one Trainer keep their states apart.
+REGION_MONITOR_STATE = "regionwatch.RegionMonitor"
+LEGACY_MONITOR_STATE = "RegionMonitor"  # its key before it had its own: Lightning's, the class name
 LISTED_REVISIONS = 8  # revision names quoted in an error message
 # Token units in revision names: OLMo's `step1000-tokens4B` is 4e9 tokens (rounded by its makers).
 TOKEN_UNITS = MappingProxyType({"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12})
@@ -438,11 +441,29 @@ def _lightning_position(path: Path, trust_pickle: bool) -> tuple[int | None, int
     if not isinstance(data, Mapping):
         return None, None
     step = data.get("global_step")
-    seen = None
-    for key, state in (data.get("callbacks") or {}).items():
-        if str(key).startswith(REGION_MONITOR_STATE) and isinstance(state, Mapping):
-            seen = state.get("tokens")
+    callbacks = data.get("callbacks")
+    states = monitor_states(callbacks) if isinstance(callbacks, Mapping) else []
+    seen = states[0].get("tokens") if states else None  # every monitor counts the same tokens
     return _int_or_none(step), _int_or_none(seen)
+
+
+def monitor_state_key(run_dir: str | None) -> str:
+    """The Lightning `state_key` of a RegionMonitor given `run_dir` (None: the default one)."""
+    return REGION_MONITOR_STATE if run_dir is None else f"{REGION_MONITOR_STATE}[{run_dir}]"
+
+
+def monitor_states(callbacks: Mapping[Any, Any]) -> list[Mapping[str, Any]]:
+    """The RegionMonitor states among a `.ckpt`'s callback states, old checkpoints' key included."""
+    return [
+        state
+        for key, state in callbacks.items()
+        if isinstance(state, Mapping)
+        and isinstance(key, str)
+        and (
+            key in (REGION_MONITOR_STATE, LEGACY_MONITOR_STATE)
+            or key.startswith(f"{REGION_MONITOR_STATE}[")
+        )
+    ]
 
 
 def _refuse_unplaced(checkpoints: list[Checkpoint]) -> None:

@@ -2,8 +2,9 @@
 
 Tokens seen come from the Trainer's own count (`state.num_input_tokens_seen`, summed over
 processes), which it only keeps when asked: `include_num_input_tokens_seen="non_padding"` (or
-"all"). Resume needs nothing from the callback's own state: the run's store and the restored
-`trainer_state.json` (global step and tokens) are enough, so it works whether or not the user sets
+"all"). Resume reads the run's store and the restored `trainer_state.json` (global step, tokens,
+and the run's id and directory, which the callback records there under `STATE_KEY` in
+`stateful_callbacks`), so it works whether or not the user sets
 `restore_callback_states_from_checkpoint`.
 """
 
@@ -39,6 +40,11 @@ from regionwatch.schedule import Schedule
 logger = logging.getLogger(__name__)
 
 COUNTING = ("all", "non_padding", True)  # include_num_input_tokens_seen values that count
+# Our entry in `TrainerState.stateful_callbacks`, saved in every checkpoint's trainer_state.json.
+# Not a callback class name: `restore_callback_states_from_checkpoint` rebuilds callbacks from
+# entries named after their class, and this callback cannot be rebuilt from JSON (it holds a
+# tokenizer); the Trainer only warns that it ignores an entry it cannot match.
+STATE_KEY = "regionwatch"
 
 
 class RegionMonitorCallback(TrainerCallback):
@@ -47,6 +53,12 @@ class RegionMonitorCallback(TrainerCallback):
     Snapshots go to a `SnapshotStore` in `run_dir` (default `<output_dir>/regionwatch`, stable
     across resumes) and to TensorBoard in `<run_dir>/tensorboard`. Measures at train begin (the
     random-init baseline on a fresh run), after optimizer steps the schedule picks, and at the end.
+
+    `trainer.train(resume_from_checkpoint=...)` continues the run the checkpoint names and cuts
+    back its snapshots after the checkpoint. A fresh run (no checkpoint of that run) into a
+    `run_dir` that already holds snapshots is refused at train begin, before the first optimizer
+    step: nothing of the earlier run is deleted or mixed with the new one. Pass a new `run_dir`
+    (or `output_dir`), or resume from the run's checkpoint.
 
     Args:
         tokenizer: the model's tokenizer (builds the probe set); or pass `probes`.
@@ -63,7 +75,8 @@ class RegionMonitorCallback(TrainerCallback):
 
     Raises:
         ConfigError: at construction for bad settings; at `on_train_begin` (before the first
-            optimizer step) for a bad model or token counting switched off.
+            optimizer step) for a bad model, token counting switched off, or a run dir that is
+            not writable or holds another run.
 
     Example:
         >>> args = TrainingArguments("out", include_num_input_tokens_seen="non_padding")
@@ -120,7 +133,12 @@ class RegionMonitorCallback(TrainerCallback):
             trainer_precision=lambda: _autocast(args, model),
             info={"driver": "hf"},
         )
+        saved = state.stateful_callbacks.get(STATE_KEY)
+        if isinstance(saved, dict):  # restored from the checkpoint's trainer_state.json
+            self.monitor.load_state_dict(saved)
         self.monitor.start(model, step=state.global_step, tokens=state.num_input_tokens_seen)
+        identity = self.monitor.state_dict()  # the mark in it would go stale: not saved
+        state.stateful_callbacks[STATE_KEY] = {k: identity[k] for k in ("run_id", "run_dir")}
 
     @override
     def on_step_end(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
+from regionwatch.checkpoints import LEGACY_MONITOR_STATE, monitor_state_key
 from regionwatch.corpus import Source
 from regionwatch.errors import ConfigError
 from regionwatch.measure import ProbeConfig
@@ -42,6 +44,14 @@ class RegionMonitor(Callback):
     first optimizer step. A measurement happens once at train start (the random-init baseline on
     a fresh run) and after optimizer steps the schedule picks, and at the end of training.
 
+    Resuming with `trainer.fit(..., ckpt_path=...)` continues the run the checkpoint names (its
+    state holds the run's id and directory) and cuts back its snapshots after the checkpoint.
+    A fresh run (no checkpoint of that run) into a `run_dir` that already holds snapshots is
+    refused at train start, before the first optimizer step: nothing of the earlier run is
+    deleted or mixed with the new one. Pass a new `run_dir`, or resume from the run's checkpoint.
+    The callback's `state_key` includes `run_dir`, so two monitors of one Trainer keep their
+    states apart; checkpoints saved under the old key (the class name) are read too.
+
     Args:
         tokenizer: the model's tokenizer (builds the probe set); or pass `probes`.
         probes: a ready probe set.
@@ -55,11 +65,15 @@ class RegionMonitor(Callback):
         precision: "fp32" (default) or "trainer" (the trainer's precision context).
         tensorboard: also log to TensorBoard.
         model_attr: name of the attribute holding the causal LM, when ambiguous.
-        count_tokens: `count_tokens(batch) -> int` overriding the token count of a batch.
+        count_tokens: `count_tokens(batch) -> int` overriding the token count of a batch; it
+            must return an integer >= 0 (checked at every batch, the first one before the first
+            optimizer step).
 
     Raises:
-        ConfigError: neither tokenizer nor probes, or a bad setting (at construction); a bad
-            model, write layer, probe set or run dir (in `setup`, before training).
+        ConfigError: neither tokenizer nor probes, a non-callable `count_tokens`, or a bad
+            setting (at construction); a bad model, write layer or probe set (in `setup`); a
+            run dir that is not writable or holds another run, or a bad token count (at train
+            start, before the first optimizer step).
 
     Example:
         >>> trainer = L.Trainer(callbacks=[RegionMonitor(tokenizer=tok, run_dir="runs/x")])
@@ -93,6 +107,13 @@ class RegionMonitor(Callback):
             precision=precision,
             tensorboard=tensorboard,
         )
+        if count_tokens is not None and not callable(count_tokens):
+            raise ConfigError(
+                f"count_tokens={count_tokens!r} is not callable; pass a function of the batch, "
+                "e.g. count_tokens=lambda batch: int(batch['attention_mask'].sum()), or leave it "
+                "out to count the batch's attention mask (else its input ids)"
+            )
+        self._state_key = monitor_state_key(None if run_dir is None else str(Path(run_dir)))
         self._model_attr = model_attr
         self._count = count_tokens or count_batch_tokens
         self._model: nn.Module | None = None
@@ -123,7 +144,7 @@ class RegionMonitor(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._pending += int(self._count(batch))
+        self._pending += _token_count(self._count(batch))
 
     @override
     def on_train_batch_end(
@@ -152,9 +173,23 @@ class RegionMonitor(Callback):
         if stage == "fit":
             self.monitor.close()
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._state_key
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, **self.monitor.state_dict()}  # JSON-able
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and LEGACY_MONITOR_STATE in states:
+            # Saved before the callback had its own state_key: Lightning only looks up the new key.
+            self.load_state_dict(states[LEGACY_MONITOR_STATE])
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -170,6 +205,23 @@ class RegionMonitor(Callback):
             torch.tensor(count, device=trainer.strategy.root_device), reduce_op="sum"
         )
         return int(total.item())
+
+
+def _token_count(value: Any) -> int:
+    """A token count as an int: an integer >= 0 (NumPy and 1-element integer tensors too)."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:  # a float, a float tensor, None, ...
+        count = None
+    if isinstance(value, Tensor) and value.dtype == torch.bool:
+        count = None
+    if count is None or count < 0:
+        raise ConfigError(
+            f"count_tokens returned {value!r} for a batch; it must return the number of training "
+            "tokens in the batch, an int >= 0, e.g. count_tokens=lambda batch: "
+            "int(batch['attention_mask'].sum())"
+        )
+    return count
 
 
 def count_batch_tokens(batch: Any) -> int:

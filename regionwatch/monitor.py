@@ -7,9 +7,14 @@ the run's `SnapshotStore` and TensorBoard. Its guarantees:
 - a probe never stops training: an exception inside a measurement (or a sink) is logged with its
   traceback and recorded as a failed snapshot; an out-of-memory error first retries with half the
   memory budget;
-- resume is exact: the store is the record. On (re)start the store is cut back to the restored
-  step, and the schedule continues from the newest snapshot at or before it, so every scheduled
-  snapshot exists exactly once, whatever the crash point;
+- resume is exact: the store is the record. On a proven resume (the restored driver state names
+  this run's id) the store is cut back to the restored step, and the schedule continues from the
+  newest snapshot at or before it, so every scheduled snapshot exists exactly once, whatever the
+  crash point;
+- nothing is lost or mixed: a training run that starts without such proof into a run directory
+  already holding another run's snapshots is refused before its first step (see `start`); only a
+  proven resume ever deletes a snapshot;
+- a diverged model (non-finite outputs) is a failed snapshot with that reason, never a snapshot;
 - distributed: every rank measures its shard of the probe set (the probe is a collective: no
   rank may skip it), rank zero merges, stamps and writes; the schedule's inputs (global step,
   tokens summed over ranks) are the same on every rank, so every rank takes the same decisions.
@@ -48,7 +53,7 @@ from regionwatch.measure import (
 )
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import Mark, Schedule
-from regionwatch.snapshot import Snapshot
+from regionwatch.snapshot import Snapshot, weights_fingerprint
 from regionwatch.store import DEFAULT_RUN_NAME, SnapshotStore
 from regionwatch.tensorboard import TB_SUBDIR, TensorBoardSink
 
@@ -168,6 +173,9 @@ class Monitor:
         self._last: Mark | None = None
         self._last_maps: Mark | None = None
         self._info: dict[str, Any] = {}
+        self._log_dir: Path | None = None
+        self._restored: dict[str, Any] | None = None  # the driver's restored `state_dict()`
+        self._run_id: str | None = None  # the store's, known on every rank once opened
         self.failures = 0
 
     @classmethod
@@ -226,8 +234,10 @@ class Monitor:
         """Check everything that can be checked before training: raises here, never mid-run.
 
         Resolves the model (architecture, write layer), builds or checks the probe set and that
-        it fits the model's context, and that the run directory is writable. Rank zero builds the
-        probe set and the others receive it, so every rank measures the same prompts.
+        it fits the model's context. Rank zero builds the probe set and the others receive it, so
+        every rank measures the same prompts. The run directory is resolved and checked by
+        `start`, once a resuming driver has restored its state (which names the run directory):
+        checking it here would create a stray directory for every resume.
 
         Args:
             model: the causal LM to measure.
@@ -244,14 +254,11 @@ class Monitor:
         site = resolve(
             model, write_layer=self.watch.probe.write_layer, block_path=self.watch.probe.block_path
         )
-        if self.run_dir is None:
-            if log_dir is None:
-                raise ConfigError(
-                    "no run_dir given and the trainer has no log directory: pass run_dir=..."
-                )
-            self.run_dir = Path(log_dir) / DEFAULT_RUN_NAME
-        if rank == 0:
-            _check_writable(self.run_dir)
+        if self.run_dir is None and log_dir is None:
+            raise ConfigError(
+                "no run_dir given and the trainer has no log directory: pass run_dir=..."
+            )
+        self._log_dir = None if log_dir is None else Path(log_dir)
         if self._probes is None:
             built = self._build_probes() if rank == 0 else None
             self._probes = _broadcast(built, world)
@@ -269,47 +276,117 @@ class Monitor:
     def start(self, model: nn.Module, *, step: int, tokens: int) -> Snapshot | None:
         """Open the run at the (restored) step and tokens, and take the baseline if it is due.
 
-        On a fresh run this measures step 0 (the random-init baseline). On resume it cuts the
-        store back to `step` (snapshots after the restored checkpoint are of weights that no
-        longer exist), continues the schedule from the newest snapshot left, and retakes the
-        snapshot of this very step if a crash lost it. Every rank must call it.
+        On a fresh run this measures step 0 (the random-init baseline). On a proven resume (the
+        state given to `load_state_dict` names the run's id) it cuts the store back to `step`
+        (snapshots after the restored checkpoint are of weights that no longer exist), continues
+        the schedule from the newest snapshot left, and retakes the snapshot of this very step
+        if a crash lost it. Every rank must call it, before the first optimizer step.
+
+        A run directory that already holds snapshots of a run this one did not resume is
+        refused: continuing would splice two models under one run id, and cutting back would
+        delete the earlier run's snapshots. Two restarts need no proof, as they lose and mix
+        nothing: into an empty run, and at step 0 into a run holding only a step-0 baseline of
+        these very weights (the same seeded script, restarted before its first checkpoint).
+
+        Raises:
+            ConfigError: the run directory is not writable, or holds another run's snapshots
+                (the message says how to resume that run or start a new one).
+            StoreError: the run directory holds a run measured differently, or a live writer.
         """
-        self.open(truncate_after=step, tokens=tokens)
+        self._open(tokens=tokens, starting=(step, model))
         return self.maybe_measure(model, step=step, tokens=tokens)
 
-    def open(self, *, truncate_after: int | None = None, tokens: int | None = None) -> None:
+    def open(self) -> None:
         """Create or reopen the run's store and sinks (rank zero) and share the newest mark.
 
-        Args:
-            truncate_after: drop snapshots after this step (a resumed run); None keeps all
-                (replay adding points to a run).
-            tokens: tokens seen at `truncate_after`; TensorBoard drops events past it.
+        For adding points to a run (replay): nothing is cut back. Training runs call `start`.
         """
-        last = last_maps = None
+        self._open(tokens=None, starting=None)
+
+    def _open(self, *, tokens: int | None, starting: tuple[int, nn.Module] | None) -> None:
+        last = last_maps = refusal = run_id = None
+        if self.run_dir is None:  # `setup` made sure there is a log dir
+            self.run_dir = self._log_dir / DEFAULT_RUN_NAME
         if self._rank == 0:
+            _check_writable(self.run_dir)
             self._store = SnapshotStore.create(
                 self.run_dir,
                 probes=self.probes,
                 config=self.watch.probe,
                 info={"schedule": self.watch.schedule.to_dict()},
             )
-            if truncate_after is not None:
-                dropped = self._store.truncate_after(truncate_after)
-                if dropped:
-                    logger.warning(
-                        "resumed at step %d: dropped later snapshots %s from %s",
-                        truncate_after,
-                        dropped,
-                        self.run_dir,
-                    )
-            newest = self._store.latest()
-            last = None if newest is None else Mark(*newest)
-            mapped = [r for r in self._store.records() if "maps" in r.get("parts", ())]
-            last_maps = Mark(mapped[-1]["step"], mapped[-1]["tokens"]) if mapped else None
-            if self.watch.tensorboard:
-                purge = None if newest is None else tokens
-                self._sink = TensorBoardSink(self.run_dir / TB_SUBDIR, purge_after_tokens=purge)
-        self._last, self._last_maps = _broadcast((last, last_maps), self._world)  # rank 0's
+            refusal = None if starting is None else self._claim(*starting)
+            if refusal is None:
+                run_id = self._store.run_id
+                newest = self._store.latest()
+                last = None if newest is None else Mark(*newest)
+                mapped = [r for r in self._store.records() if "maps" in r.get("parts", ())]
+                last_maps = Mark(mapped[-1]["step"], mapped[-1]["tokens"]) if mapped else None
+                if self.watch.tensorboard:
+                    purge = None if newest is None else tokens
+                    self._sink = TensorBoardSink(self.run_dir / TB_SUBDIR, purge_after_tokens=purge)
+            else:
+                self._store.close()  # refused: the store stays exactly as it was
+                self._store = None
+        # Rank 0 decides; every rank raises the same refusal, so that no rank waits on the others.
+        shared = _broadcast((last, last_maps, refusal, run_id), self._world)
+        self._last, self._last_maps, refusal, self._run_id = shared
+        if refusal is not None:
+            raise ConfigError(refusal)
+
+    def _claim(self, step: int, model: nn.Module) -> str | None:
+        """Make the store this training run's: cut it back on a proven resume; else say why not."""
+        store = self._store
+        if self._resumes(store):
+            dropped = store.truncate_after(step)
+            if dropped:
+                logger.warning(
+                    "resumed run %s at step %d: dropped later snapshots %s from %s",
+                    store.run_id,
+                    step,
+                    dropped,
+                    self.run_dir,
+                )
+            return None
+        records, failures = store.records(), store.failures()
+        if not records and not failures:
+            return None  # an empty run: nothing to lose or to mix
+        if (
+            step == 0
+            and not failures
+            and [r["step"] for r in records] == [0]
+            and records[0]["weights_fingerprint"] == weights_fingerprint(model)
+        ):
+            return None  # its own baseline: the same initial weights, bit for bit
+        steps = sorted(r["step"] for r in records)
+        held = f"{len(steps)} snapshots, steps {steps[0]}..{steps[-1]}" if steps else "no snapshots"
+        restored = self._restored or {}
+        if restored.get("run_id"):
+            why = f"the checkpoint this run resumed from belongs to run {restored['run_id']}"
+        elif step > 0:  # a checkpoint was restored, but it names no run (older regionwatch)
+            why = f"the checkpoint this run resumed from (step {step}) does not name that run"
+        else:
+            why = "this training run did not resume from a checkpoint of it"
+        return (
+            f"run_dir {self.run_dir} already holds run {store.run_id} ({held}, "
+            f"{len(failures)} failed), and {why}. regionwatch never mixes two runs in one "
+            "directory nor deletes an earlier run's snapshots: to continue that run, resume "
+            "from its checkpoint (Lightning: trainer.fit(..., ckpt_path=...); HF: "
+            "trainer.train(resume_from_checkpoint=...)); to start a new run, pass a new "
+            f"run_dir, or delete {self.run_dir} to discard the old one"
+        )
+
+    def _resumes(self, store: SnapshotStore) -> bool:
+        """Whether the restored driver state proves this run resumes `store`'s run."""
+        state = self._restored
+        if not state:
+            return False
+        if state.get("run_id") is not None:
+            return state["run_id"] == store.run_id
+        # Resume state saved before it held the run id names only the run directory.
+        return bool(state.get("run_dir")) and Path(state["run_dir"]).resolve() == (
+            store.path.resolve()
+        )
 
     def maybe_measure(
         self, model: nn.Module, *, step: int, tokens: int, final: bool = False
@@ -353,8 +430,10 @@ class Monitor:
         shards = _gather(shard, self._rank, self._world)
         if self._rank != 0:
             return None
-        if any(s is None for s in shards):
-            self._record_failure(step, tokens, "measurement failed on a rank; see its log")
+        failed = [(rank, s) for rank, s in enumerate(shards) if isinstance(s, str)]
+        if failed:
+            rank, why = failed[0]
+            self._record_failure(step, tokens, why if self._world == 1 else f"rank {rank}: {why}")
             return None
         try:
             merged = shards[0] if self._world == 1 else merge_shards(shards)
@@ -383,12 +462,20 @@ class Monitor:
         return snapshot
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able resume state: the run directory and the newest scheduled mark."""
+        """JSON-able resume state: the run directory, the run's id and the newest scheduled mark."""
         last = None if self._last is None else [self._last.step, self._last.tokens]
-        return {"run_dir": None if self.run_dir is None else str(self.run_dir), "last": last}
+        return {
+            "run_dir": None if self.run_dir is None else str(self.run_dir),
+            "run_id": self._run_id,
+            "last": last,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore `state_dict()`: a resumed run keeps writing to the same run directory."""
+        """Restore `state_dict()` before `start`: a resumed run keeps writing to the same run.
+
+        The state's run id is the proof of a resume that lets `start` cut the store back.
+        """
+        self._restored = dict(state)
         if not self._explicit_run_dir and state.get("run_dir"):
             self.run_dir = Path(state["run_dir"])
 
@@ -406,19 +493,25 @@ class Monitor:
 
     def _guarded_measure(
         self, model: nn.Module, step: int, config: ProbeConfig
-    ) -> Measurement | None:
+    ) -> Measurement | str:
+        """This rank's measurement, or why it failed (logged here, recorded by rank zero)."""
         shard = (self._rank, self._world)
         for attempt in range(2):
             try:
                 with self._precision(model) as probed:
-                    return measure(probed, self.probes, config, shard=shard)
-            except torch.cuda.OutOfMemoryError:
+                    measured = measure(probed, self.probes, config, shard=shard)
+                diverged = _non_finite(model, measured)
+                if diverged is not None:  # not an exception: training goes on, as it should
+                    logger.error("measurement at step %d failed: %s", step, diverged)
+                    return diverged
+                return measured
+            except torch.cuda.OutOfMemoryError as err:
                 budget = (config.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS) // 2
                 if attempt or budget < 1:
                     logger.exception(
                         "measurement at step %d ran out of memory twice; skipped", step
                     )
-                    return None
+                    return f"out of memory twice: {err!r}"
                 logger.warning(
                     "measurement at step %d ran out of memory; retrying with max_batch_tokens=%d",
                     step,
@@ -426,10 +519,10 @@ class Monitor:
                 )
                 torch.cuda.empty_cache()
                 config = replace(config, max_batch_tokens=budget)
-            except Exception:  # guarantee: a failed probe never stops training
+            except Exception as err:  # guarantee: a failed probe never stops training
                 logger.exception("measurement at step %d failed; training continues", step)
-                return None
-        return None
+                return repr(err)
+        raise AssertionError("unreachable: the second attempt returns")  # for type checkers
 
     @contextlib.contextmanager
     def _precision(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -457,6 +550,38 @@ class Monitor:
             self._store.record_failure(step=step, tokens=tokens, error=error)
         except Exception:  # the failure record itself must not stop training either
             logger.exception("could not record the failed snapshot at step %d", step)
+
+
+def _non_finite(model: nn.Module, measured: Measurement) -> str | None:
+    """Why a measurement shows a diverged model, or None.
+
+    A finite model gives finite distances d(a) at every probe point (only d(a)/d(1) may be NaN,
+    for excluded pairs), so any non-finite distance means NaN or inf weights or activations;
+    stored, it would read as "every pair excluded", which is false. Costs one pass over the
+    parameters, only when the distances are already bad.
+    """
+    distances = [curves.distance for curves in measured.curves.values()]
+    if measured.maps is not None:
+        distances.append(measured.maps.distance)
+    bad = sum(int((~torch.isfinite(d)).sum()) for d in distances)
+    if not bad:
+        return None
+    total = sum(d.numel() for d in distances)
+    params = [
+        name
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+    ]
+    cause = (
+        f"{len(params)} parameters hold NaN or inf (first: {params[0]})"
+        if params
+        else "its weights are finite, its activations overflow"
+    )
+    return (
+        f"non-finite model: the outputs are NaN or inf at {bad} of {total} probe points, and "
+        f"{cause}; the model has diverged (lower the learning rate, clip gradients, or check "
+        "the precision); no snapshot stored for this step"
+    )
 
 
 def _all_fp32(model: nn.Module) -> bool:

@@ -153,7 +153,7 @@ def replay(
         device=device,
     )
     monitor = Monitor(watch, probes=probes, run_dir=run_dir)
-    monitor.open(truncate_after=None)  # a run measured differently is refused here
+    monitor.open()  # a run measured differently is refused here
     try:
         return _replay_all(monitor, checkpoints, options, progress=progress)
     finally:

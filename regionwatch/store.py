@@ -28,11 +28,20 @@ for that step the old snapshot, none, or the new one, never a half or mismatched
 only whole index versions. `truncate_after` follows (1) for each dropped step.
 
 Concurrency: one writer per run, any number of readers. The writer holds an exclusive `flock` on
-writer.lock from `create` (or its first write) until `close` or exit; the kernel drops it when a
-process dies, so a crash leaves no stale lock. A second writer gets a StoreError. Opening a store
-runs crash cleanup (temp files, orphans, index reconciliation) only if it can take the lock at that
-moment: while a writer is active its temp files are live and must stay. The lock and
-`os.replace` assume a local POSIX filesystem.
+writer.lock from `create` (or its first write, or `repair`) until `close` or exit; the kernel drops
+it when a process dies, so a crash leaves no stale lock. A second writer gets a StoreError. Crash
+repair (temp files, orphans, index reconciliation) is the writer's alone, run when it takes the
+lock: readers (`show`, `report`, TensorBoard) never write, truncate or delete anything, so a reader
+pointed at the wrong directory cannot harm it. The lock and `os.replace` assume a local POSIX
+filesystem.
+
+Links: nothing inside a run directory is followed. A symbolic link in place of config.json,
+probes/, snapshots/, the index, failures.jsonl or writer.lock is refused when the store opens (a
+linked snapshots/ would let crash repair delete files elsewhere; a linked lock would truncate its
+target), and every file is opened with `O_NOFOLLOW`. The run directory itself may be a link.
+
+Damage is reported, never repaired away: a snapshot whose sidecar was altered but whose data still
+matches the index stays indexed, and `verify` names the sidecar.
 
 Size: about 750 lines (a third docstrings), over the ~400-line guideline, on purpose: the write
 protocol, the open-time repair of each of its crash points, the index format both rely on and the
@@ -42,10 +51,12 @@ read. The generic part, durable file writes, lives in `regionwatch.atomic`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -62,6 +73,7 @@ from regionwatch.atomic import (
     bytes_digest,
     clean_temp_files,
     file_digest,
+    read_bytes,
     sync_dir,
     write_atomic,
     write_json_atomic,
@@ -98,6 +110,9 @@ FAILURE_TYPES = {"step": int, "tokens": int, "error": str, "wall_time": float}
 # What an interrupted `create` may leave behind; anything else in a directory makes it not ours.
 CREATE_LEFTOVERS = frozenset({PROBES_DIR, SNAPSHOTS_DIR, INDEX_FILE, LOCK_FILE})
 _FORMATS = {INDEX_FILE: INDEX_FORMAT, FAILURES_FILE: FAILURES_FORMAT}
+# Every entry of a run directory the store opens; none may be a symbolic link.
+MISSING = "missing"  # what `_read_sidecar` says of a sidecar that is not there
+RUN_ENTRIES = (CONFIG_FILE, PROBES_DIR, SNAPSHOTS_DIR, INDEX_FILE, FAILURES_FILE, LOCK_FILE)
 
 
 class Damage(NamedTuple):
@@ -125,7 +140,8 @@ class SnapshotStore:
         info: free-form facts given to `create`.
 
     Raises:
-        StoreError: `path` is not a run directory, or its config.json is damaged or newer.
+        StoreError: `path` is not a run directory, its config.json is damaged or newer, or an
+            entry of it is a symbolic link.
 
     Example:
         >>> store = SnapshotStore.create(run_dir, probes=probes, config=ProbeConfig())
@@ -138,6 +154,7 @@ class SnapshotStore:
         self.path = Path(path)
         self._snapshots = self.path / SNAPSHOTS_DIR
         self._lock: IO[bytes] | None = None
+        _refuse_links(self.path)
         meta = _read_run_config(self.path / CONFIG_FILE)
         try:
             self.run_id: str = meta["run_id"]
@@ -146,14 +163,7 @@ class SnapshotStore:
             self.info: dict[str, Any] = dict(meta.get("info") or {})
         except (KeyError, TypeError, ValueError) as err:
             raise StoreError(f"{self.path / CONFIG_FILE}: malformed ({err!r})") from err
-        lock = _acquire_lock(self.path, wait_s=0.0)
-        if lock is None:
-            logger.debug("%s: a writer is active; crash cleanup left to it", self.path)
-            return
-        try:
-            self._maintain()
-        finally:
-            lock.close()  # releases the flock: this object becomes a writer only when it writes
+        # Nothing more: a reader writes nothing, not even crash repair (see `repair`).
 
     @classmethod
     def create(
@@ -186,6 +196,7 @@ class SnapshotStore:
             ConfigError: `info` is not JSON-serializable.
         """
         path = Path(path)
+        _refuse_links(path)
         if not (path / CONFIG_FILE).exists():
             _check_empty(path)
             path.mkdir(parents=True, exist_ok=True)
@@ -282,14 +293,37 @@ class SnapshotStore:
         return [row for row in rows if row["file"] not in problems]
 
     def verify(self) -> list[Damage]:
-        """Check every indexed file's size and sha256 against the index (loads no tensors).
+        """Check every indexed file's size and sha256, and its sidecar, against the index.
+
+        Loads no tensors.
 
         Returns:
-            One `Damage` per damaged index line and per missing, truncated or altered file.
+            One `Damage` per damaged index line, per missing, truncated or altered data file,
+            and per damaged or disagreeing sidecar.
         """
-        _, lines, problems = self._checked_rows(hash_it=True)
+        rows, lines, problems = self._checked_rows(hash_it=True)
         damage = [Damage(self.path / INDEX_FILE, problem) for problem in lines]
-        return damage + [Damage(self._snapshots / name, why) for name, why in problems.items()]
+        damage += [Damage(self._snapshots / name, why) for name, why in problems.items()]
+        for row in rows:
+            sidecar = (self._snapshots / row["file"]).with_suffix(".json")
+            committed, problem = _read_sidecar(sidecar)
+            if problem == MISSING:
+                continue  # not damage: an interrupted retire (step 1 of `write`), undone on repair
+            if problem is None and committed != row:
+                problem = "row differs from the index's (altered after the write)"
+            if problem is not None:
+                damage.append(Damage(sidecar, f"sidecar {problem}"))
+        return damage
+
+    def repair(self) -> None:
+        """Become the writer and repair what a crashed writer left (see the module docstring).
+
+        Readers never repair; `create`, `write` and `truncate_after` call this themselves.
+
+        Raises:
+            StoreError: another writer holds the lock, or the run is read-only.
+        """
+        self._lock_for_writing()
 
     def latest(self) -> tuple[int, int] | None:
         """(step, tokens) of the snapshot with the highest step, or None for an empty run."""
@@ -355,7 +389,7 @@ class SnapshotStore:
         lock = _acquire_lock(self.path, wait_s=WRITER_LOCK_WAIT_S)
         if lock is None:
             try:  # the holder wrote its pid into the lock file
-                holder = (self.path / LOCK_FILE).read_text(encoding="utf-8").strip()
+                holder = read_bytes(self.path / LOCK_FILE).decode("utf-8", "replace").strip()
             except OSError:
                 holder = "unknown"
             raise StoreError(
@@ -375,9 +409,20 @@ class SnapshotStore:
         committed = set()
         for path in sorted(self._snapshots.glob("*.json")):
             committed.add(path.with_suffix(".safetensors").name)  # damaged or not: keep its data
-            row = _read_sidecar(path)
+            row, problem = _read_sidecar(path)
             if row is None:
-                continue
+                # A damaged sidecar is damage to report, not a retired snapshot (retiring unlinks
+                # the sidecar): if the index's row still matches the data, the snapshot stays.
+                row = indexed.get(path.with_suffix(".safetensors").name)
+                if row is None or _problem(self._snapshots / row["file"], row, hash_it=True):
+                    logger.warning("%s: sidecar %s; its snapshot is not indexed", path, problem)
+                    continue
+                logger.warning(
+                    "%s: sidecar %s; its data matches the index, so it stays indexed "
+                    "(verify() reports it)",
+                    path,
+                    problem,
+                )
             if indexed.get(row["file"]) != row:
                 problem = _problem(self._snapshots / row["file"], row, hash_it=True)
                 if problem:
@@ -451,7 +496,7 @@ class SnapshotStore:
     def _load(self, row: Mapping[str, Any]) -> Snapshot:
         path = self._snapshots / row["file"]
         try:
-            data = path.read_bytes()
+            data = read_bytes(path)
         except OSError as err:
             raise StoreError(
                 f"{path}: cannot read the snapshot of step {row['step']}: {err}"
@@ -554,9 +599,20 @@ def _write_run(
     logger.info("created run %s in %s", run_id, path)
 
 
+def _refuse_links(path: Path) -> None:
+    """Refuse a run directory holding a symbolic link where the store keeps its own entries."""
+    links = [name for name in RUN_ENTRIES if (path / name).is_symlink()]
+    if links:
+        raise StoreError(
+            f"{path}: {', '.join(links)} is a symbolic link; regionwatch follows no links inside a "
+            "run directory (writing or repairing through one would touch files elsewhere): "
+            "replace the link with a real copy of what it points to, or pass the real run directory"
+        )
+
+
 def _read_run_config(path: Path) -> dict[str, Any]:
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(read_bytes(path).decode("utf-8"))
     except FileNotFoundError as err:
         raise StoreError(
             f"{path.parent} is not a regionwatch run directory (no {CONFIG_FILE}); create one "
@@ -606,8 +662,14 @@ def _acquire_lock(path: Path, *, wait_s: float) -> IO[bytes] | None:
     Also None where the directory is read-only (an archived run): readers need no lock.
     """
     try:
-        lock = (path / LOCK_FILE).open("a+b")
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        lock = os.fdopen(fd, "r+b")
     except OSError as err:
+        if err.errno == errno.ELOOP:  # truncating a linked lock would truncate its target
+            raise StoreError(
+                f"{path / LOCK_FILE} is a symbolic link; regionwatch follows no links inside a run "
+                "directory: delete the link (the lock file is recreated)"
+            ) from err
         logger.debug("cannot open %s (%s); treating the run as read-only", path / LOCK_FILE, err)
         return None
     deadline = time.monotonic() + wait_s
@@ -652,9 +714,12 @@ def _problem(
     """What is wrong with a snapshot file given its index row, or None; hashes only if asked."""
     if data is None:
         try:
-            size = path.stat().st_size
+            info = path.lstat()
         except OSError as err:
             return f"file missing or unreadable ({err.strerror})"
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file (a link or a directory; the store wrote a file)"
+        size = info.st_size
     else:
         size = len(data)
     if size != row["size"]:
@@ -669,10 +734,10 @@ def _problem(
     return None
 
 
-def _read_sidecar(path: Path) -> dict[str, Any] | None:
-    """The index row a sidecar commits, or None (with a warning) if it is damaged."""
+def _read_sidecar(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the index row a sidecar commits, None), or (None, what is wrong with it)."""
     try:
-        sidecar = json.loads(path.read_text(encoding="utf-8"))
+        sidecar = json.loads(read_bytes(path).decode("utf-8"))
         row = sidecar["row"]
         _check_version(path, sidecar)
         bad = [k for k, kind in ROW_TYPES.items() if not isinstance(row.get(k), kind)]
@@ -680,10 +745,11 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
             raise ValueError(f"not a snapshot sidecar (bad keys {bad})")
         if row["file"] != path.with_suffix(".safetensors").name:
             raise ValueError(f"names file {row['file']!r}")
+    except FileNotFoundError:
+        return None, MISSING
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        logger.warning("%s: damaged sidecar (%s); its snapshot is not indexed", path, err)
-        return None
-    return row
+        return None, f"damaged ({err})"
+    return row, None
 
 
 def _parse_jsonl(
@@ -695,7 +761,7 @@ def _parse_jsonl(
         StoreError: the file is of a newer format version.
     """
     try:
-        lines = path.read_bytes().split(b"\n")
+        lines = read_bytes(path).split(b"\n")
     except FileNotFoundError:
         return [], ([] if fmt == FAILURES_FORMAT else [f"{path.name} is missing"])
     except OSError as err:

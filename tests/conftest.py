@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +97,15 @@ def random_prompts(
 @pytest.fixture(params=TINY_ARCHS)
 def arch(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def file_states(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, tuple[bytes, int]]:
+    """Every regular file under `root` (links not followed) with its bytes and mtime in ns.
+
+    Equal before and after an operation: it wrote, truncated or deleted nothing there.
+    """
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.lstat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink() and p.name not in skip
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from transformers import GPT2Config
 
 from regionwatch import SnapshotStore
 from regionwatch.cli import VERBS, main
+from tests.conftest import file_states
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
 
 
@@ -100,6 +102,32 @@ def test_show_flags_a_damaged_file(
     capsys.readouterr()
     assert main(["show", str(run)]) == 1
     assert "sha256" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("entry", ["snapshots", "writer.lock"])
+def test_show_refuses_a_linked_run_entry_and_touches_nothing(
+    tmp_path: Path, config_dir: Path, capsys: pytest.CaptureFixture, entry: str
+) -> None:
+    """show on a run whose snapshots/ or writer.lock is a link: exit 2, target files untouched."""
+    run = tmp_path / "run"
+    assert main(measure_args(config_dir, "--out", str(run))) == 0
+    weights = tmp_path / "weights"  # a folder of someone's model weights and a partial download
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"weights")
+    (weights / ".model.safetensors.0a.rwtmp").write_bytes(b"partial")
+    (weights / "notes.txt").write_text("pid of nobody\n")
+    target = weights if entry == "snapshots" else weights / "notes.txt"
+    if entry == "snapshots":
+        shutil.rmtree(run / entry)
+    else:
+        (run / entry).unlink(missing_ok=True)
+    (run / entry).symlink_to(target)
+    before = file_states(weights)
+    capsys.readouterr()
+    assert main(["show", str(run)]) == 2
+    assert f"{entry} is a symbolic link" in capsys.readouterr().err
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 2
+    assert file_states(weights) == before
 
 
 def test_user_errors_exit_2_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Trainer
 
 from regionwatch import RegionMonitor, RegionMonitorCallback, Schedule, SnapshotStore
@@ -109,3 +110,46 @@ def test_hf_failing_probe_does_not_stop_the_trainer(
     run.train()
     assert run.state.global_step == 4
     assert [f["step"] for f in SnapshotStore(tmp_path / "run").failures()] == [0, 2, 4]
+
+
+class DivergingLM(TinyLM):
+    """A TinyLM whose weights go NaN at `poison_step`, as a diverged run's do."""
+
+    def __init__(self, vocab: int, *, poison_step: int) -> None:
+        super().__init__(vocab)
+        self.poison_step = poison_step
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.trainer.global_step == self.poison_step:
+            with torch.no_grad():
+                self.lm.transformer.h[1].mlp.c_fc.weight[0, 0] = torch.nan
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_diverged_model_is_a_failed_snapshot_and_training_goes_on(
+    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NaN weights from step 3 on: steps 4 and 6 are failures naming the cause, never snapshots."""
+    callback = RegionMonitor(
+        probes=lm_probes,
+        config=SMALL_PROBE,
+        run_dir=tmp_path / "run",
+        schedule=Schedule.every_steps(2),
+    )
+    fit = trainer(tmp_path, [callback], max_steps=6)
+    with caplog.at_level(logging.ERROR, logger="regionwatch"):
+        fit.fit(DivergingLM(VOCAB, poison_step=3), loader(lm_data))
+    assert fit.global_step == 6  # training went on
+    store = SnapshotStore(tmp_path / "run")
+    assert store.steps() == [0, 2]
+    failures = store.failures()
+    assert [f["step"] for f in failures] == [4, 6]
+    for failure in failures:
+        assert failure["error"].startswith("non-finite model: the outputs are NaN or inf at ")
+        assert "parameters hold NaN or inf (first: transformer." in failure["error"]
+    assert callback.monitor.failures == 2
+    assert "measurement at step 4 failed: non-finite model" in caplog.text
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [e.step for e in events.Scalars("regionwatch/max_slope/median")]
+    assert logged == [r["tokens"] for r in store.records()]  # nothing logged for steps 4 and 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from transformers import Trainer
 
 from regionwatch import ConfigError, ProbeConfig, RegionMonitorCallback, Schedule, SnapshotStore
 from regionwatch.errors import UnsupportedModelError
+from tests.conftest import file_states
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
 from tests.lm import BATCH, SMALL_PROBE, Windows, hf_args, tiny_gpt2
 
@@ -66,3 +68,68 @@ def test_bad_write_layer_fails_before_training(tmp_path: Path, lm_probes, lm_dat
     )
     with pytest.raises(UnsupportedModelError, match=r"write_layer=3"):
         train(tmp_path, lm_probes, lm_data, callback=callback)
+
+
+# --- re-runs and resumes into a used run_dir --------------------------------------------------
+
+
+def hf_trainer(tmp: Path, lm_probes, lm_data: Windows, run: Path, *, seed: int = 0, **overrides):
+    callback = RegionMonitorCallback(
+        probes=lm_probes, config=SMALL_PROBE, run_dir=run, schedule=Schedule.every_steps(2)
+    )
+    args = hf_args(tmp, save_strategy="steps", save_steps=2, **overrides)
+    return Trainer(tiny_gpt2(VOCAB, seed=seed), args, train_dataset=lm_data, callbacks=[callback])
+
+
+def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
+    """Another seed, no checkpoint, same run_dir: refused before step 0; not a file changes."""
+    run = tmp_path / "run"
+    train(tmp_path, lm_probes, lm_data, max_steps=4)
+    before = file_states(run, skip=("writer.lock",))
+    again = hf_trainer(tmp_path / "again", lm_probes, lm_data, run, seed=1, max_steps=4)
+    with pytest.raises(ConfigError, match=r"already holds run \w+ \(3 snapshots, steps 0\.\.4"):
+        again.train()
+    assert again.state.global_step == 0
+    assert file_states(run, skip=("writer.lock",)) == before
+    assert SnapshotStore(run).steps() == [0, 2, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("restore_callbacks", [False, True])
+def test_resume_continues_the_run_its_checkpoint_names(
+    tmp_path: Path, lm_probes, lm_data: Windows, restore_callbacks: bool
+) -> None:
+    """trainer_state.json names the run; resuming from it continues that run, whether or not the
+    Trainer restores callback states."""
+    run, flag = tmp_path / "run", {"restore_callback_states_from_checkpoint": restore_callbacks}
+    hf_trainer(tmp_path, lm_probes, lm_data, run, max_steps=4, **flag).train()
+    saved = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["regionwatch"] == {
+        "run_id": SnapshotStore(run).run_id,
+        "run_dir": str(run),
+    }
+    resumed = hf_trainer(tmp_path, lm_probes, lm_data, run, max_steps=6, **flag)
+    resumed.train(resume_from_checkpoint=True)
+    records = SnapshotStore(run).records()
+    assert [r["step"] for r in records] == [0, 2, 4, 6]
+    assert records[-1]["tokens"] == resumed.state.num_input_tokens_seen
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_run_is_refused(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
+    """Resuming run A's checkpoint into run B's directory: refused, B left as it was."""
+    hf_trainer(tmp_path / "a", lm_probes, lm_data, tmp_path / "run_a", max_steps=2).train()
+    run_b = tmp_path / "run_b"
+    hf_trainer(tmp_path / "b", lm_probes, lm_data, run_b, max_steps=2).train()
+    before = file_states(run_b, skip=("writer.lock",))
+    wrong = hf_trainer(tmp_path / "a", lm_probes, lm_data, run_b, max_steps=4)
+    run_a_id = SnapshotStore(tmp_path / "run_a").run_id
+    with pytest.raises(
+        ConfigError, match=rf"the checkpoint this run resumed from belongs to run {run_a_id}"
+    ):
+        wrong.train(resume_from_checkpoint=True)
+    assert file_states(run_b, skip=("writer.lock",)) == before

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from regionwatch import ConfigError, ProbeConfig, RegionMonitor, Schedule, SnapshotStore
+from regionwatch.checkpoints import discover
 from regionwatch.errors import UnsupportedModelError
 from regionwatch.lightning import count_batch_tokens, find_model
+from tests.conftest import file_states
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
 from tests.lm import BATCH, SMALL_PROBE, TinyLM, Windows, loader, trainer
 
@@ -148,3 +153,141 @@ def test_neither_tokenizer_nor_probes_is_refused() -> None:
     """Constructing the callback without a way to get prompts fails at once."""
     with pytest.raises(ConfigError, match=r"tokenizer=\.\.\..*probes=ProbeSet"):
         RegionMonitor()
+
+
+# --- re-runs and resumes into a used run_dir --------------------------------------------------
+
+
+def checkpointed_fit(
+    tmp: Path, lm_probes, lm_data: Windows, *, max_steps: int, ckpt: Path | None = None, **kwargs
+) -> tuple[RegionMonitor, L.Trainer]:
+    """Fit with a checkpoint saved as <tmp>/ckpt/last.ckpt; resume from `ckpt` if given."""
+    monitor = RegionMonitor(
+        probes=lm_probes, config=SMALL_PROBE, schedule=Schedule.every_steps(2), **kwargs
+    )
+    saver = ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=2, save_last=True)
+    fit_trainer = trainer(
+        tmp,
+        [monitor, saver],
+        max_steps=max_steps,
+        enable_checkpointing=True,
+        logger=CSVLogger(tmp),  # a new log dir version per fit, as most loggers make
+    )
+    fit_trainer.fit(TinyLM(VOCAB), loader(lm_data), ckpt_path=ckpt)
+    return monitor, fit_trainer
+
+
+@pytest.mark.slow
+def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
+    """Another seed, no checkpoint, same run_dir: refused before step 0; not a file changes."""
+    run = tmp_path / "run"
+    fit(tmp_path, lm_probes, lm_data, max_steps=6)
+    before = file_states(run, skip=("writer.lock",))
+    callback = RegionMonitor(
+        probes=lm_probes, config=SMALL_PROBE, run_dir=run, schedule=Schedule.every_steps(3)
+    )
+    again = trainer(tmp_path, [callback], max_steps=6)
+    with pytest.raises(ConfigError, match=r"already holds run \w+ \(3 snapshots, steps 0\.\.6.*"):
+        again.fit(TinyLM(VOCAB, seed=1), loader(lm_data))
+    assert again.global_step == 0
+    # every snapshot, the index, TensorBoard: byte for byte
+    assert file_states(run, skip=("writer.lock",)) == before
+    assert SnapshotStore(run).steps() == [0, 3, 6]
+    assert SnapshotStore(run).verify() == []
+
+
+@pytest.mark.slow
+def test_a_restart_of_the_same_seeded_run_before_its_first_checkpoint_goes_on(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
+    """Only a step-0 baseline of the very same initial weights: the restart continues the run."""
+    run = tmp_path / "run"
+
+    def killed_after_the_baseline() -> None:
+        with SnapshotStore.create(run, probes=lm_probes, config=SMALL_PROBE) as store:
+            store.truncate_after(0)
+        assert SnapshotStore(run).steps() == [0]
+
+    fit(tmp_path, lm_probes, lm_data, max_steps=1)  # the baseline at 0, the final step 1
+    killed_after_the_baseline()
+    fit(tmp_path, lm_probes, lm_data, max_steps=3)  # the same seeded model: its own baseline
+    assert SnapshotStore(run).steps() == [0, 3]
+    killed_after_the_baseline()
+    callback = RegionMonitor(probes=lm_probes, config=SMALL_PROBE, run_dir=run)
+    with pytest.raises(ConfigError, match=r"already holds run \w+ \(1 snapshots, steps 0\.\.0"):
+        trainer(tmp_path, [callback], max_steps=3).fit(TinyLM(VOCAB, seed=1), loader(lm_data))
+    assert SnapshotStore(run).steps() == [0]
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run_its_checkpoint_names_without_a_stray_dir(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
+    """Default run dir, a new logger version on resume: the run goes on where it was, and the
+    resumed fit leaves no empty run dir in its own log dir."""
+    first, _ = checkpointed_fit(tmp_path, lm_probes, lm_data, max_steps=4)
+    old_run = tmp_path / "lightning_logs" / "version_0" / "regionwatch"
+    assert SnapshotStore(old_run).steps() == [0, 2, 4]
+    _, resumed = checkpointed_fit(
+        tmp_path, lm_probes, lm_data, max_steps=8, ckpt=tmp_path / "ckpt" / "last.ckpt"
+    )
+    assert Path(resumed.log_dir).name == "version_1"
+    assert not (Path(resumed.log_dir) / "regionwatch").exists()
+    records = SnapshotStore(old_run).records()
+    assert [r["step"] for r in records] == [0, 2, 4, 6, 8]
+    assert len({r["run_id"] for r in records}) == 1
+    assert records[2]["tokens"] == first.tokens
+
+
+def test_state_key_names_the_run_dir_and_old_checkpoints_still_resume(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
+    """The state sits under the state_key; a checkpoint with the old key (the class name, no run
+    id) resumes the same way and gives replay its tokens."""
+    run = tmp_path / "run"
+    first, _ = checkpointed_fit(tmp_path, lm_probes, lm_data, max_steps=4, run_dir=run)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    assert first.state_key == f"regionwatch.RegionMonitor[{run}]"
+    state = checkpoint["callbacks"].pop(first.state_key)
+    assert state["run_id"] == SnapshotStore(run).run_id
+    assert state["tokens"] == first.tokens
+    assert [(c.step, c.tokens) for c in discover([last])] == [(4, first.tokens)]
+    checkpoint["callbacks"]["RegionMonitor"] = {k: v for k, v in state.items() if k != "run_id"}
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    assert [(c.step, c.tokens) for c in discover([old])] == [(4, first.tokens)]
+    resumed, _ = checkpointed_fit(tmp_path, lm_probes, lm_data, max_steps=6, run_dir=run, ckpt=old)
+    records = SnapshotStore(run).records()
+    assert [r["step"] for r in records] == [0, 2, 4, 6]
+    assert records[2]["tokens"] == first.tokens < records[3]["tokens"] == resumed.tokens
+
+
+@pytest.mark.parametrize(
+    ("count_tokens", "match"),
+    [
+        (lambda batch: -5, r"count_tokens returned -5 .*an int >= 0"),
+        (lambda batch: 12.5, r"count_tokens returned 12\.5 .*an int >= 0"),
+        (lambda batch: True, r"count_tokens returned True .*an int >= 0"),
+        (lambda batch: torch.tensor(3.0), r"count_tokens returned tensor\(3\.\) .*an int >= 0"),
+    ],
+)
+def test_a_bad_token_count_fails_before_the_first_optimizer_step(
+    tmp_path: Path, lm_probes, lm_data: Windows, count_tokens, match: str
+) -> None:
+    """What count_tokens returns is checked at the first batch, before any optimizer step."""
+    callback = RegionMonitor(
+        probes=lm_probes, config=SMALL_PROBE, run_dir=tmp_path / "run", count_tokens=count_tokens
+    )
+    fit_trainer = trainer(tmp_path, [callback], max_steps=4)
+    with pytest.raises(ConfigError, match=match):
+        fit_trainer.fit(TinyLM(VOCAB), loader(lm_data))
+    assert fit_trainer.global_step == 0
+
+
+def test_a_token_count_that_is_not_callable_is_refused_at_construction(lm_probes) -> None:
+    """count_tokens=42 fails when the callback is made, naming the argument and the fix."""
+    with pytest.raises(ConfigError, match=r"count_tokens=42 is not callable.*lambda batch"):
+        RegionMonitor(probes=lm_probes, count_tokens=42)

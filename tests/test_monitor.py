@@ -50,14 +50,20 @@ def test_maps_schedule_none_maps_every_snapshot(tmp_path: Path, lm_probes) -> No
 def test_reopened_monitor_continues_both_schedules(tmp_path: Path, lm_probes) -> None:
     """A monitor reopening the run takes its last marks from the store, not from memory."""
     watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(2))
-    run(tmp_path, lm_probes, watch, [(2, 200), (4, 400), (5, 500)])
+    first = run(tmp_path, lm_probes, watch, [(2, 200), (4, 400), (5, 500)])
     model = tiny_gpt2(VOCAB)
     again = Monitor(watch, probes=lm_probes, run_dir=tmp_path / "run")
     again.setup(model, log_dir=None)
-    again.open(truncate_after=4, tokens=400)
+    again.load_state_dict(first.state_dict())  # as a driver resuming from a checkpoint does
+    assert again.start(model, step=4, tokens=400) is None  # step 4 is stored: not retaken
     assert again.last == Mark(4, 400)
     assert SnapshotStore(tmp_path / "run").steps() == [0, 2, 4]
-    assert again.state_dict() == {"run_dir": str(tmp_path / "run"), "last": [4, 400]}
+    run_id = SnapshotStore(tmp_path / "run").run_id
+    assert again.state_dict() == {
+        "run_dir": str(tmp_path / "run"),
+        "run_id": run_id,
+        "last": [4, 400],
+    }
     again.close()
 
 

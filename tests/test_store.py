@@ -32,7 +32,7 @@ from regionwatch.probes import NamedPair, ProbeSet
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import STORE_FORMAT_VERSION, SnapshotStore
 from tests import store_writer
-from tests.conftest import random_prompts, tiny_model
+from tests.conftest import file_states, random_prompts, tiny_model
 
 CONFIG = ProbeConfig(num_alphas=5, grid=5)
 RUN_ID = "run-1"
@@ -309,6 +309,13 @@ def test_a_second_writer_is_refused(
 # --- crash safety -----------------------------------------------------------------------------
 
 
+def repaired(run: Path) -> SnapshotStore:
+    """The store as its next writer sees it: crash repair done (a reader repairs nothing)."""
+    store = SnapshotStore(run)
+    store.repair()
+    return store
+
+
 def kill_state(run: Path) -> set[str]:
     """What a killed writer left, before anyone reopens the store."""
     names = files(run)
@@ -367,7 +374,7 @@ def test_kill_9_at_random_points_never_shows_a_partial_snapshot(
             states.update(kill_state(run))
             with writer_active(run):  # what a reader sees before anyone repairs the crash
                 assert SnapshotStore(run).verify() == []
-            with SnapshotStore(run) as store:
+            with repaired(run) as store:
                 assert_consistent(store)
                 rows = store.records()
                 assert rows or committed + ops == 0  # a committed write is never lost entirely
@@ -453,7 +460,7 @@ def test_a_crash_before_any_filesystem_call_leaves_a_consistent_store(
             except SimulatedCrash:
                 crashed = True
         store.close()
-        with SnapshotStore(run) as reopened:
+        with repaired(run) as reopened:
             assert_consistent(reopened)
             rows = {row["step"]: row for row in reopened.records()}
             for other in {0, 1, 2} - {step} - ({2} if scenario == "truncate" else set()):
@@ -473,10 +480,10 @@ def test_a_crash_before_any_filesystem_call_leaves_a_consistent_store(
     assert outcomes == allowed  # and the crashes reached every allowed state
 
 
-def test_open_reconciles_the_index_with_the_sidecars(
+def test_repair_reconciles_the_index_with_the_sidecars(
     store: SnapshotStore, snapshot: Snapshot, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Open: temp files go, orphans go, unindexed sidecars are indexed, vanished rows dropped."""
+    """Repair: temp files and orphans go, unindexed sidecars are indexed, vanished rows dropped."""
     for step in range(4):
         store.write(at(snapshot, step, step))
     store.close()
@@ -488,7 +495,8 @@ def test_open_reconciles_the_index_with_the_sidecars(
     damaged.write_bytes(damaged.read_bytes()[:-1] + b"?")  # step 3's sidecar does not match
     (snapshots / ".0000000000000009-0000000009.safetensors.ab.rwtmp").write_bytes(b"half")
     with caplog.at_level(logging.INFO, logger="regionwatch"):
-        reopened = SnapshotStore(run)
+        reopened = repaired(run)
+    reopened.close()
     assert reopened.steps() == [0, 1]
     assert not list(snapshots.glob(TEMP_MARK))
     assert "indexing 0000000000000001-0000000001.json" in caplog.text
@@ -497,7 +505,7 @@ def test_open_reconciles_the_index_with_the_sidecars(
     damaged.with_suffix(".json").unlink()  # give up on step 3: its data goes on the next open
     (snapshots / "0000000000000001-0000000001.json").unlink()
     with caplog.at_level(logging.WARNING, logger="regionwatch"):
-        assert SnapshotStore(run).steps() == [0]
+        assert repaired(run).steps() == [0]
     assert "dropping 0000000000000001-0000000001.safetensors from the index" in caplog.text
 
 
@@ -533,7 +541,7 @@ def test_truncated_and_bit_flipped_files_are_named(
 def test_a_damaged_index_line_is_skipped_and_rebuilt(
     store: SnapshotStore, snapshot: Snapshot, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """records() skips a damaged index line with a warning; the next open rebuilds it."""
+    """records() skips a damaged index line with a warning; the next writer rebuilds it."""
     for step in range(3):
         store.write(at(snapshot, step, step))
     store.close()
@@ -546,7 +554,7 @@ def test_a_damaged_index_line_is_skipped_and_rebuilt(
         assert reader.steps() == [0, 2]
         assert [d.reason.split(":")[0] for d in reader.verify()] == ["line 3"]
     assert "index.jsonl: line 3: damaged" in caplog.text
-    assert SnapshotStore(store.path).steps() == [0, 1, 2]
+    assert repaired(store.path).steps() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "other step"])
@@ -696,3 +704,115 @@ def test_a_reader_never_sees_a_partial_write(
     assert reads[0] > 0
     assert caplog.records == []
     assert len(reader.records()) == 50
+
+
+# --- readers never write; links are never followed --------------------------------------------
+
+
+def test_a_reader_repairs_nothing(store: SnapshotStore, snapshot: Snapshot) -> None:
+    """Crash leftovers stay until a writer comes: opening, listing, verifying write nothing."""
+    for step in range(3):
+        store.write(at(snapshot, step, step))
+    store.close()
+    run, snapshots = store.path, store.path / "snapshots"
+    (snapshots / ".0000000000000009-0000000009.safetensors.ab.rwtmp").write_bytes(b"half")
+    orphan = snapshots / "0000000000000009-0000000009.safetensors"
+    orphan.write_bytes(b"no sidecar")
+    lines = (run / "index.jsonl").read_text().splitlines()
+    (run / "index.jsonl").write_text("\n".join(lines[:2]) + "\n")  # steps 1, 2 unindexed
+    before = file_states(run)
+    reader = SnapshotStore(run)
+    assert reader.steps() == [0]
+    assert reader.verify() == []
+    reader.failures()
+    reader.probes()
+    assert file_states(run) == before  # not a byte, not an mtime
+    assert repaired(run).steps() == [0, 1, 2]  # the writer's repair indexes them
+    assert not orphan.exists()
+
+
+def test_a_linked_writer_lock_is_refused_and_its_target_untouched(
+    store: SnapshotStore, snapshot: Snapshot, tmp_path: Path
+) -> None:
+    """writer.lock as a link: readers refuse the run, writers too; the target keeps its bytes."""
+    store.write(snapshot)
+    store.close()
+    target = tmp_path / "precious.txt"
+    target.write_text("user data\n")
+    mtime = target.lstat().st_mtime_ns
+    (store.path / "writer.lock").unlink()
+    (store.path / "writer.lock").symlink_to(target)
+    with pytest.raises(StoreError, match=r"writer.lock is a symbolic link"):
+        SnapshotStore(store.path)
+    with pytest.raises(StoreError, match=r"writer.lock is a symbolic link"):
+        SnapshotStore.create(store.path, probes=store.probes(), config=CONFIG)
+    assert (target.read_text(), target.lstat().st_mtime_ns) == ("user data\n", mtime)
+
+
+@pytest.mark.parametrize("entry", ["snapshots", "index.jsonl", "config.json", "failures.jsonl"])
+def test_a_linked_run_entry_is_refused_and_its_target_untouched(
+    store: SnapshotStore, snapshot: Snapshot, tmp_path: Path, entry: str
+) -> None:
+    """A run entry that is a link (snapshots/ into a weights folder): refused, nothing touched."""
+    store.write(snapshot)
+    store.record_failure(step=9, tokens=9, error="x")
+    store.close()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(store.path / entry, elsewhere / entry)
+    target = elsewhere / entry
+    if entry == "snapshots":  # what a crash repair would delete: weights without sidecars, temps
+        (target / "model.safetensors").write_bytes(b"weights")
+        (target / ".model.safetensors.0a.rwtmp").write_bytes(b"partial download")
+    (store.path / entry).symlink_to(target)
+    before = file_states(elsewhere)
+    for open_it in (
+        lambda: SnapshotStore(store.path),
+        lambda: SnapshotStore.create(store.path, probes=store.probes(), config=CONFIG),
+    ):
+        with pytest.raises(StoreError, match=rf"{entry} is a symbolic link"):
+            open_it()
+    assert file_states(elsewhere) == before
+
+
+def test_a_linked_snapshot_file_is_not_followed(store: SnapshotStore, snapshot: Snapshot) -> None:
+    """A snapshot file swapped for a link to an identical copy is damage, never read through."""
+    path = store.write(snapshot)
+    copy = path.parent.parent / "copy.safetensors"
+    shutil.copy(path, copy)
+    path.unlink()
+    path.symlink_to(copy)
+    with pytest.raises(StoreError, match=r"cannot read the snapshot of step 7"):
+        store.read(7)
+    assert [d.reason for d in store.verify()] == [
+        "not a regular file (a link or a directory; the store wrote a file)"
+    ]
+
+
+def test_a_tampered_sidecar_is_reported_and_its_intact_snapshot_kept(
+    store: SnapshotStore, snapshot: Snapshot
+) -> None:
+    """An altered sidecar is damage for verify(); its intact snapshot stays indexed and readable."""
+    for step in range(3):
+        store.write(at(snapshot, step, step))
+    store.close()
+    sidecar = store.path / "snapshots" / "0000000000000001-0000000001.json"
+    sidecar.write_text(sidecar.read_text().replace('"size"', '"sizes"'))
+    reader = SnapshotStore(store.path)
+    assert reader.steps() == [0, 1, 2]
+    (damage,) = reader.verify()
+    assert damage.file == sidecar
+    assert damage.reason.startswith("sidecar damaged")
+    writer = repaired(store.path)  # the writer's repair keeps it too
+    assert writer.steps() == [0, 1, 2]
+    assert_same(writer.read(1), at(snapshot, 1, 1))
+    assert [d.file for d in writer.verify()] == [sidecar]
+    writer.close()
+    altered = store.path / "snapshots" / "0000000000000002-0000000002.json"
+    body = json.loads(altered.read_text())
+    body["row"]["max_slope/median"] = 99.0  # well-formed, but not what was written
+    altered.write_text(json.dumps(body))
+    assert [(d.file, d.reason.split(":")[0]) for d in SnapshotStore(store.path).verify()] == [
+        (sidecar, "sidecar damaged (not a snapshot sidecar (bad keys ['size']))"),
+        (altered, "sidecar row differs from the index's (altered after the write)"),
+    ]
