@@ -18,7 +18,6 @@ the run's `SnapshotStore` and TensorBoard. Its guarantees:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -32,7 +31,7 @@ from torch import distributed as dist
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from regionwatch import metrics
+from regionwatch import distributed, metrics
 from regionwatch.access import resolve
 from regionwatch.corpus import Source
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
@@ -75,7 +74,8 @@ class WatchConfig:
         maps_schedule: which of those snapshots also draw region maps (default: log-spaced, 2
             per decade, and always the first and the last); None: every snapshot.
         precision: "fp32" measures in float32 with autocast off (a model trained in half
-            precision is measured through a float32 copy); "trainer" measures under the trainer's
+            precision is upcast module by module in place, never copied); "trainer" measures in
+            the weights' own dtype under the trainer's
             own precision context. Recorded in every snapshot.
         tensorboard: also log every snapshot to `<run_dir>/tensorboard`.
         probe_seed: seed of the probe set built from a tokenizer.
@@ -141,6 +141,7 @@ class Monitor:
         self._explicit_run_dir = run_dir is not None
         self._rank, self._world = 0, 1
         self._context: ContextFactory = contextlib.nullcontext
+        self._device_type = "cpu"
         self._store: SnapshotStore | None = None
         self._sink: TensorBoardSink | None = None
         self._last: Mark | None = None
@@ -219,6 +220,8 @@ class Monitor:
             ConfigError, UnsupportedModelError: with a message saying how to fix it.
         """
         self._rank, self._world = rank, world
+        self._device_type = next(model.parameters()).device.type
+        distributed.layout(model)  # a model sharded already (HF, scripts): refused here if at all
         site = resolve(
             model, write_layer=self.watch.probe.write_layer, block_path=self.watch.probe.block_path
         )
@@ -250,8 +253,10 @@ class Monitor:
         On a fresh run this measures step 0 (the random-init baseline). On resume it cuts the
         store back to `step` (snapshots after the restored checkpoint are of weights that no
         longer exist), continues the schedule from the newest snapshot left, and retakes the
-        snapshot of this very step if a crash lost it. Every rank must call it.
+        snapshot of this very step if a crash lost it. Every rank must call it. A model sharded
+        after `setup` (Lightning's `configure_model`) is checked here, before the first step.
         """
+        distributed.layout(model)
         self.open(truncate_after=step, tokens=tokens)
         return self.maybe_measure(model, step=step, tokens=tokens)
 
@@ -388,8 +393,8 @@ class Monitor:
         shard = (self._rank, self._world)
         for attempt in range(2):
             try:
-                with self._precision(model) as probed:
-                    return measure(probed, self.probes, config, shard=shard)
+                with self._precision():
+                    return measure(model, self.probes, config, shard=shard, dtype=self._numerics)
             except torch.cuda.OutOfMemoryError:
                 budget = (config.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS) // 2
                 if attempt or budget < 1:
@@ -409,16 +414,20 @@ class Monitor:
                 return None
         return None
 
+    @property
+    def _numerics(self) -> torch.dtype | None:
+        """fp32 numerics are computed in place, block by block (`access.upcasting`): no copy."""
+        return torch.float32 if self.watch.precision == "fp32" else None
+
     @contextlib.contextmanager
-    def _precision(self, model: nn.Module) -> Iterator[nn.Module]:
-        """The model to measure, under the precision the config asks for."""
+    def _precision(self) -> Iterator[None]:
+        """The trainer's precision context, or autocast off for fp32 numerics."""
         if self.watch.precision == "trainer":
             with self._context():
-                yield model
+                yield
             return
-        device = next(model.parameters()).device.type
-        with torch.autocast(device_type=device, enabled=False):
-            yield model if _all_fp32(model) else copy.deepcopy(model).float()
+        with torch.autocast(device_type=self._device_type, enabled=False):
+            yield
 
     def _write(self, snapshot: Snapshot) -> None:
         self._store.write(snapshot)
@@ -446,10 +455,6 @@ def _onset(records: list[dict[str, Any]]) -> float | None:
     return metrics.emergence_onset(
         [r["tokens"] for r in measured], medians, measured[0]["max_slope/q75"]
     )
-
-
-def _all_fp32(model: nn.Module) -> bool:
-    return all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
 
 
 def _check_writable(run_dir: Path) -> None:

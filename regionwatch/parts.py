@@ -118,8 +118,16 @@ class Plan:
         self._builders[phase].setdefault(context, []).append(vectors)
         return (phase, context, offset)
 
-    def execute(self, site: ResidualSite, max_batch_tokens: int | None) -> engine.EngineResult:
-        """Run every slot through the engine (the model must be under `measuring`)."""
+    def execute(
+        self,
+        site: ResidualSite,
+        max_batch_tokens: int | None,
+        split: engine.Split | None = None,
+    ) -> engine.EngineResult:
+        """Run every slot through the engine (the model must be under `measuring`).
+
+        `split`: share the queries among the ranks of an FSDP2 model (see `engine.run`).
+        """
 
         def build(write: Tensor) -> list[dict[int, Tensor]]:
             return [
@@ -128,7 +136,9 @@ class Plan:
             ]
 
         budget = engine.DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
-        return engine.run(site, self.prompts, self._counts, build, max_batch_tokens=budget)
+        return engine.run(
+            site, self.prompts, self._counts, build, max_batch_tokens=budget, split=split
+        )
 
 
 def readout(result: engine.EngineResult, slot: Slot, count: int) -> Tensor:

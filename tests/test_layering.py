@@ -19,6 +19,7 @@ RANK = {
     "schedule": 1,
     "corpus": 1,
     "access": 2,
+    "distributed": 2,  # DESIGN import order: errors → access · probes · distributed → engine
     "probes": 2,
     "loading": 2,
     "engine": 3,
