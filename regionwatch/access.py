@@ -329,7 +329,7 @@ def upcasting(site: ResidualSite, dtype: torch.dtype) -> Iterator[ResidualSite]:
     forward only, `dtype` copies of them (bf16/fp16 -> fp32 is exact); the originals are put back
     by its forward hook, or at exit if a forward fails. So at most one module's weights (a linear
     layer, never a whole model) exist twice at a time. Under FSDP2 a module sees the parameters
-    its block has just gathered, and upcasts those. The input embedding is not upcast: its
+    its block has just gathered, and upcasts those. A plain `nn.Embedding` is not upcast: its
     output is (a lookup commutes with the cast); the head is handled by `logits`.
 
     Yields:
@@ -357,9 +357,14 @@ def upcasting(site: ResidualSite, dtype: torch.dtype) -> Iterator[ResidualSite]:
     def widen(_module: nn.Module, _args: Any, output: Tensor) -> Tensor:
         return output.to(dtype)
 
-    handles = [embed.register_forward_hook(widen)]
+    # A plain lookup commutes with the cast: widen its output instead of copying the table. A
+    # subclass may compute on the rows (Gemma scales them in the weights' dtype): upcast it.
+    plain = type(embed) is nn.Embedding
+    handles = [embed.register_forward_hook(widen)] if plain else []
     for module in site.model.modules():
-        if module is embed or module is head or not (module._parameters or module._buffers):
+        if (module is embed and plain) or module is head:
+            continue
+        if not (module._parameters or module._buffers):
             continue
         handles.append(module.register_forward_pre_hook(upcast))
         handles.append(module.register_forward_hook(restore, always_call=True))

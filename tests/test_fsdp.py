@@ -7,6 +7,7 @@ Lightning's `ModelParallelStrategy` with `fully_shard` per block and on the root
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import torch
 
 from regionwatch import SnapshotStore, measure
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import small_probes, tiny_gpt2
+from tests.lm import SMALL_PROBE, small_probes, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -121,3 +122,47 @@ def test_lightning_fsdp2_kill_and_resume_from_sharded_checkpoint(
     assert_same_numbers(
         store.read(STEPS).measurement, measure(gathered_final(out), store.probes(), store.config)
     )
+
+
+@pytest.mark.slow
+def test_raw_fully_shard_measure_under_torchrun_equals_one_process(
+    tmp_path: Path, text_tokenizer
+) -> None:
+    """`measure` of a model sharded with `fully_shard` by hand, on 2 ranks, gives the numbers of
+    one process: in fp32, and in bf16 (fp32 numerics upcast from what each block gathers) equal
+    to an fp32 copy; a tensor-parallel model is refused on both ranks, not hung."""
+    out = prepare(tmp_path, text_tokenizer)
+    done = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
+            *("-m", "tests.fsdp_measure", str(out)),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = sorted(line.split()[1] for line in done.stdout.splitlines() if "REFUSED" in line)
+    assert refused == ["0", "1"]
+    assert "tensor parallelism" in done.stdout
+    sharded = torch.load(out / "sharded.pt", weights_only=True)
+    probes = small_probes(text_tokenizer)
+    model = tiny_gpt2(VOCAB, layers=3).eval()
+    singles = {
+        "fp32": measure(model, probes, SMALL_PROBE),
+        "bf16": measure(copy.deepcopy(model).to(torch.bfloat16).float(), probes, SMALL_PROBE),
+    }
+    for name, single in singles.items():
+        got = sharded[name]
+        for part, curves in single.curves.items():
+            torch.testing.assert_close(
+                got[f"{part}/relative"][:, 1:], curves.relative[:, 1:], atol=1e-5, rtol=0
+            )
+            torch.testing.assert_close(
+                got[f"{part}/distance"], curves.distance, atol=1e-5, rtol=1e-5
+            )
+            assert torch.equal(got[f"{part}/top_a"], curves.top_a), (name, part)
+        torch.testing.assert_close(got["maps/rgb"], single.maps.rgb, atol=1e-5, rtol=0)

@@ -1,0 +1,94 @@
+"""Half-precision models measured with fp32 numerics in place: equal to an fp32 copy, no copy."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from regionwatch import RegionMonitor, Schedule, SnapshotStore, measure
+from regionwatch.access import resolve, upcasting
+from tests.conftest import tiny_model
+from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
+from tests.lm import SMALL_PROBE, TinyLM, Windows, loader, tiny_gpt2, trainer
+from tests.test_measure import _probe_set
+
+
+def assert_equal_numbers(got, want) -> None:
+    """Relative curves and region maps within 1e-5, the same top tokens."""
+    for part, curves in want.curves.items():
+        torch.testing.assert_close(got.curves[part].relative, curves.relative, atol=1e-5, rtol=0)
+        assert torch.equal(got.curves[part].top_a, curves.top_a), part
+    torch.testing.assert_close(got.maps.rgb, want.maps.rgb, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_model_in_place_equals_an_fp32_copy(dtype: torch.dtype, lm_probes) -> None:
+    """fp32 numerics of an fp16 / bf16 GPT-2, upcast module by module, equal measuring its fp32
+    copy; the model's weights stay in half precision, untouched."""
+    model = tiny_gpt2(VOCAB).to(dtype).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = measure(model, lm_probes, SMALL_PROBE, dtype=torch.float32)
+    want = measure(copy.deepcopy(model).float(), lm_probes, SMALL_PROBE)
+    assert_equal_numbers(got, want)
+    after = model.state_dict()
+    assert all(after[k].dtype == dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_every_architecture_upcasts_in_place(arch: str) -> None:
+    """bf16 weights, fp32 numerics: the fp32 copy's numbers for every supported architecture."""
+    model = tiny_model(arch, dtype=torch.bfloat16)
+    probes = _probe_set()  # in the tiny models' 128-token vocabulary
+    assert_equal_numbers(
+        measure(model, probes, SMALL_PROBE, dtype=torch.float32),
+        measure(copy.deepcopy(model).float(), probes, SMALL_PROBE),
+    )
+
+
+def test_upcasting_holds_one_module_in_fp32_at_a_time() -> None:
+    """While a module runs, only its own weights exist in fp32 (never the model's); none after."""
+    model = tiny_gpt2(VOCAB).to(torch.bfloat16).eval()
+    site = resolve(model)
+    widest: list[int] = []
+
+    def count(_module: torch.nn.Module, _args: object, _out: object) -> None:
+        fp32 = [p for p in model.parameters() if p.dtype == torch.float32]
+        widest.append(sum(p.numel() for p in fp32))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]  # run before upcasting's own
+    try:
+        with upcasting(site, torch.float32) as wide, torch.no_grad():
+            wide.base(input_ids=torch.tensor([[1, 2, 3]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    assert 0 < max(widest) <= largest
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_bf16_true_lightning_run_equals_fp32_copy(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
+    """A run trained in bf16-true records fp32-numbers snapshots equal to measuring an fp32
+    copy of its final weights, and says so: precision fp32, weights bf16."""
+    module = TinyLM(VOCAB)
+    callback = RegionMonitor(
+        probes=lm_probes,
+        config=SMALL_PROBE,
+        run_dir=tmp_path / "run",
+        schedule=Schedule.every_steps(2),
+        maps_schedule=None,
+    )
+    trainer(tmp_path, [callback], max_steps=4, precision="bf16-true").fit(module, loader(lm_data))
+    assert module.lm.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    store = SnapshotStore(tmp_path / "run")
+    assert store.steps() == [0, 2, 4]
+    final = store.read(4)
+    assert final.info["precision"] == "fp32"
+    assert final.info["dtype"] == "torch.bfloat16"
+    want = measure(copy.deepcopy(module.lm).float().eval(), lm_probes, SMALL_PROBE)
+    assert_equal_numbers(final.measurement, want)
