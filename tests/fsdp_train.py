@@ -3,7 +3,9 @@
 Lightning's `ModelParallelStrategy` with `fully_shard` applied to every GPT-2 block and to the
 root in `configure_model` (the torchtitan layout). Lightning relaunches this script for rank 1.
 Rank 0 saves the gathered final weights to OUT/final.pt so that the test can measure them in one
-process; `--off` trains without the callback (the observer-effect control). Checkpoints are
+process; `--off` trains without the callback (the observer-effect control); `--tensor-parallel`
+trains a Llama with its MLPs split over the ranks (the callback must refuse it before step 1).
+Checkpoints are
 sharded (torch.distributed.checkpoint) every 3 steps; the run resumes from OUT/ckpt/last.ckpt.
 """
 
@@ -18,9 +20,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 from transformers import AutoTokenizer
 
 from regionwatch import ProbeSet, RegionMonitor, Schedule
+from tests.conftest import tiny_model
 from tests.lm import SMALL_PROBE, TinyLM, Windows, loader, trainer
 
 
@@ -43,6 +47,20 @@ class Steps(Callback):
             print(f"STEP {trainer.global_step}", flush=True)
 
 
+class ParallelLM(TinyLM):
+    """A Llama whose MLP input projections are split over the ranks (tensor parallelism)."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.lm = tiny_model("llama", layers=3)
+
+    def configure_model(self) -> None:
+        for layer in self.lm.model.layers:
+            parallelize_module(
+                layer.mlp, self.device_mesh["tensor_parallel"], {"up_proj": ColwiseParallel()}
+            )
+
+
 def main(out: Path, steps: int, watch: bool) -> None:
     L.seed_everything(0)  # dropout draws from each rank's RNG: the same with and without the probe
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
@@ -61,13 +79,17 @@ def main(out: Path, steps: int, watch: bool) -> None:
     callbacks.append(
         ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True)
     )
-    module = ShardedLM(len(tokenizer))
+    tensor_parallel = "--tensor-parallel" in sys.argv
+    module = ParallelLM() if tensor_parallel else ShardedLM(len(tokenizer))
     fit = trainer(
         out,
         callbacks,
         max_steps=steps,
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(
+            data_parallel_size=1 if tensor_parallel else 2,
+            tensor_parallel_size=2 if tensor_parallel else 1,
+        ),
         enable_checkpointing=True,
         deterministic=False,
     )

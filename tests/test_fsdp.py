@@ -166,3 +166,24 @@ def test_raw_fully_shard_measure_under_torchrun_equals_one_process(
             )
             assert torch.equal(got[f"{part}/top_a"], curves.top_a), (name, part)
         torch.testing.assert_close(got["maps/rgb"], single.maps.rgb, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_lightning_run_is_refused_before_the_first_step(
+    tmp_path: Path, text_tokenizer
+) -> None:
+    """`ModelParallelStrategy` with a ColwiseParallel plan: both ranks stop at setup with a
+    message naming what is supported; no step runs, nothing hangs."""
+    out = prepare(tmp_path, text_tokenizer)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.fsdp_train", str(out), "2", "--tensor-parallel"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode != 0
+    assert "tensor parallelism splits the residual stream" in done.stderr
+    assert "FSDP2" in done.stderr  # names what is supported
+    assert "STEP" not in done.stdout
