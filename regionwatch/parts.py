@@ -69,11 +69,17 @@ class RegionMaps:
 
 @contextmanager
 def measuring(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no grad while measuring; each module's own mode returns, even on error."""
+    """Eval mode, no grad and a forked RNG while measuring; all of it returns, even on error.
+
+    The RNG fork covers the model's GPU too: `fork_rng(devices=[])` would restore the CPU
+    generator only, and a GPU run's dropout stream must not depend on whether it was probed.
+    """
     modes = [(m, m.training) for m in model.modules()]  # models can mix modes (frozen parts)
+    device = next(model.parameters()).device
+    gpus = [device] if device.type == "cuda" else []
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=gpus, device_type="cuda"):
             yield model
     finally:
         for module, was_training in modes:

@@ -25,10 +25,12 @@ def assert_equal_numbers(got, want) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_model_in_place_equals_an_fp32_copy(dtype: torch.dtype, lm_probes) -> None:
+def test_half_model_in_place_equals_an_fp32_copy(
+    dtype: torch.dtype, device: str, lm_probes
+) -> None:
     """fp32 numerics of an fp16 / bf16 GPT-2, upcast module by module, equal measuring its fp32
     copy; the model's weights stay in half precision, untouched."""
-    model = tiny_gpt2(VOCAB).to(dtype).eval()
+    model = tiny_gpt2(VOCAB).to(device=device, dtype=dtype).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     got = measure(model, lm_probes, SMALL_PROBE, dtype=torch.float32)
     want = measure(copy.deepcopy(model).float(), lm_probes, SMALL_PROBE)
@@ -71,7 +73,7 @@ def test_upcasting_holds_one_module_in_fp32_at_a_time() -> None:
 
 
 def test_bf16_true_lightning_run_equals_fp32_copy(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, device: str, lm_probes, lm_data: Windows
 ) -> None:
     """A run trained in bf16-true records fp32-numbers snapshots equal to measuring an fp32
     copy of its final weights, and says so: precision fp32, weights bf16."""
@@ -83,7 +85,8 @@ def test_bf16_true_lightning_run_equals_fp32_copy(
         schedule=Schedule.every_steps(2),
         maps_schedule=None,
     )
-    trainer(tmp_path, [callback], max_steps=4, precision="bf16-true").fit(module, loader(lm_data))
+    fit = trainer(tmp_path, [callback], max_steps=4, precision="bf16-true", accelerator=device)
+    fit.fit(module, loader(lm_data))
     assert module.lm.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
     store = SnapshotStore(tmp_path / "run")
     assert store.steps() == [0, 2, 4]
@@ -92,3 +95,23 @@ def test_bf16_true_lightning_run_equals_fp32_copy(
     assert final.info["dtype"] == "torch.bfloat16"
     want = measure(copy.deepcopy(module.lm).float().eval(), lm_probes, SMALL_PROBE)
     assert_equal_numbers(final.measurement, want)
+
+
+@pytest.mark.parametrize("generator", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_measurement_restores_every_rng_it_could_draw_from(
+    generator: str, device: str, lm_probes
+) -> None:
+    """A model that draws random numbers in its forward (here a hook on a block) leaves the CPU
+    and the CUDA generators as they were: `fork_rng(devices=[])` alone would not restore CUDA's."""
+    if generator == "cuda" and device != "cuda":
+        pytest.skip("the CUDA generator is drawn from by a model on CUDA")
+    model = tiny_gpt2(VOCAB).to(device).eval()
+
+    def draw(*_: object) -> None:
+        torch.rand(3, device=generator)
+
+    model.transformer.h[1].register_forward_hook(draw)
+    get = torch.cuda.get_rng_state if generator == "cuda" else torch.random.get_rng_state
+    before = get()
+    measure(model, lm_probes, SMALL_PROBE)
+    assert torch.equal(get(), before)
