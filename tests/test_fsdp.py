@@ -19,7 +19,7 @@ import torch
 
 from regionwatch import SnapshotStore, measure
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, small_probes, tiny_gpt2
+from tests.lm import SMALL_PROBE, assert_same_numbers, small_probes, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -66,20 +66,6 @@ def gathered_final(out: Path) -> torch.nn.Module:
     model = tiny_gpt2(VOCAB)
     model.load_state_dict(torch.load(out / "final.pt", weights_only=True))
     return model.eval()
-
-
-def assert_same_numbers(sharded, single) -> None:
-    """Relative curves within 1e-5 where they are not round-off (at alpha = 0, d(0) is round-off
-    of a differently batched pass; the distances there agree within 1e-5 absolute)."""
-    for part, curves in single.curves.items():
-        torch.testing.assert_close(
-            sharded.curves[part].relative[:, 1:], curves.relative[:, 1:], atol=1e-5, rtol=0
-        )
-        torch.testing.assert_close(
-            sharded.curves[part].distance, curves.distance, atol=1e-5, rtol=1e-5
-        )
-        assert torch.equal(sharded.curves[part].top_a, curves.top_a), part
-    torch.testing.assert_close(sharded.maps.rgb, single.maps.rgb, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

@@ -12,16 +12,8 @@ from regionwatch import RegionMonitor, Schedule, SnapshotStore, measure
 from regionwatch.access import resolve, upcasting
 from tests.conftest import tiny_model
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, TinyLM, Windows, loader, tiny_gpt2, trainer
+from tests.lm import SMALL_PROBE, TinyLM, Windows, assert_same_numbers, loader, tiny_gpt2, trainer
 from tests.test_measure import _probe_set
-
-
-def assert_equal_numbers(got, want) -> None:
-    """Relative curves and region maps within 1e-5, the same top tokens."""
-    for part, curves in want.curves.items():
-        torch.testing.assert_close(got.curves[part].relative, curves.relative, atol=1e-5, rtol=0)
-        assert torch.equal(got.curves[part].top_a, curves.top_a), part
-    torch.testing.assert_close(got.maps.rgb, want.maps.rgb, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -34,7 +26,7 @@ def test_half_model_in_place_equals_an_fp32_copy(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     got = measure(model, lm_probes, SMALL_PROBE, dtype=torch.float32)
     want = measure(copy.deepcopy(model).float(), lm_probes, SMALL_PROBE)
-    assert_equal_numbers(got, want)
+    assert_same_numbers(got, want)
     after = model.state_dict()
     assert all(after[k].dtype == dtype and torch.equal(after[k], v) for k, v in before.items())
 
@@ -43,7 +35,7 @@ def test_every_architecture_upcasts_in_place(arch: str) -> None:
     """bf16 weights, fp32 numerics: the fp32 copy's numbers for every supported architecture."""
     model = tiny_model(arch, dtype=torch.bfloat16)
     probes = _probe_set()  # in the tiny models' 128-token vocabulary
-    assert_equal_numbers(
+    assert_same_numbers(
         measure(model, probes, SMALL_PROBE, dtype=torch.float32),
         measure(copy.deepcopy(model).float(), probes, SMALL_PROBE),
     )
@@ -94,7 +86,7 @@ def test_bf16_true_lightning_run_equals_fp32_copy(
     assert final.info["precision"] == "fp32"
     assert final.info["dtype"] == "torch.bfloat16"
     want = measure(copy.deepcopy(module.lm).float().eval(), lm_probes, SMALL_PROBE)
-    assert_equal_numbers(final.measurement, want)
+    assert_same_numbers(final.measurement, want)
 
 
 @pytest.mark.parametrize("generator", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
