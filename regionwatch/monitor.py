@@ -59,8 +59,8 @@ MAPS_PER_DECADE = 2
 # Schedules are frozen, so these defaults are safe to share as argument defaults.
 DEFAULT_SCHEDULE = Schedule.log_tokens()  # 8 per decade of tokens: regions form early
 DEFAULT_MAPS_SCHEDULE = Schedule.log_tokens(per_decade=MAPS_PER_DECADE)
-PRECISIONS = ("fp32", "trainer")
-Precision = Literal["fp32", "trainer"]
+PRECISIONS = ("fp32", "trainer", "weights")
+Precision = Literal["fp32", "trainer", "weights"]
 ContextFactory = Callable[[], AbstractContextManager[Any]]
 
 
@@ -74,8 +74,9 @@ class WatchConfig:
         maps_schedule: which of those snapshots also draw region maps (default: log-spaced, 2
             per decade, and always the first and the last); None: every snapshot.
         precision: "fp32" measures in float32 with autocast off (a model trained in half
-            precision is upcast module by module in place, never copied); "trainer" measures in
-            the weights' own dtype under the trainer's
+            precision is upcast module by module in place, never copied); "weights" measures
+            in the weights' own dtype with autocast off; "trainer" measures in the weights' own
+            dtype under the trainer's
             own precision context. Recorded in every snapshot.
         tensorboard: also log every snapshot to `<run_dir>/tensorboard`.
         probe_seed: seed of the probe set built from a tokenizer.
@@ -141,7 +142,6 @@ class Monitor:
         self._explicit_run_dir = run_dir is not None
         self._rank, self._world = 0, 1
         self._context: ContextFactory = contextlib.nullcontext
-        self._device_type = "cpu"
         self._store: SnapshotStore | None = None
         self._sink: TensorBoardSink | None = None
         self._last: Mark | None = None
@@ -220,7 +220,6 @@ class Monitor:
             ConfigError, UnsupportedModelError: with a message saying how to fix it.
         """
         self._rank, self._world = rank, world
-        self._device_type = next(model.parameters()).device.type
         distributed.layout(model)  # a model sharded already (HF, scripts): refused here if at all
         site = resolve(
             model, write_layer=self.watch.probe.write_layer, block_path=self.watch.probe.block_path
@@ -393,7 +392,7 @@ class Monitor:
         shard = (self._rank, self._world)
         for attempt in range(2):
             try:
-                with self._precision():
+                with self._precision(model):
                     return measure(model, self.probes, config, shard=shard, dtype=self._numerics)
             except torch.cuda.OutOfMemoryError:
                 budget = (config.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS) // 2
@@ -420,13 +419,14 @@ class Monitor:
         return torch.float32 if self.watch.precision == "fp32" else None
 
     @contextlib.contextmanager
-    def _precision(self) -> Iterator[None]:
-        """The trainer's precision context, or autocast off for fp32 numerics."""
+    def _precision(self, model: nn.Module) -> Iterator[None]:
+        """The trainer's precision context, or autocast off (fp32 or the weights' own dtype)."""
         if self.watch.precision == "trainer":
             with self._context():
                 yield
             return
-        with torch.autocast(device_type=self._device_type, enabled=False):
+        device = next(model.parameters()).device.type
+        with torch.autocast(device_type=device, enabled=False):
             yield
 
     def _write(self, snapshot: Snapshot) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from regionwatch import RegionMonitor, Schedule, SnapshotStore, measure
 from regionwatch.access import resolve, upcasting
+from regionwatch.replay import replay
 from tests.conftest import tiny_model
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
 from tests.lm import SMALL_PROBE, TinyLM, Windows, assert_same_numbers, loader, tiny_gpt2, trainer
@@ -107,3 +108,37 @@ def test_measurement_restores_every_rng_it_could_draw_from(
     before = get()
     measure(model, lm_probes, SMALL_PROBE)
     assert torch.equal(get(), before)
+
+
+def test_replay_dtype_and_precision_mean_what_they_say(tmp_path: Path, lm_probes) -> None:
+    """`dtype` loads the weights in bf16; `precision="fp32"` measures them with fp32 numbers (the
+    fp32 copy's), `precision="weights"` in bf16 itself; each snapshot records both."""
+    model = tiny_gpt2(VOCAB)
+    model.save_pretrained(tmp_path / "ckpt" / "checkpoint-5")
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    runs = {}
+    for precision in ("fp32", "weights"):
+        replay(
+            [tmp_path / "ckpt"],
+            out=tmp_path / precision,
+            probes=lm_probes,
+            config=SMALL_PROBE,
+            tokens_per_step=64,
+            dtype=torch.bfloat16,
+            precision=precision,
+            progress=False,
+        )
+        runs[precision] = SnapshotStore(tmp_path / precision).read(5)
+        assert runs[precision].info["precision"] == precision
+        assert runs[precision].info["dtype"] == "torch.bfloat16"
+    assert_same_numbers(runs["fp32"].measurement, measure(bf16.float(), lm_probes, SMALL_PROBE))
+    in_bf16 = measure(copy.deepcopy(model).to(torch.bfloat16), lm_probes, SMALL_PROBE)
+    assert torch.equal(
+        runs["weights"].measurement.curves["random"].distance, in_bf16.curves["random"].distance
+    )
+    assert not torch.allclose(
+        runs["weights"].measurement.curves["random"].relative,
+        runs["fp32"].measurement.curves["random"].relative,
+        atol=1e-5,
+        equal_nan=True,
+    )
