@@ -336,7 +336,10 @@ def upcasting(site: ResidualSite, dtype: torch.dtype) -> Iterator[ResidualSite]:
         The site, marked as computing in `dtype` (its attention masks are built in it).
     """
     tensors = [*site.model.parameters(), *site.model.buffers()]
-    if not any(_narrower(t, dtype) for t in tensors):
+    # Sharded (DTensor) parameters may be gathered narrower than they are stored (an FSDP2
+    # MixedPrecisionPolicy's param_dtype): only what a forward sees can tell.
+    sharded = any(hasattr(t, "device_mesh") for t in tensors)
+    if not sharded and not any(_narrower(t, dtype) for t in tensors):
         yield site  # already that wide: nothing to upcast, no hooks
         return
     embed, head = site.model.get_input_embeddings(), site.model.get_output_embeddings()

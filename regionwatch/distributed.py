@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -87,14 +88,18 @@ def group_of() -> tuple[int, int, dist.ProcessGroup]:
 
 
 @contextmanager
-def unsharded_outside(model: nn.Module, blocks: Sequence[nn.Module]) -> Iterator[None]:
+def unsharded_outside(
+    model: nn.Module, blocks: Sequence[nn.Module], *, cast_inputs: bool = True
+) -> Iterator[None]:
     """Gather the FSDP2 parameters that live outside the blocks for the duration; reshard after.
 
     The probe calls the decoder stack and the unembedding directly, never the FSDP root's forward,
     so the root's own parameters (embeddings, final norm, head) would stay sharded DTensors. They
     are gathered once here, on every rank (a collective); each block still gathers and frees its
     own in its forward, so at most one block's full parameters exist at a time, as in training.
-    No `summon_full_params`, no copy of the model.
+    No `summon_full_params`, no copy of the model. With `cast_inputs=False` a
+    `MixedPrecisionPolicy` keeps gathering in its `param_dtype` but no longer rounds each block's
+    input to it (fp32 numerics: the residual stream must stay fp32 between blocks).
 
     Raises:
         UnsupportedModelError: parameters outside the blocks still sharded after the gather (the
@@ -105,12 +110,17 @@ def unsharded_outside(model: nn.Module, blocks: Sequence[nn.Module]) -> Iterator
 
     inside = {id(m) for block in blocks for m in block.modules()}
     outer = [m for m in model.modules() if isinstance(m, FSDPModule) and id(m) not in inside]
+    states = [m._get_fsdp_state() for m in model.modules() if isinstance(m, FSDPModule)]
+    policies = [state._mp_policy for state in states]
     if outer:
         # FSDP2 picks its root lazily, at the first forward; the probe may come first (the step-0
         # baseline), and a block's forward must not be taken for the root's. Private, but the
         # only way to finish FSDP's setup without a forward pass of the whole model.
         outer[0]._get_fsdp_state()._lazy_init()
     try:
+        if not cast_inputs:  # private, as above: the policy has no public switch
+            for state, policy in zip(states, policies, strict=True):
+                state._mp_policy = replace(policy, cast_forward_inputs=False, output_dtype=None)
         for module in outer:
             module.unshard()
         left = [
@@ -129,6 +139,8 @@ def unsharded_outside(model: nn.Module, blocks: Sequence[nn.Module]) -> Iterator
     finally:
         for module in outer:
             module.reshard()
+        for state, policy in zip(states, policies, strict=True):
+            state._mp_policy = policy
 
 
 def gather_rows(tensor: Tensor, world: int, group: dist.ProcessGroup) -> Tensor:

@@ -395,7 +395,9 @@ def measure(
     with contextlib.ExitStack() as stack:
         stack.enter_context(measuring(model))
         if sharded:
-            stack.enter_context(distributed.unsharded_outside(model, site.blocks))
+            stack.enter_context(
+                distributed.unsharded_outside(model, site.blocks, cast_inputs=dtype is None)
+            )
         if dtype is not None:
             site = stack.enter_context(upcasting(site, dtype))
         result = plan.execute(site, config.max_batch_tokens, split) if plan.prompts else None

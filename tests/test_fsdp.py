@@ -115,8 +115,9 @@ def test_raw_fully_shard_measure_under_torchrun_equals_one_process(
     tmp_path: Path, text_tokenizer
 ) -> None:
     """`measure` of a model sharded with `fully_shard` by hand, on 2 ranks, gives the numbers of
-    one process: in fp32, and in bf16 (fp32 numerics upcast from what each block gathers) equal
-    to an fp32 copy; a tensor-parallel model is refused on both ranks, not hung."""
+    one process: in fp32, and in bf16 or gathered as bf16 by a MixedPrecisionPolicy (fp32
+    numerics upcast from what each block gathers) equal to an fp32 copy of the bf16 weights;
+    a tensor-parallel model is refused on both ranks, not hung."""
     out = prepare(tmp_path, text_tokenizer)
     done = subprocess.run(
         [
@@ -141,6 +142,7 @@ def test_raw_fully_shard_measure_under_torchrun_equals_one_process(
         "fp32": measure(model, probes, SMALL_PROBE),
         "bf16": measure(copy.deepcopy(model).to(torch.bfloat16).float(), probes, SMALL_PROBE),
     }
+    singles["fp32-gathered-bf16"] = singles["bf16"]  # what it gathers is the bf16 model
     for name, single in singles.items():
         got = sharded[name]
         for part, curves in single.curves.items():
