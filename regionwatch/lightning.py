@@ -61,7 +61,8 @@ class RegionMonitor(Callback):
         run_dir: where the run is stored (default `<trainer.log_dir>/regionwatch`).
         source: text for the probe set (default: the built-in corpus).
         seed: seed of the probe set.
-        precision: "fp32" (default) or "trainer" (the trainer's precision context).
+        precision: "fp32" (default; half weights upcast in place), "weights" (their own dtype)
+            or "trainer" (the trainer's precision context).
         tensorboard: also log to TensorBoard.
         model_attr: name of the attribute holding the causal LM, when ambiguous.
         count_tokens: `count_tokens(batch) -> int` overriding the token count of a batch.
