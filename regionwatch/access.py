@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -55,6 +55,9 @@ REFUSED_MODELS: Mapping[str, str] = MappingProxyType(
         "rwkv": _NO_ATTENTION,
     }
 )
+# Unembedding rows upcast at a time for fp32 logits of a half-precision head: 8192 x 4096 fp32
+# is 128 MiB, a fraction of one block of such a model.
+VOCAB_CHUNK = 8192
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class ResidualSite:
         blocks: the decoder blocks, in order.
         write_layer: 0-based block whose output is patched (PAPER.md's L_w).
         block_path: dotted path of `blocks` inside `model`.
+        numerics: dtype the forward computes in when it differs from the weights' (see
+            `upcasting`); None: the weights' own.
     """
 
     model: nn.Module
@@ -74,6 +79,7 @@ class ResidualSite:
     blocks: nn.ModuleList
     write_layer: int
     block_path: str
+    numerics: torch.dtype | None = None
 
     @property
     def config(self) -> Any:
@@ -114,8 +120,8 @@ class ResidualSite:
 
     @property
     def dtype(self) -> torch.dtype:
-        """Floating dtype of the residual stream (the input embedding's)."""
-        return self.model.get_input_embeddings().weight.dtype
+        """Floating dtype of the residual stream (`numerics`, else the input embedding's)."""
+        return self.numerics or self.model.get_input_embeddings().weight.dtype
 
 
 def resolve(
@@ -307,8 +313,23 @@ def final_hidden(site: ResidualSite, input_ids: Tensor, **kwargs: Any) -> Tensor
 
 
 def logits(site: ResidualSite, hidden: Tensor) -> Tensor:
-    """Full next-token logits from readouts [..., d_model] (with Gemma-2-style soft-capping)."""
-    return _softcap(site, site.model.get_output_embeddings()(hidden))
+    """Full next-token logits from readouts [..., d_model] (with Gemma-2-style soft-capping).
+
+    Readouts in a wider dtype than the head (fp32 numerics of a bf16 model) meet the head's rows
+    upcast `VOCAB_CHUNK` at a time: never a full fp32 copy of the unembedding.
+    """
+    head = site.model.get_output_embeddings()
+    if head.weight.dtype == hidden.dtype:
+        return _softcap(site, head(hidden))
+    rows = [
+        torch.nn.functional.linear(
+            hidden,
+            head.weight[start : start + VOCAB_CHUNK].to(hidden.dtype),
+            None if head.bias is None else head.bias[start : start + VOCAB_CHUNK].to(hidden.dtype),
+        )
+        for start in range(0, head.weight.shape[0], VOCAB_CHUNK)
+    ]
+    return _softcap(site, torch.cat(rows, dim=-1))
 
 
 def token_logits(site: ResidualSite, hidden: Tensor, tokens: Tensor) -> Tensor:
@@ -323,13 +344,85 @@ def token_logits(site: ResidualSite, hidden: Tensor, tokens: Tensor) -> Tensor:
         Shape [rows, points, k]; equal to `logits(site, hidden)` gathered at `tokens`.
     """
     head = site.model.get_output_embeddings()
-    weight = head.weight[tokens]  # [rows, k, d_model]
+    weight = head.weight[tokens].to(hidden.dtype)  # [rows, k, d_model]; exact upcast if any
     out = torch.einsum("rpd,rkd->rpk", hidden, weight)
     if head.bias is not None:
-        out = out + head.bias[tokens][:, None, :]
+        out = out + head.bias[tokens][:, None, :].to(hidden.dtype)
     return _softcap(site, out)
 
 
 def _softcap(site: ResidualSite, values: Tensor) -> Tensor:
     cap = getattr(site.config, "final_logit_softcapping", None)
     return values if cap is None else cap * torch.tanh(values / cap)
+
+
+@contextmanager
+def upcasting(site: ResidualSite, dtype: torch.dtype) -> Iterator[ResidualSite]:
+    """Compute the forward in `dtype` (e.g. fp32 numerics of a bf16 model) without copying it.
+
+    Every module that owns parameters or floating buffers gets, for the duration of its own
+    forward only, `dtype` copies of them (bf16/fp16 -> fp32 is exact); the originals are put back
+    by its forward hook, or at exit if a forward fails. So at most one module's weights (a linear
+    layer, never a whole model) exist twice at a time. Under FSDP2 a module sees the parameters
+    its block has just gathered, and upcasts those. A plain `nn.Embedding` is not upcast: its
+    output is (a lookup commutes with the cast); the head is handled by `logits`.
+
+    Yields:
+        The site, marked as computing in `dtype` (its attention masks are built in it).
+    """
+    tensors = [*site.model.parameters(), *site.model.buffers()]
+    # Sharded (DTensor) parameters may be gathered narrower than they are stored (an FSDP2
+    # MixedPrecisionPolicy's param_dtype): only what a forward sees can tell.
+    sharded = any(hasattr(t, "device_mesh") for t in tensors)
+    if not sharded and not any(_narrower(t, dtype) for t in tensors):
+        yield site  # already that wide: nothing to upcast, no hooks
+        return
+    embed, head = site.model.get_input_embeddings(), site.model.get_output_embeddings()
+    swapped: dict[int, tuple[nn.Module, dict[str, Any], dict[str, Any]]] = {}
+
+    def upcast(module: nn.Module, _args: Any) -> None:
+        params = {k: v for k, v in module._parameters.items() if _narrower(v, dtype)}
+        buffers = {k: v for k, v in module._buffers.items() if _narrower(v, dtype)}
+        swapped[id(module)] = (module, params, buffers)
+        for k, v in params.items():
+            module._parameters[k] = v.to(dtype)
+        for k, v in buffers.items():
+            module._buffers[k] = v.to(dtype)
+
+    def restore(module: nn.Module, _args: Any, _output: Any) -> None:
+        _put_back(*swapped.pop(id(module)))
+
+    def widen(_module: nn.Module, _args: Any, output: Tensor) -> Tensor:
+        return output.to(dtype)
+
+    # A plain lookup commutes with the cast: widen its output instead of copying the table. A
+    # subclass may compute on the rows (Gemma scales them in the weights' dtype): upcast it.
+    plain = type(embed) is nn.Embedding
+    handles = [embed.register_forward_hook(widen)] if plain else []
+    for module in site.model.modules():
+        if (module is embed and plain) or module is head:
+            continue
+        if not (module._parameters or module._buffers):
+            continue
+        handles.append(module.register_forward_pre_hook(upcast))
+        handles.append(module.register_forward_hook(restore, always_call=True))
+    try:
+        yield replace(site, numerics=dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for entry in swapped.values():
+            _put_back(*entry)
+
+
+def _narrower(value: Any, dtype: torch.dtype) -> bool:
+    return (
+        isinstance(value, Tensor)
+        and value.is_floating_point()
+        and torch.finfo(value.dtype).bits < torch.finfo(dtype).bits
+    )
+
+
+def _put_back(module: nn.Module, params: dict[str, Any], buffers: dict[str, Any]) -> None:
+    module._parameters.update(params)
+    module._buffers.update(buffers)

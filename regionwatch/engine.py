@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch import distributed as dist
 from transformers import DynamicCache
 
 from regionwatch.access import (
@@ -36,6 +37,7 @@ from regionwatch.access import (
     patching,
     write_vectors,
 )
+from regionwatch.distributed import gather_rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ QUERY_CHUNK = 128
 
 Prompt = tuple[int, ...]
 Phase = Mapping[int, int]  # context prompt index -> number of query vectors
+Split = tuple[int, int, "dist.ProcessGroup"]  # (rank, world, group) sharing the queries
 BuildQueries = Callable[[Tensor], Sequence[Mapping[int, Tensor]]]
 
 
@@ -83,6 +86,7 @@ def run(
     build: BuildQueries,
     *,
     max_batch_tokens: int,
+    split: Split | None = None,
 ) -> EngineResult:
     """Run the clean pass of every prompt and every context's patched queries, phase by phase.
 
@@ -93,6 +97,11 @@ def run(
         build: maps all prompts' write vectors [prompts, d_model] to each phase's query vectors,
             context -> [queries, d_model] (float32; cast to the model dtype at the write).
         max_batch_tokens: most tokens in one forward pass.
+        split: (rank, world, group) of an FSDP2 model: every rank runs the same clean passes
+            and an even share of each context's queries, so all ranks make the same forward calls
+            with the same shapes (FSDP gathers each block's parameters collectively: a rank that
+            skipped or added a forward would hang the job); one all-gather at the end gives every
+            rank all readouts.
 
     Returns:
         The clean run and the patched readouts.
@@ -157,13 +166,15 @@ def run(
                 site,
                 ids[rows],
                 members,
-                vectors[k],
+                vectors[k] if split is None else _shares(vectors[k], members, split),
                 phase_cache,
                 keyword,
                 max_batch_tokens,
                 patched[k],
             )
 
+    if split is not None:
+        patched = _gathered(patched, phases, split)
     clock.phase(None)
     clean = CleanRun(torch.stack(write), torch.stack(final), torch.stack(top))
     return EngineResult(clean, patched, clock.seconds["clean"], clock.seconds["queries"])
@@ -226,10 +237,13 @@ def _query_pass(
     """
     rows, width = vectors.shape[:2]
     device = last_tokens.device
-    mask = torch.full((width, prefix + width), torch.finfo(site.dtype).min, dtype=site.dtype)
+    # Built on the device: no host-to-device copy (and no sync) per chunk.
+    mask = torch.full(
+        (width, prefix + width), torch.finfo(site.dtype).min, dtype=site.dtype, device=device
+    )
     mask[:, :prefix] = 0
     mask[:, prefix:].fill_diagonal_(0)
-    mask = mask.to(device)[None, None].expand(rows, 1, width, prefix + width)
+    mask = mask[None, None].expand(rows, 1, width, prefix + width)
     tokens = last_tokens[:, None].expand(rows, width)
     positions = torch.full((rows, width), prefix, dtype=torch.long, device=device)
     with patching(site, vectors):
@@ -243,6 +257,39 @@ def _query_pass(
         )
     cache.crop(-width)
     return hidden
+
+
+def _shares(vectors: Mapping[int, Tensor], members: list[int], split: Split) -> dict[int, Tensor]:
+    """This rank's share of each context's queries: ceil(n / world) rows, the last share padded.
+
+    Every rank gets the same count per context (padding repeats the context's last vector), so
+    the chunk plan of `_queries`, and with it every forward call, is identical on all ranks.
+    """
+    rank, world, _ = split
+    out = {}
+    for c in members:
+        share = -(-len(vectors[c]) // world)
+        out[c] = _window(vectors[c], rank * share, share)
+    return out
+
+
+def _gathered(
+    local: list[dict[int, Tensor]], phases: Sequence[Phase], split: Split
+) -> list[dict[int, Tensor]]:
+    """All ranks' shares of every phase's readouts, put back in query order (one all-gather)."""
+    _, world, group = split
+    order = [(k, c) for k, phase in enumerate(phases) for c in sorted(phase)]
+    if not order:
+        return local
+    every = gather_rows(torch.cat([local[k][c] for k, c in order]), world, group)
+    out: list[dict[int, Tensor]] = [{} for _ in phases]
+    start = 0
+    for k, c in order:
+        share = len(local[k][c])
+        rows = every[:, start : start + share]  # [world, share, d_model], rank-major
+        out[k][c] = rows.reshape(world * share, -1)[: phases[k][c]]
+        start += share
+    return out
 
 
 def _window(vectors: Tensor, start: int, width: int) -> Tensor:

@@ -70,7 +70,8 @@ class RegionMonitorCallback(TrainerCallback):
         run_dir: where the run is stored.
         source: text for the probe set (default: the built-in corpus).
         seed: seed of the probe set.
-        precision: "fp32" (default) or "trainer" (autocast as the Trainer's bf16/fp16 flags say).
+        precision: "fp32" (default; half weights upcast in place), "weights" (their own dtype)
+            or "trainer" (autocast as the Trainer's bf16/fp16 flags say).
         tensorboard: also log to TensorBoard.
 
     Raises:

@@ -11,13 +11,21 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
 from regionwatch.checkpoints import LEGACY_MONITOR_STATE, monitor_state_key
 from regionwatch.corpus import Source
-from regionwatch.errors import ConfigError
+from regionwatch.distributed import SUPPORTED
+from regionwatch.errors import ConfigError, UnsupportedModelError
 from regionwatch.measure import ProbeConfig
 from regionwatch.monitor import (
     DEFAULT_MAPS_SCHEDULE,
@@ -31,6 +39,7 @@ from regionwatch.schedule import Schedule
 logger = logging.getLogger(__name__)
 
 CountTokens = Callable[[Any], int]
+ZERO_PARTITIONED_PARAMS = 3  # the ZeRO stage that shards the parameters themselves
 
 
 class RegionMonitor(Callback):
@@ -62,7 +71,8 @@ class RegionMonitor(Callback):
         run_dir: where the run is stored (default `<trainer.log_dir>/regionwatch`).
         source: text for the probe set (default: the built-in corpus).
         seed: seed of the probe set.
-        precision: "fp32" (default) or "trainer" (the trainer's precision context).
+        precision: "fp32" (default; half weights upcast in place), "weights" (their own dtype)
+            or "trainer" (the trainer's precision context).
         tensorboard: also log to TensorBoard.
         model_attr: name of the attribute holding the causal LM, when ambiguous.
         count_tokens: `count_tokens(batch) -> int` overriding the token count of a batch; it
@@ -125,6 +135,7 @@ class RegionMonitor(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer.strategy)  # a model sharded later is checked at train start
         self._model = find_model(pl_module, self._model_attr)  # a bad model fails here
         self.monitor.setup(
             self._model,
@@ -222,6 +233,31 @@ def _token_count(value: Any) -> int:
             "int(batch['attention_mask'].sum())"
         )
     return count
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse, before the model is even configured, a strategy the probe cannot measure.
+
+    Raises:
+        UnsupportedModelError: FSDP1 (`FSDPStrategy`), DeepSpeed ZeRO-3, tensor parallelism
+            (`ModelParallelStrategy` with tensor_parallel_size > 1), or any other strategy.
+    """
+    name = type(strategy).__name__
+    if isinstance(strategy, DeepSpeedStrategy):
+        stage = strategy.config.get("zero_optimization", {}).get("stage", 0)
+        if stage == ZERO_PARTITIONED_PARAMS:
+            raise UnsupportedModelError(
+                f"DeepSpeed ZeRO stage 3 partitions the weights; {SUPPORTED}"
+            )
+    elif isinstance(strategy, ModelParallelStrategy):
+        tensor_parallel = strategy.device_mesh["tensor_parallel"].size()
+        if tensor_parallel > 1:
+            raise UnsupportedModelError(
+                f"ModelParallelStrategy with tensor_parallel_size={tensor_parallel}: tensor "
+                f"parallelism splits the residual stream; {SUPPORTED}"
+            )
+    elif not isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
+        raise UnsupportedModelError(f"strategy {name} is not supported; {SUPPORTED}")
 
 
 def count_batch_tokens(batch: Any) -> int:

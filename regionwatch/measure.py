@@ -8,20 +8,21 @@ gradients and left exactly as found.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from regionwatch import engine, metrics
-from regionwatch.access import ResidualSite, resolve
+from regionwatch import distributed, engine, metrics
+from regionwatch.access import ResidualSite, resolve, upcasting
 from regionwatch.errors import ConfigError, check_int, check_keys
 from regionwatch.parts import Curves, MapPart, PairPart, Plan, RegionMaps, measuring
 from regionwatch.probes import ProbeSet
@@ -343,8 +344,12 @@ def measure(
     config: ProbeConfig | None = None,
     *,
     shard: tuple[int, int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Measurement:
     """Measure every part of a probe set in one engine run; contexts shared by parts run once.
+
+    A model sharded with FSDP2 (`fully_shard`) is measured in place and is a collective: every
+    rank of its mesh must call this, and every rank gets the whole measurement (or its `shard`).
 
     Args:
         model: a causal LM, as for `interpolate`; left exactly as found.
@@ -353,17 +358,30 @@ def measure(
         shard: (rank, world): measure only every world-th pair and triple, starting at rank,
             so that the ranks of a distributed run split the work; `merge_shards` of all ranks'
             results equals the unsharded measurement.
+        dtype: compute in this dtype (e.g. float32 numerics of a bf16 model), upcasting module
+            by module in place (`access.upcasting`): never a copy of the model; None: the
+            weights' own dtype.
 
     Returns:
         The measurement (of the shard).
 
     Raises:
-        ConfigError, UnsupportedModelError: before any forward pass.
+        ConfigError, UnsupportedModelError: before any forward pass (a layout that cannot be
+            measured: see `distributed.layout`).
     """
     config = config or ProbeConfig()
     rank, world = _check_shard(shard)
     started = time.perf_counter()
     site = resolve(model, write_layer=config.write_layer, block_path=config.block_path)
+    split = None
+    sharded = distributed.layout(model) == "fsdp2"
+    if sharded:
+        # FSDP2: every rank must make the same forward calls, so every rank plans the whole probe
+        # set and the engine splits the queries evenly (`engine.run`'s `split`); the rank's
+        # `shard` is cut from the whole afterwards, for the monitor to merge as for DDP.
+        group_rank, group_world, group = distributed.group_of()
+        split = (group_rank, group_world, group) if group_world > 1 else None
+        rank, world = 0, 1
     plan = Plan()
     pair_parts: dict[str, PairPart] = {}
     sources = {
@@ -385,8 +403,15 @@ def measure(
             plan, [tuple(rows[i] for i in t) for t in triples], config.grid, config.span
         )
     check_prompts(site, plan.prompts or prompt_list(probes.random, "random"))
-    with measuring(model):
-        result = plan.execute(site, config.max_batch_tokens) if plan.prompts else None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(measuring(model))
+        if sharded:
+            stack.enter_context(
+                distributed.unsharded_outside(model, site.blocks, cast_inputs=dtype is None)
+            )
+        if dtype is not None:
+            site = stack.enter_context(upcasting(site, dtype))
+        result = plan.execute(site, config.max_batch_tokens, split) if plan.prompts else None
         curves = {name: part.curves(site, result) for name, part in pair_parts.items()}
         maps = map_part.maps(result) if map_part else None
     timing = {"total": time.perf_counter() - started}
@@ -394,9 +419,36 @@ def measure(
         timing |= {"clean": result.clean_s, "queries": result.queries_s}
         parts = {**pair_parts, **({"maps": map_part} if map_part else {})}
         timing |= _part_shares(plan, parts, result)
-    return Measurement(
+    whole = Measurement(
         config=config, curves=curves, maps=maps, summary=_summarize(curves, maps), timing=timing
     )
+    return whole if not sharded or shard is None else _cut(whole, *_check_shard(shard))
+
+
+def _cut(whole: Measurement, rank: int, world: int) -> Measurement:
+    """Rank `rank`'s shard of a whole measurement: what `measure(shard=(rank, world))` plans."""
+    curves = {
+        name: replace(
+            c,
+            **{
+                f.name: getattr(c, f.name)[rank::world]
+                for f in fields(Curves)
+                if f.name != "alphas"
+            },
+        )
+        for name, c in whole.curves.items()
+        if len(c.distance[rank::world])
+    }
+    maps = whole.maps
+    if maps is not None:
+        maps = replace(
+            maps,
+            distance=maps.distance[rank::world],
+            rgb=maps.rgb[rank::world],
+            anchors=maps.anchors[rank::world],
+        )
+        maps = maps if len(maps.distance) else None
+    return replace(whole, curves=curves, maps=maps, summary=_summarize(curves, maps))
 
 
 def merge_shards(shards: Sequence[Measurement]) -> Measurement:

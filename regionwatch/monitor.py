@@ -23,7 +23,6 @@ the run's `SnapshotStore` and TensorBoard. Its guarantees:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -38,7 +37,7 @@ from torch import distributed as dist
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from regionwatch import metrics
+from regionwatch import distributed, metrics
 from regionwatch.access import resolve
 from regionwatch.corpus import Source
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
@@ -66,8 +65,8 @@ MAPS_PER_DECADE = 2
 # Schedules are frozen, so these defaults are safe to share as argument defaults.
 DEFAULT_SCHEDULE = Schedule.log_tokens()  # 8 per decade of tokens: regions form early
 DEFAULT_MAPS_SCHEDULE = Schedule.log_tokens(per_decade=MAPS_PER_DECADE)
-PRECISIONS = ("fp32", "trainer")
-Precision = Literal["fp32", "trainer"]
+PRECISIONS = ("fp32", "trainer", "weights")
+Precision = Literal["fp32", "trainer", "weights"]
 ContextFactory = Callable[[], AbstractContextManager[Any]]
 
 
@@ -81,7 +80,9 @@ class WatchConfig:
         maps_schedule: which of those snapshots also draw region maps (default: log-spaced, 2
             per decade, and always the first and the last); None: every snapshot.
         precision: "fp32" measures in float32 with autocast off (a model trained in half
-            precision is measured through a float32 copy); "trainer" measures under the trainer's
+            precision is upcast module by module in place, never copied); "weights" measures
+            in the weights' own dtype with autocast off; "trainer" measures in the weights' own
+            dtype under the trainer's
             own precision context. Recorded in every snapshot.
         tensorboard: also log every snapshot to `<run_dir>/tensorboard`.
         probe_seed: seed of the probe set built from a tokenizer.
@@ -251,6 +252,7 @@ class Monitor:
             ConfigError, UnsupportedModelError: with a message saying how to fix it.
         """
         self._rank, self._world = rank, world
+        distributed.layout(model)  # a model sharded already (HF, scripts): refused here if at all
         site = resolve(
             model, write_layer=self.watch.probe.write_layer, block_path=self.watch.probe.block_path
         )
@@ -280,7 +282,8 @@ class Monitor:
         state given to `load_state_dict` names the run's id) it cuts the store back to `step`
         (snapshots after the restored checkpoint are of weights that no longer exist), continues
         the schedule from the newest snapshot left, and retakes the snapshot of this very step
-        if a crash lost it. Every rank must call it, before the first optimizer step.
+        if a crash lost it. Every rank must call it, before the first optimizer step. A model
+        sharded after `setup` (Lightning's `configure_model`) is checked here too.
 
         A run directory that already holds snapshots of a run this one did not resume is
         refused: continuing would splice two models under one run id, and cutting back would
@@ -293,6 +296,7 @@ class Monitor:
                 (the message says how to resume that run or start a new one).
             StoreError: the run directory holds a run measured differently, or a live writer.
         """
+        distributed.layout(model)  # a model sharded after `setup` (`configure_model`)
         self._open(tokens=tokens, starting=(step, model))
         return self.maybe_measure(model, step=step, tokens=tokens)
 
@@ -498,8 +502,10 @@ class Monitor:
         shard = (self._rank, self._world)
         for attempt in range(2):
             try:
-                with self._precision(model) as probed:
-                    measured = measure(probed, self.probes, config, shard=shard)
+                with self._precision(model):
+                    measured = measure(
+                        model, self.probes, config, shard=shard, dtype=self._numerics
+                    )
                 diverged = _non_finite(model, measured)
                 if diverged is not None:  # not an exception: training goes on, as it should
                     logger.error("measurement at step %d failed: %s", step, diverged)
@@ -524,16 +530,21 @@ class Monitor:
                 return repr(err)
         raise AssertionError("unreachable: the second attempt returns")  # for type checkers
 
+    @property
+    def _numerics(self) -> torch.dtype | None:
+        """fp32 numerics are computed in place, block by block (`access.upcasting`): no copy."""
+        return torch.float32 if self.watch.precision == "fp32" else None
+
     @contextlib.contextmanager
-    def _precision(self, model: nn.Module) -> Iterator[nn.Module]:
-        """The model to measure, under the precision the config asks for."""
+    def _precision(self, model: nn.Module) -> Iterator[None]:
+        """The trainer's precision context, or autocast off (fp32 or the weights' own dtype)."""
         if self.watch.precision == "trainer":
             with self._context():
-                yield model
+                yield
             return
         device = next(model.parameters()).device.type
         with torch.autocast(device_type=device, enabled=False):
-            yield model if _all_fp32(model) else copy.deepcopy(model).float()
+            yield
 
     def _write(self, snapshot: Snapshot) -> None:
         self._store.write(snapshot)
@@ -550,6 +561,12 @@ class Monitor:
             self._store.record_failure(step=step, tokens=tokens, error=error)
         except Exception:  # the failure record itself must not stop training either
             logger.exception("could not record the failed snapshot at step %d", step)
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (an FSDP2 DTensor), read without a collective."""
+    to_local = getattr(param, "to_local", None)
+    return param if to_local is None else to_local()
 
 
 def _non_finite(model: nn.Module, measured: Measurement) -> str | None:
@@ -570,7 +587,7 @@ def _non_finite(model: nn.Module, measured: Measurement) -> str | None:
     params = [
         name
         for name, p in model.named_parameters()
-        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+        if p.is_floating_point() and not bool(torch.isfinite(_local(p)).all())
     ]
     cause = (
         f"{len(params)} parameters hold NaN or inf (first: {params[0]})"
@@ -582,10 +599,6 @@ def _non_finite(model: nn.Module, measured: Measurement) -> str | None:
         f"{cause}; the model has diverged (lower the learning rate, clip gradients, or check "
         "the precision); no snapshot stored for this step"
     )
-
-
-def _all_fp32(model: nn.Module) -> bool:
-    return all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
 
 
 def _check_writable(run_dir: Path) -> None:

@@ -69,11 +69,17 @@ class RegionMaps:
 
 @contextmanager
 def measuring(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no grad while measuring; each module's own mode returns, even on error."""
+    """Eval mode, no grad and a forked RNG while measuring; all of it returns, even on error.
+
+    The RNG fork covers the model's GPU too: `fork_rng(devices=[])` would restore the CPU
+    generator only, and a GPU run's dropout stream must not depend on whether it was probed.
+    """
     modes = [(m, m.training) for m in model.modules()]  # models can mix modes (frozen parts)
+    device = next(model.parameters()).device
+    gpus = [device] if device.type == "cuda" else []
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=gpus, device_type="cuda"):
             yield model
     finally:
         for module, was_training in modes:
@@ -118,8 +124,16 @@ class Plan:
         self._builders[phase].setdefault(context, []).append(vectors)
         return (phase, context, offset)
 
-    def execute(self, site: ResidualSite, max_batch_tokens: int | None) -> engine.EngineResult:
-        """Run every slot through the engine (the model must be under `measuring`)."""
+    def execute(
+        self,
+        site: ResidualSite,
+        max_batch_tokens: int | None,
+        split: engine.Split | None = None,
+    ) -> engine.EngineResult:
+        """Run every slot through the engine (the model must be under `measuring`).
+
+        `split`: share the queries among the ranks of an FSDP2 model (see `engine.run`).
+        """
 
         def build(write: Tensor) -> list[dict[int, Tensor]]:
             return [
@@ -128,7 +142,9 @@ class Plan:
             ]
 
         budget = engine.DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
-        return engine.run(site, self.prompts, self._counts, build, max_batch_tokens=budget)
+        return engine.run(
+            site, self.prompts, self._counts, build, max_batch_tokens=budget, split=split
+        )
 
 
 def readout(result: engine.EngineResult, slot: Slot, count: int) -> Tensor:

@@ -36,7 +36,7 @@ from regionwatch.checkpoints import Checkpoint, LoadOptions, discover, load
 from regionwatch.errors import ConfigError, RegionWatchError, StoreError
 from regionwatch.loading import check_device, has_tokenizer, load_tokenizer
 from regionwatch.measure import ProbeConfig
-from regionwatch.monitor import Monitor, WatchConfig
+from regionwatch.monitor import Monitor, Precision, WatchConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import CONFIG_FILE, RUN_FORMAT, SnapshotStore
@@ -86,6 +86,7 @@ def replay(
     repo: str | None = None,
     revisions: str | Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
+    precision: Precision = "fp32",
     device: str = "cpu",
     progress: bool = True,
 ) -> ReplayResult:
@@ -109,7 +110,9 @@ def replay(
         trust_pickle: allow full unpickling of pickled checkpoints (runs code from the file).
         repo: hub repo id whose `revisions` to replay.
         revisions: revision names, globs (`step*`) or a schedule name ("pythia").
-        dtype: dtype to measure in.
+        dtype: dtype the weights are loaded in (their memory).
+        precision: the numbers' dtype: "fp32" (default; half-precision weights are upcast
+            module by module in place, no copy) or "weights" (the weights' own dtype).
         device: device to measure on.
         progress: show a progress bar over the checkpoints.
 
@@ -143,7 +146,9 @@ def replay(
     )
     if not checkpoints:
         raise ConfigError("nothing to replay: give SOURCE paths, or --repo NAME --revisions ...")
-    watch = WatchConfig(probe=config or (runs[0].config if runs else ProbeConfig()))
+    watch = WatchConfig(
+        probe=config or (runs[0].config if runs else ProbeConfig()), precision=precision
+    )
     probes = _probes(probes, runs, tokenizer, checkpoints, watch.probe_seed)
     options = LoadOptions(
         config_dir=None if config_dir is None else Path(config_dir),

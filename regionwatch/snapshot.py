@@ -221,10 +221,13 @@ def weights_fingerprint(model: nn.Module) -> str:
 
     Equal iff the weights are bitwise equal: replay uses it to spot checkpoints that ship the same
     weights twice, and live-vs-replay checks compare it. Costs one pass over the weights (~1 GB/s
-    on CPU; GPU tensors are copied to the host a tensor at a time).
+    on CPU; GPU tensors are copied to the host a tensor at a time). Of an FSDP2 model, it hashes
+    the calling rank's shards: a fingerprint of the run's weights, not equal to the gathered ones'.
     """
     digest = hashlib.blake2b(digest_size=FINGERPRINT_CHARS // 2)
     for name, tensor in sorted(model.state_dict().items()):
+        if hasattr(tensor, "to_local"):  # a DTensor (FSDP2): this rank's shard, no collective
+            tensor = tensor.to_local()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         flat = tensor.detach().contiguous().reshape(-1)
         digest.update(flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b"")

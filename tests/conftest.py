@@ -94,6 +94,22 @@ def random_prompts(
     return torch.randint(0, vocab, (count, length), generator=generator)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu`-marked tests run where CUDA is, and are skipped elsewhere (CI's CPU jobs)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest) -> str:
+    """Where a test's model and trainer run: the CPU always, CUDA under the `gpu` marker."""
+    return request.param
+
+
 @pytest.fixture(params=TINY_ARCHS)
 def arch(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -52,6 +52,13 @@ def test_bench_probe_quick_writes_its_json(tmp_path: Path) -> None:
         assert record["region_maps"]["median_s"] > 0
         assert record["reference"]["speedup_vs_reference"] > 0
         assert record["agreement"]["distance_max_rel_diff"] < AGREEMENT_TOL
+    assert [r["size"] for r in result["precision"]] == ["2x64", "3x64"]
+    for record in result["precision"]:
+        for name in ("fp32", "bf16", "bf16_copy"):
+            assert record[name]["median_s"] > 0
+            assert "peak_extra_fraction" in record[name]
+        assert record["bf16"]["param_bytes"] * 2 == record["fp32"]["param_bytes"]
+        assert record["bf16_time_vs_fp32"] > 0
 
 
 def test_bench_overhead_quick_writes_its_json(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ RANK = {
     "corpus": 1,
     "palette": 1,
     "access": 2,
+    "distributed": 2,  # DESIGN import order: errors → access · probes · distributed → engine
     "probes": 2,
     "loading": 2,
     "engine": 3,

@@ -68,7 +68,18 @@ def add(verbs: argparse._SubParsersAction) -> None:
         metavar="LIST",
         help="comma-separated revisions, globs ('step*') or 'pythia' (its 154 checkpoints)",
     )
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="dtype the weights are loaded in: float32 (default), bfloat16, float16",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "weights"],
+        help="dtype of the numbers: fp32 (default; half weights upcast in place, never copied) "
+        "or weights (the weights' own dtype); recorded in every snapshot",
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=run)
 
@@ -107,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         repo=args.repo,
         revisions=args.revisions,
         dtype=parse_dtype(args.dtype),
+        precision=args.precision,
         device=args.device,
     )
     print(

@@ -1,0 +1,109 @@
+"""FSDP2, 2 CPU processes (gloo), RegionMonitor: `python -m tests.fsdp_train OUT STEPS [--off]`.
+
+Lightning's `ModelParallelStrategy` with `fully_shard` applied to every GPT-2 block and to the
+root in `configure_model` (the torchtitan layout). Lightning relaunches this script for rank 1.
+Rank 0 saves the gathered final weights to OUT/final.pt so that the test can measure them in one
+process; `--off` trains without the callback (the observer-effect control); `--tensor-parallel`
+trains a Llama with its MLPs split over the ranks (the callback must refuse it before step 1).
+Checkpoints are
+sharded (torch.distributed.checkpoint) every 3 steps; the run resumes from OUT/ckpt/last.ckpt.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+from transformers import AutoTokenizer
+
+from regionwatch import ProbeSet, RegionMonitor, Schedule
+from tests.conftest import tiny_model
+from tests.lm import SMALL_PROBE, TinyLM, Windows, loader, trainer
+
+
+class ShardedLM(TinyLM):
+    """TinyLM whose GPT-2 is sharded with FSDP2: each block, then the root."""
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.lm.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.lm, mesh=mesh)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class Steps(Callback):
+    def on_train_batch_end(self, trainer: L.Trainer, *_: object) -> None:
+        if trainer.global_rank == 0:
+            print(f"STEP {trainer.global_step}", flush=True)
+
+
+class ParallelLM(TinyLM):
+    """A Llama whose MLP input projections are split over the ranks (tensor parallelism)."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.lm = tiny_model("llama", layers=3)
+
+    def configure_model(self) -> None:
+        for layer in self.lm.model.layers:
+            parallelize_module(
+                layer.mlp, self.device_mesh["tensor_parallel"], {"up_proj": ColwiseParallel()}
+            )
+
+
+def main(out: Path, steps: int, watch: bool) -> None:
+    L.seed_everything(0)  # dropout draws from each rank's RNG: the same with and without the probe
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    probes = ProbeSet.load(out / "probes", tokenizer=tokenizer)
+    callbacks: list[Callback] = [Steps()]
+    if watch:
+        callbacks.append(
+            RegionMonitor(
+                probes=probes,
+                config=SMALL_PROBE,
+                run_dir=out / "run",
+                schedule=Schedule.every_steps(2),
+                maps_schedule=None,  # region maps at every snapshot: their queries are sharded too
+            )
+        )
+    callbacks.append(
+        ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True)
+    )
+    tensor_parallel = "--tensor-parallel" in sys.argv
+    module = ParallelLM() if tensor_parallel else ShardedLM(len(tokenizer))
+    fit = trainer(
+        out,
+        callbacks,
+        max_steps=steps,
+        devices=2,
+        strategy=ModelParallelStrategy(
+            data_parallel_size=1 if tensor_parallel else 2,
+            tensor_parallel_size=2 if tensor_parallel else 1,
+        ),
+        enable_checkpointing=True,
+        deterministic=False,
+    )
+    last = out / "ckpt" / "last.ckpt"
+    fit.fit(module, loader(Windows(tokenizer)), ckpt_path=last if last.exists() else None)
+    # A collective: every rank takes part, rank 0 keeps the full weights.
+    full = get_model_state_dict(
+        module.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if fit.global_rank == 0:
+        torch.save(full, out / "final.pt")
+        print("DONE", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), "--off" not in sys.argv[3:])

@@ -1,0 +1,49 @@
+"""The HF Trainer on 2 CPU processes (DDP, gloo) with RegionMonitorCallback, under torchrun.
+
+`python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.hf_ddp_train OUT STEPS`
+(`--fsdp`: FSDP2 through accelerate, GPU only). Rank 0 saves the final weights to OUT/final.pt
+so that the test can measure them in one process.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Trainer
+
+from regionwatch import ProbeSet, RegionMonitorCallback, Schedule
+from tests.lm import SMALL_PROBE, Windows, hf_args, tiny_gpt2
+
+
+def main(out: Path, steps: int, fsdp: bool) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    probes = ProbeSet.load(out / "probes", tokenizer=tokenizer)
+    monitor = RegionMonitorCallback(
+        probes=probes,
+        config=SMALL_PROBE,
+        run_dir=out / "run",
+        schedule=Schedule.every_steps(2),
+        maps_schedule=None,
+    )
+    sharding = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}} if fsdp else {}
+    args = hf_args(
+        out,
+        max_steps=steps,
+        use_cpu=not fsdp,
+        ddp_backend=None if fsdp else "gloo",
+        **sharding,
+    )
+    run = Trainer(
+        tiny_gpt2(len(tokenizer)), args, train_dataset=Windows(tokenizer), callbacks=[monitor]
+    )
+    run.train()
+    state = run.accelerator.get_state_dict(run.model)  # a collective under FSDP
+    if run.is_world_process_zero():
+        torch.save({k: v.cpu() for k, v in state.items()}, out / "final.pt")
+        print(f"TOKENS {run.state.num_input_tokens_seen}", flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]), "--fsdp" in sys.argv[3:])

@@ -1,0 +1,177 @@
+"""FSDP2 on 2 CPU processes (gloo): measured in place, lock-step, equal to one process.
+
+Lightning's `ModelParallelStrategy` with `fully_shard` per block and on the root
+(tests/fsdp_train.py), and raw `fully_shard` + `regionwatch.measure` under torchrun
+(tests/fsdp_measure.py). Every distributed run has a timeout: a rank out of step would hang.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from regionwatch import SnapshotStore, measure
+from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
+from tests.lm import SMALL_PROBE, assert_same_numbers, small_probes, tiny_gpt2
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+STEPS = 6
+SCHEDULED = [0, 2, 4, 6]
+
+
+def prepare(tmp: Path, tokenizer) -> Path:
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    small_probes(tokenizer).save(tmp / "probes")
+    return tmp
+
+
+def train(out: Path, *flags: str, kill_after: str | None = None) -> list[str]:
+    """Run tests/fsdp_train.py; with `kill_after`, SIGKILL both ranks at that output line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fsdp_train", str(out), str(STEPS), *flags],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if kill_after is None else subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # rank 1 is rank 0's child: a kill takes the whole group
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if line.strip() == kill_after:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if kill_after is None:
+        errors = proc.stderr.read()[-3000:]
+        assert proc.returncode == 0, errors
+        assert lines[-1:] == ["DONE"], errors
+    return lines
+
+
+def gathered_final(out: Path) -> torch.nn.Module:
+    model = tiny_gpt2(VOCAB)
+    model.load_state_dict(torch.load(out / "final.pt", weights_only=True))
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_lightning_fsdp2_in_place_equals_one_process(tmp_path: Path, text_tokenizer) -> None:
+    """Every scheduled snapshot is stored, none failed; the last equals measuring the gathered
+    final weights in one process; the weights are bitwise those of a run without the callback."""
+    out = prepare(tmp_path / "on", text_tokenizer)
+    train(out)
+    store = SnapshotStore(out / "run")
+    assert store.steps() == SCHEDULED
+    assert store.failures() == []
+    final = store.read(STEPS)
+    assert final.info["world_size"] == 2
+    assert_same_numbers(
+        final.measurement, measure(gathered_final(out), store.probes(), store.config)
+    )
+
+    off = prepare(tmp_path / "off", text_tokenizer)
+    train(off, "--off")
+    watched, control = gathered_final(out).state_dict(), gathered_final(off).state_dict()
+    assert all(torch.equal(watched[k], control[k]) for k in control)
+
+
+@pytest.mark.slow
+def test_lightning_fsdp2_kill_and_resume_from_sharded_checkpoint(
+    tmp_path: Path, text_tokenizer
+) -> None:
+    """Killed (both ranks, -9) after the step-4 snapshot, resumed from the sharded step-3
+    checkpoint: the step-4 snapshot is cut and retaken, every snapshot exists exactly once."""
+    out = prepare(tmp_path, text_tokenizer)
+    train(out, kill_after="STEP 5")
+    assert 4 in SnapshotStore(out / "run").steps()  # taken before the kill, of lost weights
+    train(out)
+    store = SnapshotStore(out / "run")
+    assert store.steps() == SCHEDULED
+    assert store.failures() == []
+    assert store.verify() == []
+    tokens = [r["tokens"] for r in store.records()]
+    assert tokens == sorted(set(tokens))
+    assert_same_numbers(
+        store.read(STEPS).measurement, measure(gathered_final(out), store.probes(), store.config)
+    )
+
+
+@pytest.mark.slow
+def test_raw_fully_shard_measure_under_torchrun_equals_one_process(
+    tmp_path: Path, text_tokenizer
+) -> None:
+    """`measure` of a model sharded with `fully_shard` by hand, on 2 ranks, gives the numbers of
+    one process: in fp32, and in bf16 or gathered as bf16 by a MixedPrecisionPolicy (fp32
+    numerics upcast from what each block gathers) equal to an fp32 copy of the bf16 weights;
+    a tensor-parallel model is refused on both ranks, not hung."""
+    out = prepare(tmp_path, text_tokenizer)
+    done = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
+            *("-m", "tests.fsdp_measure", str(out)),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = sorted(line.split()[1] for line in done.stdout.splitlines() if "REFUSED" in line)
+    assert refused == ["0", "1"]
+    assert "tensor parallelism" in done.stdout
+    sharded = torch.load(out / "sharded.pt", weights_only=True)
+    probes = small_probes(text_tokenizer)
+    model = tiny_gpt2(VOCAB, layers=3).eval()
+    singles = {
+        "fp32": measure(model, probes, SMALL_PROBE),
+        "bf16": measure(copy.deepcopy(model).to(torch.bfloat16).float(), probes, SMALL_PROBE),
+    }
+    singles["fp32-gathered-bf16"] = singles["bf16"]  # what it gathers is the bf16 model
+    for name, single in singles.items():
+        got = sharded[name]
+        for part, curves in single.curves.items():
+            torch.testing.assert_close(
+                got[f"{part}/relative"][:, 1:], curves.relative[:, 1:], atol=1e-5, rtol=0
+            )
+            torch.testing.assert_close(
+                got[f"{part}/distance"], curves.distance, atol=1e-5, rtol=1e-5
+            )
+            assert torch.equal(got[f"{part}/top_a"], curves.top_a), (name, part)
+        torch.testing.assert_close(got["maps/rgb"], single.maps.rgb, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_lightning_run_is_refused_before_the_first_step(
+    tmp_path: Path, text_tokenizer
+) -> None:
+    """`ModelParallelStrategy` with a ColwiseParallel plan: both ranks stop at setup with a
+    message naming what is supported; no step runs, nothing hangs."""
+    out = prepare(tmp_path, text_tokenizer)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.fsdp_train", str(out), "2", "--tensor-parallel"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode != 0
+    assert "tensor parallelism splits the residual stream" in done.stderr
+    assert "FSDP2" in done.stderr  # names what is supported
+    assert "STEP" not in done.stdout
