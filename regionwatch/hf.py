@@ -5,6 +5,12 @@ processes), which it only keeps when asked: `include_num_input_tokens_seen="non_
 "all"). Resume needs nothing from the callback's own state: the run's store and the restored
 `trainer_state.json` (global step and tokens) are enough, so it works whether or not the user sets
 `restore_callback_states_from_checkpoint`.
+
+The Trainer's loggers (`report_to`: TensorBoard, W&B, MLflow, ...) get the headline scalars
+through the Trainer's own logging path, `Trainer.log`, called on the training thread right after
+each snapshot (at the step it measured). A callback is never handed its Trainer, so the callback
+needs `attach(trainer)` for that; without it, only regionwatch's own store and TensorBoard run
+are written. The integrations take no images (the Trainer drops non-scalar logs).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import torch
 from transformers import (
     PreTrainedTokenizerBase,
+    Trainer,
     TrainerCallback,
     TrainerControl,
     TrainerState,
@@ -32,9 +39,11 @@ from regionwatch.monitor import (
     DEFAULT_SCHEDULE,
     Monitor,
     Precision,
+    headline,
 )
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import Schedule
+from regionwatch.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +56,7 @@ class RegionMonitorCallback(TrainerCallback):
     Snapshots go to a `SnapshotStore` in `run_dir` (default `<output_dir>/regionwatch`, stable
     across resumes) and to TensorBoard in `<run_dir>/tensorboard`. Measures at train begin (the
     random-init baseline on a fresh run), after optimizer steps the schedule picks, and at the end.
+    After `attach(trainer)`, every `report_to` integration gets the headline scalars too.
 
     Args:
         tokenizer: the model's tokenizer (builds the probe set); or pass `probes`.
@@ -60,6 +70,7 @@ class RegionMonitorCallback(TrainerCallback):
         seed: seed of the probe set.
         precision: "fp32" (default) or "trainer" (autocast as the Trainer's bf16/fp16 flags say).
         tensorboard: also log to TensorBoard.
+        copy_to_loggers: also log to the Trainer's `report_to` integrations (once attached).
 
     Raises:
         ConfigError: at construction for bad settings; at `on_train_begin` (before the first
@@ -67,7 +78,8 @@ class RegionMonitorCallback(TrainerCallback):
 
     Example:
         >>> args = TrainingArguments("out", include_num_input_tokens_seen="non_padding")
-        >>> trainer = Trainer(model, args, callbacks=[RegionMonitorCallback(tokenizer=tok)])
+        >>> trainer = Trainer(model, args)
+        >>> RegionMonitorCallback(tokenizer=tok).attach(trainer)
     """
 
     def __init__(
@@ -83,6 +95,7 @@ class RegionMonitorCallback(TrainerCallback):
         seed: int = 0,
         precision: Precision = "fp32",
         tensorboard: bool = True,
+        copy_to_loggers: bool = True,
     ) -> None:
         self.monitor = Monitor.from_options(
             tokenizer=tokenizer,
@@ -95,7 +108,25 @@ class RegionMonitorCallback(TrainerCallback):
             seed=seed,
             precision=precision,
             tensorboard=tensorboard,
+            copy_to_loggers=copy_to_loggers,
         )
+        self._trainer: Trainer | None = None
+
+    def attach(self, trainer: Trainer) -> RegionMonitorCallback:
+        """Add this callback to `trainer` (if not there yet) and log through it.
+
+        The headline scalars then reach every `report_to` integration via `trainer.log`.
+
+        Args:
+            trainer: the Trainer that will run this callback.
+
+        Returns:
+            self, so that `RegionMonitorCallback(...).attach(trainer)` reads as one step.
+        """
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self._trainer = trainer
+        return self
 
     @override
     def on_train_begin(
@@ -120,7 +151,15 @@ class RegionMonitorCallback(TrainerCallback):
             trainer_precision=lambda: _autocast(args, model),
             info={"driver": "hf"},
         )
-        self.monitor.start(model, step=state.global_step, tokens=state.num_input_tokens_seen)
+        if self._trainer is None and args.report_to and self.monitor.watch.copy_to_loggers:
+            logger.info(
+                "regionwatch: report_to=%s gets no regionwatch scalars: call "
+                "callback.attach(trainer) to log them through the Trainer",
+                args.report_to,
+            )
+        self._log(
+            self.monitor.start(model, step=state.global_step, tokens=state.num_input_tokens_seen)
+        )
 
     @override
     def on_step_end(
@@ -131,8 +170,11 @@ class RegionMonitorCallback(TrainerCallback):
         model: Any = None,
         **kwargs: Any,
     ) -> None:
-        self.monitor.maybe_measure(
-            model, step=state.global_step, tokens=state.num_input_tokens_seen
+        last = 0 < state.max_steps <= state.global_step  # known here: measure it with its maps now
+        self._log(
+            self.monitor.maybe_measure(
+                model, step=state.global_step, tokens=state.num_input_tokens_seen, final=last
+            )
         )
 
     @override
@@ -144,10 +186,21 @@ class RegionMonitorCallback(TrainerCallback):
         model: Any = None,
         **kwargs: Any,
     ) -> None:
-        self.monitor.maybe_measure(
-            model, step=state.global_step, tokens=state.num_input_tokens_seen, final=True
+        self._log(
+            self.monitor.maybe_measure(
+                model, step=state.global_step, tokens=state.num_input_tokens_seen, final=True
+            )
         )
         self.monitor.close()
+
+    def _log(self, snapshot: Snapshot | None) -> None:
+        """Send a new snapshot's headline scalars down the Trainer's own logging path."""
+        if (
+            snapshot is not None
+            and self._trainer is not None
+            and self.monitor.watch.copy_to_loggers
+        ):
+            self._trainer.log(headline(snapshot))
 
 
 def _autocast(args: TrainingArguments, model: Any) -> contextlib.AbstractContextManager[Any]:
