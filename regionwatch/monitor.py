@@ -579,19 +579,26 @@ def _check_writable(run_dir: Path) -> None:
 
 
 def _check_fits(site: Any, probes: ProbeSet) -> None:
-    """Every probe prompt must fit the model's vocabulary and context."""
-    prompts = prompt_list(probes.random, "random") + [
-        p for pair in probes.named for p in (pair.a, pair.b)
-    ]
-    for tensor in (probes.similar, probes.dissimilar):
-        prompts += prompt_list(tensor.flatten(0, 1), "pairs") if len(tensor) else []
-    try:
-        check_prompts(site, prompts)
-    except ConfigError as err:
-        raise ConfigError(
-            f"the probe set does not fit this model: {err}; build one that does, e.g. "
-            "probes=ProbeSet.build(tokenizer, seq_len=<shorter>, handpicked=False)"
-        ) from None
+    """Every probe prompt must fit the model's vocabulary and context; errors name the part."""
+    parts = {
+        "random prompts": prompt_list(probes.random, "random"),
+        "hand-picked pairs": [p for pair in probes.named for p in (pair.a, pair.b)],
+    }
+    for name, tensor in (
+        ("similar pairs", probes.similar),
+        ("dissimilar pairs", probes.dissimilar),
+    ):
+        parts[name] = prompt_list(tensor.flatten(0, 1), "pairs") if len(tensor) else []
+    for name, prompts in parts.items():
+        if not prompts:
+            continue
+        try:
+            check_prompts(site, prompts)
+        except ConfigError as err:
+            raise ConfigError(
+                f"the probe set's {name} do not fit this model: {err}; build a probe set that "
+                "does, e.g. probes=ProbeSet.build(tokenizer, seq_len=<shorter>, handpicked=False)"
+            ) from None
 
 
 def _broadcast(obj: Any, world: int) -> Any:
