@@ -317,9 +317,11 @@ def _train_hf(
     with torch.random.fork_rng(devices=[]):
         torch.random.manual_seed(config.seed)
         model = new_model(config)
-    callbacks = [] if watch is None else [RegionMonitorCallback(**watch)]
+    trainer = Trainer(model, args, train_dataset=data)
+    if watch is not None:
+        RegionMonitorCallback(**watch).attach(trainer)  # its scalars also reach report_to
     started = time.perf_counter()
-    Trainer(model, args, train_dataset=data, callbacks=callbacks).train()
+    trainer.train()
     return model, time.perf_counter() - started
 
 
