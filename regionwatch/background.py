@@ -93,6 +93,14 @@ class BackgroundWriter:
             self._queue.put((what, job))
             self.blocked_seconds += time.perf_counter() - started
 
+    def run_now(self, what: str, job: Job) -> None:
+        """Run `job` on the calling thread, isolated and recorded as a queued job would be.
+
+        For the few writes that must happen on the caller's thread (the trainer's own loggers
+        are not all thread-safe); the queued jobs keep running meanwhile.
+        """
+        self._run(what, job)
+
     def drain(self) -> None:
         """Wait until every job submitted so far has run (or failed)."""
         if self._thread is not None:

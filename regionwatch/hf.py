@@ -150,6 +150,7 @@ class RegionMonitorCallback(TrainerCallback):
             world=args.world_size,
             trainer_precision=lambda: _autocast(args, model),
             info={"driver": "hf"},
+            log_scalars=None if self._trainer is None else self._to_trainer,
         )
         if self._trainer is None and args.report_to and self.monitor.watch.copy_to_loggers:
             logger.info(
@@ -157,9 +158,7 @@ class RegionMonitorCallback(TrainerCallback):
                 "callback.attach(trainer) to log them through the Trainer",
                 args.report_to,
             )
-        self._log(
-            self.monitor.start(model, step=state.global_step, tokens=state.num_input_tokens_seen)
-        )
+        self.monitor.start(model, step=state.global_step, tokens=state.num_input_tokens_seen)
 
     @override
     def on_step_end(
@@ -171,10 +170,8 @@ class RegionMonitorCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         last = 0 < state.max_steps <= state.global_step  # known here: measure it with its maps now
-        self._log(
-            self.monitor.maybe_measure(
-                model, step=state.global_step, tokens=state.num_input_tokens_seen, final=last
-            )
+        self.monitor.maybe_measure(
+            model, step=state.global_step, tokens=state.num_input_tokens_seen, final=last
         )
 
     @override
@@ -186,21 +183,14 @@ class RegionMonitorCallback(TrainerCallback):
         model: Any = None,
         **kwargs: Any,
     ) -> None:
-        self._log(
-            self.monitor.maybe_measure(
-                model, step=state.global_step, tokens=state.num_input_tokens_seen, final=True
-            )
+        self.monitor.maybe_measure(
+            model, step=state.global_step, tokens=state.num_input_tokens_seen, final=True
         )
         self.monitor.close()
 
-    def _log(self, snapshot: Snapshot | None) -> None:
-        """Send a new snapshot's headline scalars down the Trainer's own logging path."""
-        if (
-            snapshot is not None
-            and self._trainer is not None
-            and self.monitor.watch.copy_to_loggers
-        ):
-            self._trainer.log(headline(snapshot))
+    def _to_trainer(self, snapshot: Snapshot) -> None:
+        """Send a snapshot's headline scalars down the Trainer's own logging path."""
+        self._trainer.log(headline(snapshot))
 
 
 def _autocast(args: TrainingArguments, model: Any) -> contextlib.AbstractContextManager[Any]:

@@ -121,6 +121,7 @@ class RegionMonitor(Callback):
         if stage != "fit":
             return
         self._model = find_model(pl_module, self._model_attr)  # a bad model fails here
+        copies = LoggerCopies(trainer.loggers)
         self.monitor.setup(
             self._model,
             log_dir=trainer.log_dir,
@@ -128,7 +129,8 @@ class RegionMonitor(Callback):
             world=trainer.world_size,
             trainer_precision=trainer.precision_plugin.forward_context,
             info={"driver": "lightning"},
-            copies=LoggerCopies(trainer.loggers) if trainer.is_global_zero else None,
+            log_scalars=copies.scalars,
+            log_images=copies.images,
         )
 
     @override
@@ -212,9 +214,11 @@ IMAGE_WRITERS = MappingProxyType(
 class LoggerCopies:
     """Copies each snapshot to the trainer's loggers: headline scalars, and images where taken.
 
-    Runs on the monitor's background writer. Scalars go through `Logger.log_metrics` at the
-    snapshot's global step (the trainer's own axis: loggers refuse steps that go back), with
-    `regionwatch/tokens` in the same call. W&B additionally charts `regionwatch/*` over tokens.
+    Scalars go through `Logger.log_metrics` at the snapshot's global step (the trainer's own
+    axis: loggers refuse steps that go back), with `regionwatch/tokens` in the same call, on the
+    training thread (the trainer writes to the same loggers from it). Images go on the monitor's
+    background writer, only to loggers that take them (`IMAGE_WRITERS`, all thread-safe). W&B
+    additionally charts `regionwatch/*` over tokens.
 
     Args:
         loggers: the trainer's loggers (`trainer.loggers`).
@@ -224,13 +228,17 @@ class LoggerCopies:
         self._loggers = list(loggers)
         self._axes_defined = False
 
-    def __call__(self, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]) -> None:
-        """Log one snapshot's scalars to every logger, and its images to those that take them."""
+    def scalars(self, snapshot: Snapshot) -> None:
+        """Log one snapshot's headline scalars to every logger."""
         if not self._axes_defined:
             self._define_axes()
         values = headline(snapshot)
         for logger_ in self._loggers:
             logger_.log_metrics(values, step=snapshot.step)
+
+    def images(self, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]) -> None:
+        """Log one snapshot's images to the loggers that take them."""
+        for logger_ in self._loggers:
             write_image = IMAGE_WRITERS.get(type(logger_))
             if write_image is not None:
                 for name, pixels in rendered.items():

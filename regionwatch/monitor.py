@@ -8,8 +8,11 @@ the run's `SnapshotStore` and TensorBoard. Its guarantees:
   and recorded as a failed snapshot; an out-of-memory error first retries with half the memory
   budget;
 - no stalls: only the probe runs on the training thread. Storing the snapshot, TensorBoard events
-  and figures, and the copies to the trainer's loggers are jobs for a bounded `BackgroundWriter`,
-  drained by `drain` (end of training) and `close` (teardown). A failed job is logged, kept in
+  and figures, and the images sent to the trainer's loggers are jobs for a bounded
+  `BackgroundWriter`, drained by `drain` (end of training) and `close` (teardown). The headline
+  scalars reach the trainer's loggers on the training thread, right after the probe: a few
+  numbers, and the trainer logs to the same loggers from that thread (Lightning's CSVLogger, for
+  one, would lose or refuse rows written from another). A failed job is logged, kept in
   `sink_failures` and never reaches training; a failed store write is recorded in failures.jsonl
   (which so lists exactly the snapshots that are not stored), a failed sink write is not;
 - resume is exact: the store is the record. On (re)start the store is cut back to the restored
@@ -71,8 +74,10 @@ DEFAULT_MAPS_SCHEDULE = Schedule.log_tokens(per_decade=MAPS_PER_DECADE)
 PRECISIONS = ("fp32", "trainer")
 Precision = Literal["fp32", "trainer"]
 ContextFactory = Callable[[], AbstractContextManager[Any]]
-# A driver's copy of each snapshot to the trainer's own loggers: (snapshot, its images by tag).
-Copies = Callable[[Snapshot, Mapping[str, np.ndarray]], object]
+# A driver's copies of each snapshot to the trainer's own loggers: its headline scalars (on the
+# training thread), and its images by tag (on the background writer).
+LogScalars = Callable[[Snapshot], object]
+LogImages = Callable[[Snapshot, Mapping[str, np.ndarray]], object]
 TOKENS_TAG = "regionwatch/tokens"  # tokens seen, beside the headline scalars in every logger
 
 
@@ -165,7 +170,8 @@ class Monitor:
         self._last_maps: Mark | None = None
         self._info: dict[str, Any] = {}
         self._writer = BackgroundWriter("regionwatch-writer")
-        self._copies: Copies | None = None
+        self._log_scalars: LogScalars | None = None
+        self._log_images: LogImages | None = None
         self.failures = 0
 
     @classmethod
@@ -232,7 +238,8 @@ class Monitor:
         world: int = 1,
         trainer_precision: ContextFactory | None = None,
         info: Mapping[str, Any] | None = None,
-        copies: Copies | None = None,
+        log_scalars: LogScalars | None = None,
+        log_images: LogImages | None = None,
     ) -> None:
         """Check everything that can be checked before training: raises here, never mid-run.
 
@@ -247,9 +254,10 @@ class Monitor:
             world: number of processes.
             trainer_precision: the trainer's precision context (for precision="trainer").
             info: facts recorded in every snapshot (e.g. {"driver": "lightning"}).
-            copies: the driver's copy of each snapshot to the trainer's loggers, run on the
-                background writer after the store write (rank zero only); ignored when
-                `copy_to_loggers` is off.
+            log_scalars: sends a snapshot's headline scalars to the trainer's loggers; called
+                on the training thread right after each snapshot (rank zero only).
+            log_images: sends a snapshot's images to the trainer's loggers that take them; run
+                on the background writer. Both are ignored when `copy_to_loggers` is off.
 
         Raises:
             ConfigError, UnsupportedModelError: with a message saying how to fix it.
@@ -279,7 +287,9 @@ class Monitor:
                 )
             self._context = trainer_precision
         self._info = {"precision": self.watch.precision, "world_size": world, **(info or {})}
-        self._copies = copies if self.watch.copy_to_loggers else None
+        copying = self.watch.copy_to_loggers
+        self._log_scalars = log_scalars if copying else None
+        self._log_images = log_images if copying else None
 
     def start(self, model: nn.Module, *, step: int, tokens: int) -> Snapshot | None:
         """Open the run at the (restored) step and tokens, and take the baseline if it is due.
@@ -402,6 +412,9 @@ class Monitor:
             logger.exception("stamping the snapshot at step %d failed; training continues", step)
             self._record_failure(step, tokens, repr(err))
             return None
+        if self._log_scalars is not None:  # first: a logger sees the scalars before the images
+            log_scalars = self._log_scalars
+            self._writer.run_now(f"trainer loggers, step {step}", lambda: log_scalars(snapshot))
         self._submit_writes(snapshot)
         logger.info(
             "regionwatch: step %d, %s tokens: max slope median %.3f, %s (%.1f s)",
@@ -506,9 +519,11 @@ class Monitor:
             self._writer.submit(
                 f"tensorboard, {where}", lambda: self._sink_snapshot(sink, snapshot, rendered())
             )
-        copies = self._copies
-        if copies is not None:
-            self._writer.submit(f"trainer loggers, {where}", lambda: copies(snapshot, rendered()))
+        log_images = self._log_images
+        if log_images is not None:
+            self._writer.submit(
+                f"trainer logger images, {where}", lambda: log_images(snapshot, rendered())
+            )
 
     def _store_snapshot(self, snapshot: Snapshot) -> None:
         """Store one snapshot (on the writer thread); a failed write is a failed snapshot."""

@@ -180,11 +180,15 @@ def test_hf_report_to_tensorboard_and_mlflow_get_the_scalars(
     tmp_path: Path, lm_probes, lm_data: Windows, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """report_to=["tensorboard", "mlflow"]: the Trainer's own event files and run hold them."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the cwd
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # HF's MLflowCallback reads the variable only while MLflow's process-wide URI is unset, and
+    # Lightning's MLFlowLogger (an earlier test) sets that: point it here as well.
+    mlflow.set_tracking_uri(uri)
     args = hf_args(tmp_path, report_to=["tensorboard", "mlflow"])
     run = Trainer(tiny_gpt2(VOCAB), args, train_dataset=lm_data)
     RegionMonitorCallback(
