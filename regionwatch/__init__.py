@@ -7,6 +7,8 @@ The public contract is `__all__`. Everything but the errors loads lazily (PEP 56
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 from regionwatch.errors import (
@@ -79,6 +81,23 @@ __all__ = [
     "region_maps",
     "replay",
 ]
+
+
+# `measure` and `replay` are functions named like their modules. Importing a submodule sets the
+# package attribute of that name to the module; the eager `from ... import` this package used to
+# do then overwrote it with the function. Lazily, the package itself must prefer the function.
+_SHADOWED = frozenset(name for name, module in _LAZY.items() if module == f"{__name__}.{name}")
+
+
+class _Package(types.ModuleType):
+    def __getattribute__(self, name: str) -> object:
+        value = super().__getattribute__(name)
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return getattr(value, name)
+        return value
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> object:
