@@ -49,8 +49,10 @@ def main() -> None:
         report_to=["tensorboard"],
         include_num_input_tokens_seen="non_padding",  # regionwatch (2/3): tokens seen
     )
-    callback = RegionMonitorCallback(tokenizer=tokenizer)  # regionwatch (3/3): <out>/regionwatch
-    Trainer(LlamaForCausalLM(config), training, train_dataset=data, callbacks=[callback]).train()
+    trainer = Trainer(LlamaForCausalLM(config), training, train_dataset=data)
+    # regionwatch (3/3): stored in <out>/regionwatch; the scalars also reach report_to's loggers
+    RegionMonitorCallback(tokenizer=tokenizer).attach(trainer)
+    trainer.train()
     print(f"snapshots: {args.out / 'regionwatch'}; view: tensorboard --logdir {args.out}")
 
 

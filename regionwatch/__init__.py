@@ -1,12 +1,15 @@
 """regionwatch: watch stable regions form in the residual stream while a language model trains.
 
-The public contract is `__all__`. Driver classes (Lightning, HF Trainer) load lazily, so
-`import regionwatch` never imports lightning or the HF Trainer.
+The public contract is `__all__`. Everything but the errors loads lazily (PEP 562), so
+`import regionwatch` imports neither torch nor lightning nor the HF Trainer until a name is used.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 from regionwatch.errors import (
     CheckpointError,
@@ -15,25 +18,43 @@ from regionwatch.errors import (
     StoreError,
     UnsupportedModelError,
 )
-from regionwatch.measure import (
-    Curves,
-    Measurement,
-    ProbeConfig,
-    RegionMaps,
-    interpolate,
-    measure,
-    region_maps,
-)
-from regionwatch.probes import ProbeSet
-from regionwatch.replay import ReplayResult, replay
-from regionwatch.schedule import Schedule
-from regionwatch.snapshot import Snapshot
-from regionwatch.store import SnapshotStore
 from regionwatch.version import VERSION
+
+if TYPE_CHECKING:
+    from regionwatch.hf import RegionMonitorCallback
+    from regionwatch.lightning import RegionMonitor
+    from regionwatch.measure import (
+        Curves,
+        Measurement,
+        ProbeConfig,
+        RegionMaps,
+        interpolate,
+        measure,
+        region_maps,
+    )
+    from regionwatch.probes import ProbeSet
+    from regionwatch.replay import ReplayResult, replay
+    from regionwatch.schedule import Schedule
+    from regionwatch.snapshot import Snapshot
+    from regionwatch.store import SnapshotStore
 
 __version__ = VERSION
 
+# Every name but the errors loads on first use: torch and transformers take seconds to import,
+# and `regionwatch --help` (which imports this package) must answer at once; lightning and the
+# HF Trainer load only for their driver's users.
 _LAZY = {
+    **dict.fromkeys(
+        ("Curves", "Measurement", "ProbeConfig", "RegionMaps", "interpolate", "measure"),
+        "regionwatch.measure",
+    ),
+    "region_maps": "regionwatch.measure",
+    "ProbeSet": "regionwatch.probes",
+    "ReplayResult": "regionwatch.replay",
+    "replay": "regionwatch.replay",
+    "Schedule": "regionwatch.schedule",
+    "Snapshot": "regionwatch.snapshot",
+    "SnapshotStore": "regionwatch.store",
     "RegionMonitor": "regionwatch.lightning",
     "RegionMonitorCallback": "regionwatch.hf",
 }
@@ -63,7 +84,24 @@ __all__ = [
 ]
 
 
+# `measure` and `replay` are functions named like their modules. Importing a submodule sets the
+# package attribute of that name to the module; the eager `from ... import` this package used to
+# do then overwrote it with the function. Lazily, the package itself must prefer the function.
+_SHADOWED = frozenset(name for name, module in _LAZY.items() if module == f"{__name__}.{name}")
+
+
+class _Package(types.ModuleType):
+    def __getattribute__(self, name: str) -> object:
+        value = super().__getattribute__(name)
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return getattr(value, name)
+        return value
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 def __getattr__(name: str) -> object:
-    if name in _LAZY:  # lightning takes seconds to import; HF-only users never pay for it
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'regionwatch' has no attribute {name!r}")

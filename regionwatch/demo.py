@@ -340,8 +340,12 @@ def _train_hf(
     )
     with seeded_init(config.seed):
         model = new_model(config)
+    trainer = Trainer(model, args, train_dataset=data, callbacks=callbacks)
+    for callback in callbacks:
+        if isinstance(callback, RegionMonitorCallback):
+            callback.attach(trainer)  # its scalars then also reach report_to
     started = time.perf_counter()
-    Trainer(model, args, train_dataset=data, callbacks=callbacks).train()
+    trainer.train()
     return model, time.perf_counter() - started
 
 

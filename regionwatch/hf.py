@@ -6,6 +6,12 @@ processes), which it only keeps when asked: `include_num_input_tokens_seen="non_
 and the run's id and directory, which the callback records there under `STATE_KEY` in
 `stateful_callbacks`), so it works whether or not the user sets
 `restore_callback_states_from_checkpoint`.
+
+The Trainer's loggers (`report_to`: TensorBoard, W&B, MLflow, ...) get the headline scalars
+through the Trainer's own logging path, `Trainer.log`, called on the training thread right after
+each snapshot (at the step it measured). A callback is never handed its Trainer, so the callback
+needs `attach(trainer)` for that; without it, only regionwatch's own store and TensorBoard run
+are written. The integrations take no images (the Trainer drops non-scalar logs).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import torch
 from transformers import (
     PreTrainedTokenizerBase,
+    Trainer,
     TrainerCallback,
     TrainerControl,
     TrainerState,
@@ -33,9 +40,11 @@ from regionwatch.monitor import (
     DEFAULT_SCHEDULE,
     Monitor,
     Precision,
+    headline,
 )
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import Schedule
+from regionwatch.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,7 @@ class RegionMonitorCallback(TrainerCallback):
     Snapshots go to a `SnapshotStore` in `run_dir` (default `<output_dir>/regionwatch`, stable
     across resumes) and to TensorBoard in `<run_dir>/tensorboard`. Measures at train begin (the
     random-init baseline on a fresh run), after optimizer steps the schedule picks, and at the end.
+    After `attach(trainer)`, every `report_to` integration gets the headline scalars too.
 
     `trainer.train(resume_from_checkpoint=...)` continues the run the checkpoint names and cuts
     back its snapshots after the checkpoint. A fresh run (no checkpoint of that run) into a
@@ -73,6 +83,7 @@ class RegionMonitorCallback(TrainerCallback):
         precision: "fp32" (default; half weights upcast in place), "weights" (their own dtype)
             or "trainer" (autocast as the Trainer's bf16/fp16 flags say).
         tensorboard: also log to TensorBoard.
+        copy_to_loggers: also log to the Trainer's `report_to` integrations (once attached).
 
     Raises:
         ConfigError: at construction for bad settings; at `on_train_begin` (before the first
@@ -81,7 +92,8 @@ class RegionMonitorCallback(TrainerCallback):
 
     Example:
         >>> args = TrainingArguments("out", include_num_input_tokens_seen="non_padding")
-        >>> trainer = Trainer(model, args, callbacks=[RegionMonitorCallback(tokenizer=tok)])
+        >>> trainer = Trainer(model, args)
+        >>> RegionMonitorCallback(tokenizer=tok).attach(trainer)
     """
 
     def __init__(
@@ -97,6 +109,7 @@ class RegionMonitorCallback(TrainerCallback):
         seed: int = 0,
         precision: Precision = "fp32",
         tensorboard: bool = True,
+        copy_to_loggers: bool = True,
     ) -> None:
         self.monitor = Monitor.from_options(
             tokenizer=tokenizer,
@@ -109,7 +122,25 @@ class RegionMonitorCallback(TrainerCallback):
             seed=seed,
             precision=precision,
             tensorboard=tensorboard,
+            copy_to_loggers=copy_to_loggers,
         )
+        self._trainer: Trainer | None = None
+
+    def attach(self, trainer: Trainer) -> RegionMonitorCallback:
+        """Add this callback to `trainer` (if not there yet) and log through it.
+
+        The headline scalars then reach every `report_to` integration via `trainer.log`.
+
+        Args:
+            trainer: the Trainer that will run this callback.
+
+        Returns:
+            self, so that `RegionMonitorCallback(...).attach(trainer)` reads as one step.
+        """
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self._trainer = trainer
+        return self
 
     @override
     def on_train_begin(
@@ -133,10 +164,17 @@ class RegionMonitorCallback(TrainerCallback):
             world=args.world_size,
             trainer_precision=lambda: _autocast(args, model),
             info={"driver": "hf"},
+            log_scalars=None if self._trainer is None else self._to_trainer,
         )
         saved = state.stateful_callbacks.get(STATE_KEY)
         if isinstance(saved, dict):  # restored from the checkpoint's trainer_state.json
             self.monitor.load_state_dict(saved)
+        if self._trainer is None and args.report_to and self.monitor.watch.copy_to_loggers:
+            logger.info(
+                "regionwatch: report_to=%s gets no regionwatch scalars: call "
+                "callback.attach(trainer) to log them through the Trainer",
+                args.report_to,
+            )
         self.monitor.start(model, step=state.global_step, tokens=state.num_input_tokens_seen)
         identity = self.monitor.state_dict()  # the mark in it would go stale: not saved
         state.stateful_callbacks[STATE_KEY] = {k: identity[k] for k in ("run_id", "run_dir")}
@@ -150,8 +188,9 @@ class RegionMonitorCallback(TrainerCallback):
         model: Any = None,
         **kwargs: Any,
     ) -> None:
+        last = 0 < state.max_steps <= state.global_step  # known here: measure it with its maps now
         self.monitor.maybe_measure(
-            model, step=state.global_step, tokens=state.num_input_tokens_seen
+            model, step=state.global_step, tokens=state.num_input_tokens_seen, final=last
         )
 
     @override
@@ -167,6 +206,10 @@ class RegionMonitorCallback(TrainerCallback):
             model, step=state.global_step, tokens=state.num_input_tokens_seen, final=True
         )
         self.monitor.close()
+
+    def _to_trainer(self, snapshot: Snapshot) -> None:
+        """Send a snapshot's headline scalars down the Trainer's own logging path."""
+        self._trainer.log(headline(snapshot))
 
 
 def _autocast(args: TrainingArguments, model: Any) -> contextlib.AbstractContextManager[Any]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -30,11 +33,15 @@ from regionwatch.measure import ProbeConfig
 from regionwatch.monitor import (
     DEFAULT_MAPS_SCHEDULE,
     DEFAULT_SCHEDULE,
+    TOKENS_TAG,
     Monitor,
     Precision,
+    headline,
 )
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import Schedule
+from regionwatch.snapshot import Snapshot
+from regionwatch.tensorboard import TAG_ROOT
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +53,14 @@ class RegionMonitor(Callback):
     """Measures stable regions during `Trainer.fit` and logs their emergence over tokens seen.
 
     Snapshots go to a `SnapshotStore` in `run_dir` and to TensorBoard (`<run_dir>/tensorboard`,
-    step axis = training tokens). Measured: the LightningModule itself if it is a causal LM,
-    else its one `PreTrainedModel` attribute (or `model_attr`). Tokens seen are the non-padding
+    step axis = training tokens). Every logger in `trainer.loggers` (CSV, TensorBoard, W&B,
+    MLflow, ...) also gets the headline scalars, named as the TensorBoard tags, with
+    `regionwatch/tokens` in the same call, at the trainer's global step; loggers that take images
+    also get the curve figures and region maps. W&B charts `regionwatch/*` over tokens.
+    Everything but the probe itself is written on a background thread.
+
+    Measured: the LightningModule itself if it is a causal LM, else its one `PreTrainedModel`
+    attribute (or `model_attr`). Tokens seen are the non-padding
     tokens of every batch (its attention mask, else all its input ids), summed over ranks and
     micro-batches, counted before each batch so that a batch it cannot count fails before the
     first optimizer step. A measurement happens once at train start (the random-init baseline on
@@ -74,6 +87,7 @@ class RegionMonitor(Callback):
         precision: "fp32" (default; half weights upcast in place), "weights" (their own dtype)
             or "trainer" (the trainer's precision context).
         tensorboard: also log to TensorBoard.
+        copy_to_loggers: also log to the trainer's own loggers (False: only regionwatch's run).
         model_attr: name of the attribute holding the causal LM, when ambiguous.
         count_tokens: `count_tokens(batch) -> int` overriding the token count of a batch; it
             must return an integer >= 0 (checked at every batch, the first one before the first
@@ -102,6 +116,7 @@ class RegionMonitor(Callback):
         seed: int = 0,
         precision: Precision = "fp32",
         tensorboard: bool = True,
+        copy_to_loggers: bool = True,
         model_attr: str | None = None,
         count_tokens: CountTokens | None = None,
     ) -> None:
@@ -116,6 +131,7 @@ class RegionMonitor(Callback):
             seed=seed,
             precision=precision,
             tensorboard=tensorboard,
+            copy_to_loggers=copy_to_loggers,
         )
         if count_tokens is not None and not callable(count_tokens):
             raise ConfigError(
@@ -137,6 +153,7 @@ class RegionMonitor(Callback):
             return
         check_strategy(trainer.strategy)  # a model sharded later is checked at train start
         self._model = find_model(pl_module, self._model_attr)  # a bad model fails here
+        copies = LoggerCopies(trainer.loggers)
         self.monitor.setup(
             self._model,
             log_dir=trainer.log_dir,
@@ -144,6 +161,8 @@ class RegionMonitor(Callback):
             world=trainer.world_size,
             trainer_precision=trainer.precision_plugin.forward_context,
             info={"driver": "lightning"},
+            log_scalars=copies.scalars,
+            log_images=copies.images,
         )
 
     @override
@@ -171,13 +190,15 @@ class RegionMonitor(Callback):
         self._step = trainer.global_step
         self.tokens += self._reduce(trainer, self._pending)
         self._pending = 0
-        self.monitor.maybe_measure(self._model, step=self._step, tokens=self.tokens)
+        last = 0 < trainer.max_steps <= self._step  # known here: measure it with its maps now
+        self.monitor.maybe_measure(self._model, step=self._step, tokens=self.tokens, final=last)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.monitor.maybe_measure(
             self._model, step=trainer.global_step, tokens=self.tokens, final=True
         )
+        self.monitor.drain()  # the loggers get every copy before the trainer finalizes them
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -258,6 +279,72 @@ def check_strategy(strategy: Strategy) -> None:
             )
     elif not isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
         raise UnsupportedModelError(f"strategy {name} is not supported; {SUPPORTED}")
+
+
+def _tensorboard_image(logger: Logger, name: str, pixels: np.ndarray, step: int) -> None:
+    logger.experiment.add_image(name, pixels, step, dataformats="HWC")
+
+
+def _wandb_image(logger: Logger, name: str, pixels: np.ndarray, step: int) -> None:
+    logger.log_image(key=name, images=[pixels], step=step)
+
+
+def _mlflow_image(logger: Logger, name: str, pixels: np.ndarray, step: int) -> None:
+    logger.experiment.log_image(logger.run_id, pixels, key=name, step=step)
+
+
+# How each logger that takes images takes one (RGB uint8, [height, width, 3]); others get none.
+IMAGE_WRITERS = MappingProxyType(
+    {TensorBoardLogger: _tensorboard_image, WandbLogger: _wandb_image, MLFlowLogger: _mlflow_image}
+)
+
+
+def _image_writer(logger: Logger) -> Callable[[Logger, str, np.ndarray, int], None] | None:
+    # isinstance, not type(): a user's subclass of these loggers takes images the same way
+    kinds = (w for kind, w in IMAGE_WRITERS.items() if isinstance(logger, kind))
+    return next(kinds, None)
+
+
+class LoggerCopies:
+    """Copies each snapshot to the trainer's loggers: headline scalars, and images where taken.
+
+    Scalars go through `Logger.log_metrics` at the snapshot's global step (the trainer's own
+    axis: loggers refuse steps that go back), with `regionwatch/tokens` in the same call, on the
+    training thread (the trainer writes to the same loggers from it). Images go on the monitor's
+    background writer, only to loggers that take them (`IMAGE_WRITERS`, all thread-safe). W&B
+    additionally charts `regionwatch/*` over tokens.
+
+    Args:
+        loggers: the trainer's loggers (`trainer.loggers`).
+    """
+
+    def __init__(self, loggers: Sequence[Logger]) -> None:
+        self._loggers = list(loggers)
+        self._axes_defined = False
+
+    def scalars(self, snapshot: Snapshot) -> None:
+        """Log one snapshot's headline scalars to every logger."""
+        if not self._axes_defined:
+            self._define_axes()
+        values = headline(snapshot)
+        for logger_ in self._loggers:
+            logger_.log_metrics(values, step=snapshot.step)
+
+    def images(self, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]) -> None:
+        """Log one snapshot's images to the loggers that take them."""
+        for logger_ in self._loggers:
+            write_image = _image_writer(logger_)
+            if write_image is not None:
+                for name, pixels in rendered.items():
+                    write_image(logger_, name, pixels, snapshot.step)
+
+    def _define_axes(self) -> None:
+        # W&B draws a chart over its step metric; tokens, not steps, are regionwatch's axis.
+        for logger_ in self._loggers:
+            if isinstance(logger_, WandbLogger):
+                logger_.experiment.define_metric(TOKENS_TAG)
+                logger_.experiment.define_metric(f"{TAG_ROOT}/*", step_metric=TOKENS_TAG)
+        self._axes_defined = True
 
 
 def count_batch_tokens(batch: Any) -> int:

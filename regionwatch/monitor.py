@@ -4,9 +4,17 @@ Drivers (Lightning, the HF Trainer, replay) only say WHEN (a step and the tokens
 over the model; the Monitor decides whether a snapshot is due, measures, stamps, and writes it to
 the run's `SnapshotStore` and TensorBoard. Its guarantees:
 
-- a probe never stops training: an exception inside a measurement (or a sink) is logged with its
-  traceback and recorded as a failed snapshot; an out-of-memory error first retries with half the
-  memory budget;
+- a probe never stops training: an exception inside a measurement is logged with its traceback
+  and recorded as a failed snapshot; an out-of-memory error first retries with half the memory
+  budget;
+- no stalls: only the probe runs on the training thread. Storing the snapshot, TensorBoard events
+  and figures, and the images sent to the trainer's loggers are jobs for a bounded
+  `BackgroundWriter`, drained by `drain` (end of training) and `close` (teardown). The headline
+  scalars reach the trainer's loggers on the training thread, right after the probe: a few
+  numbers, and the trainer logs to the same loggers from that thread (Lightning's CSVLogger, for
+  one, would lose or refuse rows written from another). A failed job is logged, kept in
+  `sink_failures` and never reaches training; a failed store write is recorded in failures.jsonl
+  (which so lists exactly the snapshots that are not stored), a failed sink write is not;
 - resume is exact: the store is the record. On a proven resume (the restored driver state names
   this run's id) the store is cut back to the restored step, and the schedule continues from the
   newest snapshot at or before it, so every scheduled snapshot exists exactly once, whatever the
@@ -23,6 +31,7 @@ the run's `SnapshotStore` and TensorBoard. Its guarantees:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -32,6 +41,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import distributed as dist
 from torch import nn
@@ -39,6 +49,7 @@ from transformers import PreTrainedTokenizerBase
 
 from regionwatch import distributed, metrics
 from regionwatch.access import resolve
+from regionwatch.background import BackgroundWriter, Failure
 from regionwatch.corpus import Source
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
 from regionwatch.errors import ConfigError, check_int
@@ -54,7 +65,7 @@ from regionwatch.probes import ProbeSet
 from regionwatch.schedule import Mark, Schedule
 from regionwatch.snapshot import Snapshot, weights_fingerprint
 from regionwatch.store import DEFAULT_RUN_NAME, SnapshotStore
-from regionwatch.tensorboard import TB_SUBDIR, TensorBoardSink
+from regionwatch.tensorboard import TB_SUBDIR, TensorBoardSink, images, scalars, tensorboard_command
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +79,11 @@ DEFAULT_MAPS_SCHEDULE = Schedule.log_tokens(per_decade=MAPS_PER_DECADE)
 PRECISIONS = ("fp32", "trainer", "weights")
 Precision = Literal["fp32", "trainer", "weights"]
 ContextFactory = Callable[[], AbstractContextManager[Any]]
+# A driver's copies of each snapshot to the trainer's own loggers: its headline scalars (on the
+# training thread), and its images by tag (on the background writer).
+LogScalars = Callable[[Snapshot], object]
+LogImages = Callable[[Snapshot, Mapping[str, np.ndarray]], object]
+TOKENS_TAG = "regionwatch/tokens"  # tokens seen, beside the headline scalars in every logger
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +101,9 @@ class WatchConfig:
             dtype under the trainer's
             own precision context. Recorded in every snapshot.
         tensorboard: also log every snapshot to `<run_dir>/tensorboard`.
+        copy_to_loggers: also send the headline scalars (and, where a logger takes them, the
+            images) to the trainer's own loggers (Lightning's `trainer.loggers`, the HF
+            Trainer's `report_to` integrations). regionwatch's own TensorBoard run stays.
         probe_seed: seed of the probe set built from a tokenizer.
     """
 
@@ -93,6 +112,7 @@ class WatchConfig:
     maps_schedule: Schedule | None = DEFAULT_MAPS_SCHEDULE
     precision: Precision = "fp32"
     tensorboard: bool = True
+    copy_to_loggers: bool = True
     probe_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +129,9 @@ class WatchConfig:
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: need one of {PRECISIONS}")
+        for name in ("tensorboard", "copy_to_loggers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"WatchConfig.{name}={getattr(self, name)!r}: need True or False")
         check_int("WatchConfig.probe_seed", self.probe_seed)
 
 
@@ -177,6 +200,9 @@ class Monitor:
         self._log_dir: Path | None = None
         self._restored: dict[str, Any] | None = None  # the driver's restored `state_dict()`
         self._run_id: str | None = None  # the store's, known on every rank once opened
+        self._writer = BackgroundWriter("regionwatch-writer")
+        self._log_scalars: LogScalars | None = None
+        self._log_images: LogImages | None = None
         self.failures = 0
 
     @classmethod
@@ -193,6 +219,7 @@ class Monitor:
         seed: int,
         precision: Precision,
         tensorboard: bool,
+        copy_to_loggers: bool = True,
     ) -> Monitor:
         """A monitor from the drivers' keyword arguments (see `RegionMonitor` for their meaning)."""
         watch = WatchConfig(
@@ -201,6 +228,7 @@ class Monitor:
             maps_schedule=maps_schedule,
             precision=precision,
             tensorboard=tensorboard,
+            copy_to_loggers=copy_to_loggers,
             probe_seed=seed,
         )
         return cls(watch, tokenizer=tokenizer, probes=probes, source=source, run_dir=run_dir)
@@ -218,6 +246,16 @@ class Monitor:
         return self._store
 
     @property
+    def sink_failures(self) -> list[Failure]:
+        """Background writes that failed (store, TensorBoard, logger copies), oldest first."""
+        return list(self._writer.failures)
+
+    @property
+    def writer(self) -> BackgroundWriter:
+        """The background writer (its `busy_seconds` and `blocked_seconds` for benchmarks)."""
+        return self._writer
+
+    @property
     def last(self) -> Mark | None:
         """(step, tokens) of the newest scheduled snapshot, taken or failed."""
         return self._last
@@ -231,6 +269,8 @@ class Monitor:
         world: int = 1,
         trainer_precision: ContextFactory | None = None,
         info: Mapping[str, Any] | None = None,
+        log_scalars: LogScalars | None = None,
+        log_images: LogImages | None = None,
     ) -> None:
         """Check everything that can be checked before training: raises here, never mid-run.
 
@@ -247,6 +287,10 @@ class Monitor:
             world: number of processes.
             trainer_precision: the trainer's precision context (for precision="trainer").
             info: facts recorded in every snapshot (e.g. {"driver": "lightning"}).
+            log_scalars: sends a snapshot's headline scalars to the trainer's loggers; called
+                on the training thread right after each snapshot (rank zero only).
+            log_images: sends a snapshot's images to the trainer's loggers that take them; run
+                on the background writer. Both are ignored when `copy_to_loggers` is off.
 
         Raises:
             ConfigError, UnsupportedModelError: with a message saying how to fix it.
@@ -274,6 +318,9 @@ class Monitor:
                 )
             self._context = trainer_precision
         self._info = {"precision": self.watch.precision, "world_size": world, **(info or {})}
+        copying = self.watch.copy_to_loggers
+        self._log_scalars = log_scalars if copying else None
+        self._log_images = log_images if copying else None
 
     def start(self, model: nn.Module, *, step: int, tokens: int) -> Snapshot | None:
         """Open the run at the (restored) step and tokens, and take the baseline if it is due.
@@ -311,6 +358,7 @@ class Monitor:
         last = last_maps = refusal = run_id = None
         if self.run_dir is None:  # `setup` made sure there is a log dir
             self.run_dir = self._log_dir / DEFAULT_RUN_NAME
+        self._writer.drain()  # the store is the writer thread's while jobs are queued
         if self._rank == 0:
             _check_writable(self.run_dir)
             self._store = SnapshotStore.create(
@@ -329,6 +377,13 @@ class Monitor:
                 if self.watch.tensorboard:
                     purge = None if newest is None else tokens
                     self._sink = TensorBoardSink(self.run_dir / TB_SUBDIR, purge_after_tokens=purge)
+                logger.info(
+                    "regionwatch: storing the run in %s%s",
+                    self.run_dir,
+                    f"; view it with: {tensorboard_command(self.run_dir, snapshots=0)}"
+                    if self.watch.tensorboard
+                    else "",
+                )
             else:
                 self._store.close()  # refused: the store stays exactly as it was
                 self._store = None
@@ -395,7 +450,15 @@ class Monitor:
     def maybe_measure(
         self, model: nn.Module, *, step: int, tokens: int, final: bool = False
     ) -> Snapshot | None:
-        """Measure if a snapshot is due at (step, tokens); every rank must call it."""
+        """Measure if a snapshot is due at (step, tokens); every rank must call it.
+
+        With `final`, the last snapshot always carries region maps: if this step was already
+        measured without them (a hook before the last one measured it), it is measured again
+        with them, and the stored snapshot of the step is replaced.
+        """
+        if final and self._last == Mark(step, tokens) and self._last_maps != self._last:
+            self._last_maps = self._last
+            return self.measure_now(model, step=step, tokens=tokens, maps=True)
         if not self.watch.schedule.due(step, tokens, self._last, final=final):
             return None
         self._last = Mark(step, tokens)  # also on failure: a broken probe must not retry every step
@@ -450,17 +513,20 @@ class Monitor:
                 model=model,
                 info={**self._info, **(info or {})},
             )
-            self._write(snapshot)
-        except Exception as err:  # guarantee: a failed sink never stops training
-            logger.exception("recording the snapshot at step %d failed; training continues", step)
+        except Exception as err:  # guarantee: a failed snapshot never stops training
+            logger.exception("stamping the snapshot at step %d failed; training continues", step)
             self._record_failure(step, tokens, repr(err))
             return None
-        summary = snapshot.summary
+        if self._log_scalars is not None:  # first: a logger sees the scalars before the images
+            log_scalars = self._log_scalars
+            self._writer.run_now(f"trainer loggers, step {step}", lambda: log_scalars(snapshot))
+        self._submit_writes(snapshot)
         logger.info(
-            "snapshot step=%d tokens=%d max_slope/median=%.3f (%.2f s)",
+            "regionwatch: step %d, %s tokens: max slope median %.3f, %s (%.1f s)",
             step,
-            tokens,
-            summary.get("max_slope/median", math.nan),
+            f"{tokens:,}",
+            snapshot.summary.get("max_slope/median", math.nan),
+            "region maps drawn" if merged.maps is not None else "no maps",
             merged.timing.get("total", math.nan),
         )
         return snapshot
@@ -483,11 +549,29 @@ class Monitor:
         if not self._explicit_run_dir and state.get("run_dir"):
             self.run_dir = Path(state["run_dir"])
 
+    def drain(self) -> None:
+        """Wait until every queued write (store, TensorBoard, logger copies) is done."""
+        self._writer.drain()
+
     def close(self) -> None:
-        """Flush and close the sinks and release the store's writer lock."""
+        """Drain the writes, close the sinks and release the store's writer lock.
+
+        Never raises for a failed write: those were logged as they happened; one warning here
+        sums them up.
+        """
         if self._sink is not None:
-            self._sink.close()
+            self._writer.submit("closing tensorboard", self._sink.close)
             self._sink = None
+        self._writer.close()
+        if self._writer.failures:
+            logger.warning(
+                "regionwatch: %d background writes failed in this run (first: %s: %s); "
+                "the snapshots in %s are complete, the failed copies are not",
+                len(self._writer.failures),
+                self._writer.failures[0].what,
+                self._writer.failures[0].error,
+                self.run_dir,
+            )
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -546,21 +630,66 @@ class Monitor:
         with torch.autocast(device_type=device, enabled=False):
             yield
 
-    def _write(self, snapshot: Snapshot) -> None:
-        self._store.write(snapshot)
-        if self._sink is not None:
-            self._sink.write(snapshot)
-            onset = metrics.record_onset(self._store.records())
-            if onset is not None:
-                self._sink.write_scalars({"onset/tokens": onset}, tokens=snapshot.tokens)
-            self._sink.flush()
+    def _submit_writes(self, snapshot: Snapshot) -> None:
+        """Queue the snapshot's writes: the store first, then each sink, each job on its own.
+
+        Separate jobs, so that a failing sink (a full disk, a dead logger) neither hides the
+        snapshot from the store nor stops the other sinks. Images are rendered once, by the
+        first job that needs them, and shared.
+        """
+        rendered = functools.cache(lambda: images(snapshot))
+        where = f"step {snapshot.step}"
+        self._writer.submit(f"store, {where}", lambda: self._store_snapshot(snapshot))
+        sink = self._sink
+        if sink is not None:
+            self._writer.submit(
+                f"tensorboard, {where}", lambda: self._sink_snapshot(sink, snapshot, rendered())
+            )
+        log_images = self._log_images
+        if log_images is not None:
+            self._writer.submit(
+                f"trainer logger images, {where}", lambda: log_images(snapshot, rendered())
+            )
+
+    def _store_snapshot(self, snapshot: Snapshot) -> None:
+        """Store one snapshot (on the writer thread); a failed write is a failed snapshot."""
+        try:
+            self._store.write(snapshot)
+        except Exception as err:  # guarantee: a failed store write never stops training
+            logger.exception(
+                "storing the snapshot at step %d failed; training continues", snapshot.step
+            )
+            self._store_failure(snapshot.step, snapshot.tokens, repr(err))
+
+    def _sink_snapshot(
+        self, sink: TensorBoardSink, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]
+    ) -> None:
+        sink.write(snapshot, rendered=rendered)
+        onset = metrics.record_onset(self._store.records())
+        if onset is not None:
+            sink.write_scalars({"onset/tokens": onset}, tokens=snapshot.tokens)
 
     def _record_failure(self, step: int, tokens: int, error: str) -> None:
+        """Record a failed snapshot, in order with the queued writes (the store is theirs)."""
+        self._writer.submit(
+            f"failure record, step {step}", lambda: self._store_failure(step, tokens, error)
+        )
+
+    def _store_failure(self, step: int, tokens: int, error: str) -> None:
         self.failures += 1
         try:
             self._store.record_failure(step=step, tokens=tokens, error=error)
         except Exception:  # the failure record itself must not stop training either
             logger.exception("could not record the failed snapshot at step %d", step)
+
+
+def headline(snapshot: Snapshot) -> dict[str, float]:
+    """The scalars copied to the trainer's loggers: TensorBoard's tags, plus tokens seen.
+
+    The same names as in regionwatch's own TensorBoard run (`tensorboard.scalars`), and
+    `regionwatch/tokens` in the same call, so that a dashboard can chart them against tokens.
+    """
+    return {**scalars(snapshot), TOKENS_TAG: float(snapshot.tokens)}
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
@@ -614,19 +743,26 @@ def _check_writable(run_dir: Path) -> None:
 
 
 def _check_fits(site: Any, probes: ProbeSet) -> None:
-    """Every probe prompt must fit the model's vocabulary and context."""
-    prompts = prompt_list(probes.random, "random") + [
-        p for pair in probes.named for p in (pair.a, pair.b)
-    ]
-    for tensor in (probes.similar, probes.dissimilar):
-        prompts += prompt_list(tensor.flatten(0, 1), "pairs") if len(tensor) else []
-    try:
-        check_prompts(site, prompts)
-    except ConfigError as err:
-        raise ConfigError(
-            f"the probe set does not fit this model: {err}; build one that does, e.g. "
-            "probes=ProbeSet.build(tokenizer, seq_len=<shorter>, handpicked=False)"
-        ) from None
+    """Every probe prompt must fit the model's vocabulary and context; errors name the part."""
+    parts = {
+        "random prompts": prompt_list(probes.random, "random"),
+        "hand-picked pairs": [p for pair in probes.named for p in (pair.a, pair.b)],
+    }
+    for name, tensor in (
+        ("similar pairs", probes.similar),
+        ("dissimilar pairs", probes.dissimilar),
+    ):
+        parts[name] = prompt_list(tensor.flatten(0, 1), "pairs") if len(tensor) else []
+    for name, prompts in parts.items():
+        if not prompts:
+            continue
+        try:
+            check_prompts(site, prompts)
+        except ConfigError as err:
+            raise ConfigError(
+                f"the probe set's {name} do not fit this model: {err}; build a probe set that "
+                "does, e.g. probes=ProbeSet.build(tokenizer, seq_len=<shorter>, handpicked=False)"
+            ) from None
 
 
 def _broadcast(obj: Any, world: int) -> Any:

@@ -634,10 +634,14 @@ def _named_pairs(
                 f"{tokenizer_name(tokenizer)!r}: {problem}; {shown}. Reword it so that only "
                 "the final token differs"
             )
-        logger.warning(
-            "hand-picked pair %s dropped for this tokenizer: %s; %s", name, problem, shown
-        )
+        logger.debug("hand-picked pair %s dropped: %s; %s", name, problem, shown)
         dropped.append({"name": name, "reason": problem})
+    if dropped:  # one short line: the token dumps are for debugging, not for every run's log
+        logger.warning(
+            "hand-picked pairs %s dropped: under this tokenizer they are not the same tokens up "
+            "to a different last one (reasons in the probe set's provenance)",
+            ", ".join(d["name"] for d in dropped),
+        )
     return tuple(named), [p.name for p in named], dropped
 
 

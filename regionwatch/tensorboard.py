@@ -40,11 +40,12 @@ tests/test_tensorboard.py against a real server).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shlex
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 
@@ -140,7 +141,7 @@ def layout() -> dict[str, dict[str, list[str | list[str]]]]:
 def tags(snapshot: Snapshot) -> list[str]:
     """Every tag `TensorBoardSink.write` logs for `snapshot`, in the order it writes them."""
     return [
-        *_scalars(snapshot),
+        *scalars(snapshot),
         *_histograms(snapshot),
         *(tag(f"curves/{name}") for name in _curve_figures(snapshot)),
         *(tag(f"maps/triple_{i}") for i in range(_map_count(snapshot))),
@@ -215,28 +216,32 @@ class TensorBoardSink:
             logger.debug("tensorboard: opened %s (purge_step=%s)", self.log_dir, purge_step)
         return self._writer
 
-    def write(self, snapshot: Snapshot) -> None:
+    def write(
+        self, snapshot: Snapshot, *, rendered: Mapping[str, np.ndarray] | None = None
+    ) -> None:
         """Log everything of one snapshot at global_step = `snapshot.tokens`, then flush.
+
+        A failed write (a full disk, a dead event-writer thread) closes the writer and raises;
+        the next write opens a new event file, so the sink recovers once the disk takes writes
+        again instead of failing for the rest of the run.
 
         Args:
             snapshot: the snapshot; its tokens should exceed the last written ones.
+            rendered: `images(snapshot)` when the caller already has them (they are shared
+                with the trainer's loggers); None renders them here.
         """
         started = time.perf_counter()
-        writer = self._open()
         step = int(snapshot.tokens)
-        self._check_order(step)
-        for name, value in _scalars(snapshot).items():
-            writer.add_scalar(name, value, step)
-        for name, values in _histograms(snapshot).items():
-            writer.add_histogram(name, values, step)
-        for name in _curve_figures(snapshot):
-            figure = curve_image(snapshot, name)
-            writer.add_image(tag(f"curves/{name}"), figure, step, dataformats="HWC")
-        for i in range(_map_count(snapshot)):
-            writer.add_image(
-                tag(f"maps/triple_{i}"), map_image(snapshot, i), step, dataformats="HWC"
-            )
-        writer.flush()
+        with self._discarding_on_error():
+            writer = self._open()
+            self._check_order(step)
+            for name, value in scalars(snapshot).items():
+                writer.add_scalar(name, value, step)
+            for name, values in _histograms(snapshot).items():
+                writer.add_histogram(name, values, step)
+            for name, pixels in (images(snapshot) if rendered is None else rendered).items():
+                writer.add_image(name, pixels, step, dataformats="HWC")
+            writer.flush()
         logger.debug(
             "tensorboard: snapshot at tokens=%d written in %.3f s",
             step,
@@ -250,22 +255,44 @@ class TensorBoardSink:
             values: scalars by key; NaN and infinite ones are skipped.
             tokens: tokens seen, the step to log them at.
         """
-        writer = self._open()
-        for key, value in values.items():
-            if _finite(key, value):
-                writer.add_scalar(tag(key), float(value), int(tokens))
-        writer.flush()
+        with self._discarding_on_error():
+            writer = self._open()
+            for key, value in values.items():
+                if _finite(key, value):
+                    writer.add_scalar(tag(key), float(value), int(tokens))
+            writer.flush()
 
     def flush(self) -> None:
         """Write pending events to disk (nothing to do before the first write)."""
         if self._writer is not None:
-            self._writer.flush()
+            with self._discarding_on_error():
+                self._writer.flush()
 
     def close(self) -> None:
         """Flush and close the event file; a later write opens a new one."""
         if self._writer is not None:
-            self._writer.close()
+            with self._discarding_on_error():
+                self._writer.close()
             self._writer = None
+
+    @contextlib.contextmanager
+    def _discarding_on_error(self) -> Iterator[None]:
+        """On any error, drop the writer (so the next write opens a fresh one) and re-raise.
+
+        `SummaryWriter` writes on a thread of its own; once that thread hits an error (ENOSPC),
+        every later call re-raises it, close included. Without this the sink would stay dead
+        for the rest of the run, and the error would surface again at teardown.
+        """
+        try:
+            yield
+        except BaseException:
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                try:
+                    writer.close()
+                except OSError as err:  # its thread died of the error being re-raised below
+                    logger.debug("tensorboard: closing the failed writer: %r", err)
+            raise
 
     def __enter__(self) -> TensorBoardSink:
         return self
@@ -297,7 +324,7 @@ def _finite(key: str, value: float) -> bool:
     return False
 
 
-def _scalars(snapshot: Snapshot) -> dict[str, float]:
+def scalars(snapshot: Snapshot) -> dict[str, float]:
     """Summary scalars and probe timing by tag, finite values only."""
     values = {tag(key): value for key, value in snapshot.summary.items()}
     timing = snapshot.measurement.timing
@@ -307,6 +334,18 @@ def _scalars(snapshot: Snapshot) -> dict[str, float]:
         if key.startswith("part/"):
             values[tag(f"probe/{key.removeprefix('part/')}_seconds")] = seconds
     return {name: float(v) for name, v in values.items() if _finite(name, v)}
+
+
+def images(snapshot: Snapshot) -> dict[str, np.ndarray]:
+    """Every image of a snapshot by tag: its curve figures, then its region maps (RGB, HWC).
+
+    Rendered once per snapshot and shared by every sink that takes images (TensorBoard, the
+    trainer's loggers): matplotlib is most of a snapshot's write time.
+    """
+    out = {tag(f"curves/{name}"): curve_image(snapshot, name) for name in _curve_figures(snapshot)}
+    for i in range(_map_count(snapshot)):
+        out[tag(f"maps/triple_{i}")] = map_image(snapshot, i)
+    return out
 
 
 def _histograms(snapshot: Snapshot) -> dict[str, Tensor]:

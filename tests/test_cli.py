@@ -167,3 +167,42 @@ def test_a_library_logger_with_its_own_level_prints_once() -> None:
     )
     assert done.stderr.count("hello") == 1  # from the library's own handler only
     assert "WARNING regionwatch.x: careful" in done.stderr
+
+
+@pytest.mark.parametrize("verb", [None, *(v.__name__.rsplit(".", 1)[1] for v in VERBS)])
+def test_help_loads_neither_torch_nor_the_library(verb: str | None) -> None:
+    """`--help` imports no torch, transformers or lightning: it answers at once."""
+    argv = ["--help"] if verb is None else [verb, "--help"]
+    script = (
+        "import contextlib, io, sys\n"
+        "from regionwatch.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    main({argv!r})\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'lightning') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
+
+
+def test_show_and_report_find_the_one_run_below_a_folder(
+    tmp_path: Path, config_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The demo's printed folder works: the run below it is found; several runs are listed."""
+    folder = tmp_path / "demo-out"
+    run = folder / "lightning_logs" / "version_0" / "regionwatch"
+    assert main(measure_args(config_dir, "--out", str(run), "--tokens", "1234")) == 0
+    capsys.readouterr()
+    assert main(["show", str(folder)]) == 0
+    assert str(run) in capsys.readouterr().out
+    assert main(["report", str(folder), "--out", str(tmp_path / "report"), "--quiet"]) == 0
+    assert (tmp_path / "report" / "index.html").is_file()
+    other = folder / "lightning_logs" / "version_1" / "regionwatch"
+    assert main(measure_args(config_dir, "--out", str(other))) == 0
+    capsys.readouterr()
+    assert main(["show", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 regionwatch runs" in err
+    assert str(run) in err
+    assert str(other) in err

@@ -33,6 +33,7 @@ RANK = {
     "store": 7,
     "tensorboard": 8,
     "report": 8,
+    "background": 1,
     "monitor": 9,
     "lightning": 10,
     "hf": 10,

@@ -291,3 +291,20 @@ def test_a_token_count_that_is_not_callable_is_refused_at_construction(lm_probes
     """count_tokens=42 fails when the callback is made, naming the argument and the fix."""
     with pytest.raises(ConfigError, match=r"count_tokens=42 is not callable.*lambda batch"):
         RegionMonitor(probes=lm_probes, count_tokens=42)
+
+
+def test_last_step_carries_region_maps_when_the_schedule_lands_on_it(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
+    """every_steps(4), max_steps=12: the snapshot at 12 has maps, as the first one does."""
+    callback = RegionMonitor(
+        probes=lm_probes,
+        config=SMALL_PROBE,
+        run_dir=tmp_path / "run",
+        schedule=Schedule.every_steps(4),
+    )
+    trainer(tmp_path, [callback], max_steps=12).fit(TinyLM(VOCAB), loader(lm_data))
+    records = SnapshotStore(tmp_path / "run").records()
+    assert [r["step"] for r in records] == [0, 4, 8, 12]
+    assert "maps" in records[0]["parts"]
+    assert "maps" in records[-1]["parts"]

@@ -123,3 +123,31 @@ def test_precision_trainer_needs_a_trainer_context(tmp_path: Path, lm_probes) ->
     monitor = Monitor(WatchConfig(precision="trainer"), probes=lm_probes, run_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match="trainer precision context"):
         monitor.setup(tiny_gpt2(VOCAB), log_dir=None)
+
+
+def test_final_snapshot_gets_maps_even_when_its_step_was_measured_without(
+    tmp_path: Path, lm_probes
+) -> None:
+    """A step measured without maps, then offered as final, is re-measured with region maps."""
+    watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1))
+    model = tiny_gpt2(VOCAB)
+    monitor = Monitor(watch, probes=lm_probes, run_dir=tmp_path / "run")
+    monitor.setup(model, log_dir=None)
+    monitor.start(model, step=0, tokens=0)
+    assert monitor.maybe_measure(model, step=1, tokens=2).measurement.maps is not None
+    assert monitor.maybe_measure(model, step=2, tokens=3).measurement.maps is None  # same bucket
+    final = monitor.maybe_measure(model, step=2, tokens=3, final=True)
+    assert final is not None
+    assert final.measurement.maps is not None
+    assert monitor.maybe_measure(model, step=2, tokens=3, final=True) is None  # once only
+    monitor.close()
+    records = SnapshotStore(tmp_path / "run").records()
+    assert [(r["step"], "maps" in r["parts"]) for r in records] == [(0, True), (1, True), (2, True)]
+    assert monitor.sink_failures == []
+
+
+def test_context_length_error_names_the_probe_part(tmp_path: Path, lm_probes) -> None:
+    """A probe set longer than the model's context is refused at setup, naming the part."""
+    monitor = Monitor(WatchConfig(), probes=lm_probes, run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"probe set's random prompts do not fit.*at most 8"):
+        monitor.setup(tiny_gpt2(VOCAB, positions=8), log_dir=None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from regionwatch.cli.runs import find_run
+
 
 def add(verbs: argparse._SubParsersAction) -> None:
     """Register the verb."""
@@ -20,7 +22,13 @@ def add(verbs: argparse._SubParsersAction) -> None:
         description="Read the snapshots of one or more runs (never a model) and write figures "
         "(PNG, GIF) and an index.html that works opened from disk.",
     )
-    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run directories (or folders with one run below)",
+    )
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write into")
     p.add_argument(
         "--at",
@@ -44,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from regionwatch.report import write_report
 
     index = write_report(
-        args.run_dirs,
+        [find_run(path) for path in args.run_dirs],
         args.out,
         at_tokens=args.at,
         max_curves=args.max_curves,

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from regionwatch.cli.runs import find_run
 from regionwatch.cli.tables import tokens_table
 
 
@@ -17,7 +18,9 @@ def add(verbs: argparse._SubParsersAction) -> None:
         description="Print a run's snapshots over tokens (max-slope quartiles, similar vs "
         "dissimilar), check every file against the index, and flag damaged ones.",
     )
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a run, or a folder with one run below it"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per snapshot (JSON lines)")
     p.set_defaults(run=run)
 
@@ -26,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the verb; the exit status."""
     from regionwatch.store import SnapshotStore
 
-    store = SnapshotStore(args.run_dir)
+    store = SnapshotStore(find_run(args.run_dir))
     records = store.records()
     if args.json:
         for record in records:
