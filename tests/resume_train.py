@@ -11,6 +11,7 @@ retaken.
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -22,12 +23,16 @@ from regionwatch.store import SnapshotStore as _Store
 from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
 
 _write = _Store.write
+# Snapshots are written on regionwatch's background thread, so two threads pause here; one at a
+# time, since a text stream read from two threads can swallow an answer and hang both.
+_one_pause = threading.Lock()
 
 
 def pause(line: str) -> None:
     """Print `line` and wait for the test's answer: a kill aimed at `line` lands exactly here."""
-    print(line, flush=True)
-    sys.stdin.readline()
+    with _one_pause:
+        print(line, flush=True)
+        sys.stdin.readline()
 
 
 def paused_write(self: SnapshotStore, snapshot: object) -> Path:

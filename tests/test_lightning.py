@@ -118,7 +118,7 @@ def test_find_model_is_unambiguous(text_tokenizer) -> None:
     ("setup", "error", "match"),
     [
         ("write_layer", UnsupportedModelError, r"write_layer=5: need an int in 0\.\.0"),
-        ("context", ConfigError, r"does not fit.*takes at most 8.*seq_len="),
+        ("context", ConfigError, r"do not fit.*takes at most 8.*seq_len="),
         ("run_dir", ConfigError, r"not writable"),
         ("batch", ConfigError, r"count_tokens=lambda batch"),
     ],

@@ -49,8 +49,9 @@ def add(verbs: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the verb; the exit status."""
-    from regionwatch.report import write_report
+    from regionwatch.report.build import check_out, write_report
 
+    check_out(args.out)  # before any run is looked for
     index = write_report(
         [find_run(path) for path in args.run_dirs],
         args.out,

@@ -68,12 +68,7 @@ def write_report(
         raise ConfigError("write_report: give at least one run directory")
     if max_curves < MIN_CURVES:
         raise ConfigError(f"write_report(max_curves={max_curves}): need >= {MIN_CURVES}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(
-            f"--out {out} (out=...) is a file; the report is a folder of files: name a new or "
-            "existing directory"
-        )
+    out = check_out(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -85,6 +80,21 @@ def write_report(
     index.write_text(render_page(runs, overview, sections, notes=notes), encoding="utf-8")
     logger.info("report of %d run(s) written to %s", len(runs), index)
     return index
+
+
+def check_out(out: str | Path) -> Path:
+    """The report folder, refused when it is a file (checked before any run is read).
+
+    Raises:
+        ConfigError: `out` is a file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"--out {out} (out=...) is a file; the report is a folder of files: name a new or "
+            "existing directory"
+        )
+    return out
 
 
 def load_runs(run_dirs: Sequence[str | Path], *, progress: bool = True) -> list[RunData]:
