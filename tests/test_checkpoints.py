@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from regionwatch import CheckpointError, SnapshotStore
-from regionwatch.checkpoints import (
+from regionwatch.checkpoints import discover
+from regionwatch.cli import main
+from regionwatch.revisions import (
     PYTHIA_REVISIONS,
     PYTHIA_TOKENS_PER_STEP,
     REVISION_SCHEDULES,
-    discover,
     parse_revision,
     revision_name,
 )
-from regionwatch.cli import main
 from regionwatch.snapshot import weights_fingerprint
 from tests.lm import SMALL_PROBE
 from tests.replay_runs import add_hub_revision, save_model
