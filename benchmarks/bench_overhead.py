@@ -24,22 +24,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import transformers
+from harness import RESULTS, ROOT, environment, write
 
 from regionwatch import SnapshotStore
 from regionwatch.demo import DemoConfig, demo_tokenizer, run_demo, train, training_data
 from regionwatch.monitor import Monitor
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICK = {
     "layers": 2,
     "width": 64,
@@ -49,21 +45,6 @@ QUICK = {
     "batch_size": 8,
     "steps": 20,
 }
-
-
-def environment() -> dict:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    )
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "commit": commit.stdout.strip(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
 
 
 def time_monitor_calls(spent: list[float], background: list[float]) -> None:
@@ -144,7 +125,10 @@ def main() -> None:
                     probe_s = [r["probe_seconds"] for r in records]
     without, with_ = statistics.median(times["without"]), statistics.median(times["with"])
     result = {
-        "env": environment(),
+        # The demo trains in float32, on the GPU if there is one (Lightning's and HF's default).
+        "env": environment(
+            torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32
+        ),
         "params": {**vars(args), "config": config.to_dict()}
         | {"config_path": str(args.config), "out": str(args.out)},
         "wall_s": times,
@@ -161,15 +145,9 @@ def main() -> None:
         "probe_s_total": sum(probe_s),
         "target": 0.03,
     }
-    out = (
-        args.out
-        or ROOT
-        / "benchmarks"
-        / "results"
-        / f"bench_overhead-{'quick' if args.quick else 'demo'}-{result['env']['device']}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    name = f"bench_overhead-{'quick' if args.quick else 'demo'}-{result['env']['device']}.json"
+    out = args.out or RESULTS / name
+    write(result, out)
     print(
         f"training thread blocked {100 * result['blocking_share']:.1f}% of the wall time "
         f"({statistics.median(blocking):.1f} s, {result['probe_s_total']:.1f} s of it probes; "

@@ -1,4 +1,4 @@
-"""Checkpoints of a training run: finding them, placing them in training, and loading them.
+"""Checkpoints of a training run: finding them and placing them in training.
 
 What replay measures. `discover` turns SOURCE paths and hub revisions into `Checkpoint`s ordered
 by (tokens, step): `save_pretrained` directories (HF Trainer `checkpoint-N` folders among them),
@@ -6,90 +6,44 @@ single-file state dicts (Lightning `.ckpt`, `torch.save` files), sharded directo
 load with the command that consolidates them) and hub revisions (Pythia's `step1000`, OLMo's
 `step1000-tokens4B`). The step and tokens of each come from the first that applies: the Trainer's
 `trainer_state.json`; a `.ckpt`'s `global_step` (and the tokens a `RegionMonitor` recorded in its
-callback state); the name (`parse_revision`, the one reader of checkpoint names); tokens as
-step x `tokens_per_step`. A checkpoint whose tokens stay unknown is refused, never guessed.
+callback state); the name (`revisions.parse_revision`, the one reader of checkpoint names); tokens
+as step x `tokens_per_step`. A checkpoint whose tokens stay unknown is refused, never guessed.
 A checkpoint that cannot be read while it is placed (garbage bytes, a `trainer_state.json` whose
 step is no number, a model folder without `config.json`) carries the reason in `error`: replay
-reports it as failed and goes on with the others.
-
-Over 400 lines on purpose: every rule that places a checkpoint in training is here, side by side,
-so that one read shows how any checkpoint got its step and tokens.
+reports it as failed and goes on with the others. Names and hub revisions are read in
+revisions.py; checkpoints are loaded in loading.py (`load_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from fnmatch import fnmatchcase
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from huggingface_hub import constants as hub_constants
-from huggingface_hub import list_repo_refs
-from huggingface_hub.file_download import repo_folder_name
-from transformers import PreTrainedModel
 
 from regionwatch.errors import CheckpointError, ConfigError, check_int
 from regionwatch.loading import (
     CONFIG_FILE,
     STATE_DICT_SUFFIXES,
+    Kind,
     has_weights,
     is_sharded_checkpoint,
-    load_model,
-    load_state_dict_model,
     read_checkpoint,
-    sharded_message,
 )
+from regionwatch.revisions import expand_revisions, parse_revision
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["pretrained", "state_dict", "sharded", "hub"]
 TRAINER_STATE = "trainer_state.json"  # the HF Trainer's state in every checkpoint-N folder
 SCANNED_SUFFIXES = (".ckpt",)  # files picked up inside a SOURCE directory; others must be named
 # RegionMonitor's Lightning `state_key` (`monitor_state_key`): this name, then the run_dir it was
 # given in brackets, so that two monitors of one Trainer keep their states apart.
 REGION_MONITOR_STATE = "regionwatch.RegionMonitor"
 LEGACY_MONITOR_STATE = "RegionMonitor"  # its key before it had its own: Lightning's, the class name
-LISTED_REVISIONS = 8  # revision names quoted in an error message
-# Token units in revision names: OLMo's `step1000-tokens4B` is 4e9 tokens (rounded by its makers).
-TOKEN_UNITS = MappingProxyType({"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12})
-_TRAINER_NAME = re.compile(r"checkpoint-(?P<step>\d+)")  # HF Trainer: checkpoint-500
-_LIGHTNING_NAME = re.compile(r"(?:^|-)step=(?P<step>\d+)(?=[-.]|$)")  # epoch=0-step=500(-v1)
-# Pythia `step1000`; OLMo `step1000-tokens4B`, OLMo 2 `stage1-step1000-tokens5B`; ours plain.
-_STEP_NAME = re.compile(r"(?:^|[-_])step(?P<step>\d+)(?:-tokens(?P<tokens>\d+)(?P<unit>[KMBT]?))?$")
-
-# Pythia (Biderman et al. 2023, §2 and the EleutherAI/pythia README): 154 checkpoints per model,
-# step0, ten log-spaced ones (1, 2, 4, ..., 512), then every 1000 steps up to 143000; each step
-# is 1024 sequences x 2048 tokens.
-PYTHIA_STEPS = (0, *(2**i for i in range(10)), *range(1000, 143_001, 1000))
-PYTHIA_TOKENS_PER_STEP = 1024 * 2048  # 2,097,152
-
-
-def revision_name(step: int) -> str:
-    """The hub revision of a step, as Pythia names its branches: `step1000`."""
-    return f"step{step}"
-
-
-PYTHIA_REVISIONS = tuple(revision_name(step) for step in PYTHIA_STEPS)
-
-
-@dataclass(frozen=True)
-class RevisionSchedule:
-    """A public model family's checkpoint revisions and its tokens per optimizer step."""
-
-    revisions: tuple[str, ...]
-    tokens_per_step: int
-
-
-# `--revisions pythia` expands to these; the tokens per step then need no flag.
-REVISION_SCHEDULES = MappingProxyType(
-    {"pythia": RevisionSchedule(PYTHIA_REVISIONS, PYTHIA_TOKENS_PER_STEP)}
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,47 +89,6 @@ class Checkpoint:
         return name
 
 
-@dataclass(frozen=True, kw_only=True)
-class LoadOptions:
-    """How to load checkpoints: the options of `load_state_dict_model` and the measuring dtype."""
-
-    config_dir: Path | None = None
-    state_key: str | None = None
-    trust_pickle: bool = False
-    dtype: torch.dtype = torch.float32
-    device: str = "cpu"
-
-
-def parse_revision(name: str) -> tuple[int, int | None] | None:
-    """Step and tokens from a checkpoint's name; None if the name says neither.
-
-    The one reader of checkpoint names. Understood: `checkpoint-N` (HF Trainer), `stepN`
-    (Pythia), `stepN-tokensT` with T plain or in K/M/B/T units (OLMo; a `stage1-` prefix too),
-    `epoch=E-step=N` (Lightning, with any `-metric=...` or `-vN` after it).
-
-    Args:
-        name: a directory, file (without suffix) or revision name.
-
-    Returns:
-        (step, tokens), tokens None where the name holds none.
-
-    Example:
-        >>> parse_revision("step1000-tokens4B")
-        (1000, 4000000000)
-    """
-    trainer = _TRAINER_NAME.fullmatch(name)
-    if trainer:
-        return int(trainer["step"]), None
-    lightning = _LIGHTNING_NAME.search(name)
-    if lightning:
-        return int(lightning["step"]), None
-    plain = _STEP_NAME.search(name)
-    if plain is None:
-        return None
-    tokens = None if plain["tokens"] is None else int(plain["tokens"]) * TOKEN_UNITS[plain["unit"]]
-    return int(plain["step"]), tokens
-
-
 def discover(
     sources: Sequence[str | Path] = (),
     *,
@@ -196,7 +109,7 @@ def discover(
         tokens_per_step: tokens per optimizer step, for checkpoints that record no token count.
         repo: a hub repo id whose `revisions` to replay.
         revisions: names, comma-separated or a list; globs (`step*`) match the repo's revisions;
-            a key of `REVISION_SCHEDULES` ("pythia") stands for its list.
+            a key of `revisions.REVISION_SCHEDULES` ("pythia") stands for its list.
         trust_pickle: allow full unpickling when reading a `.ckpt`'s step (see `read_checkpoint`).
 
     Returns:
@@ -229,89 +142,6 @@ def discover(
     placed = [_place(c, tokens_per_step, trust_pickle) for c in found if unique[_identity(c)] is c]
     _refuse_unplaced(placed)
     return sorted(placed, key=_order)
-
-
-def expand_revisions(
-    repo: str, revisions: str | Sequence[str] | None
-) -> list[tuple[str, int | None]]:
-    """Revision names, each with its schedule's tokens per step if it came from one.
-
-    Raises:
-        CheckpointError: a glob that matches no revision of the repo.
-        ConfigError: no revisions given.
-    """
-    items = revisions.split(",") if isinstance(revisions, str) else list(revisions or ())
-    items = [item.strip() for item in items if item.strip()]
-    if not items:
-        raise ConfigError(
-            f"--repo {repo} needs --revisions: names (step0,step1000), a glob ('step*') or "
-            f"a known schedule ({', '.join(REVISION_SCHEDULES)})"
-        )
-    out: list[tuple[str, int | None]] = []
-    refs: list[str] | None = None
-    for item in items:
-        if item in REVISION_SCHEDULES:
-            schedule = REVISION_SCHEDULES[item]
-            out += [(name, schedule.tokens_per_step) for name in schedule.revisions]
-        elif any(char in item for char in "*?["):
-            refs = list_revisions(repo) if refs is None else refs
-            matched = sorted((r for r in refs if fnmatchcase(r, item)), key=_revision_order)
-            if not matched:
-                raise CheckpointError(
-                    f"--revisions {item!r} matches none of the {len(refs)} revisions of {repo}: "
-                    f"{sorted(refs)[:LISTED_REVISIONS]}"
-                )
-            out += [(name, None) for name in matched]
-        else:
-            out.append((item, None))
-    return out
-
-
-def list_revisions(repo: str) -> list[str]:
-    """The branches and tags of a hub repo; offline, those in the local Hugging Face cache.
-
-    Offline (`HF_HUB_OFFLINE=1`), or when the hub cannot be reached, the answer is the refs the
-    local cache holds (`<HF_HUB_CACHE>/models--org--name/refs/`): only revisions downloaded
-    before. That is logged, since it may be fewer than the repo has.
-    """
-    if not hub_constants.HF_HUB_OFFLINE:
-        try:
-            refs = list_repo_refs(repo)
-            return [ref.name for ref in (*refs.branches, *refs.tags)]
-        except OSError as err:  # the hub's HTTP errors and connection errors are OSErrors
-            logger.warning("cannot list the revisions of %s on the hub (%s)", repo, err)
-    refs_dir = Path(hub_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
-    refs_dir /= "refs"
-    names = sorted(p.name for p in refs_dir.iterdir() if p.is_file()) if refs_dir.is_dir() else []
-    logger.warning(
-        "listing the revisions of %s from the local cache %s only (offline): %d found",
-        repo,
-        refs_dir,
-        len(names),
-    )
-    return names
-
-
-def load(checkpoint: Checkpoint, options: LoadOptions) -> PreTrainedModel:
-    """Load a checkpoint's causal LM, in eval mode.
-
-    Raises:
-        CheckpointError: anything that makes it unloadable, with the reason.
-    """
-    at = {"dtype": options.dtype, "device": options.device}
-    if checkpoint.kind == "hub":
-        return load_model(checkpoint.repo, revision=checkpoint.revision, **at)
-    if checkpoint.kind == "pretrained":
-        return load_model(checkpoint.path, **at)
-    if checkpoint.kind == "sharded":
-        raise CheckpointError(sharded_message(checkpoint.path))
-    return load_state_dict_model(
-        checkpoint.path,
-        config_dir=options.config_dir,
-        state_key=options.state_key,
-        trust_pickle=options.trust_pickle,
-        **at,
-    )
 
 
 def _scan(source: Path) -> list[Checkpoint]:
@@ -510,11 +340,6 @@ def _order(checkpoint: Checkpoint) -> tuple[Any, ...]:
     # Sharded dirs may lack a position; they fail at load anyway, so they go last.
     unknown = checkpoint.tokens is None
     return (unknown, checkpoint.tokens or 0, checkpoint.step or 0, checkpoint.label)
-
-
-def _revision_order(name: str) -> tuple[int, int, str]:
-    parsed = parse_revision(name)
-    return (0, parsed[0], name) if parsed else (1, 0, name)
 
 
 def _count(value: Any, source: str, key: str) -> int | None:

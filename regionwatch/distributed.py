@@ -12,6 +12,9 @@ must make the same sequence of forward calls: `engine.run` replicates the clean 
 rank and splits each context's patched queries evenly (the short share padded), so the chunk plan
 is identical everywhere; `unsharded_outside` gathers the parameters outside the blocks
 (embeddings, final norm, unembedding: the FSDP root's own) for the whole measurement.
+
+The monitor's ranks agree through `broadcast_object` (rank zero's state and probe set) and
+`gather_objects` (every rank's measured shard, merged on rank zero); both are no-ops in one process.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -148,3 +151,27 @@ def gather_rows(tensor: Tensor, world: int, group: dist.ProcessGroup) -> Tensor:
     out = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(out, tensor.contiguous(), group=group)  # gloo has no all_gather_into_tensor
     return torch.stack(out)
+
+
+def local_shard(tensor: Tensor) -> Tensor:
+    """This rank's shard of a parameter (an FSDP2 DTensor), read without a collective."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
+
+
+def broadcast_object(obj: Any, world: int) -> Any:
+    """Rank zero's `obj` on every rank."""
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any, rank: int, world: int) -> list[Any]:
+    """Every rank's `obj` on rank zero (in rank order); [] elsewhere."""
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []

@@ -22,8 +22,9 @@ import zipfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import safetensors.torch
 import torch
@@ -44,6 +45,9 @@ from regionwatch.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
+# What replay meets: a save_pretrained dir, a single-file state dict, a sharded
+# torch.distributed.checkpoint dir (refused, with the command that consolidates it), a hub revision.
+Kind = Literal["pretrained", "state_dict", "sharded", "hub"]
 BUILTIN_TOKENIZER = "builtin"  # --tokenizer value: byte-level BPE trained on the built-in corpus
 CONFIG_FILE = "config.json"  # a model's architecture, as save_pretrained writes it
 # What save_pretrained writes, whole or sharded; transformers itself prefers the safetensors ones.
@@ -331,6 +335,53 @@ def sharded_message(path: Path) -> str:
         f"it; {shards} *.distcp shard files): its weights are split across files. Consolidate it "
         f"into one file first: `{CONSOLIDATE.format(src=path, dst=out)}`, then replay {out} "
         "(with --config DIR if no config.json lies beside it)"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadOptions:
+    """How to load checkpoints: the options of `load_state_dict_model` and the measuring dtype."""
+
+    config_dir: Path | None = None
+    state_key: str | None = None
+    trust_pickle: bool = False
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+
+def load_checkpoint(
+    kind: Kind,
+    path: Path | None,
+    options: LoadOptions,
+    *,
+    repo: str | None = None,
+    revision: str | None = None,
+) -> PreTrainedModel:
+    """Load a checkpoint's causal LM of any `Kind`, in eval mode.
+
+    Args:
+        kind: what the checkpoint is (see `Kind`).
+        path: its file or directory (None for a hub revision).
+        options: how to load it.
+        repo: the hub repo id (hub revisions only).
+        revision: the hub revision (hub revisions only).
+
+    Raises:
+        CheckpointError: anything that makes it unloadable, with the reason.
+    """
+    at = {"dtype": options.dtype, "device": options.device}
+    if kind == "hub":
+        return load_model(repo, revision=revision, **at)
+    if kind == "pretrained":
+        return load_model(path, **at)
+    if kind == "sharded":
+        raise CheckpointError(sharded_message(path))
+    return load_state_dict_model(
+        path,
+        config_dir=options.config_dir,
+        state_key=options.state_key,
+        trust_pickle=options.trust_pickle,
+        **at,
     )
 
 

@@ -43,7 +43,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import distributed as dist
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -307,7 +306,7 @@ class Monitor:
         self._log_dir = None if log_dir is None else Path(log_dir)
         if self._probes is None:
             built = self._build_probes() if rank == 0 else None
-            self._probes = _broadcast(built, world)
+            self._probes = distributed.broadcast_object(built, world)
         elif self._tokenizer is not None:
             self._probes.check_tokenizer(self._tokenizer)
         _check_fits(site, self._probes)
@@ -388,7 +387,7 @@ class Monitor:
                 self._store.close()  # refused: the store stays exactly as it was
                 self._store = None
         # Rank 0 decides; every rank raises the same refusal, so that no rank waits on the others.
-        shared = _broadcast((last, last_maps, refusal, run_id), self._world)
+        shared = distributed.broadcast_object((last, last_maps, refusal, run_id), self._world)
         self._last, self._last_maps, refusal, self._run_id = shared
         if refusal is not None:
             raise ConfigError(refusal)
@@ -494,7 +493,7 @@ class Monitor:
         if not maps and "maps" in config.parts and len(config.parts) > 1:
             config = replace(config, parts=tuple(p for p in config.parts if p != "maps"))
         shard = self._guarded_measure(model, step, config)
-        shards = _gather(shard, self._rank, self._world)
+        shards = distributed.gather_objects(shard, self._rank, self._world)
         if self._rank != 0:
             return None
         failed = [(rank, s) for rank, s in enumerate(shards) if isinstance(s, str)]
@@ -692,12 +691,6 @@ def headline(snapshot: Snapshot) -> dict[str, float]:
     return {**scalars(snapshot), TOKENS_TAG: float(snapshot.tokens)}
 
 
-def _local(param: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a parameter (an FSDP2 DTensor), read without a collective."""
-    to_local = getattr(param, "to_local", None)
-    return param if to_local is None else to_local()
-
-
 def _non_finite(model: nn.Module, measured: Measurement) -> str | None:
     """Why a measurement shows a diverged model, or None.
 
@@ -716,7 +709,7 @@ def _non_finite(model: nn.Module, measured: Measurement) -> str | None:
     params = [
         name
         for name, p in model.named_parameters()
-        if p.is_floating_point() and not bool(torch.isfinite(_local(p)).all())
+        if p.is_floating_point() and not bool(torch.isfinite(distributed.local_shard(p)).all())
     ]
     cause = (
         f"{len(params)} parameters hold NaN or inf (first: {params[0]})"
@@ -763,21 +756,3 @@ def _check_fits(site: Any, probes: ProbeSet) -> None:
                 f"the probe set's {name} do not fit this model: {err}; build a probe set that "
                 "does, e.g. probes=ProbeSet.build(tokenizer, seq_len=<shorter>, handpicked=False)"
             ) from None
-
-
-def _broadcast(obj: Any, world: int) -> Any:
-    """Rank zero's `obj` on every rank."""
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj: Any, rank: int, world: int) -> list[Any]:
-    """Every rank's `obj` on rank zero (in rank order); [] elsewhere."""
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out or []

@@ -32,9 +32,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from regionwatch.checkpoints import Checkpoint, LoadOptions, discover, load
+from regionwatch.checkpoints import Checkpoint, discover
 from regionwatch.errors import ConfigError, RegionWatchError, StoreError
-from regionwatch.loading import check_device, has_tokenizer, load_tokenizer
+from regionwatch.loading import (
+    LoadOptions,
+    check_device,
+    has_tokenizer,
+    load_checkpoint,
+    load_tokenizer,
+)
 from regionwatch.measure import ProbeConfig
 from regionwatch.monitor import Monitor, Precision, WatchConfig
 from regionwatch.probes import ProbeSet
@@ -215,7 +221,13 @@ def _measure(
     """Load, measure and release one checkpoint; (snapshot, "") or (None, the reason)."""
     model = None
     try:
-        model = load(checkpoint, options)
+        model = load_checkpoint(
+            checkpoint.kind,
+            checkpoint.path,
+            options,
+            repo=checkpoint.repo,
+            revision=checkpoint.revision,
+        )
         monitor.setup(model, log_dir=None, info={"driver": DRIVER})  # checks the architecture
         # Region maps at every checkpoint (measure_now's default): a live run draws them at
         # fewer snapshots to bound its training overhead; a replay measures what it was given.

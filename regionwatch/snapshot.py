@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from regionwatch import metrics
 from regionwatch.atomic import float_from_json, json_float
+from regionwatch.distributed import local_shard
 from regionwatch.errors import StoreError
 from regionwatch.measure import Curves, Measurement, ProbeConfig, RegionMaps
 from regionwatch.probes import ProbeSet
@@ -226,8 +227,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     """
     digest = hashlib.blake2b(digest_size=FINGERPRINT_CHARS // 2)
     for name, tensor in sorted(model.state_dict().items()):
-        if hasattr(tensor, "to_local"):  # a DTensor (FSDP2): this rank's shard, no collective
-            tensor = tensor.to_local()
+        tensor = local_shard(tensor)  # a DTensor (FSDP2): this rank's shard, no collective
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         flat = tensor.detach().contiguous().reshape(-1)
         digest.update(flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b"")

@@ -8,6 +8,10 @@
 - `add_hub_revision`: a Hugging Face hub cache laid out as `huggingface_hub` downloads it
   (`models--org--name/{refs/<rev>, snapshots/<commit>/<file> -> ../../blobs/<sha256>}`), so that
   `from_pretrained("org/name", revision="step2")` resolves offline through the real client.
+
+Its fixtures (the probe set, its saved directory, corpus windows and two live runs with their
+checkpoints) are shared by test_replay, test_checkpoints and test_loading, registered by
+`pytest_plugins` in conftest.py; session-scoped, so each live run trains once per test session.
 """
 
 from __future__ import annotations
@@ -17,14 +21,24 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from huggingface_hub.file_download import repo_folder_name
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-from regionwatch import RegionMonitor, RegionMonitorCallback, Schedule
+from regionwatch import ProbeSet, RegionMonitor, RegionMonitorCallback, Schedule
 from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import BATCH, SMALL_PROBE, TinyLM, Windows, loader, tiny_gpt2, trainer
+from tests.lm import (
+    BATCH,
+    SMALL_PROBE,
+    TinyLM,
+    Windows,
+    loader,
+    small_probes,
+    tiny_gpt2,
+    trainer,
+)
 
 
 def save_model(path: Path, *, seed: int, tokenizer: Any = None) -> GPT2LMHeadModel:
@@ -150,3 +164,38 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Whether two models hold bitwise the same state dict."""
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="session")
+def probes(text_tokenizer) -> ProbeSet:
+    """The small probe set of the built-in corpus."""
+    return small_probes(text_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def probe_dir(probes, tmp_path_factory) -> Path:
+    """`probes` saved, for --probe DIR."""
+    return probes.save(tmp_path_factory.mktemp("probes") / "probes")
+
+
+@pytest.fixture(scope="session")
+def data(text_tokenizer) -> Windows:
+    """Corpus windows to train the live runs on."""
+    return Windows(text_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def lightning_live(tmp_path_factory, data, probes) -> Path:
+    """A Lightning run measured live at steps 0, 2, 4, saving a .ckpt after every step."""
+    root = tmp_path_factory.mktemp("lightning")
+    ckpts = lightning_run(root, data, probes=probes, every=2, save_every=1, max_steps=4)
+    tiny_gpt2(VOCAB).config.save_pretrained(ckpts)  # the architecture, beside the .ckpt files
+    return root
+
+
+@pytest.fixture(scope="session")
+def trainer_live(tmp_path_factory, data, probes) -> Path:
+    """An HF Trainer run measured live at steps 0, 2, 4, saving checkpoint-2 and checkpoint-4."""
+    root = tmp_path_factory.mktemp("trainer")
+    trainer_run(root, data, probes=probes, every=2, max_steps=4)
+    return root

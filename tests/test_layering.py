@@ -18,6 +18,7 @@ RANK = {
     "atomic": 1,
     "metrics": 1,
     "schedule": 1,
+    "revisions": 1,
     "corpus": 1,
     "palette": 1,
     "access": 2,

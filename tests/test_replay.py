@@ -1,10 +1,12 @@
-"""Replay on real checkpoints: every source kind, ordering, failures, resume, live == replay."""
+"""Replay on real checkpoints: every source kind, failures, resume, live == replay.
+
+Finding and placing checkpoints is tested in test_checkpoints.py, loading them in test_loading.py.
+"""
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -14,77 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from regionwatch import (
-    CheckpointError,
-    ConfigError,
-    ProbeConfig,
-    ProbeSet,
-    SnapshotStore,
-    StoreError,
-)
-from regionwatch.checkpoints import (
-    PYTHIA_REVISIONS,
-    PYTHIA_TOKENS_PER_STEP,
-    REVISION_SCHEDULES,
-    discover,
-    parse_revision,
-    revision_name,
-)
+from regionwatch import ConfigError, ProbeConfig, SnapshotStore, StoreError
+from regionwatch.checkpoints import discover
 from regionwatch.cli import main
-from regionwatch.loading import load_state_dict_model
 from regionwatch.replay import replay
 from regionwatch.snapshot import weights_fingerprint
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, Windows, small_probes, tiny_gpt2
-from tests.replay_runs import (
-    ConfigLM,
-    add_hub_revision,
-    lightning_run,
-    same_weights,
-    save_model,
-    trainer_run,
-    truncate,
-)
+from tests.lm import SMALL_PROBE
+from tests.replay_runs import save_model, truncate
 
 SMALL = ["--alphas", str(SMALL_PROBE.num_alphas), "--grid", str(SMALL_PROBE.grid)]
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def probes(text_tokenizer) -> ProbeSet:
-    return small_probes(text_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def probe_dir(probes, tmp_path_factory) -> Path:
-    return probes.save(tmp_path_factory.mktemp("probes") / "probes")
-
-
-@pytest.fixture(scope="module")
-def data(text_tokenizer) -> Windows:
-    return Windows(text_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def lightning_live(tmp_path_factory, data, probes) -> Path:
-    """A Lightning run measured live at steps 0, 2, 4, saving a .ckpt after every step."""
-    root = tmp_path_factory.mktemp("lightning")
-    ckpts = lightning_run(root, data, probes=probes, every=2, save_every=1, max_steps=4)
-    tiny_gpt2(VOCAB).config.save_pretrained(ckpts)  # the architecture, beside the .ckpt files
-    return root
-
-
-@pytest.fixture(scope="module")
-def trainer_live(tmp_path_factory, data, probes) -> Path:
-    """An HF Trainer run measured live at steps 0, 2, 4, saving checkpoint-2 and checkpoint-4."""
-    root = tmp_path_factory.mktemp("trainer")
-    trainer_run(root, data, probes=probes, every=2, max_steps=4)
-    return root
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -114,85 +58,6 @@ def assert_same_snapshots(live: Path, replayed: Path, steps: list[int]) -> None:
         for name in arrays_a:
             assert bitwise_equal(arrays_a[name], arrays_b[name]), (step, name)
         assert dict(a.summary).items() <= dict(b.summary).items(), step
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("checkpoint-500", (500, None)),
-        ("step1000", (1000, None)),
-        ("step0", (0, None)),
-        ("step1000-tokens4B", (1000, 4_000_000_000)),
-        ("step20-tokens41943040", (20, 41_943_040)),
-        ("step7-tokens12K", (7, 12_000)),
-        ("step7-tokens3M", (7, 3_000_000)),
-        ("stage1-step140000-tokens588B", (140_000, 588_000_000_000)),
-        ("epoch=0-step=4", (4, None)),
-        ("epoch=2-step=300-val_loss=0.51-v1", (300, None)),
-        ("epoch=0-step=2.ckpt", (2, None)),
-        ("last", None),
-        ("final", None),
-        ("steps100", None),
-        ("checkpoint-best", None),
-    ],
-)
-def test_parse_revision_reads_every_naming_scheme(name: str, expected) -> None:
-    """Trainer, Pythia, OLMo and Lightning names give (step, tokens); other names give None."""
-    assert parse_revision(name) == expected
-
-
-def test_pythia_schedule_is_the_published_one() -> None:
-    """154 revisions: step0, 1..512 doubling, then every 1000 to 143000; 2M tokens per step."""
-    assert len(PYTHIA_REVISIONS) == 154
-    assert PYTHIA_REVISIONS[:4] == ("step0", "step1", "step2", "step4")
-    assert PYTHIA_REVISIONS[10:13] == ("step512", "step1000", "step2000")
-    assert PYTHIA_REVISIONS[-1] == "step143000"
-    assert PYTHIA_TOKENS_PER_STEP == 2_097_152
-    assert REVISION_SCHEDULES["pythia"].revisions == PYTHIA_REVISIONS
-    assert all(parse_revision(revision_name(s)) == (s, None) for s in (0, 512, 143_000))
-
-
-def test_discover_orders_by_tokens_and_counts_each_checkpoint_once(
-    tmp_path: Path, trainer_live: Path
-) -> None:
-    """Order follows tokens, not steps or names; a path given twice or via a symlink counts once."""
-    save_model(tmp_path / "b" / "step9-tokens100", seed=0)
-    save_model(tmp_path / "a" / "step1-tokens900", seed=1)
-    (tmp_path / "link").symlink_to(tmp_path / "a" / "step1-tokens900")
-    sources = [tmp_path / "a", tmp_path / "b", tmp_path / "link", trainer_live / "out"]
-    found = discover([*sources, tmp_path / "b" / "step9-tokens100"])
-    live = SnapshotStore(trainer_live / "live").records()
-    assert [(c.step, c.tokens) for c in found] == [
-        (9, 100),
-        (2, live[1]["tokens"]),
-        (4, live[2]["tokens"]),
-        (1, 900),
-    ]
-    assert [c.kind for c in found] == ["pretrained"] * 4
-    assert found[0].found == "step and tokens from the name"
-    assert found[1].found == "step and tokens from trainer_state.json"
-
-
-def test_unknown_tokens_are_refused_naming_the_flag(tmp_path: Path, capsys) -> None:
-    """No token count anywhere: refused before measuring, naming --tokens-per-step; then used."""
-    model = save_model(tmp_path / "step3", seed=0)
-    state = {"global_step": 5, "state_dict": {f"lm.{k}": v for k, v in model.state_dict().items()}}
-    torch.save(state, tmp_path / "weights.ckpt")  # a .ckpt's own step: 5
-    save_model(tmp_path / "final", seed=1)
-    with pytest.raises(CheckpointError, match=r"--tokens-per-step N") as err:
-        discover([tmp_path / "step3", tmp_path / "weights.ckpt", tmp_path / "final"])
-    assert "step 3 (step from the name), tokens unknown" in str(err.value)
-    assert "final: no step" in str(err.value)
-    code = main(["replay", str(tmp_path / "step3"), "--out", str(tmp_path / "run")])
-    assert code == 2
-    assert "--tokens-per-step" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-    found = discover([tmp_path / "step3", tmp_path / "weights.ckpt"], tokens_per_step=64)
-    assert [(c.step, c.tokens) for c in found] == [(3, 192), (5, 320)]
-    assert (
-        found[1].found
-        == "step from the checkpoint's global_step, tokens from step x 64 tokens per step"
-    )
 
 
 def test_save_pretrained_dirs_replay_with_the_tokenizer_they_hold(
@@ -283,49 +148,6 @@ def test_mixed_sources_in_one_call(
     ]
 
 
-@pytest.mark.slow
-def test_hub_revisions_resolve_offline_through_a_real_cache(
-    tmp_path: Path, text_tokenizer, probe_dir: Path
-) -> None:
-    """`from_pretrained(repo, revision=...)` finds each revision in a hub cache, offline."""
-    cache, prints = tmp_path / "hub", {}
-    for seed, revision in enumerate(("step0", "step2", "step4")):
-        model = save_model(tmp_path / "src" / revision, seed=seed, tokenizer=text_tokenizer)
-        add_hub_revision(cache, "org/tiny", revision, tmp_path / "src" / revision)
-        prints[revision] = weights_fingerprint(model)
-    local = save_model(tmp_path / "step3-tokens3500", seed=7)
-    env = {
-        **os.environ,
-        "HF_HUB_CACHE": str(cache),
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    argv = [
-        *("replay", str(tmp_path / "step3-tokens3500"), "--repo", "org/tiny"),
-        *("--revisions", "step*,step9", "--tokens-per-step", "1000"),
-        *("--out", str(tmp_path / "run"), "--probe", str(probe_dir), *SMALL),
-    ]
-    done = subprocess.run(
-        [sys.executable, "-m", "regionwatch", *argv],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 1, done.stderr[-3000:]  # step9 is not in the cache
-    assert "from the local cache" in done.stderr
-    assert "FAILED org/tiny@step9" in done.stdout
-    rows = SnapshotStore(tmp_path / "run").records()
-    assert [(r["step"], r["tokens"]) for r in rows] == [(0, 0), (2, 2000), (3, 3500), (4, 4000)]
-    assert [r["weights_fingerprint"] for r in rows] == [
-        prints["step0"],
-        prints["step2"],
-        weights_fingerprint(local),
-        prints["step4"],
-    ]
-
-
 def test_bad_checkpoints_are_reported_and_skipped(tmp_path: Path, probe_dir: Path, capsys) -> None:
     """Corrupt, weightless and misshapen checkpoints fail alone; the rest go in; exit status 1."""
     for step in (1, 2, 3, 4, 5):
@@ -348,75 +170,6 @@ def test_bad_checkpoints_are_reported_and_skipped(tmp_path: Path, probe_dir: Pat
     assert SnapshotStore(tmp_path / "run").steps() == [1, 5]
     assert "replay: 100%" in err
     assert "step5-tokens500" in err
-
-
-def test_pickled_checkpoint_needs_trust_pickle(
-    tmp_path: Path, data: Windows, probes, caplog
-) -> None:
-    """Hyper-parameters holding a config object: refused, naming the flag; loaded with it."""
-    module = ConfigLM(tiny_gpt2(VOCAB).config)  # the architecture travels as a pickled object
-    ckpts = lightning_run(tmp_path, data, max_steps=1, module=module)
-    kwargs = {"probes": probes, "config": SMALL_PROBE, "tokens_per_step": 64, "progress": False}
-    refused = replay([ckpts], out=tmp_path / "run", **kwargs)
-    assert not refused.measured
-    assert len(refused.failed) == 1
-    assert "--trust-pickle" in refused.failed[0][1]
-    assert "GPT2Config" in refused.failed[0][1]
-    trusted = replay([ckpts], out=tmp_path / "run", trust_pickle=True, **kwargs)
-    assert [c.step for c in trusted.measured] == [1]
-    assert trusted.ok
-    row = SnapshotStore(tmp_path / "run").records()[0]
-    assert row["weights_fingerprint"] == weights_fingerprint(module.lm)
-
-
-def test_state_dict_prefixes_and_compiled_keys_are_mapped(tmp_path: Path) -> None:
-    """`model.`, `_orig_mod.`, a config dict in hyper-parameters and --state-key all load right."""
-    model, other = tiny_gpt2(VOCAB, seed=0), tiny_gpt2(VOCAB, seed=1)
-    weights = model.state_dict()
-    compiled = {f"model._orig_mod.{k}": v for k, v in weights.items()}
-    hparams = {"settings": {"config": model.config.to_dict(), "lr": 0.1}}
-    torch.save({"state_dict": compiled, "hyper_parameters": hparams}, tmp_path / "a.ckpt")
-    assert same_weights(load_state_dict_model(tmp_path / "a.ckpt"), model)
-    two = {**{f"lm.{k}": v for k, v in weights.items()}}
-    two |= {f"teacher.{k}": v for k, v in other.state_dict().items()}
-    (tmp_path / "cfg").mkdir()
-    model.config.save_pretrained(tmp_path / "cfg")
-    torch.save(two, tmp_path / "two.pt")
-    loaded = load_state_dict_model(tmp_path / "two.pt", config_dir=tmp_path / "cfg")
-    assert same_weights(loaded, model)  # equal votes: the shortest prefix
-    teacher = load_state_dict_model(
-        tmp_path / "two.pt", config_dir=tmp_path / "cfg", state_key="teacher"
-    )
-    assert same_weights(teacher, other)
-    torch.save({"x.y": torch.ones(1)}, tmp_path / "bad.pt")
-    with pytest.raises(CheckpointError, match=r"--state-key PREFIX"):
-        load_state_dict_model(tmp_path / "bad.pt", config_dir=tmp_path / "cfg")
-    with pytest.raises(CheckpointError, match=r"--config DIR"):
-        load_state_dict_model(tmp_path / "two.pt")
-
-
-def test_sharded_checkpoint_names_the_consolidation_command(
-    tmp_path: Path, probes, text_tokenizer
-) -> None:
-    """An FSDP-style sharded dir fails with the command; the command's output then replays."""
-    model = tiny_gpt2(VOCAB, seed=0)
-    sharded = tmp_path / "ckpts" / "epoch=0-step=2.ckpt"
-    dcp.save(
-        {"state_dict": {f"lm.{k}": v for k, v in model.state_dict().items()}}, checkpoint_id=sharded
-    )
-    model.config.save_pretrained(tmp_path / "ckpts")
-    kwargs = {"probes": probes, "config": SMALL_PROBE, "tokens_per_step": 10, "progress": False}
-    result = replay([tmp_path / "ckpts"], out=tmp_path / "run", **kwargs)
-    assert len(result.failed) == 1
-    assert result.failed[0][0].kind == "sharded"
-    command = f"torch.distributed.checkpoint.format_utils dcp_to_torch {sharded} {sharded}.pt"
-    assert command in result.failed[0][1]
-    dcp_to_torch_save(sharded, f"{sharded}.pt")  # what the command runs
-    result = replay([Path(f"{sharded}.pt")], out=tmp_path / "run", **kwargs)
-    assert [(c.step, c.tokens) for c in result.measured] == [(2, 20)]
-    assert SnapshotStore(tmp_path / "run").records()[0]["weights_fingerprint"] == (
-        weights_fingerprint(model)
-    )
 
 
 def test_identical_weights_are_warned_and_one_model_lives_at_a_time(
