@@ -25,14 +25,11 @@ from regionwatch import distributed, engine, metrics
 from regionwatch.access import ResidualSite, resolve, upcasting
 from regionwatch.errors import ConfigError, check_int, check_keys
 from regionwatch.parts import Curves, MapPart, PairPart, Plan, RegionMaps, measuring
-from regionwatch.probes import ProbeSet
+from regionwatch.probes import ProbeSet, PromptIds, prompt_list
 
 MIN_ALPHAS = 3  # with 2 grid points every relative curve is a straight line
 MIN_GRID = 3  # a 2x2 map has no interior to show a boundary in
-MIN_PROMPT_TOKENS = 2  # the patch replaces the last token; it needs a prefix to attend to
 DEFAULT_SPAN = (-0.25, 1.25)  # PAPER.md §5: a margin of a quarter segment around the anchors
-
-PromptIds = Tensor | Sequence[Sequence[int]]
 
 
 def interpolate(
@@ -129,40 +126,6 @@ def region_maps(
         return part.maps(plan.execute(site, max_batch_tokens))
 
 
-def prompt_list(ids: PromptIds, name: str) -> list[engine.Prompt]:
-    """Normalize prompts given as a LongTensor [P, S] or token-id lists into tuples of ints.
-
-    Raises:
-        ConfigError: not 2-D, not integers, no prompts, or a prompt shorter than 2 tokens.
-    """
-    if isinstance(ids, Tensor):
-        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:  # noqa: PLR2004
-            raise ConfigError(
-                f"{name}: a tensor of prompts must be an integer tensor [prompts, tokens], "
-                f"got dtype {ids.dtype} shape {tuple(ids.shape)}"
-            )
-        prompts = [tuple(int(t) for t in row) for row in ids.tolist()]
-    else:
-        try:
-            prompts = [tuple(int(t) for t in p) for p in ids]
-        except (TypeError, ValueError) as err:
-            raise ConfigError(
-                f"{name}: expected a LongTensor [prompts, tokens] or lists of token "
-                f"ids, got {type(ids).__name__}: {err}"
-            ) from err
-        if any(float(t) != int(t) for p in ids for t in p):
-            raise ConfigError(f"{name}: token ids must be integers")
-    if not prompts:
-        raise ConfigError(f"{name}: no prompts given")
-    for i, p in enumerate(prompts):
-        if len(p) < MIN_PROMPT_TOKENS:
-            raise ConfigError(
-                f"{name}[{i}] has {len(p)} token(s); a prompt needs at least "
-                f"{MIN_PROMPT_TOKENS}: the patched last token attends to the ones before it"
-            )
-    return prompts
-
-
 def check_prompts(site: ResidualSite, prompts: Sequence[engine.Prompt]) -> None:
     """Refuse token ids the model cannot embed and prompts longer than it can attend over."""
     vocab = site.vocab_size
@@ -236,7 +199,8 @@ def _same_count(*named: tuple[str, list[engine.Prompt]]) -> None:
         )
 
 
-PARTS = ("random", "similar", "dissimilar", "named", "maps")
+PAIR_PARTS = ("random", "similar", "dissimilar", "named")
+PARTS = (*PAIR_PARTS, "maps")
 Part = Literal["random", "similar", "dissimilar", "named", "maps"]
 
 
@@ -249,7 +213,8 @@ class ProbeConfig:
         num_alphas: interpolation grid points K; max slopes are only comparable at equal K.
         grid: region-map grid points per axis (37 puts A and B on pixel centres).
         span: region-map axis range for alpha and beta.
-        parts: which parts of the probe set to measure, a subset of `PARTS`.
+        parts: which parts of the probe set the run measures, a subset of `PARTS`; whether one
+            snapshot draws the maps is `measure`'s `maps`, and what it measured is its result.
         max_batch_tokens: most tokens per forward pass (memory budget); None for the default.
         block_path: dotted path to the block list, for architectures without a table entry.
     """
@@ -301,8 +266,8 @@ class ProbeConfig:
     def fingerprint(self) -> str:
         """Hash of the settings that make numbers comparable across snapshots.
 
-        Leaves out the memory budget and which parts were measured: neither changes any number
-        that was measured (a run may measure region maps at fewer snapshots than curves).
+        Leaves out the memory budget and the parts: neither changes any number that was
+        measured. Stored runs hold this hash, so what it covers must not change.
         """
         numbers = {
             k: v for k, v in self.to_dict().items() if k not in ("max_batch_tokens", "parts")
@@ -343,6 +308,8 @@ def measure(
     probes: ProbeSet,
     config: ProbeConfig | None = None,
     *,
+    maps: bool = True,
+    site: ResidualSite | None = None,
     shard: tuple[int, int] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Measurement:
@@ -354,7 +321,12 @@ def measure(
     Args:
         model: a causal LM, as for `interpolate`; left exactly as found.
         probes: the run's fixed prompts.
-        config: what to compute; default `ProbeConfig()`.
+        config: what the run measures; default `ProbeConfig()`.
+        maps: draw the region maps at this call, when `config.parts` holds them (a run draws
+            them at fewer snapshots than the curves); what was measured is in the result.
+        site: `model` resolved with `config`'s write layer and block path, its probe prompts
+            checked against it (as `Monitor.setup` does once per run); None resolves and
+            checks here.
         shard: (rank, world): measure only every world-th pair and triple, starting at rank,
             so that the ranks of a distributed run split the work; `merge_shards` of all ranks'
             results equals the unsharded measurement.
@@ -372,7 +344,6 @@ def measure(
     config = config or ProbeConfig()
     rank, world = _check_shard(shard)
     started = time.perf_counter()
-    site = resolve(model, write_layer=config.write_layer, block_path=config.block_path)
     split = None
     sharded = distributed.layout(model) == "fsdp2"
     if sharded:
@@ -383,26 +354,20 @@ def measure(
         split = (group_rank, group_world, group) if group_world > 1 else None
         rank, world = 0, 1
     plan = Plan()
+    prompts = probes.prompts()
     pair_parts: dict[str, PairPart] = {}
-    sources = {
-        "random": probes.random_pairs,
-        "similar": (probes.similar[:, 0], probes.similar[:, 1]),
-        "dissimilar": (probes.dissimilar[:, 0], probes.dissimilar[:, 1]),
-        "named": ([p.a for p in probes.named], [p.b for p in probes.named]),
-    }
-    for name, (ids_a, ids_b) in sources.items():
-        ids_a, ids_b = list(ids_a)[rank::world], list(ids_b)[rank::world]
-        if name in config.parts and ids_a:
-            pairs_a, pairs_b = prompt_list(ids_a, f"{name}[A]"), prompt_list(ids_b, f"{name}[B]")
+    for name in PAIR_PARTS:
+        pairs = prompts[name][rank::world]
+        if name in config.parts and pairs:
+            pairs_a, pairs_b = (list(side) for side in zip(*pairs, strict=True))
             pair_parts[name] = PairPart(plan, pairs_a, pairs_b, config.num_alphas)
     map_part = None
-    triples = probes.triples.tolist()[rank::world]
-    if "maps" in config.parts and triples:
-        rows = prompt_list(probes.random, "random")
-        map_part = MapPart(
-            plan, [tuple(rows[i] for i in t) for t in triples], config.grid, config.span
-        )
-    check_prompts(site, plan.prompts or prompt_list(probes.random, "random"))
+    triples = prompts["maps"][rank::world]
+    if maps and "maps" in config.parts and triples:
+        map_part = MapPart(plan, triples, config.grid, config.span)
+    if site is None:
+        site = resolve(model, write_layer=config.write_layer, block_path=config.block_path)
+        check_prompts(site, plan.prompts or [a for a, _ in prompts["random"]])
     with contextlib.ExitStack() as stack:
         stack.enter_context(measuring(model))
         if sharded:

@@ -11,6 +11,7 @@ scatter one file format over two modules.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -41,6 +42,8 @@ from regionwatch.version import VERSION
 logger = logging.getLogger(__name__)
 
 PairKind = Literal["similar", "dissimilar", "user"]
+Prompt = tuple[int, ...]  # token ids, the form the engine takes: prompts may differ in length
+PromptIds = Tensor | Sequence[Sequence[int]]
 
 DEFAULT_SEQ_LEN = 10  # PAPER.md §3.1: 10-token windows
 DEFAULT_PROMPTS = 100  # PAPER.md §3.1: 100 prompts chained into 99 pairs
@@ -182,6 +185,26 @@ class ProbeSet:
                 f"{count} random prompts (0..{count - 1}): fix the triples, or build the set "
                 "with ProbeSet.build(n_triples=...)"
             )
+
+    def prompts(self) -> dict[str, list[tuple[Prompt, ...]]]:
+        """Every part's prompts as token-id tuples, in probe-set order, each part's once.
+
+        Returns:
+            {"random": the chained (A, B) pairs, "similar", "dissimilar", "named": their (A, B)
+            pairs, "maps": the region-map (A, B, C) triples}; a part without prompts is [].
+
+        Raises:
+            ConfigError: a prompt tensor that is not integer [prompts, tokens], or a prompt
+                shorter than `MIN_SEQ_LEN`.
+        """
+        rows = prompt_list(self.random, "random")
+        out: dict[str, list[tuple[Prompt, ...]]] = {"random": list(itertools.pairwise(rows))}
+        for name, tensor in (("similar", self.similar), ("dissimilar", self.dissimilar)):
+            flat = prompt_list(tensor.flatten(0, 1), name) if len(tensor) else []
+            out[name] = list(zip(flat[0::2], flat[1::2], strict=True))
+        out["named"] = [(pair.a, pair.b) for pair in self.named]
+        out["maps"] = [tuple(rows[i] for i in triple) for triple in self.triples.tolist()]
+        return out
 
     @property
     def random_pairs(self) -> tuple[Tensor, Tensor]:
@@ -498,6 +521,40 @@ class ProbeSet:
             "named_ids": torch.tensor(ids, dtype=torch.int64).reshape(-1, 2),
             "named_lengths": torch.tensor(lengths, dtype=torch.int64),
         }
+
+
+def prompt_list(ids: PromptIds, name: str) -> list[Prompt]:
+    """Normalize prompts given as a LongTensor [P, S] or token-id lists into tuples of ints.
+
+    Raises:
+        ConfigError: not 2-D, not integers, no prompts, or a prompt shorter than 2 tokens.
+    """
+    if isinstance(ids, Tensor):
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:  # noqa: PLR2004
+            raise ConfigError(
+                f"{name}: a tensor of prompts must be an integer tensor [prompts, tokens], "
+                f"got dtype {ids.dtype} shape {tuple(ids.shape)}"
+            )
+        prompts = [tuple(int(t) for t in row) for row in ids.tolist()]
+    else:
+        try:
+            prompts = [tuple(int(t) for t in p) for p in ids]
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"{name}: expected a LongTensor [prompts, tokens] or lists of token "
+                f"ids, got {type(ids).__name__}: {err}"
+            ) from err
+        if any(float(t) != int(t) for p in ids for t in p):
+            raise ConfigError(f"{name}: token ids must be integers")
+    if not prompts:
+        raise ConfigError(f"{name}: no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) < MIN_SEQ_LEN:
+            raise ConfigError(
+                f"{name}[{i}] has {len(p)} token(s); a prompt needs at least "
+                f"{MIN_SEQ_LEN}: the patched last token attends to the ones before it"
+            )
+    return prompts
 
 
 def _check_sizes(seed: int, sizes: Mapping[str, int], max_tokens: int | None) -> None:

@@ -19,14 +19,13 @@ from regionwatch.engine import Prompt
 from regionwatch.measure import (
     DEFAULT_SPAN,
     Curves,
-    PromptIds,
     RegionMaps,
     check_alphas,
     check_grid,
     check_prompts,
-    prompt_list,
 )
 from regionwatch.parts import measuring
+from regionwatch.probes import PromptIds, prompt_list
 
 
 def _clean(site: ResidualSite, prompt: Prompt) -> tuple[Tensor, Tensor, Tensor]:
