@@ -15,7 +15,8 @@ from regionwatch import metrics, reference
 from regionwatch.access import resolve
 from regionwatch.errors import ConfigError, UnsupportedModelError
 from regionwatch.measure import ProbeConfig, interpolate, measure, merge_shards, region_maps
-from regionwatch.probes import NamedPair, ProbeSet
+from regionwatch.probes import ProbeSet
+from regionwatch.sampling import NamedPair
 from tests.conftest import random_prompts, tiny_model
 
 # A KV-cached last-token pass agrees with a full forward to ~4e-7 in fp32; these leave room for

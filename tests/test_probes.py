@@ -18,7 +18,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from regionwatch.corpus import tokenizer_hash, train_tokenizer
 from regionwatch.errors import ConfigError, StoreError
 from regionwatch.measure import ProbeConfig, measure
-from regionwatch.probes import HANDPICKED, MANIFEST_FILE, TENSORS_FILE, ProbeSet
+from regionwatch.probes import MANIFEST_FILE, TENSORS_FILE, ProbeSet
+from regionwatch.sampling import HANDPICKED
 
 SMALL_TEXT_CHARS = 40_000  # about 13k tokens: plenty of windows, encodes in milliseconds
 
