@@ -53,14 +53,9 @@ from regionwatch.background import BackgroundWriter, Failure
 from regionwatch.corpus import Source
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
 from regionwatch.errors import ConfigError, check_int
-from regionwatch.measure import (
-    Measurement,
-    ProbeConfig,
-    check_prompts,
-    measure,
-    merge_shards,
-)
+from regionwatch.measure import check_prompts, measure, merge_shards
 from regionwatch.probes import ProbeSet
+from regionwatch.results import Measurement, ProbeConfig
 from regionwatch.schedule import Mark, Schedule
 from regionwatch.snapshot import Snapshot, weights_fingerprint
 from regionwatch.store import DEFAULT_RUN_NAME, SnapshotStore

@@ -5,6 +5,7 @@ text, and carries a fingerprint that snapshots record (PAPER.md §3, §8). This 
 set as a value and a file: checking its ids against a tokenizer, handing out each part's
 prompts (`ProbeSet.prompts`), and writing and reading them (`save`, `load`). Drawing the ids
 from a token source is `sampling`'s; `ProbeSet.build` is its public face.
+It stays one module past our usual size because the value and its file format change together.
 """
 
 from __future__ import annotations
