@@ -9,30 +9,30 @@ gradients and left exactly as found.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import math
-import numbers
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 
 import torch
 from torch import Tensor, nn
 
 from regionwatch import distributed, engine, metrics
 from regionwatch.access import ResidualSite, resolve, upcasting
-from regionwatch.errors import ConfigError, check_int, check_keys
-from regionwatch.parts import Curves, MapPart, PairPart, Plan, RegionMaps, measuring
-from regionwatch.probes import ProbeSet
-
-MIN_ALPHAS = 3  # with 2 grid points every relative curve is a straight line
-MIN_GRID = 3  # a 2x2 map has no interior to show a boundary in
-MIN_PROMPT_TOKENS = 2  # the patch replaces the last token; it needs a prefix to attend to
-DEFAULT_SPAN = (-0.25, 1.25)  # PAPER.md §5: a margin of a quarter segment around the anchors
-
-PromptIds = Tensor | Sequence[Sequence[int]]
+from regionwatch.errors import ConfigError, check_int
+from regionwatch.plan import MapPart, PairPart, Plan, measuring
+from regionwatch.probes import ProbeSet, PromptIds, prompt_list
+from regionwatch.results import (
+    DEFAULT_SPAN,
+    PAIR_PARTS,
+    PARTS,
+    Curves,
+    Measurement,
+    ProbeConfig,
+    RegionMaps,
+    check_alphas,
+    check_budget,
+    check_grid,
+)
 
 
 def interpolate(
@@ -129,40 +129,6 @@ def region_maps(
         return part.maps(plan.execute(site, max_batch_tokens))
 
 
-def prompt_list(ids: PromptIds, name: str) -> list[engine.Prompt]:
-    """Normalize prompts given as a LongTensor [P, S] or token-id lists into tuples of ints.
-
-    Raises:
-        ConfigError: not 2-D, not integers, no prompts, or a prompt shorter than 2 tokens.
-    """
-    if isinstance(ids, Tensor):
-        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:  # noqa: PLR2004
-            raise ConfigError(
-                f"{name}: a tensor of prompts must be an integer tensor [prompts, tokens], "
-                f"got dtype {ids.dtype} shape {tuple(ids.shape)}"
-            )
-        prompts = [tuple(int(t) for t in row) for row in ids.tolist()]
-    else:
-        try:
-            prompts = [tuple(int(t) for t in p) for p in ids]
-        except (TypeError, ValueError) as err:
-            raise ConfigError(
-                f"{name}: expected a LongTensor [prompts, tokens] or lists of token "
-                f"ids, got {type(ids).__name__}: {err}"
-            ) from err
-        if any(float(t) != int(t) for p in ids for t in p):
-            raise ConfigError(f"{name}: token ids must be integers")
-    if not prompts:
-        raise ConfigError(f"{name}: no prompts given")
-    for i, p in enumerate(prompts):
-        if len(p) < MIN_PROMPT_TOKENS:
-            raise ConfigError(
-                f"{name}[{i}] has {len(p)} token(s); a prompt needs at least "
-                f"{MIN_PROMPT_TOKENS}: the patched last token attends to the ones before it"
-            )
-    return prompts
-
-
 def check_prompts(site: ResidualSite, prompts: Sequence[engine.Prompt]) -> None:
     """Refuse token ids the model cannot embed and prompts longer than it can attend over."""
     vocab = site.vocab_size
@@ -185,49 +151,6 @@ def check_prompts(site: ResidualSite, prompts: Sequence[engine.Prompt]) -> None:
         )
 
 
-def check_alphas(num_alphas: int) -> None:
-    """Refuse grids too coarse to show a jump."""
-    hint = "2 points always give a straight line"
-    check_int("num_alphas", num_alphas, minimum=MIN_ALPHAS, hint=hint)
-
-
-def check_grid(grid: int, span: tuple[float, float]) -> None:
-    """Refuse region-map grids that are too coarse or empty."""
-    check_int("grid", grid, minimum=MIN_GRID)
-    check_span(span)
-
-
-def check_span(span: Any) -> tuple[float, float]:
-    """The region-map axis range as two finite floats, low < high.
-
-    Raises:
-        ConfigError: not two numbers (a string, three values), not finite, or not increasing.
-    """
-    two_numbers = (
-        isinstance(span, Sequence)
-        and not isinstance(span, str)
-        and len(span) == 2  # noqa: PLR2004
-        and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in span)
-    )
-    if not two_numbers:
-        raise ConfigError(
-            f"span={span!r}: need two numbers (low, high) for the alpha and beta axes, "
-            f"e.g. {DEFAULT_SPAN}"
-        )
-    low, high = float(span[0]), float(span[1])
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ConfigError(
-            f"span={span!r}: need finite low < high (the map's grid spans it), e.g. {DEFAULT_SPAN}"
-        )
-    return low, high
-
-
-def check_budget(max_batch_tokens: int | None) -> None:
-    """Refuse a memory budget that cannot hold one token."""
-    if max_batch_tokens is not None:
-        check_int("max_batch_tokens", max_batch_tokens, minimum=1, hint="or None")
-
-
 def _same_count(*named: tuple[str, list[engine.Prompt]]) -> None:
     counts = {name: len(ps) for name, ps in named}
     if len(set(counts.values())) > 1:
@@ -236,113 +159,13 @@ def _same_count(*named: tuple[str, list[engine.Prompt]]) -> None:
         )
 
 
-PARTS = ("random", "similar", "dissimilar", "named", "maps")
-Part = Literal["random", "similar", "dissimilar", "named", "maps"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ProbeConfig:
-    """What one measurement computes; saved with the run so that resume and replay compute the same.
-
-    Attributes:
-        write_layer: block whose output is patched; 0 = after the first block (PAPER.md §2).
-        num_alphas: interpolation grid points K; max slopes are only comparable at equal K.
-        grid: region-map grid points per axis (37 puts A and B on pixel centres).
-        span: region-map axis range for alpha and beta.
-        parts: which parts of the probe set to measure, a subset of `PARTS`.
-        max_batch_tokens: most tokens per forward pass (memory budget); None for the default.
-        block_path: dotted path to the block list, for architectures without a table entry.
-    """
-
-    write_layer: int = 0
-    num_alphas: int = 21
-    grid: int = 37
-    span: tuple[float, float] = DEFAULT_SPAN
-    parts: tuple[Part, ...] = PARTS
-    max_batch_tokens: int | None = None
-    block_path: str | None = None
-
-    def __post_init__(self) -> None:
-        check_int("ProbeConfig.write_layer", self.write_layer, hint="0 = after the first block")
-        _field_check("num_alphas", check_alphas, self.num_alphas)
-        object.__setattr__(self, "span", _field_check("span", check_span, self.span))
-        _field_check("grid", lambda g: check_grid(g, self.span), self.grid)
-        _field_check("max_batch_tokens", check_budget, self.max_batch_tokens)
-        parts = tuple(self.parts)
-        unknown = [p for p in parts if p not in PARTS]
-        if unknown or not parts or len(set(parts)) != len(parts):
-            raise ConfigError(f"ProbeConfig.parts={self.parts!r}: need distinct names from {PARTS}")
-        object.__setattr__(self, "parts", parts)
-        if self.block_path is not None and not (
-            isinstance(self.block_path, str) and self.block_path
-        ):
-            raise ConfigError(
-                f"ProbeConfig.block_path={self.block_path!r}: need a dotted path or None"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form, as saved in a run's config.json."""
-        out = asdict(self)
-        out["span"] = list(self.span)
-        out["parts"] = list(self.parts)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ProbeConfig:
-        """Rebuild a config; unknown keys are an error (a typo must not run another experiment)."""
-        check_keys("ProbeConfig", data, (f.name for f in fields(cls)))
-        values = dict(data)
-        for key in ("span", "parts"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
-
-    @property
-    def fingerprint(self) -> str:
-        """Hash of the settings that make numbers comparable across snapshots.
-
-        Leaves out the memory budget and which parts were measured: neither changes any number
-        that was measured (a run may measure region maps at fewer snapshots than curves).
-        """
-        numbers = {
-            k: v for k, v in self.to_dict().items() if k not in ("max_batch_tokens", "parts")
-        }
-        return hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _field_check(name: str, check: Callable[[Any], Any], value: Any) -> Any:
-    try:
-        return check(value)
-    except ConfigError as err:
-        raise ConfigError(f"ProbeConfig.{name}: {err}") from None
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """Everything one probe of a model gives: curves per part, region maps, summary and timing.
-
-    Attributes:
-        config: the settings measured with.
-        curves: per part ("random", "similar", "dissimilar", "named") that was measured.
-        maps: region maps of the probe set's triples, or None.
-        summary: headline scalars under PAPER.md §8's names (see `metrics.summary`).
-        timing: seconds: `total`, `clean` (unpatched passes), `queries` (patched passes), and
-            `part/<name>`: each part's share, its patched points' share of the query time plus
-            its prompts' share of the clean time (all points cost the same single-token pass).
-    """
-
-    config: ProbeConfig
-    curves: Mapping[str, Curves]
-    maps: RegionMaps | None
-    summary: Mapping[str, float]
-    timing: Mapping[str, float]
-
-
 def measure(
     model: nn.Module,
     probes: ProbeSet,
     config: ProbeConfig | None = None,
     *,
+    maps: bool = True,
+    site: ResidualSite | None = None,
     shard: tuple[int, int] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Measurement:
@@ -354,7 +177,12 @@ def measure(
     Args:
         model: a causal LM, as for `interpolate`; left exactly as found.
         probes: the run's fixed prompts.
-        config: what to compute; default `ProbeConfig()`.
+        config: what the run measures; default `ProbeConfig()`.
+        maps: draw the region maps at this call, when `config.parts` holds them (a run draws
+            them at fewer snapshots than the curves); what was measured is in the result.
+        site: `model` resolved with `config`'s write layer and block path, its probe prompts
+            checked against it (as `Monitor.setup` does once per run); None resolves and
+            checks here.
         shard: (rank, world): measure only every world-th pair and triple, starting at rank,
             so that the ranks of a distributed run split the work; `merge_shards` of all ranks'
             results equals the unsharded measurement.
@@ -372,7 +200,6 @@ def measure(
     config = config or ProbeConfig()
     rank, world = _check_shard(shard)
     started = time.perf_counter()
-    site = resolve(model, write_layer=config.write_layer, block_path=config.block_path)
     split = None
     sharded = distributed.layout(model) == "fsdp2"
     if sharded:
@@ -383,26 +210,20 @@ def measure(
         split = (group_rank, group_world, group) if group_world > 1 else None
         rank, world = 0, 1
     plan = Plan()
+    prompts = probes.prompts()
     pair_parts: dict[str, PairPart] = {}
-    sources = {
-        "random": probes.random_pairs,
-        "similar": (probes.similar[:, 0], probes.similar[:, 1]),
-        "dissimilar": (probes.dissimilar[:, 0], probes.dissimilar[:, 1]),
-        "named": ([p.a for p in probes.named], [p.b for p in probes.named]),
-    }
-    for name, (ids_a, ids_b) in sources.items():
-        ids_a, ids_b = list(ids_a)[rank::world], list(ids_b)[rank::world]
-        if name in config.parts and ids_a:
-            pairs_a, pairs_b = prompt_list(ids_a, f"{name}[A]"), prompt_list(ids_b, f"{name}[B]")
+    for name in PAIR_PARTS:
+        pairs = prompts[name][rank::world]
+        if name in config.parts and pairs:
+            pairs_a, pairs_b = (list(side) for side in zip(*pairs, strict=True))
             pair_parts[name] = PairPart(plan, pairs_a, pairs_b, config.num_alphas)
     map_part = None
-    triples = probes.triples.tolist()[rank::world]
-    if "maps" in config.parts and triples:
-        rows = prompt_list(probes.random, "random")
-        map_part = MapPart(
-            plan, [tuple(rows[i] for i in t) for t in triples], config.grid, config.span
-        )
-    check_prompts(site, plan.prompts or prompt_list(probes.random, "random"))
+    triples = prompts["maps"][rank::world]
+    if maps and "maps" in config.parts and triples:
+        map_part = MapPart(plan, triples, config.grid, config.span)
+    if site is None:
+        site = resolve(model, write_layer=config.write_layer, block_path=config.block_path)
+        check_prompts(site, plan.prompts or [a for a, _ in prompts["random"]])
     with contextlib.ExitStack() as stack:
         stack.enter_context(measuring(model))
         if sharded:

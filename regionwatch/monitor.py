@@ -47,20 +47,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from regionwatch import distributed, metrics
-from regionwatch.access import resolve
+from regionwatch.access import ResidualSite, resolve
 from regionwatch.background import BackgroundWriter, Failure
 from regionwatch.corpus import Source
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
 from regionwatch.errors import ConfigError, check_int
-from regionwatch.measure import (
-    Measurement,
-    ProbeConfig,
-    check_prompts,
-    measure,
-    merge_shards,
-    prompt_list,
-)
+from regionwatch.measure import check_prompts, measure, merge_shards
 from regionwatch.probes import ProbeSet
+from regionwatch.results import Measurement, ProbeConfig
 from regionwatch.schedule import Mark, Schedule
 from regionwatch.snapshot import Snapshot, weights_fingerprint
 from regionwatch.store import DEFAULT_RUN_NAME, SnapshotStore
@@ -195,6 +189,7 @@ class Monitor:
         self._sink: TensorBoardSink | None = None
         self._last: Mark | None = None
         self._last_maps: Mark | None = None
+        self._site: ResidualSite | None = None  # the model as resolved and checked by `setup`
         self._info: dict[str, Any] = {}
         self._log_dir: Path | None = None
         self._restored: dict[str, Any] | None = None  # the driver's restored `state_dict()`
@@ -310,6 +305,7 @@ class Monitor:
         elif self._tokenizer is not None:
             self._probes.check_tokenizer(self._tokenizer)
         _check_fits(site, self._probes)
+        self._site = site
         if self.watch.precision == "trainer":
             if trainer_precision is None:
                 raise ConfigError(
@@ -489,10 +485,10 @@ class Monitor:
             maps: also draw the region maps (when the probe config includes them).
             info: extra facts recorded in the snapshot.
         """
-        config = self.watch.probe
-        if not maps and "maps" in config.parts and len(config.parts) > 1:
-            config = replace(config, parts=tuple(p for p in config.parts if p != "maps"))
-        shard = self._guarded_measure(model, step, config)
+        # A run whose only part is the maps draws them at every snapshot: skipping them would
+        # leave a snapshot without any numbers.
+        maps = maps or self.watch.probe.parts == ("maps",)
+        shard = self._guarded_measure(model, step, maps=maps)
         shards = distributed.gather_objects(shard, self._rank, self._world)
         if self._rank != 0:
             return None
@@ -578,16 +574,21 @@ class Monitor:
     def _build_probes(self) -> ProbeSet:
         return ProbeSet.build(self._tokenizer, self._source, seed=self.watch.probe_seed)
 
-    def _guarded_measure(
-        self, model: nn.Module, step: int, config: ProbeConfig
-    ) -> Measurement | str:
+    def _guarded_measure(self, model: nn.Module, step: int, *, maps: bool) -> Measurement | str:
         """This rank's measurement, or why it failed (logged here, recorded by rank zero)."""
         shard = (self._rank, self._world)
+        config = self.watch.probe
         for attempt in range(2):
             try:
                 with self._precision(model):
                     measured = measure(
-                        model, self.probes, config, shard=shard, dtype=self._numerics
+                        model,
+                        self.probes,
+                        config,
+                        maps=maps,
+                        site=self._resolved(model),
+                        shard=shard,
+                        dtype=self._numerics,
                     )
                 diverged = _non_finite(model, measured)
                 if diverged is not None:  # not an exception: training goes on, as it should
@@ -612,6 +613,15 @@ class Monitor:
                 logger.exception("measurement at step %d failed; training continues", step)
                 return repr(err)
         raise AssertionError("unreachable: the second attempt returns")  # for type checkers
+
+    def _resolved(self, model: nn.Module) -> ResidualSite:
+        """The site `setup` resolved, which must be of the model being measured."""
+        if self._site is None or self._site.model is not model:
+            raise ConfigError(
+                "Monitor.measure_now: measure the model given to Monitor.setup (call setup "
+                "again for another model)"
+            )
+        return self._site
 
     @property
     def _numerics(self) -> torch.dtype | None:
@@ -663,10 +673,9 @@ class Monitor:
     def _sink_snapshot(
         self, sink: TensorBoardSink, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]
     ) -> None:
-        sink.write(snapshot, rendered=rendered)
         onset = metrics.record_onset(self._store.records())
-        if onset is not None:
-            sink.write_scalars({"onset/tokens": onset}, tokens=snapshot.tokens)
+        run_scalars = {} if onset is None else {"onset/tokens": onset}
+        sink.write(snapshot, rendered=rendered, run_scalars=run_scalars)
 
     def _record_failure(self, step: int, tokens: int, error: str) -> None:
         """Record a failed snapshot, in order with the queued writes (the store is theirs)."""
@@ -735,24 +744,22 @@ def _check_writable(run_dir: Path) -> None:
         ) from err
 
 
-def _check_fits(site: Any, probes: ProbeSet) -> None:
+def _check_fits(site: ResidualSite, probes: ProbeSet) -> None:
     """Every probe prompt must fit the model's vocabulary and context; errors name the part."""
-    parts = {
-        "random prompts": prompt_list(probes.random, "random"),
-        "hand-picked pairs": [p for pair in probes.named for p in (pair.a, pair.b)],
+    labels = {
+        "random": "random prompts",
+        "similar": "similar pairs",
+        "dissimilar": "dissimilar pairs",
+        "named": "hand-picked pairs",
     }
-    for name, tensor in (
-        ("similar pairs", probes.similar),
-        ("dissimilar pairs", probes.dissimilar),
-    ):
-        parts[name] = prompt_list(tensor.flatten(0, 1), "pairs") if len(tensor) else []
-    for name, prompts in parts.items():
-        if not prompts:
+    prompts = probes.prompts()
+    for part, label in labels.items():
+        if not prompts[part]:
             continue
         try:
-            check_prompts(site, prompts)
+            check_prompts(site, [p for group in prompts[part] for p in group])
         except ConfigError as err:
             raise ConfigError(
-                f"the probe set's {name} do not fit this model: {err}; build a probe set that "
+                f"the probe set's {label} do not fit this model: {err}; build a probe set that "
                 "does, e.g. probes=ProbeSet.build(tokenizer, seq_len=<shorter>, handpicked=False)"
             ) from None

@@ -2,24 +2,24 @@
 
 Every snapshot of a run must measure exactly the same token ids, so a probe set holds ids, not
 text, and carries a fingerprint that snapshots record (PAPER.md §3, §8). This module owns the
-whole life of those ids: drawing them from a token source (`ProbeSet.build`), checking them
-against a tokenizer, and writing and reading them (`save`, `load`). It is longer than our usual
-module because building and storing share the same format decisions; splitting them would
-scatter one file format over two modules.
+set as a value and a file: checking its ids against a tokenizer, handing out each part's
+prompts (`ProbeSet.prompts`), and writing and reading them (`save`, `load`). Drawing the ids
+from a token source is `sampling`'s; `ProbeSet.build` is its public face.
+It stays one module past our usual size because the value and its file format change together.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
@@ -29,100 +29,34 @@ from transformers import PreTrainedTokenizerBase
 from regionwatch.atomic import sync_dir, temp_path, write_atomic
 from regionwatch.corpus import (
     Source,
-    describe,
-    encode,
-    token_stream,
     tokenizer_hash,
     tokenizer_name,
 )
-from regionwatch.errors import ConfigError, StoreError, check_int
-from regionwatch.version import VERSION
+from regionwatch.errors import ConfigError, StoreError
+from regionwatch.sampling import (
+    DEFAULT_DISSIMILAR,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PROMPTS,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_SIMILAR,
+    DEFAULT_TRIPLES,
+    MIN_SEQ_LEN,
+    TRIPLE_SIZE,
+    NamedPair,
+    UserPair,
+    draw,
+)
 
 logger = logging.getLogger(__name__)
 
-PairKind = Literal["similar", "dissimilar", "user"]
+Prompt = tuple[int, ...]  # token ids, the form the engine takes: prompts may differ in length
+PromptIds = Tensor | Sequence[Sequence[int]]
 
-DEFAULT_SEQ_LEN = 10  # PAPER.md §3.1: 10-token windows
-DEFAULT_PROMPTS = 100  # PAPER.md §3.1: 100 prompts chained into 99 pairs
-DEFAULT_SIMILAR = 16  # PAPER.md §8
-DEFAULT_DISSIMILAR = 16  # PAPER.md §8
-DEFAULT_TRIPLES = 4  # PAPER.md §8: consecutive triples (0, 1, 2), (1, 2, 3), ...
-# Enough for 200,000 windows of 10 tokens, far more than a probe set draws from, while a large
-# dataset is read only until then (a few seconds), not to its end.
-DEFAULT_MAX_TOKENS = 2**21
-MIN_SEQ_LEN = 2  # the patched last token needs at least one token to attend to
-MIN_PROMPTS = 2  # two prompts make one chained pair
-TRIPLE_SIZE = 3  # A, B, C of a region map
-STREAM_HASH_CHARS = 16  # hex digits of the token stream's hash in provenance
 PROBES_FORMAT = "regionwatch.probes"
 FORMAT_VERSION = 1  # bump, and keep a reader for the old one, whenever the files change
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "probes.safetensors"
 TENSOR_NAMES = ("random", "similar", "dissimilar", "triples", "named_ids", "named_lengths")
-
-# PAPER.md §3.2: A and B share every token but the last (for the model's own tokenizer); the
-# leading spaces are part of the prompts.
-HANDPICKED: tuple[tuple[str, PairKind, str, str], ...] = (
-    (
-        "S1",
-        "similar",
-        " She opened the dusty book and a cloud of mist",
-        " She opened the dusty book and a cloud of dust",
-    ),
-    (
-        "S2",
-        "similar",
-        " In the quiet library, students flipped through pages of",
-        " In the quiet library, students flipped through pages in",
-    ),
-    (
-        "S3",
-        "similar",
-        " The hiker reached the peak and admired the breathtaking",
-        " The hiker reached the peak and admired the spectacular",
-    ),
-    (
-        "D1",
-        "dissimilar",
-        " The house at the end of the street was very",
-        " The house at the end of the street was in",
-    ),
-    (
-        "D2",
-        "dissimilar",
-        " He suddenly looked at his watch and realized he was",
-        " He suddenly looked at his watch and realized he had",
-    ),
-    (
-        "D3",
-        "dissimilar",
-        " And then she picked up the phone to call her",
-        " And then she picked up the phone to call him",
-    ),
-)
-
-UserPair = tuple[str, str] | tuple[str, str, str]
-
-
-@dataclass(frozen=True)
-class NamedPair:
-    """A pair given as text (the paper's S1-S3 / D1-D3, or the user's), kept with its token ids.
-
-    Attributes:
-        name: short label, e.g. "S1".
-        kind: "similar", "dissimilar" or "user".
-        a: token ids of the context prompt A.
-        b: token ids of the partner prompt B (same length as A, same prefix).
-        text_a: A as text.
-        text_b: B as text.
-    """
-
-    name: str
-    kind: PairKind
-    a: tuple[int, ...]
-    b: tuple[int, ...]
-    text_a: str
-    text_b: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,6 +116,26 @@ class ProbeSet:
                 f"{count} random prompts (0..{count - 1}): fix the triples, or build the set "
                 "with ProbeSet.build(n_triples=...)"
             )
+
+    def prompts(self) -> dict[str, list[tuple[Prompt, ...]]]:
+        """Every part's prompts as token-id tuples, in probe-set order, each part's once.
+
+        Returns:
+            {"random": the chained (A, B) pairs, "similar", "dissimilar", "named": their (A, B)
+            pairs, "maps": the region-map (A, B, C) triples}; a part without prompts is [].
+
+        Raises:
+            ConfigError: a prompt tensor that is not integer [prompts, tokens], or a prompt
+                shorter than `MIN_SEQ_LEN`.
+        """
+        rows = prompt_list(self.random, "random")
+        out: dict[str, list[tuple[Prompt, ...]]] = {"random": list(itertools.pairwise(rows))}
+        for name, tensor in (("similar", self.similar), ("dissimilar", self.dissimilar)):
+            flat = prompt_list(tensor.flatten(0, 1), name) if len(tensor) else []
+            out[name] = list(zip(flat[0::2], flat[1::2], strict=True))
+        out["named"] = [(pair.a, pair.b) for pair in self.named]
+        out["maps"] = [tuple(rows[i] for i in triple) for triple in self.triples.tolist()]
+        return out
 
     @property
     def random_pairs(self) -> tuple[Tensor, Tensor]:
@@ -262,64 +216,28 @@ class ProbeSet:
             ConfigError: a bad size or source, a source too short for the requested windows
                 and pairs, or a user pair that does not tokenize as required.
         """
-        sizes = {
-            "seq_len": seq_len,
-            "n_prompts": n_prompts,
-            "n_similar": n_similar,
-            "n_dissimilar": n_dissimilar,
-            "n_triples": n_triples,
-        }
-        _check_sizes(seed, sizes, max_tokens)
-        if isinstance(source, Iterator):
-            source = list(source)  # a one-shot iterator could not be both hashed and read
-        description = describe(source, text_column=text_column)  # also refuses a bad source
-        named, kept, dropped = _named_pairs(tokenizer, handpicked, pairs)  # before the slow part
-        encoded = token_stream(
-            tokenizer, source, text_column=text_column, max_tokens=max_tokens, progress=progress
+        drawn = draw(
+            tokenizer,
+            source,
+            seed=seed,
+            seq_len=seq_len,
+            n_prompts=n_prompts,
+            n_similar=n_similar,
+            n_dissimilar=n_dissimilar,
+            n_triples=n_triples,
+            handpicked=handpicked,
+            pairs=pairs,
+            text_column=text_column,
+            max_tokens=max_tokens,
+            progress=progress,
         )
-        stream = encoded.ids
-        windows = _windows(stream, seq_len, n_prompts, description)
-
-        order = np.random.default_rng(seed).permutation(len(windows))
-        random_rows = order[:n_prompts]
-        # Automatic pairs prefer windows that are not random prompts, so that the three parts
-        # are independent samples; the random prompts come last as a fallback for short text.
-        candidates = np.concatenate([order[n_prompts:], random_rows])
-        similar, used = _similar_pairs(windows, candidates, n_similar)
-        dissimilar, used_d = _dissimilar_pairs(windows, candidates, n_dissimilar, exclude=used)
-        reused = bool(set(random_rows.tolist()) & (used | used_d))
-        if reused:
-            logger.warning(
-                "source has only %d windows: some similar/dissimilar pairs reuse random prompts",
-                len(windows),
-            )
-        provenance = {
-            "format_version": FORMAT_VERSION,
-            "regionwatch_version": VERSION,
-            "tokenizer_name": tokenizer_name(tokenizer),
-            "tokenizer_hash": tokenizer_hash(tokenizer),
-            "source": description,
-            "seed": seed,
-            **sizes,
-            "max_tokens": max_tokens,
-            "separator": dict(encoded.separator),
-            "stream_tokens": len(stream),
-            "stream_truncated": encoded.truncated,
-            "stream_sha256": hashlib.sha256(stream.tobytes()).hexdigest()[:STREAM_HASH_CHARS],
-            "windows": len(windows),
-            "pairs_reuse_random": reused,
-            "named_kept": kept,
-            "named_dropped": dropped,
-        }
         probes = cls(
-            random=torch.from_numpy(windows[random_rows].copy()),
-            similar=similar,
-            dissimilar=dissimilar,
-            named=named,
-            triples=torch.tensor(
-                [[i, i + 1, i + 2] for i in range(n_triples)], dtype=torch.long
-            ).reshape(n_triples, TRIPLE_SIZE),
-            provenance=provenance,
+            random=drawn.random,
+            similar=drawn.similar,
+            dissimilar=drawn.dissimilar,
+            named=drawn.named,
+            triples=drawn.triples,
+            provenance={"format_version": FORMAT_VERSION, **drawn.provenance},
         )
         logger.info("built %s", probes.summary())
         return probes
@@ -500,167 +418,38 @@ class ProbeSet:
         }
 
 
-def _check_sizes(seed: int, sizes: Mapping[str, int], max_tokens: int | None) -> None:
-    hints = {
-        "seq_len": "the patched last token needs a prefix to attend to",
-        "n_prompts": "for one chained pair",
-    }
-    minimums = {"seq_len": MIN_SEQ_LEN, "n_prompts": MIN_PROMPTS}
-    for name, value in {"seed": seed, **sizes}.items():
-        check_int(
-            f"ProbeSet.build: {name}",
-            value,
-            minimum=minimums.get(name, 0),
-            hint=hints.get(name, ""),
-        )
-    most = sizes["n_prompts"] - (TRIPLE_SIZE - 1)
-    if sizes["n_triples"] > most:
-        raise ConfigError(
-            f"ProbeSet.build: n_triples={sizes['n_triples']}: triples are consecutive random "
-            f"prompts, so n_prompts={sizes['n_prompts']} allows at most {most}; lower n_triples "
-            "or raise n_prompts"
-        )
-    if max_tokens is not None:
-        check_int(
-            "ProbeSet.build: max_tokens", max_tokens, minimum=1, hint="or None to read it all"
-        )
+def prompt_list(ids: PromptIds, name: str) -> list[Prompt]:
+    """Normalize prompts given as a LongTensor [P, S] or token-id lists into tuples of ints.
 
-
-def _windows(stream: np.ndarray, seq_len: int, n_prompts: int, description: str) -> np.ndarray:
-    """Consecutive non-overlapping windows [n_windows, seq_len]; a trailing partial one is cut."""
-    count = len(stream) // seq_len
-    if count < n_prompts:
-        raise ConfigError(
-            f"source {description} is too short: {len(stream)} tokens make {count} windows of "
-            f"{seq_len} tokens, but n_prompts={n_prompts} needs {n_prompts} (plus more for "
-            "similar/dissimilar pairs); give more text or lower n_prompts / seq_len"
-        )
-    return stream[: count * seq_len].reshape(count, seq_len)
-
-
-def _similar_pairs(windows: np.ndarray, order: np.ndarray, count: int) -> tuple[Tensor, set[int]]:
-    """Pairs of windows with the same final token and different earlier tokens (PAPER.md §6.6).
-
-    Windows are visited in `order`; each waits for the next one ending in its token.
+    Raises:
+        ConfigError: not 2-D, not integers, no prompts, or a prompt shorter than 2 tokens.
     """
-    waiting: dict[int, int] = {}  # final token -> window still looking for a partner
-    pairs: list[tuple[int, int]] = []
-    for w in order.tolist():
-        if len(pairs) == count:
-            break
-        last = int(windows[w, -1])
-        mate = waiting.get(last)
-        if mate is None:
-            waiting[last] = w
-        elif not np.array_equal(windows[mate], windows[w]):  # identical prompts give d = 0
-            pairs.append((mate, w))
-            del waiting[last]
-    if len(pairs) < count:
-        raise ConfigError(
-            f"source too short for n_similar={count}: its {len(windows)} windows give only "
-            f"{len(pairs)} pairs with a shared final token; give more text or lower n_similar"
-        )
-    ids = windows[np.asarray(pairs, dtype=np.int64).reshape(-1, 2)]  # [n, 2, seq_len]
-    return torch.from_numpy(ids.copy()), {w for pair in pairs for w in pair}
-
-
-def _dissimilar_pairs(
-    windows: np.ndarray, order: np.ndarray, count: int, *, exclude: set[int]
-) -> tuple[Tensor, set[int]]:
-    """A window and itself with the final token of the next window that ends differently."""
-    pairs: list[tuple[int, int]] = []
-    pending: int | None = None
-    for w in order.tolist():
-        if len(pairs) == count:
-            break
-        if w in exclude:
-            continue
-        if pending is None:
-            pending = w
-        elif windows[w, -1] != windows[pending, -1]:
-            pairs.append((pending, w))
-            pending = None
-    if len(pairs) < count:
-        raise ConfigError(
-            f"source too short for n_dissimilar={count}: its {len(windows)} windows give only "
-            f"{len(pairs)} pairs with different final tokens; give more text or lower "
-            "n_dissimilar"
-        )
-    ids = np.empty((count, 2, windows.shape[1]), dtype=np.int64)
-    for i, (context, donor) in enumerate(pairs):
-        ids[i, 0] = ids[i, 1] = windows[context]
-        ids[i, 1, -1] = windows[donor, -1]
-    return torch.from_numpy(ids), {w for pair in pairs for w in pair}
-
-
-def _named_pairs(
-    tokenizer: PreTrainedTokenizerBase, handpicked: bool, pairs: Sequence[UserPair]
-) -> tuple[tuple[NamedPair, ...], list[str], list[dict[str, str]]]:
-    """Tokenize hand-picked and user pairs; drop hand-picked ones this tokenizer splits badly."""
-    if isinstance(pairs, str):
-        raise ConfigError("ProbeSet.build(pairs=<a string>): pass a list of (text_a, text_b)")
-    wanted: list[tuple[str, PairKind, str, str]] = list(HANDPICKED) if handpicked else []
-    for i, pair in enumerate(pairs):
-        match pair:
-            case (str(text_a), str(text_b)):
-                wanted.append((f"U{i + 1}", "user", text_a, text_b))
-            case (str(name), str(text_a), str(text_b)):
-                wanted.append((name, "user", text_a, text_b))
-            case _:
-                raise ConfigError(
-                    f"ProbeSet.build(pairs[{i}]={pair!r}): need (text_a, text_b) or "
-                    "(name, text_a, text_b), all strings"
-                )
-    names = [name for name, *_ in wanted]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ConfigError(
-            f"ProbeSet.build(pairs=...): pair names {duplicates} are used twice (S1-S3 and D1-D3 "
-            "are the hand-picked pairs); give every pair its own name"
-        )
-    named: list[NamedPair] = []
-    dropped: list[dict[str, str]] = []
-    for name, kind, text_a, text_b in wanted:
-        ids_a, ids_b = encode(tokenizer, [text_a, text_b])
-        problem = _pair_problem(ids_a, ids_b)
-        if problem is None:
-            named.append(NamedPair(name, kind, tuple(ids_a), tuple(ids_b), text_a, text_b))
-            continue
-        shown = f"A -> {_pieces(tokenizer, ids_a)}, B -> {_pieces(tokenizer, ids_b)}"
-        if kind == "user":
+    if isinstance(ids, Tensor):
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:  # noqa: PLR2004
             raise ConfigError(
-                f"pair {name!r} ({text_a!r} / {text_b!r}) does not tokenize to equal length "
-                f"with only the last token different under tokenizer "
-                f"{tokenizer_name(tokenizer)!r}: {problem}; {shown}. Reword it so that only "
-                "the final token differs"
+                f"{name}: a tensor of prompts must be an integer tensor [prompts, tokens], "
+                f"got dtype {ids.dtype} shape {tuple(ids.shape)}"
             )
-        logger.debug("hand-picked pair %s dropped: %s; %s", name, problem, shown)
-        dropped.append({"name": name, "reason": problem})
-    if dropped:  # one short line: the token dumps are for debugging, not for every run's log
-        logger.warning(
-            "hand-picked pairs %s dropped: under this tokenizer they are not the same tokens up "
-            "to a different last one (reasons in the probe set's provenance)",
-            ", ".join(d["name"] for d in dropped),
-        )
-    return tuple(named), [p.name for p in named], dropped
-
-
-def _pair_problem(ids_a: Sequence[int], ids_b: Sequence[int]) -> str | None:
-    """Why (A, B) is not a same-length, same-prefix pair, or None if it is one."""
-    if len(ids_a) != len(ids_b):
-        return f"A has {len(ids_a)} tokens and B has {len(ids_b)}"
-    if len(ids_a) < MIN_SEQ_LEN:
-        return f"the prompts have {len(ids_a)} token(s); a pair needs at least {MIN_SEQ_LEN}"
-    differ = [i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=True)) if x != y]
-    if not differ:
-        return "A and B are the same tokens"
-    if differ[0] != len(ids_a) - 1:
-        return f"A and B differ at token {differ[0]}, before the last token"
-    return None
-
-
-def _pieces(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
-    return [tokenizer.decode([i]) for i in ids]
+        prompts = [tuple(int(t) for t in row) for row in ids.tolist()]
+    else:
+        try:
+            prompts = [tuple(int(t) for t in p) for p in ids]
+        except (TypeError, ValueError) as err:
+            raise ConfigError(
+                f"{name}: expected a LongTensor [prompts, tokens] or lists of token "
+                f"ids, got {type(ids).__name__}: {err}"
+            ) from err
+        if any(float(t) != int(t) for p in ids for t in p):
+            raise ConfigError(f"{name}: token ids must be integers")
+    if not prompts:
+        raise ConfigError(f"{name}: no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) < MIN_SEQ_LEN:
+            raise ConfigError(
+                f"{name}[{i}] has {len(p)} token(s); a prompt needs at least "
+                f"{MIN_SEQ_LEN}: the patched last token attends to the ones before it"
+            )
+    return prompts
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:

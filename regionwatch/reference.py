@@ -16,17 +16,10 @@ from torch import Tensor, nn
 from regionwatch import metrics
 from regionwatch.access import ResidualSite, patching, resolve
 from regionwatch.engine import Prompt
-from regionwatch.measure import (
-    DEFAULT_SPAN,
-    Curves,
-    PromptIds,
-    RegionMaps,
-    check_alphas,
-    check_grid,
-    check_prompts,
-    prompt_list,
-)
-from regionwatch.parts import measuring
+from regionwatch.measure import check_prompts
+from regionwatch.plan import measuring
+from regionwatch.probes import PromptIds, prompt_list
+from regionwatch.results import DEFAULT_SPAN, Curves, RegionMaps, check_alphas, check_grid
 
 
 def _clean(site: ResidualSite, prompt: Prompt) -> tuple[Tensor, Tensor, Tensor]:

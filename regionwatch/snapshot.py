@@ -24,8 +24,8 @@ from regionwatch import metrics
 from regionwatch.atomic import float_from_json, json_float
 from regionwatch.distributed import local_shard
 from regionwatch.errors import StoreError
-from regionwatch.measure import Curves, Measurement, ProbeConfig, RegionMaps
 from regionwatch.probes import ProbeSet
+from regionwatch.results import Curves, Measurement, ProbeConfig, RegionMaps
 
 SNAPSHOT_FORMAT = "regionwatch.snapshot"
 SNAPSHOT_VERSION = 1  # bump, and keep a reader for the old one, whenever the stored arrays change

@@ -80,8 +80,8 @@ from regionwatch.atomic import (
     write_json_atomic,
 )
 from regionwatch.errors import ConfigError, StoreError
-from regionwatch.measure import ProbeConfig
 from regionwatch.probes import ProbeSet
+from regionwatch.results import ProbeConfig
 from regionwatch.snapshot import Snapshot
 from regionwatch.version import VERSION
 

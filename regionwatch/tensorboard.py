@@ -217,9 +217,13 @@ class TensorBoardSink:
         return self._writer
 
     def write(
-        self, snapshot: Snapshot, *, rendered: Mapping[str, np.ndarray] | None = None
+        self,
+        snapshot: Snapshot,
+        *,
+        rendered: Mapping[str, np.ndarray] | None = None,
+        run_scalars: Mapping[str, float] | None = None,
     ) -> None:
-        """Log everything of one snapshot at global_step = `snapshot.tokens`, then flush.
+        """Log everything of one snapshot at global_step = `snapshot.tokens`, then flush once.
 
         A failed write (a full disk, a dead event-writer thread) closes the writer and raises;
         the next write opens a new event file, so the sink recovers once the disk takes writes
@@ -229,6 +233,8 @@ class TensorBoardSink:
             snapshot: the snapshot; its tokens should exceed the last written ones.
             rendered: `images(snapshot)` when the caller already has them (they are shared
                 with the trainer's loggers); None renders them here.
+            run_scalars: run-level scalars to log with it, as `write_scalars` does, under the
+                same flush (one flush per snapshot: each flush is a disk write).
         """
         started = time.perf_counter()
         step = int(snapshot.tokens)
@@ -241,6 +247,7 @@ class TensorBoardSink:
                 writer.add_histogram(name, values, step)
             for name, pixels in (images(snapshot) if rendered is None else rendered).items():
                 writer.add_image(name, pixels, step, dataformats="HWC")
+            _add_run_scalars(writer, run_scalars or {}, step)
             writer.flush()
         logger.debug(
             "tensorboard: snapshot at tokens=%d written in %.3f s",
@@ -257,9 +264,7 @@ class TensorBoardSink:
         """
         with self._discarding_on_error():
             writer = self._open()
-            for key, value in values.items():
-                if _finite(key, value):
-                    writer.add_scalar(tag(key), float(value), int(tokens))
+            _add_run_scalars(writer, values, int(tokens))
             writer.flush()
 
     def flush(self) -> None:
@@ -315,6 +320,12 @@ class TensorBoardSink:
                 self._last_tokens,
             )
         self._last_tokens = step
+
+
+def _add_run_scalars(writer: SummaryWriter, values: Mapping[str, float], step: int) -> None:
+    for key, value in values.items():
+        if _finite(key, value):
+            writer.add_scalar(tag(key), float(value), step)
 
 
 def _finite(key: str, value: float) -> bool:

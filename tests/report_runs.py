@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from regionwatch import metrics
-from regionwatch.measure import Curves, Measurement, ProbeConfig, RegionMaps
-from regionwatch.probes import NamedPair, ProbeSet
+from regionwatch.probes import ProbeSet
+from regionwatch.results import Curves, Measurement, ProbeConfig, RegionMaps
+from regionwatch.sampling import NamedPair
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import SnapshotStore
 from tests.conftest import random_prompts

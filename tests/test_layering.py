@@ -22,12 +22,15 @@ RANK = {
     "corpus": 1,
     "palette": 1,
     "access": 2,
-    "distributed": 2,  # DESIGN import order: errors → access · probes · distributed → engine
-    "probes": 2,
+    # DESIGN import order: errors → access · sampling · distributed → probes · engine
+    "distributed": 2,
+    "sampling": 2,
+    "probes": 3,
     "loading": 2,
     "engine": 3,
     "checkpoints": 3,
-    "parts": 4,
+    "results": 3,
+    "plan": 4,
     "measure": 5,
     "reference": 6,
     "snapshot": 6,

@@ -12,9 +12,11 @@ from torch import nn
 
 import regionwatch
 from regionwatch import metrics, reference
+from regionwatch.access import resolve
 from regionwatch.errors import ConfigError, UnsupportedModelError
 from regionwatch.measure import ProbeConfig, interpolate, measure, merge_shards, region_maps
-from regionwatch.probes import NamedPair, ProbeSet
+from regionwatch.probes import ProbeSet
+from regionwatch.sampling import NamedPair
 from tests.conftest import random_prompts, tiny_model
 
 # A KV-cached last-token pass agrees with a full forward to ~4e-7 in fp32; these leave room for
@@ -418,3 +420,37 @@ def test_region_maps_never_change_the_pair_curves(arch: str) -> None:
         assert torch.equal(
             with_maps.curves[part].logit_diff.nan_to_num(7), curves.logit_diff.nan_to_num(7)
         ), part
+
+
+def test_maps_false_measures_the_curves_of_a_config_with_maps() -> None:
+    """`maps=False` skips the region maps of a run that has them, and only them: the result keeps
+    the run's config and equals the curves of a config without maps."""
+    model, probes = tiny_model("gpt2"), _probe_set()
+    config = ProbeConfig(num_alphas=5, grid=5)
+    skipped = measure(model, probes, config, maps=False)
+    assert skipped.maps is None
+    assert skipped.config == config
+    assert "part/maps" not in skipped.timing
+    pairs_only = measure(
+        model, probes, ProbeConfig(num_alphas=5, parts=("random", "similar", "dissimilar", "named"))
+    )
+    assert (
+        set(skipped.curves)
+        == set(pairs_only.curves)
+        == {"random", "similar", "dissimilar", "named"}
+    )
+    for part, curves in pairs_only.curves.items():
+        assert torch.equal(skipped.curves[part].distance, curves.distance), part
+
+
+def test_a_given_site_measures_as_a_resolved_one() -> None:
+    """`site=` (resolved once per run, as Monitor.setup does) gives the numbers `measure` gets
+    resolving the model itself."""
+    model, probes = tiny_model("llama"), _probe_set()
+    config = ProbeConfig(num_alphas=5, grid=5, write_layer=1)
+    site = resolve(model, write_layer=1)
+    given_site = measure(model, probes, config, site=site)
+    own = measure(model, probes, config)
+    for part, curves in own.curves.items():
+        assert torch.equal(given_site.curves[part].distance, curves.distance), part
+    assert torch.equal(given_site.maps.distance, own.maps.distance)

@@ -151,3 +151,21 @@ def test_context_length_error_names_the_probe_part(tmp_path: Path, lm_probes) ->
     monitor = Monitor(WatchConfig(), probes=lm_probes, run_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match=r"probe set's random prompts do not fit.*at most 8"):
         monitor.setup(tiny_gpt2(VOCAB, positions=8), log_dir=None)
+
+
+def test_a_snapshot_measures_the_model_set_up_and_no_other(tmp_path: Path, lm_probes) -> None:
+    """Snapshots reuse the site `setup` resolved and checked: another model object is a failed
+    snapshot naming the fix (training goes on), not a measurement of unchecked weights."""
+    watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1))
+    model = tiny_gpt2(VOCAB)
+    monitor = Monitor(watch, probes=lm_probes, run_dir=tmp_path / "run")
+    monitor.setup(model, log_dir=None)
+    monitor.start(model, step=0, tokens=0)
+    assert monitor.measure_now(tiny_gpt2(VOCAB), step=1, tokens=2) is None
+    assert monitor.measure_now(model, step=2, tokens=4) is not None
+    monitor.close()
+    store = SnapshotStore(tmp_path / "run")
+    assert [r["step"] for r in store.records()] == [0, 2]
+    [failure] = store.failures()
+    assert failure["step"] == 1
+    assert "measure the model given to Monitor.setup" in failure["error"]

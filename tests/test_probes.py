@@ -18,7 +18,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from regionwatch.corpus import tokenizer_hash, train_tokenizer
 from regionwatch.errors import ConfigError, StoreError
 from regionwatch.measure import ProbeConfig, measure
-from regionwatch.probes import HANDPICKED, MANIFEST_FILE, TENSORS_FILE, ProbeSet
+from regionwatch.probes import MANIFEST_FILE, TENSORS_FILE, ProbeSet
+from regionwatch.sampling import HANDPICKED
 
 SMALL_TEXT_CHARS = 40_000  # about 13k tokens: plenty of windows, encodes in milliseconds
 
@@ -428,3 +429,24 @@ def test_measure_runs_on_a_built_probe_set(builtin_probes, text_tokenizer):
     assert result.maps is not None
     assert result.maps.distance.shape == (4, 3, 5, 5)
     assert torch.isfinite(result.curves["random"].max_slope).all()
+
+
+def test_prompts_give_every_part_as_token_id_groups(builtin_probes):
+    """`prompts()` holds each part's prompts once, as the tensors and named pairs hold them."""
+    prompts = builtin_probes.prompts()
+    rows = [tuple(r) for r in builtin_probes.random.tolist()]
+    assert prompts["random"] == [(rows[i], rows[i + 1]) for i in range(len(rows) - 1)]
+    for part in ("similar", "dissimilar"):
+        tensor = getattr(builtin_probes, part)
+        assert prompts[part] == [(tuple(a), tuple(b)) for a, b in tensor.tolist()]
+    assert prompts["named"] == [(p.a, p.b) for p in builtin_probes.named]
+    assert prompts["maps"] == [tuple(rows[i] for i in t) for t in builtin_probes.triples.tolist()]
+    assert len(prompts["maps"]) == 4
+    assert all(isinstance(t, int) for group in prompts["similar"] for p in group for t in p)
+
+
+def test_prompts_refuse_a_probe_set_of_non_integer_ids():
+    """A hand-made probe set of floats is refused by name before anything is measured."""
+    probes = ProbeSet(torch.rand(3, 4), torch.zeros(0, 2, 4), torch.zeros(0, 2, 4))
+    with pytest.raises(ConfigError, match=r"random: a tensor of prompts must be an integer"):
+        probes.prompts()

@@ -11,7 +11,8 @@ from safetensors.torch import load, save
 
 from regionwatch.errors import StoreError
 from regionwatch.measure import ProbeConfig, measure
-from regionwatch.probes import NamedPair, ProbeSet
+from regionwatch.probes import ProbeSet
+from regionwatch.sampling import NamedPair
 from regionwatch.snapshot import Snapshot, weights_fingerprint
 from tests.conftest import random_prompts, tiny_model
 

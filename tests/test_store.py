@@ -28,7 +28,8 @@ from regionwatch import store as store_module
 from regionwatch.atomic import TEMP_MARK
 from regionwatch.errors import ConfigError, StoreError
 from regionwatch.measure import ProbeConfig, measure
-from regionwatch.probes import NamedPair, ProbeSet
+from regionwatch.probes import ProbeSet
+from regionwatch.sampling import NamedPair
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import STORE_FORMAT_VERSION, SnapshotStore
 from tests import store_writer

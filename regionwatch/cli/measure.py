@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         parse_dtype,
     )
     from regionwatch.measure import ProbeConfig, measure
-    from regionwatch.probes import DEFAULT_PROMPTS, DEFAULT_SEQ_LEN, ProbeSet
+    from regionwatch.probes import ProbeSet
+    from regionwatch.sampling import DEFAULT_PROMPTS, DEFAULT_SEQ_LEN
 
     if (args.model_dir is None) == (args.init_from is None):
         raise RegionWatchError("give a MODEL_DIR or --init-from CONFIG_DIR (exactly one)")

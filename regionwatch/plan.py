@@ -1,4 +1,4 @@
-"""The parts of a measurement: result types, and how pairs and triples become query slots.
+"""The query plan of a measurement: how pairs and triples become query slots of one engine run.
 
 `Plan` collects the prompts and the patched points of every part of a measurement so that the
 engine runs them in one pass, sharing each context's prefix; `PairPart` and `MapPart` plan their
@@ -17,54 +17,7 @@ from torch import Tensor, nn
 
 from regionwatch import engine, metrics
 from regionwatch.access import ResidualSite, token_logits
-
-
-@dataclass(frozen=True)
-class Curves:
-    """Interpolation curves of P prompt pairs on a grid of K alphas (PAPER.md §4).
-
-    Attributes:
-        alphas: the grid a_k, [K].
-        distance: d(a) = ||h(a) - h_A||, [P, K]; d(0) is round-off, not exactly 0.
-        relative: d(a) / d(1), [P, K]; a row of NaN for pairs in `excluded`.
-        max_slope: (K - 1) * max_k (r_{k+1} - r_k), [P]; NaN for excluded pairs.
-        logit_diff: 1 - n_k, the normalized logit difference between A's and B's clean top
-            tokens in A's patched context (PAPER.md §4.1), [P, K]; 0 at a = 0, 1 at a = 1, NaN
-            where both prompts predict the same token.
-        top_a: argmax of A's clean next-token logits, [P].
-        top_b: argmax of B's clean next-token logits, [P].
-    """
-
-    alphas: Tensor
-    distance: Tensor
-    relative: Tensor
-    max_slope: Tensor
-    logit_diff: Tensor
-    top_a: Tensor
-    top_b: Tensor
-
-    @property
-    def excluded(self) -> Tensor:
-        """Pairs whose d(1) <= `metrics.MIN_END_DISTANCE` (e.g. identical prompts), [P] bool."""
-        return metrics.excluded(self.distance)
-
-
-@dataclass(frozen=True)
-class RegionMaps:
-    """2-D slices through the write vectors of T prompt triples (PAPER.md §5, Figure 1).
-
-    Attributes:
-        axis: grid values used for both alpha and beta, [G].
-        distance: D_A, D_B, D_C, each in its own prompt's context, [T, 3, G, G]; rows are beta
-            (top to bottom), columns alpha (left to right).
-        rgb: 1 - D / max per map and channel, [T, G, G, 3], channels (A, B, C) -> (R, G, B).
-        anchors: (alpha, beta) of A, B and C in each plane, [T, 3, 2]: (0, 0), (1, 0), (t, 1).
-    """
-
-    axis: Tensor
-    distance: Tensor
-    rgb: Tensor
-    anchors: Tensor
+from regionwatch.results import Curves, RegionMaps
 
 
 @contextmanager
