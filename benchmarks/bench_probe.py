@@ -8,9 +8,9 @@ The physical floor of any probe implementation is one batched clean forward of e
 - `floor_min`: `model.base_model(input_ids)` plus the unembedding at the last position only: the
   least any probe can do, since it needs each prompt's last-position readout and logits only.
 
-Against them, in the same process and on the same model and prompts: `regionwatch.interpolate`
+Against them, in the same process and on the same model and prompts: `measure.interpolate`
 (chained pairs i, i + 1 of random token ids), `regionwatch.reference.interpolate`, and
-`regionwatch.region_maps` on consecutive triples. Variants run interleaved, one call each per
+`measure.region_maps` on consecutive triples. Variants run interleaved, one call each per
 round, so that a load change on a shared machine hits all of them alike.
 
 The reference runs one full forward per point and pair after pair, so its time is linear in the
@@ -60,6 +60,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import regionwatch
 from regionwatch import reference
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
+from regionwatch.measure import Curves, RegionMaps, interpolate, region_maps
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -426,7 +427,7 @@ def max_abs_diff(fast: Tensor, slow: Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def curve_agreement(fast: regionwatch.Curves, slow: regionwatch.Curves) -> dict[str, float]:
+def curve_agreement(fast: Curves, slow: Curves) -> dict[str, float]:
     k = len(slow.max_slope)
     scale = slow.distance.double().amax(dim=1, keepdim=True)  # each pair's largest d
     return {
@@ -440,7 +441,7 @@ def curve_agreement(fast: regionwatch.Curves, slow: regionwatch.Curves) -> dict[
     }
 
 
-def map_agreement(fast: regionwatch.RegionMaps, slow: regionwatch.RegionMaps) -> dict[str, float]:
+def map_agreement(fast: RegionMaps, slow: RegionMaps) -> dict[str, float]:
     k = len(slow.distance)
     scale = slow.distance.double().amax(dim=(2, 3), keepdim=True)  # each map channel's max
     return {
@@ -527,8 +528,8 @@ def bench_pairs(
             for chunk in chunks:
                 head(model.base_model(input_ids=chunk).last_hidden_state[:, -1])
 
-    def fast() -> regionwatch.Curves:
-        return regionwatch.interpolate(model, ids_a, ids_b, num_alphas=alphas)
+    def fast() -> Curves:
+        return interpolate(model, ids_a, ids_b, num_alphas=alphas)
 
     variants = {"floor_forward": floor_forward, "floor_min": floor_min, "interpolate": fast}
     samples, peaks, last = run_rounds(setup, variants)
@@ -606,8 +607,8 @@ def bench_maps(setup: Setup, model: nn.Module, shape: Shape, ids: Tensor) -> dic
     n, length = args.triples, ids.shape[1]
     abc = [ids[k : k + n] for k in range(3)]
 
-    def fast(grid: int, count: int = n) -> Callable[[], regionwatch.RegionMaps]:
-        return lambda: regionwatch.region_maps(model, *(p[:count] for p in abc), grid=grid)
+    def fast(grid: int, count: int = n) -> Callable[[], RegionMaps]:
+        return lambda: region_maps(model, *(p[:count] for p in abc), grid=grid)
 
     samples, peaks, _ = run_rounds(setup, {"region_maps": fast(args.grid)}, args.maps_repeats)
     maps = samples["region_maps"]

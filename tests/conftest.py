@@ -12,7 +12,7 @@ from hypothesis import settings
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-pytest_plugins = ["tests.fixtures_text"]  # the corpus, its tokenizer and probe set
+pytest_plugins = ["tests.support.text"]  # the corpus, its tokenizer and probe set
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.register_profile("dev", deadline=None, max_examples=10)

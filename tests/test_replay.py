@@ -20,12 +20,10 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from regionwatch import (
-    CheckpointError,
     ConfigError,
     ProbeConfig,
     ProbeSet,
     SnapshotStore,
-    StoreError,
 )
 from regionwatch.checkpoints import (
     PYTHIA_REVISIONS,
@@ -36,12 +34,12 @@ from regionwatch.checkpoints import (
     revision_name,
 )
 from regionwatch.cli import main
+from regionwatch.errors import CheckpointError, StoreError
 from regionwatch.loading import load_state_dict_model
 from regionwatch.replay import replay
 from regionwatch.snapshot import weights_fingerprint
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, Windows, small_probes, tiny_gpt2
-from tests.replay_runs import (
+from tests.support.lm import SMALL_PROBE, Windows, small_probes, tiny_gpt2
+from tests.support.replay_runs import (
     ConfigLM,
     add_hub_revision,
     lightning_run,
@@ -50,6 +48,7 @@ from tests.replay_runs import (
     trainer_run,
     truncate,
 )
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 SMALL = ["--alphas", str(SMALL_PROBE.num_alphas), "--grid", str(SMALL_PROBE.grid)]
 REPO = Path(__file__).resolve().parents[1]
