@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from regionwatch import RegionMonitor, Schedule  # regionwatch (1/2)
+from regionwatch import RegionMonitor, Schedule, WatchConfig  # regionwatch (1/2)
 from regionwatch.corpus import builtin_text, token_stream, train_tokenizer
 
 
@@ -54,9 +54,8 @@ def main() -> None:
     windows = ids[: len(ids) // args.seq_len * args.seq_len].reshape(-1, args.seq_len)
     loader = DataLoader(TensorDataset(windows), batch_size=16, shuffle=True)
 
-    monitor = RegionMonitor(
-        tokenizer=tokenizer, run_dir=args.out / "regionwatch", schedule=Schedule.every_steps(25)
-    )
+    watch = WatchConfig(schedule=Schedule.every_steps(25))
+    monitor = RegionMonitor(watch, tokenizer=tokenizer, run_dir=args.out / "regionwatch")
     trainer = L.Trainer(  # regionwatch (2/2): the callback
         max_steps=args.steps,
         callbacks=[monitor],

@@ -11,29 +11,16 @@ import sys
 import types
 from typing import TYPE_CHECKING
 
-from regionwatch.errors import (
-    CheckpointError,
-    ConfigError,
-    RegionWatchError,
-    StoreError,
-    UnsupportedModelError,
-)
+from regionwatch.errors import ConfigError, RegionWatchError
 from regionwatch.version import VERSION
 
 if TYPE_CHECKING:
     from regionwatch.hf import RegionMonitorCallback
     from regionwatch.lightning import RegionMonitor
-    from regionwatch.measure import (
-        Curves,
-        Measurement,
-        ProbeConfig,
-        RegionMaps,
-        interpolate,
-        measure,
-        region_maps,
-    )
+    from regionwatch.measure import ProbeConfig, measure
+    from regionwatch.monitor import WatchConfig
     from regionwatch.probes import ProbeSet
-    from regionwatch.replay import ReplayResult, replay
+    from regionwatch.replay import replay
     from regionwatch.schedule import Schedule
     from regionwatch.snapshot import Snapshot
     from regionwatch.store import SnapshotStore
@@ -42,15 +29,13 @@ __version__ = VERSION
 
 # Every name but the errors loads on first use: torch and transformers take seconds to import,
 # and `regionwatch --help` (which imports this package) must answer at once; lightning and the
-# HF Trainer load only for their driver's users.
+# HF Trainer load only for their driver's users. Everything else (result types, the other
+# errors, helpers) stays importable from its own module, without the promise of `__all__`.
 _LAZY = {
-    **dict.fromkeys(
-        ("Curves", "Measurement", "ProbeConfig", "RegionMaps", "interpolate", "measure"),
-        "regionwatch.measure",
-    ),
-    "region_maps": "regionwatch.measure",
+    "ProbeConfig": "regionwatch.measure",
+    "measure": "regionwatch.measure",
+    "WatchConfig": "regionwatch.monitor",
     "ProbeSet": "regionwatch.probes",
-    "ReplayResult": "regionwatch.replay",
     "replay": "regionwatch.replay",
     "Schedule": "regionwatch.schedule",
     "Snapshot": "regionwatch.snapshot",
@@ -60,26 +45,18 @@ _LAZY = {
 }
 
 __all__ = [
-    "CheckpointError",
     "ConfigError",
-    "Curves",
-    "Measurement",
     "ProbeConfig",
     "ProbeSet",
-    "RegionMaps",
     "RegionMonitor",
     "RegionMonitorCallback",
     "RegionWatchError",
-    "ReplayResult",
     "Schedule",
     "Snapshot",
     "SnapshotStore",
-    "StoreError",
-    "UnsupportedModelError",
+    "WatchConfig",
     "__version__",
-    "interpolate",
     "measure",
-    "region_maps",
     "replay",
 ]
 

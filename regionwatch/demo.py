@@ -39,7 +39,7 @@ from regionwatch.hf import RegionMonitorCallback
 from regionwatch.lightning import RegionMonitor
 from regionwatch.loading import seeded_init
 from regionwatch.measure import ProbeConfig
-from regionwatch.monitor import MAPS_PER_DECADE
+from regionwatch.monitor import MAPS_PER_DECADE, WatchConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import DEFAULT_PER_DECADE, Schedule
 from regionwatch.store import DEFAULT_RUN_NAME
@@ -244,14 +244,14 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     tokenizer = demo_tokenizer(config)
-    watch = {
-        "probes": ProbeSet.build(tokenizer, seed=config.seed, progress=progress),
-        "config": config.probe,
-        "schedule": Schedule.log_tokens(per_decade=config.per_decade),
-        "maps_schedule": Schedule.log_tokens(per_decade=config.maps_per_decade),
-        "run_dir": out / DEFAULT_RUN_NAME,
-    }
-    callback = RegionMonitor(**watch) if trainer == "lightning" else RegionMonitorCallback(**watch)
+    watch = WatchConfig(
+        probe=config.probe,
+        schedule=Schedule.log_tokens(per_decade=config.per_decade),
+        maps_schedule=Schedule.log_tokens(per_decade=config.maps_per_decade),
+    )
+    probes = ProbeSet.build(tokenizer, seed=config.seed, progress=progress)
+    driver = RegionMonitor if trainer == "lightning" else RegionMonitorCallback
+    callback = driver(watch, probes=probes, run_dir=out / DEFAULT_RUN_NAME)
     data = training_data(config, tokenizer)
     model, seconds = train(config, out, data, [callback], trainer=trainer, progress=progress)
     model.save_pretrained(out / MODEL_DIR)

@@ -34,16 +34,12 @@ from typing_extensions import override
 
 from regionwatch.corpus import Source
 from regionwatch.errors import ConfigError
-from regionwatch.measure import ProbeConfig
 from regionwatch.monitor import (
-    DEFAULT_MAPS_SCHEDULE,
-    DEFAULT_SCHEDULE,
     Monitor,
-    Precision,
+    WatchConfig,
     headline,
 )
 from regionwatch.probes import ProbeSet
-from regionwatch.schedule import Schedule
 from regionwatch.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
@@ -71,19 +67,13 @@ class RegionMonitorCallback(TrainerCallback):
     (or `output_dir`), or resume from the run's checkpoint.
 
     Args:
+        watch: what to measure and when: the probe, schedules, precision, TensorBoard,
+            logger copies and probe-set seed (default `WatchConfig()`: `ProbeConfig()`, 8
+            snapshots per decade of tokens, maps at 2 per decade and the first and last, fp32).
         tokenizer: the model's tokenizer (builds the probe set); or pass `probes`.
         probes: a ready probe set.
-        config: what each measurement computes (default `ProbeConfig()`).
-        schedule: when to measure (default `Schedule.log_tokens(per_decade=8)`).
-        maps_schedule: which snapshots also draw region maps (default: 2 per decade of
-            tokens, and the first and last); None: every snapshot.
         run_dir: where the run is stored.
         source: text for the probe set (default: the built-in corpus).
-        seed: seed of the probe set.
-        precision: "fp32" (default; half weights upcast in place), "weights" (their own dtype)
-            or "trainer" (autocast as the Trainer's bf16/fp16 flags say).
-        tensorboard: also log to TensorBoard.
-        copy_to_loggers: also log to the Trainer's `report_to` integrations (once attached).
 
     Raises:
         ConfigError: at construction for bad settings; at `on_train_begin` (before the first
@@ -98,31 +88,19 @@ class RegionMonitorCallback(TrainerCallback):
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase | None = None,
+        watch: WatchConfig | None = None,
         *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         probes: ProbeSet | None = None,
-        config: ProbeConfig | None = None,
-        schedule: Schedule = DEFAULT_SCHEDULE,
-        maps_schedule: Schedule | None = DEFAULT_MAPS_SCHEDULE,
-        run_dir: str | Path | None = None,
         source: Source = None,
-        seed: int = 0,
-        precision: Precision = "fp32",
-        tensorboard: bool = True,
-        copy_to_loggers: bool = True,
+        run_dir: str | Path | None = None,
     ) -> None:
-        self.monitor = Monitor.from_options(
+        self.monitor = Monitor(
+            WatchConfig() if watch is None else watch,
             tokenizer=tokenizer,
             probes=probes,
-            config=config,
-            schedule=schedule,
-            maps_schedule=maps_schedule,
-            run_dir=run_dir,
             source=source,
-            seed=seed,
-            precision=precision,
-            tensorboard=tensorboard,
-            copy_to_loggers=copy_to_loggers,
+            run_dir=run_dir,
         )
         self._trainer: Trainer | None = None
 

@@ -29,17 +29,13 @@ from regionwatch.checkpoints import LEGACY_MONITOR_STATE, monitor_state_key
 from regionwatch.corpus import Source
 from regionwatch.distributed import SUPPORTED
 from regionwatch.errors import ConfigError, UnsupportedModelError
-from regionwatch.measure import ProbeConfig
 from regionwatch.monitor import (
-    DEFAULT_MAPS_SCHEDULE,
-    DEFAULT_SCHEDULE,
     TOKENS_TAG,
     Monitor,
-    Precision,
+    WatchConfig,
     headline,
 )
 from regionwatch.probes import ProbeSet
-from regionwatch.schedule import Schedule
 from regionwatch.snapshot import Snapshot
 from regionwatch.tensorboard import TAG_ROOT
 
@@ -75,19 +71,13 @@ class RegionMonitor(Callback):
     states apart; checkpoints saved under the old key (the class name) are read too.
 
     Args:
+        watch: what to measure and when: the probe, schedules, precision, TensorBoard,
+            logger copies and probe-set seed (default `WatchConfig()`: `ProbeConfig()`, 8
+            snapshots per decade of tokens, maps at 2 per decade and the first and last, fp32).
         tokenizer: the model's tokenizer (builds the probe set); or pass `probes`.
         probes: a ready probe set.
-        config: what each measurement computes (default `ProbeConfig()`).
-        schedule: when to measure (default `Schedule.log_tokens(per_decade=8)`).
-        maps_schedule: which snapshots also draw region maps (default: 2 per decade of
-            tokens, and the first and last); None: every snapshot.
         run_dir: where the run is stored (default `<trainer.log_dir>/regionwatch`).
         source: text for the probe set (default: the built-in corpus).
-        seed: seed of the probe set.
-        precision: "fp32" (default; half weights upcast in place), "weights" (their own dtype)
-            or "trainer" (the trainer's precision context).
-        tensorboard: also log to TensorBoard.
-        copy_to_loggers: also log to the trainer's own loggers (False: only regionwatch's run).
         model_attr: name of the attribute holding the causal LM, when ambiguous.
         count_tokens: `count_tokens(batch) -> int` overriding the token count of a batch; it
             must return an integer >= 0 (checked at every batch, the first one before the first
@@ -105,33 +95,21 @@ class RegionMonitor(Callback):
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase | None = None,
+        watch: WatchConfig | None = None,
         *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         probes: ProbeSet | None = None,
-        config: ProbeConfig | None = None,
-        schedule: Schedule = DEFAULT_SCHEDULE,
-        maps_schedule: Schedule | None = DEFAULT_MAPS_SCHEDULE,
-        run_dir: str | Path | None = None,
         source: Source = None,
-        seed: int = 0,
-        precision: Precision = "fp32",
-        tensorboard: bool = True,
-        copy_to_loggers: bool = True,
+        run_dir: str | Path | None = None,
         model_attr: str | None = None,
         count_tokens: CountTokens | None = None,
     ) -> None:
-        self.monitor = Monitor.from_options(
+        self.monitor = Monitor(
+            WatchConfig() if watch is None else watch,
             tokenizer=tokenizer,
             probes=probes,
-            config=config,
-            schedule=schedule,
-            maps_schedule=maps_schedule,
-            run_dir=run_dir,
             source=source,
-            seed=seed,
-            precision=precision,
-            tensorboard=tensorboard,
-            copy_to_loggers=copy_to_loggers,
+            run_dir=run_dir,
         )
         if count_tokens is not None and not callable(count_tokens):
             raise ConfigError(

@@ -97,7 +97,7 @@ class WatchConfig:
         copy_to_loggers: also send the headline scalars (and, where a logger takes them, the
             images) to the trainer's own loggers (Lightning's `trainer.loggers`, the HF
             Trainer's `report_to` integrations). regionwatch's own TensorBoard run stays.
-        probe_seed: seed of the probe set built from a tokenizer.
+        seed: seed of the probe set built from a tokenizer.
     """
 
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -106,7 +106,7 @@ class WatchConfig:
     precision: Precision = "fp32"
     tensorboard: bool = True
     copy_to_loggers: bool = True
-    probe_seed: int = 0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.probe, ProbeConfig):
@@ -125,7 +125,7 @@ class WatchConfig:
         for name in ("tensorboard", "copy_to_loggers"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"WatchConfig.{name}={getattr(self, name)!r}: need True or False")
-        check_int("WatchConfig.probe_seed", self.probe_seed)
+        check_int("WatchConfig.seed", self.seed)
 
 
 def _check_arguments(tokenizer: Any, probes: Any, run_dir: Any) -> None:
@@ -161,7 +161,8 @@ class Monitor:
 
     Raises:
         ConfigError: neither a tokenizer nor a probe set, or an argument of the wrong kind (a
-            tokenizer's name instead of the tokenizer, a probe folder instead of the set).
+            tokenizer where the watch config goes, a tokenizer's name instead of the tokenizer,
+            a probe folder instead of the set).
     """
 
     def __init__(
@@ -173,6 +174,12 @@ class Monitor:
         source: Source = None,
         run_dir: str | Path | None = None,
     ) -> None:
+        if not isinstance(watch, WatchConfig):
+            raise ConfigError(
+                f"watch: need a regionwatch.WatchConfig, not {type(watch).__name__}, e.g. "
+                "WatchConfig(schedule=Schedule.every_steps(50)); the tokenizer and probe set are "
+                "keywords (tokenizer=tok)"
+            )
         if tokenizer is None and probes is None:
             raise ConfigError(
                 "regionwatch needs the model's tokenizer (tokenizer=...) to build its probe set, "
@@ -198,34 +205,6 @@ class Monitor:
         self._log_scalars: LogScalars | None = None
         self._log_images: LogImages | None = None
         self.failures = 0
-
-    @classmethod
-    def from_options(
-        cls,
-        *,
-        tokenizer: PreTrainedTokenizerBase | None,
-        probes: ProbeSet | None,
-        config: ProbeConfig | None,
-        schedule: Schedule,
-        maps_schedule: Schedule | None,
-        run_dir: str | Path | None,
-        source: Source,
-        seed: int,
-        precision: Precision,
-        tensorboard: bool,
-        copy_to_loggers: bool = True,
-    ) -> Monitor:
-        """A monitor from the drivers' keyword arguments (see `RegionMonitor` for their meaning)."""
-        watch = WatchConfig(
-            probe=config or ProbeConfig(),
-            schedule=schedule,
-            maps_schedule=maps_schedule,
-            precision=precision,
-            tensorboard=tensorboard,
-            copy_to_loggers=copy_to_loggers,
-            probe_seed=seed,
-        )
-        return cls(watch, tokenizer=tokenizer, probes=probes, source=source, run_dir=run_dir)
 
     @property
     def probes(self) -> ProbeSet:
@@ -572,7 +551,7 @@ class Monitor:
             self._store = None
 
     def _build_probes(self) -> ProbeSet:
-        return ProbeSet.build(self._tokenizer, self._source, seed=self.watch.probe_seed)
+        return ProbeSet.build(self._tokenizer, self._source, seed=self.watch.seed)
 
     def _guarded_measure(self, model: nn.Module, step: int, *, maps: bool) -> Measurement | str:
         """This rank's measurement, or why it failed (logged here, recorded by rank zero)."""

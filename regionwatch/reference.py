@@ -4,7 +4,7 @@ Write vectors are read from `hidden_states[write_layer + 1]`, readouts from `hid
 and logits from the model's own head, all of one unmodified forward per prompt; every patched
 point is a full forward of its context with a hook that overwrites the last position after block
 `write_layer` (PAPER.md §2). Points of equal-length contexts share a batch, nothing else is shared.
-Same signatures as `regionwatch.interpolate` / `regionwatch.region_maps`; tests and benchmarks
+Same signatures as `measure.interpolate` / `measure.region_maps`; tests and benchmarks
 hold the fast engine to it, and users may cross-check with it. The library never imports it.
 """
 
@@ -59,7 +59,7 @@ def interpolate(
     max_batch_tokens: int | None = None,  # unused: same signature as the fast path
     block_path: str | None = None,
 ) -> Curves:
-    """Reference for `regionwatch.interpolate`: a full forward per (pair, alpha)."""
+    """Reference for `regionwatch.measure.interpolate`: a full forward per (pair, alpha)."""
     site = resolve(model, write_layer=write_layer, block_path=block_path)
     pairs_a, pairs_b = prompt_list(ids_a, "ids_a"), prompt_list(ids_b, "ids_b")
     check_prompts(site, pairs_a + pairs_b)
@@ -102,7 +102,7 @@ def region_maps(
     max_batch_tokens: int | None = None,  # unused: same signature as the fast path
     block_path: str | None = None,
 ) -> RegionMaps:
-    """Reference for `regionwatch.region_maps`: a full forward per (grid point, context)."""
+    """Reference for `regionwatch.measure.region_maps`: a full forward per (grid point, context)."""
     site = resolve(model, write_layer=write_layer, block_path=block_path)
     triples = list(zip(*(prompt_list(ids, "ids") for ids in (ids_a, ids_b, ids_c)), strict=True))
     check_prompts(site, [p for triple in triples for p in triple])

@@ -155,7 +155,7 @@ def replay(
     watch = WatchConfig(
         probe=config or (runs[0].config if runs else ProbeConfig()), precision=precision
     )
-    probes = _probes(probes, runs, tokenizer, checkpoints, watch.probe_seed)
+    probes = _probes(probes, runs, tokenizer, checkpoints, watch.seed)
     options = LoadOptions(
         config_dir=None if config_dir is None else Path(config_dir),
         state_key=state_key,

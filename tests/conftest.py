@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 # The corpus, its tokenizer and probe set; the replay tests' probe set and live runs.
-pytest_plugins = ["tests.fixtures_text", "tests.replay_runs"]
+pytest_plugins = ["tests.support.text", "tests.support.replay_runs"]
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.register_profile("dev", deadline=None, max_examples=10)

@@ -15,8 +15,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoTokenizer
 
-from regionwatch import ProbeSet, RegionMonitor, Schedule
-from tests.lm import SMALL_PROBE, TinyLM, Windows, loader, trainer
+from regionwatch import ProbeSet
+from tests.support.factories import make_monitor
+from tests.support.lm import TinyLM, Windows, loader, trainer
 
 
 class Seen(Callback):
@@ -37,9 +38,7 @@ class Seen(Callback):
 def main(out: Path, steps: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     probes = ProbeSet.load(out / "probes", tokenizer=tokenizer)
-    monitor = RegionMonitor(
-        probes=probes, config=SMALL_PROBE, run_dir=out / "run", schedule=Schedule.every_steps(2)
-    )
+    monitor = make_monitor("lightning", probes, out / "run")
     module = TinyLM(len(tokenizer))
     fit = trainer(
         out, [monitor, Seen()], max_steps=steps, devices=2, strategy="ddp", deterministic=False

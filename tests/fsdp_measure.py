@@ -21,8 +21,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 from regionwatch import ProbeSet, measure
 from regionwatch.errors import UnsupportedModelError
 from tests.conftest import tiny_model
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, tiny_gpt2
+from tests.support.lm import SMALL_PROBE, tiny_gpt2
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
 def numbers(measurement: object) -> dict[str, torch.Tensor]:

@@ -23,9 +23,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 from transformers import AutoTokenizer
 
-from regionwatch import ProbeSet, RegionMonitor, Schedule
+from regionwatch import ProbeSet
 from tests.conftest import tiny_model
-from tests.lm import SMALL_PROBE, TinyLM, Windows, loader, trainer
+from tests.support.factories import make_monitor
+from tests.support.lm import TinyLM, Windows, loader, trainer
 
 
 class ShardedLM(TinyLM):
@@ -67,15 +68,7 @@ def main(out: Path, steps: int, watch: bool) -> None:
     probes = ProbeSet.load(out / "probes", tokenizer=tokenizer)
     callbacks: list[Callback] = [Steps()]
     if watch:
-        callbacks.append(
-            RegionMonitor(
-                probes=probes,
-                config=SMALL_PROBE,
-                run_dir=out / "run",
-                schedule=Schedule.every_steps(2),
-                maps_schedule=None,  # region maps at every snapshot: their queries are sharded too
-            )
-        )
+        callbacks.append(make_monitor("lightning", probes, out / "run", maps_schedule=None))
     callbacks.append(
         ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True)
     )

@@ -13,20 +13,15 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Trainer
 
-from regionwatch import ProbeSet, RegionMonitorCallback, Schedule
-from tests.lm import SMALL_PROBE, Windows, hf_args, tiny_gpt2
+from regionwatch import ProbeSet
+from tests.support.factories import make_monitor
+from tests.support.lm import Windows, hf_args, tiny_gpt2
 
 
 def main(out: Path, steps: int, fsdp: bool) -> None:
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     probes = ProbeSet.load(out / "probes", tokenizer=tokenizer)
-    monitor = RegionMonitorCallback(
-        probes=probes,
-        config=SMALL_PROBE,
-        run_dir=out / "run",
-        schedule=Schedule.every_steps(2),
-        maps_schedule=None,
-    )
+    monitor = make_monitor("hf", probes, out / "run", maps_schedule=None)
     sharding = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}} if fsdp else {}
     args = hf_args(
         out,

@@ -18,9 +18,10 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from transformers import AutoTokenizer, Trainer, TrainerCallback
 
-from regionwatch import ProbeSet, RegionMonitor, RegionMonitorCallback, Schedule, SnapshotStore
+from regionwatch import ProbeSet, Schedule, SnapshotStore
 from regionwatch.store import SnapshotStore as _Store
-from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
+from tests.support.factories import make_monitor
+from tests.support.lm import TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
 
 _write = _Store.write
 # Snapshots are written on regionwatch's background thread, so two threads pause here; one at a
@@ -61,9 +62,7 @@ def main(kind: str, out: Path, steps: int) -> None:
     data = Windows(tokenizer)
     schedule = Schedule.every_steps(2)
     if kind == "lightning":
-        monitor = RegionMonitor(
-            probes=probes, config=SMALL_PROBE, run_dir=out / "run", schedule=schedule
-        )
+        monitor = make_monitor("lightning", probes, out / "run", schedule=schedule)
         saver = ModelCheckpoint(
             dirpath=out / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True
         )
@@ -71,9 +70,7 @@ def main(kind: str, out: Path, steps: int) -> None:
         fit = trainer(out, [monitor, saver, Steps()], max_steps=steps, enable_checkpointing=True)
         fit.fit(TinyLM(len(tokenizer)), loader(data), ckpt_path=last if last.exists() else None)
     else:
-        monitor = RegionMonitorCallback(
-            probes=probes, config=SMALL_PROBE, run_dir=out / "run", schedule=schedule
-        )
+        monitor = make_monitor("hf", probes, out / "run", schedule=schedule)
         args = hf_args(out, max_steps=steps, save_strategy="steps", save_steps=3)
         run = Trainer(
             tiny_gpt2(len(tokenizer)), args, train_dataset=data, callbacks=[monitor, HFSteps()]

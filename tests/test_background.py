@@ -19,11 +19,12 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from regionwatch import RegionMonitor, Schedule, SnapshotStore
+from regionwatch import RegionMonitor, SnapshotStore
 from regionwatch.background import BackgroundWriter
-from regionwatch.monitor import Monitor, WatchConfig
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, TinyLM, Windows, loader, tiny_gpt2, trainer
+from regionwatch.monitor import Monitor
+from tests.support.factories import make_monitor
+from tests.support.lm import TinyLM, Windows, loader, tiny_gpt2, trainer
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 MEDIAN = "regionwatch/max_slope/median"
 
@@ -70,22 +71,14 @@ def test_writer_refuses_a_capacity_below_one() -> None:
 
 
 def monitored(lm_probes, run_dir: Path, **kwargs) -> RegionMonitor:
-    return RegionMonitor(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=run_dir,
-        schedule=Schedule.every_steps(1),
-        maps_schedule=None,
-        **kwargs,
-    )
+    return make_monitor("lightning", lm_probes, run_dir, every=1, maps_schedule=None, **kwargs)
 
 
 def test_failing_sink_is_recorded_and_the_store_stays_complete(tmp_path: Path, lm_probes) -> None:
     """TensorBoard cannot make its directory: every snapshot is still stored, none is "failed"."""
     run_dir = tmp_path / "run"
-    watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1), maps_schedule=None)
     model = tiny_gpt2(VOCAB)
-    monitor = Monitor(watch, probes=lm_probes, run_dir=run_dir)
+    monitor = make_monitor("monitor", lm_probes, run_dir, every=1, maps_schedule=None)
     monitor.setup(model, log_dir=None)
     monitor.open()
     (run_dir / "tensorboard").write_text("a file where the event directory should be")

@@ -21,8 +21,8 @@ from regionwatch.revisions import (
     revision_name,
 )
 from regionwatch.snapshot import weights_fingerprint
-from tests.lm import SMALL_PROBE
-from tests.replay_runs import add_hub_revision, save_model
+from tests.support.lm import SMALL_PROBE
+from tests.support.replay_runs import add_hub_revision, save_model
 
 SMALL = ["--alphas", str(SMALL_PROBE.num_alphas), "--grid", str(SMALL_PROBE.grid)]
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from transformers import GPT2Config
 from regionwatch import SnapshotStore
 from regionwatch.cli import VERBS, main
 from tests.conftest import file_states
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from regionwatch import SnapshotStore, measure
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import BATCH, small_probes, tiny_gpt2
+from tests.support.lm import BATCH, small_probes, tiny_gpt2
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4

@@ -63,7 +63,7 @@ BOOL_REFUSED: list[tuple[Callable[[], object], str]] = [
     (lambda: ProbeConfig(num_alphas=True), "num_alphas=True"),
     (lambda: ProbeConfig(grid=True), "grid=True"),
     (lambda: check_budget(True), "max_batch_tokens=True"),
-    (lambda: WatchConfig(probe_seed=True), "WatchConfig.probe_seed=True"),
+    (lambda: WatchConfig(seed=True), "WatchConfig.seed=True"),
     (lambda: Schedule.every_steps(True), "Schedule.every=True"),
     (lambda: Schedule.log_tokens(True), "Schedule.per_decade=True"),
     (lambda: Mark(True, 0), "Mark.step=True"),

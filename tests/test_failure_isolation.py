@@ -10,9 +10,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Trainer
 
-from regionwatch import RegionMonitor, RegionMonitorCallback, Schedule, SnapshotStore
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
+from regionwatch import SnapshotStore
+from tests.support.factories import make_monitor
+from tests.support.lm import TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
 def break_probes(
@@ -36,12 +37,7 @@ def test_failing_probe_is_recorded_and_training_goes_on(
     """Every scheduled probe fails; every step still trains; failures are stored and logged."""
     module = TinyLM(VOCAB)
     break_probes(module.lm, RuntimeError("probe exploded"))
-    callback = RegionMonitor(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(2),
-    )
+    callback = make_monitor("lightning", lm_probes, tmp_path / "run")
     fit = trainer(tmp_path, [callback], max_steps=5)
     with caplog.at_level(logging.ERROR, logger="regionwatch"):
         fit.fit(module, loader(lm_data))
@@ -61,12 +57,7 @@ def test_out_of_memory_retries_with_half_the_budget(
     """An OOM inside the probe is retried once with half the memory budget, then succeeds."""
     module = TinyLM(VOCAB)
     raised = break_probes(module.lm, torch.cuda.OutOfMemoryError("CUDA out of memory"), times=1)
-    callback = RegionMonitor(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(2),
-    )
+    callback = make_monitor("lightning", lm_probes, tmp_path / "run")
     with caplog.at_level(logging.WARNING, logger="regionwatch"):
         trainer(tmp_path, [callback], max_steps=2).fit(module, loader(lm_data))
     assert len(raised) == 1
@@ -80,12 +71,7 @@ def test_out_of_memory_twice_gives_up_on_that_snapshot_only(
     """Two OOMs in a row skip the snapshot; the next scheduled one is taken."""
     module = TinyLM(VOCAB)
     break_probes(module.lm, torch.cuda.OutOfMemoryError("CUDA out of memory"), times=2)
-    callback = RegionMonitor(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(2),
-    )
+    callback = make_monitor("lightning", lm_probes, tmp_path / "run")
     trainer(tmp_path, [callback], max_steps=2).fit(module, loader(lm_data))
     store = SnapshotStore(tmp_path / "run")
     assert store.steps() == [2]
@@ -98,12 +84,7 @@ def test_hf_failing_probe_does_not_stop_the_trainer(
     """Under transformers.Trainer a failing probe is recorded and every step still runs."""
     model = tiny_gpt2(VOCAB)
     break_probes(model, ValueError("bad probe"))
-    callback = RegionMonitorCallback(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(2),
-    )
+    callback = make_monitor("hf", lm_probes, tmp_path / "run")
     run = Trainer(
         model, hf_args(tmp_path, max_steps=4), train_dataset=lm_data, callbacks=[callback]
     )
@@ -130,12 +111,7 @@ def test_a_diverged_model_is_a_failed_snapshot_and_training_goes_on(
     tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture
 ) -> None:
     """NaN weights from step 3 on: steps 4 and 6 are failures naming the cause, never snapshots."""
-    callback = RegionMonitor(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(2),
-    )
+    callback = make_monitor("lightning", lm_probes, tmp_path / "run")
     fit = trainer(tmp_path, [callback], max_steps=6)
     with caplog.at_level(logging.ERROR, logger="regionwatch"):
         fit.fit(DivergingLM(VOCAB, poison_step=3), loader(lm_data))

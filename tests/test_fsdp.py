@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from regionwatch import SnapshotStore, measure
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, assert_same_numbers, small_probes, tiny_gpt2
+from tests.support.lm import SMALL_PROBE, assert_same_numbers, small_probes, tiny_gpt2
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}

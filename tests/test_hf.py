@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from transformers import Trainer
 
-from regionwatch import ConfigError, ProbeConfig, RegionMonitorCallback, Schedule, SnapshotStore
+from regionwatch import ConfigError, ProbeConfig, RegionMonitorCallback, SnapshotStore
 from regionwatch.errors import UnsupportedModelError
 from tests.conftest import file_states
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import BATCH, SMALL_PROBE, Windows, hf_args, tiny_gpt2
+from tests.support.factories import make_monitor
+from tests.support.lm import BATCH, Windows, hf_args, tiny_gpt2
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
 def train(
@@ -23,9 +24,7 @@ def train(
     callback: RegionMonitorCallback | None = None,
     **overrides,
 ) -> Trainer:
-    callback = callback or RegionMonitorCallback(
-        probes=lm_probes, config=SMALL_PROBE, run_dir=tmp / "run", schedule=Schedule.every_steps(2)
-    )
+    callback = callback or make_monitor("hf", lm_probes, tmp / "run")
     trainer = Trainer(
         tiny_gpt2(VOCAB), hf_args(tmp, **overrides), train_dataset=lm_data, callbacks=[callback]
     )
@@ -47,9 +46,7 @@ def test_snapshots_at_scheduled_steps_with_the_trainers_token_count(
 
 def test_run_dir_defaults_into_the_output_dir(tmp_path: Path, lm_probes, lm_data: Windows) -> None:
     """Without run_dir the run lives in <output_dir>/regionwatch, stable across resumes."""
-    callback = RegionMonitorCallback(
-        probes=lm_probes, config=SMALL_PROBE, schedule=Schedule.every_steps(3)
-    )
+    callback = make_monitor("hf", lm_probes, every=3)
     train(tmp_path, lm_probes, lm_data, callback=callback, max_steps=3)
     assert SnapshotStore(tmp_path / "out" / "regionwatch").steps() == [0, 3]
 
@@ -63,8 +60,8 @@ def test_token_counting_must_be_switched_on(tmp_path: Path, lm_probes, lm_data: 
 
 def test_bad_write_layer_fails_before_training(tmp_path: Path, lm_probes, lm_data: Windows) -> None:
     """A write layer the model does not have fails at on_train_begin."""
-    callback = RegionMonitorCallback(
-        probes=lm_probes, config=ProbeConfig(write_layer=3), run_dir=tmp_path / "run"
+    callback = make_monitor(
+        "hf", lm_probes, tmp_path / "run", every=None, probe=ProbeConfig(write_layer=3)
     )
     with pytest.raises(UnsupportedModelError, match=r"write_layer=3"):
         train(tmp_path, lm_probes, lm_data, callback=callback)
@@ -74,9 +71,7 @@ def test_bad_write_layer_fails_before_training(tmp_path: Path, lm_probes, lm_dat
 
 
 def hf_trainer(tmp: Path, lm_probes, lm_data: Windows, run: Path, *, seed: int = 0, **overrides):
-    callback = RegionMonitorCallback(
-        probes=lm_probes, config=SMALL_PROBE, run_dir=run, schedule=Schedule.every_steps(2)
-    )
+    callback = make_monitor("hf", lm_probes, run)
     args = hf_args(tmp, save_strategy="steps", save_steps=2, **overrides)
     return Trainer(tiny_gpt2(VOCAB, seed=seed), args, train_dataset=lm_data, callbacks=[callback])
 

@@ -11,26 +11,21 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from regionwatch import ConfigError, ProbeConfig, RegionMonitor, Schedule, SnapshotStore
+from regionwatch import ConfigError, ProbeConfig, RegionMonitor, SnapshotStore
 from regionwatch.checkpoints import discover
 from regionwatch.errors import UnsupportedModelError
 from regionwatch.lightning import count_batch_tokens, find_model
 from tests.conftest import file_states
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import BATCH, SMALL_PROBE, TinyLM, Windows, loader, trainer
+from tests.support.factories import make_monitor
+from tests.support.lm import BATCH, SMALL_PROBE, TinyLM, Windows, loader, trainer
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
 def fit(tmp: Path, lm_probes, lm_data: Windows, **kwargs) -> RegionMonitor:
     trainer_kwargs = {
         k: kwargs.pop(k) for k in ("max_steps", "accumulate_grad_batches") if k in kwargs
     }
-    callback = RegionMonitor(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp / "run",
-        schedule=Schedule.every_steps(3),
-        **kwargs,
-    )
+    callback = make_monitor("lightning", lm_probes, tmp / "run", every=3, **kwargs)
     trainer(tmp, [callback], **trainer_kwargs).fit(TinyLM(VOCAB), loader(lm_data))
     return callback
 
@@ -85,7 +80,7 @@ def test_run_dir_defaults_into_the_trainer_log_dir(
     tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
     """Without run_dir the run lives in <trainer.log_dir>/regionwatch."""
-    callback = RegionMonitor(probes=lm_probes, config=SMALL_PROBE, schedule=Schedule.every_steps(2))
+    callback = make_monitor("lightning", lm_probes)
     trainer(tmp_path, [callback], max_steps=2).fit(TinyLM(VOCAB), loader(lm_data))
     assert SnapshotStore(tmp_path / "regionwatch").steps() == [0, 2]
 
@@ -127,9 +122,9 @@ def test_bad_configuration_fails_before_the_first_optimizer_step(
     tmp_path: Path, lm_probes, lm_data: Windows, setup: str, error: type, match: str
 ) -> None:
     """Each bad setting raises in setup / before the first step, with the fix in the message."""
-    kwargs, positions, run_dir, batches = {}, 64, tmp_path / "run", loader(lm_data)
+    probe, positions, run_dir, batches = ProbeConfig(), 64, tmp_path / "run", loader(lm_data)
     if setup == "write_layer":
-        kwargs["config"] = ProbeConfig(write_layer=5)
+        probe = ProbeConfig(write_layer=5)
     elif setup == "context":
         positions = 8
     elif setup == "run_dir":
@@ -137,7 +132,7 @@ def test_bad_configuration_fails_before_the_first_optimizer_step(
         run_dir.write_text("a file, not a directory")
     elif setup == "batch":
         batches = torch.utils.data.DataLoader([torch.ones(4).float()] * 8, batch_size=4)
-    callback = RegionMonitor(probes=lm_probes, run_dir=run_dir, **kwargs)
+    callback = make_monitor("lightning", lm_probes, run_dir, every=None, probe=probe)
     model = TinyLM(VOCAB, positions=positions)
     if setup == "batch":
         model.training_step = lambda batch, i: model.lm(
@@ -155,6 +150,15 @@ def test_neither_tokenizer_nor_probes_is_refused() -> None:
         RegionMonitor()
 
 
+def test_a_tokenizer_where_the_watch_config_goes_is_refused(text_tokenizer) -> None:
+    """The first argument is the WatchConfig: a tokenizer there is named, with the keyword fix."""
+    with pytest.raises(
+        ConfigError,
+        match=r"watch: need a regionwatch\.WatchConfig, not \w+, .*keywords \(tokenizer=tok\)",
+    ):
+        RegionMonitor(text_tokenizer)
+
+
 # --- re-runs and resumes into a used run_dir --------------------------------------------------
 
 
@@ -162,9 +166,7 @@ def checkpointed_fit(
     tmp: Path, lm_probes, lm_data: Windows, *, max_steps: int, ckpt: Path | None = None, **kwargs
 ) -> tuple[RegionMonitor, L.Trainer]:
     """Fit with a checkpoint saved as <tmp>/ckpt/last.ckpt; resume from `ckpt` if given."""
-    monitor = RegionMonitor(
-        probes=lm_probes, config=SMALL_PROBE, schedule=Schedule.every_steps(2), **kwargs
-    )
+    monitor = make_monitor("lightning", lm_probes, **kwargs)
     saver = ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=2, save_last=True)
     fit_trainer = trainer(
         tmp,
@@ -185,9 +187,7 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
     run = tmp_path / "run"
     fit(tmp_path, lm_probes, lm_data, max_steps=6)
     before = file_states(run, skip=("writer.lock",))
-    callback = RegionMonitor(
-        probes=lm_probes, config=SMALL_PROBE, run_dir=run, schedule=Schedule.every_steps(3)
-    )
+    callback = make_monitor("lightning", lm_probes, run, every=3)
     again = trainer(tmp_path, [callback], max_steps=6)
     with pytest.raises(ConfigError, match=r"already holds run \w+ \(3 snapshots, steps 0\.\.6.*"):
         again.fit(TinyLM(VOCAB, seed=1), loader(lm_data))
@@ -215,7 +215,7 @@ def test_a_restart_of_the_same_seeded_run_before_its_first_checkpoint_goes_on(
     fit(tmp_path, lm_probes, lm_data, max_steps=3)  # the same seeded model: its own baseline
     assert SnapshotStore(run).steps() == [0, 3]
     killed_after_the_baseline()
-    callback = RegionMonitor(probes=lm_probes, config=SMALL_PROBE, run_dir=run)
+    callback = make_monitor("lightning", lm_probes, run, every=None)
     with pytest.raises(ConfigError, match=r"already holds run \w+ \(1 snapshots, steps 0\.\.0"):
         trainer(tmp_path, [callback], max_steps=3).fit(TinyLM(VOCAB, seed=1), loader(lm_data))
     assert SnapshotStore(run).steps() == [0]
@@ -278,8 +278,8 @@ def test_a_bad_token_count_fails_before_the_first_optimizer_step(
     tmp_path: Path, lm_probes, lm_data: Windows, count_tokens, match: str
 ) -> None:
     """What count_tokens returns is checked at the first batch, before any optimizer step."""
-    callback = RegionMonitor(
-        probes=lm_probes, config=SMALL_PROBE, run_dir=tmp_path / "run", count_tokens=count_tokens
+    callback = make_monitor(
+        "lightning", lm_probes, tmp_path / "run", every=None, count_tokens=count_tokens
     )
     fit_trainer = trainer(tmp_path, [callback], max_steps=4)
     with pytest.raises(ConfigError, match=match):
@@ -290,19 +290,14 @@ def test_a_bad_token_count_fails_before_the_first_optimizer_step(
 def test_a_token_count_that_is_not_callable_is_refused_at_construction(lm_probes) -> None:
     """count_tokens=42 fails when the callback is made, naming the argument and the fix."""
     with pytest.raises(ConfigError, match=r"count_tokens=42 is not callable.*lambda batch"):
-        RegionMonitor(probes=lm_probes, count_tokens=42)
+        make_monitor("lightning", lm_probes, every=None, probe=ProbeConfig(), count_tokens=42)
 
 
 def test_last_step_carries_region_maps_when_the_schedule_lands_on_it(
     tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
     """every_steps(4), max_steps=12: the snapshot at 12 has maps, as the first one does."""
-    callback = RegionMonitor(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(4),
-    )
+    callback = make_monitor("lightning", lm_probes, tmp_path / "run", every=4)
     trainer(tmp_path, [callback], max_steps=12).fit(TinyLM(VOCAB), loader(lm_data))
     records = SnapshotStore(tmp_path / "run").records()
     assert [r["step"] for r in records] == [0, 4, 8, 12]

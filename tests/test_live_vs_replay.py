@@ -10,16 +10,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, Trainer
 
 from regionwatch import (
-    RegionMonitor,
-    RegionMonitorCallback,
-    Schedule,
     Snapshot,
     SnapshotStore,
     measure,
 )
 from regionwatch.snapshot import weights_fingerprint
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
+from tests.support.factories import make_monitor
+from tests.support.lm import TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
 def assert_same_numbers(live: Snapshot, model: torch.nn.Module, store: SnapshotStore) -> None:
@@ -40,12 +38,7 @@ def test_lightning_live_numbers_equal_measuring_the_checkpoints(
     tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
     """Each .ckpt saved at a snapshot step reproduces that snapshot exactly (fp32, CPU)."""
-    monitor = RegionMonitor(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(3),
-    )
+    monitor = make_monitor("lightning", lm_probes, tmp_path / "run", every=3)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     trainer(tmp_path, [monitor, saver], max_steps=6, enable_checkpointing=True).fit(
         TinyLM(VOCAB), loader(lm_data)
@@ -63,12 +56,7 @@ def test_hf_live_numbers_equal_measuring_the_checkpoints(
     tmp_path: Path, lm_probes, lm_data: Windows
 ) -> None:
     """Each checkpoint-N dir saved at a snapshot step reproduces that snapshot exactly."""
-    monitor = RegionMonitorCallback(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(2),
-    )
+    monitor = make_monitor("hf", lm_probes, tmp_path / "run")
     run_args = hf_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
     Trainer(tiny_gpt2(VOCAB), run_args, train_dataset=lm_data, callbacks=[monitor]).train()
     store = SnapshotStore(tmp_path / "run")

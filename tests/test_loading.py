@@ -13,9 +13,9 @@ from regionwatch import CheckpointError, SnapshotStore
 from regionwatch.loading import load_state_dict_model
 from regionwatch.replay import replay
 from regionwatch.snapshot import weights_fingerprint
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, Windows, tiny_gpt2
-from tests.replay_runs import ConfigLM, lightning_run, same_weights
+from tests.support.lm import SMALL_PROBE, Windows, tiny_gpt2
+from tests.support.replay_runs import ConfigLM, lightning_run, same_weights
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
 def test_pickled_checkpoint_needs_trust_pickle(

@@ -19,9 +19,10 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import Trainer
 
-from regionwatch import RegionMonitor, RegionMonitorCallback, Schedule, SnapshotStore
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
+from regionwatch import RegionMonitor, SnapshotStore
+from tests.support.factories import make_monitor
+from tests.support.lm import TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 MEDIAN = "regionwatch/max_slope/median"
 TOKENS = "regionwatch/tokens"
@@ -30,14 +31,7 @@ STEPS = 4  # snapshots at 0, 2, 4 with every_steps(2)
 
 
 def fit(tmp: Path, lm_probes, lm_data: Windows, logger: object, **kwargs) -> RegionMonitor:
-    callback = RegionMonitor(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp / "run",
-        schedule=Schedule.every_steps(2),
-        maps_schedule=None,
-        **kwargs,
-    )
+    callback = make_monitor("lightning", lm_probes, tmp / "run", maps_schedule=None, **kwargs)
     trainer(tmp, [callback], max_steps=STEPS, logger=logger).fit(TinyLM(VOCAB), loader(lm_data))
     return callback
 
@@ -191,12 +185,7 @@ def test_hf_report_to_tensorboard_and_mlflow_get_the_scalars(
     mlflow.set_tracking_uri(uri)
     args = hf_args(tmp_path, report_to=["tensorboard", "mlflow"])
     run = Trainer(tiny_gpt2(VOCAB), args, train_dataset=lm_data)
-    RegionMonitorCallback(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(2),
-    ).attach(run)
+    make_monitor("hf", lm_probes, tmp_path / "run").attach(run)
     run.train()
     want = stored(tmp_path)
     assert sorted(want) == [0, 2, 4, 6]

@@ -10,14 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import regionwatch
 from regionwatch import metrics, reference
 from regionwatch.access import resolve
 from regionwatch.errors import ConfigError, UnsupportedModelError
-from regionwatch.measure import ProbeConfig, interpolate, measure, merge_shards, region_maps
+from regionwatch.measure import Curves, ProbeConfig, interpolate, measure, merge_shards, region_maps
 from regionwatch.probes import ProbeSet
 from regionwatch.sampling import NamedPair
 from tests.conftest import random_prompts, tiny_model
+from tests.support.factories import make_probes
 
 # A KV-cached last-token pass agrees with a full forward to ~4e-7 in fp32; these leave room for
 # honest float noise only (the bounds).
@@ -34,7 +34,7 @@ def mixed_length_pairs(seed: int = 0) -> tuple[list[list[int]], list[list[int]]]
     ]
 
 
-def assert_curves_close(fast: regionwatch.Curves, slow: regionwatch.Curves) -> None:
+def assert_curves_close(fast: Curves, slow: Curves) -> None:
     torch.testing.assert_close(fast.relative, slow.relative, atol=REL_ATOL, rtol=0, equal_nan=True)
     torch.testing.assert_close(
         fast.max_slope, slow.max_slope, rtol=SLOPE_RTOL, atol=0, equal_nan=True
@@ -306,13 +306,8 @@ def test_unsupported_architecture_fails_before_forward() -> None:
 
 
 def _probe_set() -> ProbeSet:
-    ids = random_prompts(8, 6, seed=11)
-    similar = random_prompts(6, 6, seed=12).reshape(3, 2, 6)
-    similar[:, 1, -1] = similar[:, 0, -1]
-    dissimilar = random_prompts(6, 6, seed=13).reshape(3, 2, 6)
-    dissimilar[:, 1, :-1] = dissimilar[:, 0, :-1]
     named = (NamedPair("U1", "user", (1, 2, 3, 4), (1, 2, 3, 9), "a", "b"),)
-    return ProbeSet(ids, similar, dissimilar, named, torch.tensor([[0, 1, 2], [1, 2, 3]]))
+    return make_probes(prompts=8, pairs=3, seed=11, named=named, triples=((0, 1, 2), (1, 2, 3)))
 
 
 def test_measure_equals_the_parts_measured_alone() -> None:

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from regionwatch import ConfigError, Schedule, SnapshotStore
+from regionwatch import ConfigError, SnapshotStore
 from regionwatch.monitor import Monitor, WatchConfig
 from regionwatch.schedule import Mark
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, tiny_gpt2
-from tests.report_runs import snapshot as synthetic_snapshot
+from tests.support.factories import make_monitor, make_watch
+from tests.support.lm import SMALL_PROBE, tiny_gpt2
+from tests.support.report_runs import snapshot as synthetic_snapshot
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
 def run(tmp: Path, lm_probes, watch: WatchConfig, marks: list[tuple[int, int]]) -> Monitor:
@@ -29,7 +30,7 @@ def run(tmp: Path, lm_probes, watch: WatchConfig, marks: list[tuple[int, int]]) 
 
 def test_maps_follow_their_own_sparser_schedule(tmp_path: Path, lm_probes) -> None:
     """Curves at every snapshot; maps 2 per decade of tokens, plus the first and the last."""
-    watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1))
+    watch = make_watch(1)
     marks = [(s, 100 * s) for s in range(1, 11)]  # 100..1000 tokens: buckets 4, 4.6.., 5, 6
     run(tmp_path, lm_probes, watch, marks)
     records = SnapshotStore(tmp_path / "run").records()
@@ -42,14 +43,14 @@ def test_maps_follow_their_own_sparser_schedule(tmp_path: Path, lm_probes) -> No
 
 def test_maps_schedule_none_maps_every_snapshot(tmp_path: Path, lm_probes) -> None:
     """maps_schedule=None draws region maps at every snapshot."""
-    watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1), maps_schedule=None)
+    watch = make_watch(1, maps_schedule=None)
     run(tmp_path, lm_probes, watch, [(1, 100), (2, 200)])
     assert all("maps" in r["parts"] for r in SnapshotStore(tmp_path / "run").records())
 
 
 def test_reopened_monitor_continues_both_schedules(tmp_path: Path, lm_probes) -> None:
     """A monitor reopening the run takes its last marks from the store, not from memory."""
-    watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(2))
+    watch = make_watch()
     first = run(tmp_path, lm_probes, watch, [(2, 200), (4, 400), (5, 500)])
     model = tiny_gpt2(VOCAB)
     again = Monitor(watch, probes=lm_probes, run_dir=tmp_path / "run")
@@ -88,8 +89,7 @@ def test_onset_is_logged_live_once_the_median_leaves_the_init_band(
             )  # fmt: skip
     rows = store.records()
     assert rows[1]["max_slope/median"] <= rows[0]["max_slope/q75"] < rows[2]["max_slope/median"]
-    watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1), maps_schedule=None)
-    monitor = Monitor(watch, probes=lm_probes, run_dir=run_dir)
+    monitor = make_monitor("monitor", lm_probes, run_dir, every=1, maps_schedule=None)
     model = tiny_gpt2(VOCAB)
     monitor.setup(model, log_dir=None)
     monitor.open()
@@ -109,7 +109,7 @@ def test_onset_is_logged_live_once_the_median_leaves_the_init_band(
         ({"schedule": 50}, r"WatchConfig.schedule=50.*every_steps"),
         ({"maps_schedule": "sometimes"}, r"maps_schedule='sometimes'"),
         ({"precision": "fp16"}, r"precision='fp16'"),
-        ({"probe_seed": -1}, r"seed=-1"),
+        ({"seed": -1}, r"WatchConfig.seed=-1"),
     ],
 )
 def test_watch_config_refuses_bad_values(kwargs: dict, match: str) -> None:
@@ -129,9 +129,8 @@ def test_final_snapshot_gets_maps_even_when_its_step_was_measured_without(
     tmp_path: Path, lm_probes
 ) -> None:
     """A step measured without maps, then offered as final, is re-measured with region maps."""
-    watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1))
     model = tiny_gpt2(VOCAB)
-    monitor = Monitor(watch, probes=lm_probes, run_dir=tmp_path / "run")
+    monitor = make_monitor("monitor", lm_probes, tmp_path / "run", every=1)
     monitor.setup(model, log_dir=None)
     monitor.start(model, step=0, tokens=0)
     assert monitor.maybe_measure(model, step=1, tokens=2).measurement.maps is not None
@@ -156,7 +155,7 @@ def test_context_length_error_names_the_probe_part(tmp_path: Path, lm_probes) ->
 def test_a_snapshot_measures_the_model_set_up_and_no_other(tmp_path: Path, lm_probes) -> None:
     """Snapshots reuse the site `setup` resolved and checked: another model object is a failed
     snapshot naming the fix (training goes on), not a measurement of unchecked weights."""
-    watch = WatchConfig(probe=SMALL_PROBE, schedule=Schedule.every_steps(1))
+    watch = make_watch(every=1)
     model = tiny_gpt2(VOCAB)
     monitor = Monitor(watch, probes=lm_probes, run_dir=tmp_path / "run")
     monitor.setup(model, log_dir=None)

@@ -7,9 +7,10 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from regionwatch import RegionMonitor, RegionMonitorCallback, Schedule, SnapshotStore
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
+from regionwatch import SnapshotStore
+from tests.support.factories import make_monitor
+from tests.support.lm import TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:
@@ -35,12 +36,7 @@ def test_lightning_run_is_bitwise_unchanged(tmp_path: Path, lm_probes, lm_data: 
     torch.random.manual_seed(123)
     plain = lightning_run(tmp_path / "plain", lm_data, [])
     torch.random.manual_seed(123)
-    callback = RegionMonitor(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(2),
-    )
+    callback = make_monitor("lightning", lm_probes, tmp_path / "run")
     watched = lightning_run(tmp_path / "watched", lm_data, [callback])
     assert SnapshotStore(tmp_path / "run").steps() == [0, 2, 4, 6, 7]  # it really measured
     assert_same_tensors(plain[0], watched[0])
@@ -58,12 +54,7 @@ def hf_run(tmp: Path, lm_data: Windows, callbacks: list) -> tuple[dict, dict]:
 def test_hf_run_is_bitwise_unchanged(tmp_path: Path, lm_probes, lm_data: Windows) -> None:
     """Weights and optimizer state after 5 Trainer steps equal a run without the callback."""
     plain = hf_run(tmp_path / "plain", lm_data, [])
-    callback = RegionMonitorCallback(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(2),
-    )
+    callback = make_monitor("hf", lm_probes, tmp_path / "run")
     watched = hf_run(tmp_path / "watched", lm_data, [callback])
     assert SnapshotStore(tmp_path / "run").steps() == [0, 2, 4, 5]
     assert_same_tensors(plain[0], watched[0])

@@ -8,12 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from regionwatch import RegionMonitor, Schedule, SnapshotStore, measure
+from regionwatch import SnapshotStore, measure
 from regionwatch.access import resolve, upcasting
 from regionwatch.replay import replay
 from tests.conftest import tiny_model
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, TinyLM, Windows, assert_same_numbers, loader, tiny_gpt2, trainer
+from tests.support.factories import make_monitor
+from tests.support.lm import (
+    SMALL_PROBE,
+    TinyLM,
+    Windows,
+    assert_same_numbers,
+    loader,
+    tiny_gpt2,
+    trainer,
+)
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 from tests.test_measure import _probe_set
 
 
@@ -71,13 +80,7 @@ def test_bf16_true_lightning_run_equals_fp32_copy(
     """A run trained in bf16-true records fp32-numbers snapshots equal to measuring an fp32
     copy of its final weights, and says so: precision fp32, weights bf16."""
     module = TinyLM(VOCAB)
-    callback = RegionMonitor(
-        probes=lm_probes,
-        config=SMALL_PROBE,
-        run_dir=tmp_path / "run",
-        schedule=Schedule.every_steps(2),
-        maps_schedule=None,
-    )
+    callback = make_monitor("lightning", lm_probes, tmp_path / "run", maps_schedule=None)
     fit = trainer(tmp_path, [callback], max_steps=4, precision="bf16-true", accelerator=device)
     fit.fit(module, loader(lm_data))
     assert module.lm.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16

@@ -31,23 +31,22 @@ from transformers import (
 )
 
 from regionwatch import (
-    CheckpointError,
     ConfigError,
     ProbeConfig,
     ProbeSet,
     RegionMonitor,
     RegionMonitorCallback,
     SnapshotStore,
-    UnsupportedModelError,
     measure,
 )
 from regionwatch.cli import main
+from regionwatch.errors import CheckpointError, UnsupportedModelError
 from regionwatch.loading import load_model, load_tokenizer
 from regionwatch.monitor import Monitor, WatchConfig
 from regionwatch.replay import replay
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import SMALL_PROBE, small_probes, tiny_gpt2
-from tests.replay_runs import add_hub_revision, save_model
+from tests.support.lm import SMALL_PROBE, small_probes, tiny_gpt2
+from tests.support.replay_runs import add_hub_revision, save_model
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 SMALL = ["--alphas", str(SMALL_PROBE.num_alphas), "--grid", str(SMALL_PROBE.grid)]
 

@@ -19,13 +19,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from regionwatch import ConfigError, ProbeConfig, SnapshotStore, StoreError
+from regionwatch import ConfigError, ProbeConfig, SnapshotStore
 from regionwatch.checkpoints import discover
 from regionwatch.cli import main
+from regionwatch.errors import StoreError
 from regionwatch.replay import replay
 from regionwatch.snapshot import weights_fingerprint
-from tests.lm import SMALL_PROBE
-from tests.replay_runs import save_model, truncate
+from tests.support.lm import SMALL_PROBE
+from tests.support.replay_runs import save_model, truncate
 
 SMALL = ["--alphas", str(SMALL_PROBE.num_alphas), "--grid", str(SMALL_PROBE.grid)]
 REPO = Path(__file__).resolve().parents[1]

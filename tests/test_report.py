@@ -1,6 +1,6 @@
 """Reports: figures drawn from stored runs show the stored numbers; the page works from disk.
 
-Runs are synthetic stores whose curves are known (tests/report_runs.py) plus one tiny real
+Runs are synthetic stores whose curves are known (tests/support/report_runs.py) plus one tiny real
 measurement; every figure test asserts on the plotted data, read back from the artists.
 """
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from matplotlib.collections import LineCollection
 from matplotlib.container import ErrorbarContainer
 from PIL import Image
@@ -21,9 +20,8 @@ from PIL import Image
 from regionwatch import metrics
 from regionwatch.cli import main
 from regionwatch.errors import ConfigError, StoreError
-from regionwatch.measure import ProbeConfig, measure
+from regionwatch.measure import ProbeConfig
 from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL
-from regionwatch.probes import ProbeSet
 from regionwatch.report import (
     TokenAxis,
     curve_subset,
@@ -39,10 +37,10 @@ from regionwatch.report import (
 )
 from regionwatch.report.build import curve_panel, load_runs
 from regionwatch.report.maps import ANCHOR_AREA
-from regionwatch.snapshot import Snapshot
 from regionwatch.store import SnapshotStore
-from tests.conftest import random_prompts, tiny_model
-from tests.report_runs import log_tokens, synthetic_run
+from tests.conftest import tiny_model
+from tests.support.factories import make_probes, make_snapshot
+from tests.support.report_runs import log_tokens, synthetic_run
 
 SMALL_TOKENS = log_tokens(6)  # 0, 1M, 4M, 16M, 64M, 256M
 LARGE_TOKENS = log_tokens(10, first=2_000_000)  # 0, 2M, 8M, ..., 131B
@@ -485,7 +483,7 @@ def test_report_of_a_run_with_only_its_init_snapshot(tmp_path: Path) -> None:
 
 def test_report_refuses_a_run_without_snapshots(tmp_path: Path) -> None:
     """A run directory with no snapshot yet is a StoreError naming the directory."""
-    from tests.report_runs import probe_set
+    from tests.support.report_runs import probe_set
 
     SnapshotStore.create(tmp_path / "empty", probes=probe_set(), config=ProbeConfig()).close()
     with pytest.raises(StoreError, match="no snapshots yet"):
@@ -494,24 +492,13 @@ def test_report_refuses_a_run_without_snapshots(tmp_path: Path) -> None:
 
 def test_report_of_a_real_tiny_model_run(tmp_path: Path) -> None:
     """Two real measurements of a tiny GPT-2 (two seeds as checkpoints) report end to end."""
-    similar = random_prompts(4, 6, seed=1).reshape(2, 2, 6)
-    similar[:, 1, -1] = similar[:, 0, -1]
-    dissimilar = random_prompts(4, 6, seed=2).reshape(2, 2, 6)
-    dissimilar[:, 1, :-1] = dissimilar[:, 0, :-1]
-    probes = ProbeSet(
-        random_prompts(8, 6), similar, dissimilar, (), torch.tensor([[0, 1, 2], [1, 2, 3]])
-    )
+    probes = make_probes(prompts=8, triples=((0, 1, 2), (1, 2, 3)))
     config = ProbeConfig(num_alphas=5, grid=9)
     run = tmp_path / "tiny"
     with SnapshotStore.create(run, probes=probes, config=config, run_id="tiny") as store:
         for step, (seed, tokens) in enumerate(((0, 0), (1, 5000))):
-            model = tiny_model("gpt2", seed=seed)
-            result = measure(model, probes, config)
-            store.write(
-                Snapshot.stamp(
-                    result, run_id="tiny", step=step, tokens=tokens, probes=probes, model=model
-                )
-            )
+            snap = make_snapshot(probes, config, seed=seed, run_id="tiny", step=step, tokens=tokens)
+            store.write(snap)
     index = write_report([run], tmp_path / "out", progress=False)
     data = load_run(run, progress=False)
     fig = slope_over_tokens_figure([data.slope_series()])
@@ -519,7 +506,7 @@ def test_report_of_a_real_tiny_model_run(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         container.lines[0].get_ydata(), [r["max_slope/median"] for r in records(run)]
     )
-    size = sum(p.numel() for p in model.parameters())
+    size = sum(p.numel() for p in tiny_model("gpt2").parameters())
     assert data.label == f"tiny (GPT2LMHeadModel, {format_tokens(size)} params)"
     html = index.read_text()
     assert html.count('<tr class="snapshot') == 2

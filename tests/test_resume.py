@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from regionwatch import SnapshotStore
 from regionwatch.atomic import TEMP_MARK
-from tests.lm import small_probes
+from tests.support.lm import small_probes
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10

@@ -10,30 +10,22 @@ import torch
 from safetensors.torch import load, save
 
 from regionwatch.errors import StoreError
-from regionwatch.measure import ProbeConfig, measure
+from regionwatch.measure import ProbeConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.sampling import NamedPair
 from regionwatch.snapshot import Snapshot, weights_fingerprint
-from tests.conftest import random_prompts, tiny_model
+from tests.conftest import tiny_model
+from tests.support.factories import make_probes, make_snapshot
 
 
 @pytest.fixture(scope="module")
 def probes() -> ProbeSet:
-    similar = random_prompts(4, 6, seed=1).reshape(2, 2, 6)
-    similar[:, 1, -1] = similar[:, 0, -1]
-    dissimilar = random_prompts(4, 6, seed=2).reshape(2, 2, 6)
-    dissimilar[:, 1, :-1] = dissimilar[:, 0, :-1]
-    named = (NamedPair("U", "user", (1, 2, 3), (1, 2, 4), "x", "y"),)
-    return ProbeSet(random_prompts(6, 6), similar, dissimilar, named, torch.tensor([[0, 1, 2]]))
+    return make_probes(named=(NamedPair("U", "user", (1, 2, 3), (1, 2, 4), "x", "y"),))
 
 
 @pytest.fixture(scope="module")
 def snapshot(probes: ProbeSet) -> Snapshot:
-    model = tiny_model("gpt2")
-    result = measure(model, probes, ProbeConfig(num_alphas=5, grid=5))
-    return Snapshot.stamp(
-        result, run_id="run-1", step=7, tokens=4096, probes=probes, model=model, info={"note": "t"}
-    )
+    return make_snapshot(probes, step=7, tokens=4096, info={"note": "t"})  # SMALL_PROBE
 
 
 def round_trip(snap: Snapshot) -> Snapshot:

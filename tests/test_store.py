@@ -27,13 +27,14 @@ from hypothesis import strategies as st
 from regionwatch import store as store_module
 from regionwatch.atomic import TEMP_MARK
 from regionwatch.errors import ConfigError, StoreError
-from regionwatch.measure import ProbeConfig, measure
+from regionwatch.measure import ProbeConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.sampling import NamedPair
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import STORE_FORMAT_VERSION, SnapshotStore
 from tests import store_writer
-from tests.conftest import file_states, random_prompts, tiny_model
+from tests.conftest import file_states, random_prompts
+from tests.support.factories import make_probes, make_snapshot
 
 CONFIG = ProbeConfig(num_alphas=5, grid=5)
 RUN_ID = "run-1"
@@ -45,21 +46,12 @@ ROW_KEYS = {"step", "tokens", "wall_time", "run_id", "max_slope/median", "file",
 
 @pytest.fixture(scope="module")
 def probes() -> ProbeSet:
-    similar = random_prompts(4, 6, seed=1).reshape(2, 2, 6)
-    similar[:, 1, -1] = similar[:, 0, -1]
-    dissimilar = random_prompts(4, 6, seed=2).reshape(2, 2, 6)
-    dissimilar[:, 1, :-1] = dissimilar[:, 0, :-1]
-    named = (NamedPair("U", "user", (1, 2, 3), (1, 2, 4), "x", "y"),)
-    return ProbeSet(random_prompts(6, 6), similar, dissimilar, named, torch.tensor([[0, 1, 2]]))
+    return make_probes(named=(NamedPair("U", "user", (1, 2, 3), (1, 2, 4), "x", "y"),))
 
 
 @pytest.fixture(scope="module")
 def snapshot(probes: ProbeSet) -> Snapshot:
-    model = tiny_model("gpt2")
-    result = measure(model, probes, CONFIG)
-    return Snapshot.stamp(
-        result, run_id=RUN_ID, step=7, tokens=4096, probes=probes, model=model, info={"note": "t"}
-    )
+    return make_snapshot(probes, CONFIG, run_id=RUN_ID, step=7, tokens=4096, info={"note": "t"})
 
 
 @pytest.fixture

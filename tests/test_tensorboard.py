@@ -27,7 +27,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from regionwatch.errors import ConfigError
-from regionwatch.measure import ProbeConfig, measure
+from regionwatch.measure import ProbeConfig
 from regionwatch.palette import ANCHOR_FILL
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
@@ -43,7 +43,7 @@ from regionwatch.tensorboard import (
     tags,
     tensorboard_command,
 )
-from tests.conftest import random_prompts, tiny_model
+from tests.support.factories import make_probes, make_snapshot
 
 GRID = 9
 BIG_TOKENS = 5 * 10**10  # past 2**31: the step must survive as int64
@@ -58,23 +58,14 @@ EXPLICIT_SECONDS = (
 
 @pytest.fixture(scope="module")
 def probes() -> ProbeSet:
-    similar = random_prompts(6, 6, seed=1).reshape(3, 2, 6)
-    similar[:, 1, -1] = similar[:, 0, -1]
-    dissimilar = random_prompts(6, 6, seed=2).reshape(3, 2, 6)
-    dissimilar[:, 1, :-1] = dissimilar[:, 0, :-1]
-    triples = torch.tensor([[0, 1, 2], [2, 3, 4]])
-    return ProbeSet(random_prompts(8, 6), similar, dissimilar, (), triples)
+    return make_probes(prompts=8, pairs=3, triples=((0, 1, 2), (2, 3, 4)))
 
 
 @pytest.fixture(scope="module")
 def snapshots(probes: ProbeSet) -> list[Snapshot]:
     """Three real measurements (three seeds), so that steps written out of place show."""
-    out = []
-    for seed in range(3):
-        model = tiny_model("gpt2", seed=seed)
-        result = measure(model, probes, ProbeConfig(num_alphas=5, grid=GRID))
-        out.append(Snapshot.stamp(result, run_id="r", step=0, tokens=0, probes=probes, model=model))
-    return out
+    config = ProbeConfig(num_alphas=5, grid=GRID)
+    return [make_snapshot(probes, config, seed=seed, run_id="r") for seed in range(3)]
 
 
 def series(snapshots: list[Snapshot], tokens: tuple[int, ...], offset: int = 0) -> list[Snapshot]:

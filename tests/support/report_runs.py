@@ -20,7 +20,7 @@ from regionwatch.results import Curves, Measurement, ProbeConfig, RegionMaps
 from regionwatch.sampling import NamedPair
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import SnapshotStore
-from tests.conftest import random_prompts
+from tests.support.factories import make_probes
 
 PAIRS = 9
 LABELLED = 4  # similar and dissimilar pairs each
@@ -33,10 +33,6 @@ WIDTHS = (1.0, 1.0, 0.6, 0.35, 0.2, 0.12, 0.08, 0.05, 0.03, 0.02)
 
 def probe_set(seed: int = 0) -> ProbeSet:
     """A hand-made probe set: PAIRS random pairs, labelled pairs, S1 and D1, TRIPLES triples."""
-    similar = random_prompts(2 * LABELLED, SEQ_LEN, seed=seed + 1).reshape(LABELLED, 2, SEQ_LEN)
-    similar[:, 1, -1] = similar[:, 0, -1]
-    dissimilar = random_prompts(2 * LABELLED, SEQ_LEN, seed=seed + 2).reshape(LABELLED, 2, SEQ_LEN)
-    dissimilar[:, 1, :-1] = dissimilar[:, 0, :-1]
     named = (
         NamedPair("S1", "similar", (1, 2, 3), (1, 2, 4), "a cloud of mist", "a cloud of dust"),
         NamedPair("D1", "dissimilar", (5, 6, 7), (5, 6, 8), "the street was very", "was in"),
@@ -51,11 +47,15 @@ def probe_set(seed: int = 0) -> ProbeSet:
         "named_kept": ["S1", "D1"],
         "named_dropped": [{"name": "S2", "reason": "B is one token longer"}],
     }
-    triples = torch.tensor([[i, i + 1, i + 2] for i in range(TRIPLES)])
-    return ProbeSet(
-        random_prompts(PAIRS + 1, SEQ_LEN, seed=seed), similar, dissimilar, named, triples,
-        provenance,
-    )  # fmt: skip
+    return make_probes(
+        prompts=PAIRS + 1,
+        pairs=LABELLED,
+        seq_len=SEQ_LEN,
+        seed=seed,
+        named=named,
+        triples=[(i, i + 1, i + 2) for i in range(TRIPLES)],
+        provenance=provenance,
+    )
 
 
 def ramps(alphas: torch.Tensor, centres: torch.Tensor, width: float) -> torch.Tensor:

@@ -27,18 +27,10 @@ from huggingface_hub.file_download import repo_folder_name
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-from regionwatch import ProbeSet, RegionMonitor, RegionMonitorCallback, Schedule
-from tests.fixtures_text import TEXT_VOCAB_SIZE as VOCAB
-from tests.lm import (
-    BATCH,
-    SMALL_PROBE,
-    TinyLM,
-    Windows,
-    loader,
-    small_probes,
-    tiny_gpt2,
-    trainer,
-)
+from regionwatch.probes import ProbeSet
+from tests.support.factories import make_monitor
+from tests.support.lm import BATCH, TinyLM, Windows, loader, small_probes, tiny_gpt2, trainer
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
 def save_model(path: Path, *, seed: int, tokenizer: Any = None) -> GPT2LMHeadModel:
@@ -71,14 +63,7 @@ def lightning_run(
         )
     ]
     if probes is not None:
-        callbacks.append(
-            RegionMonitor(
-                probes=probes,
-                config=SMALL_PROBE,
-                schedule=Schedule.every_steps(every),
-                run_dir=root / "live",
-            )
-        )
+        callbacks.append(make_monitor("lightning", probes, root / "live", every=every))
     fit = trainer(root, callbacks, max_steps=max_steps, enable_checkpointing=True)
     fit.fit(module or TinyLM(VOCAB), loader(data))
     return root / "ckpts"
@@ -117,14 +102,7 @@ def trainer_run(
     )
     callbacks = []
     if probes is not None:
-        callbacks.append(
-            RegionMonitorCallback(
-                probes=probes,
-                config=SMALL_PROBE,
-                schedule=Schedule.every_steps(every),
-                run_dir=root / "live",
-            )
-        )
+        callbacks.append(make_monitor("hf", probes, root / "live", every=every))
     Trainer(tiny_gpt2(VOCAB), args, train_dataset=data, callbacks=callbacks).train()
     return root / "out"
 

@@ -11,7 +11,7 @@ import pytest
 
 from regionwatch.corpus import builtin_text, train_tokenizer
 from regionwatch.probes import ProbeSet
-from tests.lm import Windows, small_probes
+from tests.support.lm import Windows, small_probes
 
 TEXT_VOCAB_SIZE = 2048  # the demo's size: trains in under a second, still whole common words
 
