@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from regionwatch import CheckpointError, SnapshotStore
+from regionwatch import SnapshotStore
 from regionwatch.checkpoints import discover
 from regionwatch.cli import main
+from regionwatch.errors import CheckpointError
 from regionwatch.revisions import (
     PYTHIA_REVISIONS,
     PYTHIA_TOKENS_PER_STEP,

@@ -9,7 +9,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from regionwatch import CheckpointError, SnapshotStore
+from regionwatch import SnapshotStore
+from regionwatch.errors import CheckpointError
 from regionwatch.loading import load_state_dict_model
 from regionwatch.replay import replay
 from regionwatch.snapshot import weights_fingerprint
