@@ -11,9 +11,9 @@ from harness import Samples, Setup, paired_ratio, run_rounds, wait_quiet
 from probe_models import GIGA, Shape, floor_flops, interpolate_flops, reference_flops
 from torch import Tensor, nn
 
-import regionwatch
 from regionwatch import reference
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
+from regionwatch.measure import Curves, RegionMaps, interpolate, region_maps
 
 
 def max_abs_diff(fast: Tensor, slow: Tensor) -> float:
@@ -24,7 +24,7 @@ def max_abs_diff(fast: Tensor, slow: Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def curve_agreement(fast: regionwatch.Curves, slow: regionwatch.Curves) -> dict[str, float]:
+def curve_agreement(fast: Curves, slow: Curves) -> dict[str, float]:
     k = len(slow.max_slope)
     scale = slow.distance.double().amax(dim=1, keepdim=True)  # each pair's largest d
     return {
@@ -38,7 +38,7 @@ def curve_agreement(fast: regionwatch.Curves, slow: regionwatch.Curves) -> dict[
     }
 
 
-def map_agreement(fast: regionwatch.RegionMaps, slow: regionwatch.RegionMaps) -> dict[str, float]:
+def map_agreement(fast: RegionMaps, slow: RegionMaps) -> dict[str, float]:
     k = len(slow.distance)
     scale = slow.distance.double().amax(dim=(2, 3), keepdim=True)  # each map channel's max
     return {
@@ -105,8 +105,8 @@ def bench_pairs(
             for chunk in chunks:
                 head(model.base_model(input_ids=chunk).last_hidden_state[:, -1])
 
-    def fast() -> regionwatch.Curves:
-        return regionwatch.interpolate(model, ids_a, ids_b, num_alphas=alphas)
+    def fast() -> Curves:
+        return interpolate(model, ids_a, ids_b, num_alphas=alphas)
 
     variants = {"floor_forward": floor_forward, "floor_min": floor_min, "interpolate": fast}
     samples, peaks, last = run_rounds(setup, variants)
@@ -184,8 +184,8 @@ def bench_maps(setup: Setup, model: nn.Module, shape: Shape, ids: Tensor) -> dic
     n, length = args.triples, ids.shape[1]
     abc = [ids[k : k + n] for k in range(3)]
 
-    def fast(grid: int, count: int = n) -> Callable[[], regionwatch.RegionMaps]:
-        return lambda: regionwatch.region_maps(model, *(p[:count] for p in abc), grid=grid)
+    def fast(grid: int, count: int = n) -> Callable[[], RegionMaps]:
+        return lambda: region_maps(model, *(p[:count] for p in abc), grid=grid)
 
     samples, peaks, _ = run_rounds(setup, {"region_maps": fast(args.grid)}, args.maps_repeats)
     maps = samples["region_maps"]

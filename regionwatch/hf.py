@@ -170,6 +170,8 @@ class RegionMonitorCallback(TrainerCallback):
         self.monitor.maybe_measure(
             model, step=state.global_step, tokens=state.num_input_tokens_seen, final=last
         )
+        if control.should_save:  # decided before us: snapshots up to a checkpoint are written
+            self.monitor.drain()  # before it, as a resume from it never retakes them
 
     @override
     def on_train_end(

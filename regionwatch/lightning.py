@@ -190,6 +190,9 @@ class RegionMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # A checkpoint is being saved: every snapshot up to it must be on disk first (store and
+        # TensorBoard), since a resume from it never retakes them.
+        self.monitor.drain()
         return {"tokens": self.tokens, **self.monitor.state_dict()}  # JSON-able
 
     @override

@@ -162,11 +162,13 @@ def test_wandb_offline_run_holds_scalars_over_tokens(
     rows = wandb_history(run_file)
     got = {int(r["trainer/global_step"]): (int(r[TOKENS]), r[MEDIAN]) for r in rows if MEDIAN in r}
     assert got == stored(tmp_path)
-    # Images carry the tokens too: W&B adds the declared x-axis (define_metric) to each row.
-    maps = [r for r in rows if r.get(f"{MAP_TAG}/_type") == "images/separated"]
-    assert {int(r["trainer/global_step"]): int(r[TOKENS]) for r in maps} == {
-        step: tokens for step, (tokens, _) in got.items()
+    # The region maps of every snapshot, at its step (the first and last at least draw maps).
+    maps = {
+        int(r["trainer/global_step"])
+        for r in rows
+        if r.get(f"{MAP_TAG}/_type") == "images/separated"
     }
+    assert {min(got), max(got)} <= maps <= set(got)
 
 
 @pytest.mark.slow
