@@ -357,37 +357,47 @@ def _softcap(site: ResidualSite, values: Tensor) -> Tensor:
 
 
 @contextmanager
-def upcasting(site: ResidualSite, dtype: torch.dtype) -> Iterator[ResidualSite]:
+def upcasting(
+    site: ResidualSite, dtype: torch.dtype, *, gathered: bool = False
+) -> Iterator[ResidualSite]:
     """Compute the forward in `dtype` (e.g. fp32 numerics of a bf16 model) without copying it.
 
     Every module that owns parameters or floating buffers gets, for the duration of its own
     forward only, `dtype` copies of them (bf16/fp16 -> fp32 is exact); the originals are put back
     by its forward hook, or at exit if a forward fails. So at most one module's weights (a linear
-    layer, never a whole model) exist twice at a time. Under FSDP2 a module sees the parameters
-    its block has just gathered, and upcasts those. A plain `nn.Embedding` is not upcast: its
+    layer, never a whole model) exist twice at a time. A plain `nn.Embedding` is not upcast: its
     output is (a lookup commutes with the cast); the head is handled by `logits`.
+
+    Args:
+        site: the resolved model.
+        dtype: the wider dtype to compute in.
+        gathered: the parameters are gathered for each forward (FSDP), maybe narrower than they
+            are stored (a mixed-precision `param_dtype`): only what a forward sees can tell, so
+            the hooks are installed whatever the stored dtype. A module then upcasts what its
+            block has just gathered, which FSDP1 sets as plain tensor attributes, not parameters.
 
     Yields:
         The site, marked as computing in `dtype` (its attention masks are built in it).
     """
     tensors = [*site.model.parameters(), *site.model.buffers()]
-    # Sharded (DTensor) parameters may be gathered narrower than they are stored (an FSDP2
-    # MixedPrecisionPolicy's param_dtype): only what a forward sees can tell.
-    sharded = any(hasattr(t, "device_mesh") for t in tensors)
-    if not sharded and not any(_narrower(t, dtype) for t in tensors):
+    if not gathered and not any(_narrower(t, dtype) for t in tensors):
         yield site  # already that wide: nothing to upcast, no hooks
         return
     embed, head = site.model.get_input_embeddings(), site.model.get_output_embeddings()
-    swapped: dict[int, tuple[nn.Module, dict[str, Any], dict[str, Any]]] = {}
+    swapped: dict[int, tuple[nn.Module, dict[str, dict[str, Any]]]] = {}
 
     def upcast(module: nn.Module, _args: Any) -> None:
-        params = {k: v for k, v in module._parameters.items() if _narrower(v, dtype)}
-        buffers = {k: v for k, v in module._buffers.items() if _narrower(v, dtype)}
-        swapped[id(module)] = (module, params, buffers)
-        for k, v in params.items():
-            module._parameters[k] = v.to(dtype)
-        for k, v in buffers.items():
-            module._buffers[k] = v.to(dtype)
+        held = {
+            slot: {k: v for k, v in tensors.items() if _narrower(v, dtype)}
+            for slot, tensors in _slots(module).items()
+        }
+        swapped[id(module)] = (module, held)
+        wide: dict[int, Tensor] = {}  # one copy of a tensor held in two slots
+        for slot, tensors in held.items():
+            for k, v in tensors.items():
+                if id(v) not in wide:
+                    wide[id(v)] = v.to(dtype)
+                _slots(module)[slot][k] = wide[id(v)]
 
     def restore(module: nn.Module, _args: Any, _output: Any) -> None:
         _put_back(*swapped.pop(id(module)))
@@ -402,7 +412,8 @@ def upcasting(site: ResidualSite, dtype: torch.dtype) -> Iterator[ResidualSite]:
     for module in site.model.modules():
         if (module is embed and plain) or module is head:
             continue
-        if not (module._parameters or module._buffers):
+        attrs = gathered and any(isinstance(v, Tensor) for v in vars(module).values())
+        if not (module._parameters or module._buffers or attrs):
             continue
         handles.append(module.register_forward_pre_hook(upcast))
         handles.append(module.register_forward_hook(restore, always_call=True))
@@ -415,6 +426,11 @@ def upcasting(site: ResidualSite, dtype: torch.dtype) -> Iterator[ResidualSite]:
             _put_back(*entry)
 
 
+def _slots(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """Where a module's forward finds its tensors: parameters, buffers and plain attributes."""
+    return {"params": module._parameters, "buffers": module._buffers, "attrs": vars(module)}
+
+
 def _narrower(value: Any, dtype: torch.dtype) -> bool:
     return (
         isinstance(value, Tensor)
@@ -423,6 +439,6 @@ def _narrower(value: Any, dtype: torch.dtype) -> bool:
     )
 
 
-def _put_back(module: nn.Module, params: dict[str, Any], buffers: dict[str, Any]) -> None:
-    module._parameters.update(params)
-    module._buffers.update(buffers)
+def _put_back(module: nn.Module, held: dict[str, dict[str, Any]]) -> None:
+    for slot, tensors in held.items():
+        _slots(module)[slot].update(tensors)

@@ -33,6 +33,7 @@ from transformers import (
 from typing_extensions import override
 
 from regionwatch.corpus import Source
+from regionwatch.distributed import fsdp1_root
 from regionwatch.errors import ConfigError
 from regionwatch.monitor import (
     Monitor,
@@ -153,7 +154,14 @@ class RegionMonitorCallback(TrainerCallback):
                 "callback.attach(trainer) to log them through the Trainer",
                 args.report_to,
             )
-        self.monitor.start(model, step=state.global_step, tokens=state.num_input_tokens_seen)
+        # HF hands callbacks the unwrapped model; an FSDP1 root is reached through the Trainer.
+        root = None if self._trainer is None else self._trainer.model_wrapped
+        self.monitor.start(
+            model,
+            step=state.global_step,
+            tokens=state.num_input_tokens_seen,
+            root=None if root is None else fsdp1_root(root, model),
+        )
         identity = self.monitor.state_dict()  # the mark in it would go stale: not saved
         state.stateful_callbacks[STATE_KEY] = {k: identity[k] for k in ("run_id", "run_dir")}
 

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, W
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
+    FSDPStrategy,
     ModelParallelStrategy,
     SingleDeviceStrategy,
     Strategy,
@@ -27,7 +28,7 @@ from typing_extensions import override
 
 from regionwatch.checkpoints import LEGACY_MONITOR_STATE, monitor_state_key
 from regionwatch.corpus import Source
-from regionwatch.distributed import SUPPORTED
+from regionwatch.distributed import SUPPORTED, fsdp1_root
 from regionwatch.errors import ConfigError, UnsupportedModelError
 from regionwatch.monitor import (
     TOKENS_TAG,
@@ -146,7 +147,8 @@ class RegionMonitor(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step = trainer.global_step
-        self.monitor.start(self._model, step=self._step, tokens=self.tokens)
+        root = fsdp1_root(trainer.strategy.model, self._model)  # FSDPStrategy's wrap
+        self.monitor.start(self._model, step=self._step, tokens=self.tokens, root=root)
 
     @override
     def on_train_batch_start(
@@ -241,8 +243,9 @@ def check_strategy(strategy: Strategy) -> None:
     """Refuse, before the model is even configured, a strategy the probe cannot measure.
 
     Raises:
-        UnsupportedModelError: FSDP1 (`FSDPStrategy`), DeepSpeed ZeRO-3, tensor parallelism
-            (`ModelParallelStrategy` with tensor_parallel_size > 1), or any other strategy.
+        UnsupportedModelError: DeepSpeed ZeRO-3, tensor parallelism (`ModelParallelStrategy` with
+            tensor_parallel_size > 1), or a strategy other than single device, DDP, FSDP
+            (`FSDPStrategy`, measured through its wrapper) and `ModelParallelStrategy`.
     """
     name = type(strategy).__name__
     if isinstance(strategy, DeepSpeedStrategy):
@@ -258,7 +261,7 @@ def check_strategy(strategy: Strategy) -> None:
                 f"ModelParallelStrategy with tensor_parallel_size={tensor_parallel}: tensor "
                 f"parallelism splits the residual stream; {SUPPORTED}"
             )
-    elif not isinstance(strategy, SingleDeviceStrategy | DDPStrategy):
+    elif not isinstance(strategy, SingleDeviceStrategy | DDPStrategy | FSDPStrategy):
         raise UnsupportedModelError(f"strategy {name} is not supported; {SUPPORTED}")
 
 

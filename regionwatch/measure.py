@@ -9,6 +9,7 @@ gradients and left exactly as found.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
@@ -168,14 +169,17 @@ def measure(
     site: ResidualSite | None = None,
     shard: tuple[int, int] | None = None,
     dtype: torch.dtype | None = None,
+    root: nn.Module | None = None,
 ) -> Measurement:
     """Measure every part of a probe set in one engine run; contexts shared by parts run once.
 
-    A model sharded with FSDP2 (`fully_shard`) is measured in place and is a collective: every
-    rank of its mesh must call this, and every rank gets the whole measurement (or its `shard`).
+    A model sharded with FSDP2 (`fully_shard`) or FSDP1 (`FullyShardedDataParallel`) is measured
+    in place and is a collective: every rank must call this, and every rank gets the whole
+    measurement (or its `shard`).
 
     Args:
-        model: a causal LM, as for `interpolate`; left exactly as found.
+        model: a causal LM, as for `interpolate`, or the FSDP1 module wrapping one; left exactly
+            as found.
         probes: the run's fixed prompts.
         config: what the run measures; default `ProbeConfig()`.
         maps: draw the region maps at this call, when `config.parts` holds them (a run draws
@@ -189,6 +193,9 @@ def measure(
         dtype: compute in this dtype (e.g. float32 numerics of a bf16 model), upcasting module
             by module in place (`access.upcasting`): never a copy of the model; None: the
             weights' own dtype.
+        root: the FSDP1 module that wraps `model` from further out (Lightning's FSDPStrategy
+            wraps the LightningModule: `trainer.strategy.model`); the measurement runs inside
+            its forward, where FSDP1 gathers the parameters outside the blocks.
 
     Returns:
         The measurement (of the shard).
@@ -200,10 +207,12 @@ def measure(
     config = config or ProbeConfig()
     rank, world = _check_shard(shard)
     started = time.perf_counter()
+    model, root = distributed.unwrap(model, root)
+    kind = distributed.layout(model, root)
     split = None
-    sharded = distributed.layout(model) == "fsdp2"
+    sharded = kind != "local"
     if sharded:
-        # FSDP2: every rank must make the same forward calls, so every rank plans the whole probe
+        # FSDP: every rank must make the same forward calls, so every rank plans the whole probe
         # set and the engine splits the queries evenly (`engine.run`'s `split`); the rank's
         # `shard` is cut from the whole afterwards, for the monitor to merge as for DDP.
         group_rank, group_world, group = distributed.group_of()
@@ -224,17 +233,24 @@ def measure(
     if site is None:
         site = resolve(model, write_layer=config.write_layer, block_path=config.block_path)
         check_prompts(site, plan.prompts or [a for a, _ in prompts["random"]])
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(measuring(model))
-        if sharded:
-            stack.enter_context(
-                distributed.unsharded_outside(model, site.blocks, cast_inputs=dtype is None)
-            )
-        if dtype is not None:
-            site = stack.enter_context(upcasting(site, dtype))
+
+    def run(site: ResidualSite) -> tuple[engine.EngineResult | None, dict[str, Curves], Maps]:
         result = plan.execute(site, config.max_batch_tokens, split) if plan.prompts else None
         curves = {name: part.curves(site, result) for name, part in pair_parts.items()}
-        maps = map_part.maps(result) if map_part else None
+        return result, curves, map_part.maps(result) if map_part else None
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(measuring(model))
+        if kind == "fsdp2":
+            stack.enter_context(distributed.unsharded_outside(model, site.blocks))
+        if dtype is not None:
+            if sharded:
+                stack.enter_context(distributed.keeping_input_dtype(model))
+            site = stack.enter_context(upcasting(site, dtype, gathered=sharded))
+        if root is None:
+            result, curves, maps = run(site)
+        else:
+            result, curves, maps = distributed.within_forward(root, functools.partial(run, site))
     timing = {"total": time.perf_counter() - started}
     if result is not None:
         timing |= {"clean": result.clean_s, "queries": result.queries_s}
@@ -244,6 +260,9 @@ def measure(
         config=config, curves=curves, maps=maps, summary=_summarize(curves, maps), timing=timing
     )
     return whole if not sharded or shard is None else _cut(whole, *_check_shard(shard))
+
+
+Maps = RegionMaps | None
 
 
 def _cut(whole: Measurement, rank: int, world: int) -> Measurement:

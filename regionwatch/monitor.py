@@ -200,6 +200,7 @@ class Monitor:
         self._info: dict[str, Any] = {}
         self._log_dir: Path | None = None
         self._restored: dict[str, Any] | None = None  # the driver's restored `state_dict()`
+        self._root: nn.Module | None = None  # an FSDP1 model's root, from `start`
         self._run_id: str | None = None  # the store's, known on every rank once opened
         self._writer = BackgroundWriter("regionwatch-writer")
         self._log_scalars: LogScalars | None = None
@@ -269,7 +270,6 @@ class Monitor:
             ConfigError, UnsupportedModelError: with a message saying how to fix it.
         """
         self._rank, self._world = rank, world
-        distributed.layout(model)  # a model sharded already (HF, scripts): refused here if at all
         site = resolve(
             model, write_layer=self.watch.probe.write_layer, block_path=self.watch.probe.block_path
         )
@@ -296,7 +296,9 @@ class Monitor:
         self._log_scalars = log_scalars if copying else None
         self._log_images = log_images if copying else None
 
-    def start(self, model: nn.Module, *, step: int, tokens: int) -> Snapshot | None:
+    def start(
+        self, model: nn.Module, *, step: int, tokens: int, root: nn.Module | None = None
+    ) -> Snapshot | None:
         """Open the run at the (restored) step and tokens, and take the baseline if it is due.
 
         On a fresh run this measures step 0 (the random-init baseline). On a proven resume (the
@@ -312,12 +314,23 @@ class Monitor:
         nothing: into an empty run, and at step 0 into a run holding only a step-0 baseline of
         these very weights (the same seeded script, restarted before its first checkpoint).
 
+        How the model is spread over the ranks is checked here, once the driver has wrapped or
+        sharded it (Lightning's `configure_model` and strategy run after `setup`).
+
+        Args:
+            model: the causal LM given to `setup`.
+            step: the global step the run starts or resumes at.
+            tokens: training tokens seen by then.
+            root: the FSDP1 module wrapping `model` (see `measure`), for every measurement.
+
         Raises:
+            UnsupportedModelError: a layout that cannot be measured (`distributed.layout`).
             ConfigError: the run directory is not writable, or holds another run's snapshots
                 (the message says how to resume that run or start a new one).
             StoreError: the run directory holds a run measured differently, or a live writer.
         """
-        distributed.layout(model)  # a model sharded after `setup` (`configure_model`)
+        self._info["layout"] = distributed.layout(model, root)  # how it was measured
+        self._root = root
         self._open(tokens=tokens, starting=(step, model))
         return self.maybe_measure(model, step=step, tokens=tokens)
 
@@ -568,6 +581,7 @@ class Monitor:
                         site=self._resolved(model),
                         shard=shard,
                         dtype=self._numerics,
+                        root=self._root,
                     )
                 diverged = _non_finite(model, measured)
                 if diverged is not None:  # not an exception: training goes on, as it should

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,16 +222,32 @@ def weights_fingerprint(model: nn.Module) -> str:
 
     Equal iff the weights are bitwise equal: replay uses it to spot checkpoints that ship the same
     weights twice, and live-vs-replay checks compare it. Costs one pass over the weights (~1 GB/s
-    on CPU; GPU tensors are copied to the host a tensor at a time). Of an FSDP2 model, it hashes
-    the calling rank's shards: a fingerprint of the run's weights, not equal to the gathered ones'.
+    on CPU; GPU tensors are copied to the host a tensor at a time). Of a sharded (FSDP) model, it
+    hashes the calling rank's shards: a fingerprint of the run's weights, not equal to the gathered
+    ones'.
     """
     digest = hashlib.blake2b(digest_size=FINGERPRINT_CHARS // 2)
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(_state_tensors(model)):
         tensor = local_shard(tensor)  # a DTensor (FSDP2): this rank's shard, no collective
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         flat = tensor.detach().contiguous().reshape(-1)
         digest.update(flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b"")
     return digest.hexdigest()
+
+
+def _state_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The (name, tensor) items of `model.state_dict()`, read from the modules themselves.
+
+    An FSDP1 model's state_dict hooks all-gather the full weights: a collective that would hang,
+    called on rank zero alone, and a full copy.
+    """
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            yield dot + name, param
+        for name, buffer in module.named_buffers(recurse=False, remove_duplicate=False):
+            if name not in module._non_persistent_buffers_set:
+                yield dot + name, buffer
 
 
 def _dtype(model: nn.Module) -> torch.dtype | None:

@@ -1,10 +1,15 @@
-"""Raw `fully_shard` + `regionwatch.measure` under torchrun, 2 CPU processes (gloo).
+"""Raw FSDP2 and FSDP1 + `regionwatch.measure` under torchrun, 2 CPU processes (gloo).
 
 `python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.fsdp_measure OUT`.
-Measures a seeded tiny GPT-2 sharded with FSDP2 per block and at the root, in fp32, in bf16 and
-in fp32 gathered as bf16 (a MixedPrecisionPolicy), all with fp32 numerics (upcast in place), and
-a tensor-parallel Llama (which must be refused). Rank 0
-saves the numbers to OUT/sharded.pt; both ranks print `REFUSED <rank>` for the refusal.
+Measures a seeded tiny GPT-2, all with fp32 numerics (upcast in place):
+- sharded with FSDP2 (`fully_shard`) per block and at the root, in fp32, in bf16 and in fp32
+  gathered as bf16 (a MixedPrecisionPolicy);
+- wrapped with FSDP1 (`FullyShardedDataParallel`) per block and at the root: fp32 measured
+  through the root, bf16 with `use_orig_params=False` given as the inner model and its `root=`,
+  fp32 gathered as bf16 with inputs cast (MixedPrecision), and only the blocks wrapped (no root);
+and refusals: a tensor-parallel Llama, and an FSDP1 model whose root is not given. Rank 0 saves
+the numbers to OUT/sharded.pt, keyed `<layout>:<weights>` where weights names the one-process
+reference; both ranks print `REFUSED <what> <rank>` for each refusal.
 """
 
 from __future__ import annotations
@@ -15,8 +20,15 @@ from pathlib import Path
 import torch
 from torch import distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    FullyShardedDataParallel,
+    MixedPrecision,
+    MixedPrecisionPolicy,
+    fully_shard,
+)
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from regionwatch import ProbeSet, measure
 from regionwatch.errors import UnsupportedModelError
@@ -33,6 +45,24 @@ def numbers(measurement: object) -> dict[str, torch.Tensor]:
     return out | {"maps/rgb": measurement.maps.rgb}
 
 
+def fsdp1(dtype: torch.dtype, *, root: bool = True, **kwargs: object) -> torch.nn.Module:
+    """The seeded tiny GPT-2 wrapped with FSDP1: every block, and the model unless `root=False`."""
+    model = tiny_gpt2(VOCAB, layers=3).to(dtype).eval()
+    kwargs = {"device_id": torch.device("cpu"), **kwargs}
+    if not root:
+        for i, block in enumerate(model.transformer.h):
+            model.transformer.h[i] = FullyShardedDataParallel(block, **kwargs)
+        return model
+    return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({GPT2Block}), **kwargs)
+
+
+def refused(what: str, call: object) -> None:
+    try:
+        call()
+    except UnsupportedModelError as err:
+        print(f"REFUSED {what} {dist.get_rank()} {err}", flush=True)
+
+
 def main(out: Path) -> None:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -40,21 +70,34 @@ def main(out: Path) -> None:
     saved = {}
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     for name, dtype, policy in (
-        ("fp32", torch.float32, MixedPrecisionPolicy()),
-        ("bf16", torch.bfloat16, MixedPrecisionPolicy()),
-        ("fp32-gathered-bf16", torch.float32, mixed),
+        ("fsdp2:fp32", torch.float32, MixedPrecisionPolicy()),
+        ("fsdp2:bf16", torch.bfloat16, MixedPrecisionPolicy()),
+        ("fsdp2-gathered-bf16:bf16", torch.float32, mixed),
     ):
         model = tiny_gpt2(VOCAB, layers=3).to(dtype).eval()
         for block in model.transformer.h:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
         saved[name] = numbers(measure(model, probes, SMALL_PROBE, dtype=torch.float32))
+
+    root = fsdp1(torch.float32, use_orig_params=True)
+    saved["fsdp1-root:fp32"] = numbers(measure(root, probes, SMALL_PROBE, dtype=torch.float32))
+    plain = fsdp1(torch.bfloat16, use_orig_params=False)
+    saved["fsdp1-inner-flat:bf16"] = numbers(
+        measure(plain.module, probes, SMALL_PROBE, dtype=torch.float32, root=plain)
+    )
+    cast = MixedPrecision(param_dtype=torch.bfloat16, cast_forward_inputs=True)
+    gathered = fsdp1(torch.float32, use_orig_params=True, mixed_precision=cast)
+    saved["fsdp1-gathered-bf16:bf16"] = numbers(
+        measure(gathered, probes, SMALL_PROBE, dtype=torch.float32)
+    )
+    blocks = fsdp1(torch.float32, root=False)
+    saved["fsdp1-blocks:fp32"] = numbers(measure(blocks, probes, SMALL_PROBE))
+    refused("root", lambda: measure(root.module, probes, SMALL_PROBE))
+
     parallel = tiny_model("llama", layers=3)
     parallelize_module(parallel.model.layers[0].mlp, mesh, {"up_proj": ColwiseParallel()})
-    try:
-        measure(parallel, probes, SMALL_PROBE)
-    except UnsupportedModelError as err:
-        print(f"REFUSED {dist.get_rank()} {err}", flush=True)
+    refused("parallel", lambda: measure(parallel, probes, SMALL_PROBE))
     if dist.get_rank() == 0:
         torch.save(saved, out / "sharded.pt")
     dist.destroy_process_group()

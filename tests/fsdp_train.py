@@ -1,12 +1,13 @@
-"""FSDP2, 2 CPU processes (gloo), RegionMonitor: `python -m tests.fsdp_train OUT STEPS [--off]`.
+"""FSDP on 2 CPU processes (gloo), RegionMonitor: `python -m tests.fsdp_train OUT STEPS [flags]`.
 
-Lightning's `ModelParallelStrategy` with `fully_shard` applied to every GPT-2 block and to the
-root in `configure_model` (the torchtitan layout). Lightning relaunches this script for rank 1.
-Rank 0 saves the gathered final weights to OUT/final.pt so that the test can measure them in one
-process; `--off` trains without the callback (the observer-effect control); `--tensor-parallel`
-trains a Llama with its MLPs split over the ranks (the callback must refuse it before step 1).
-Checkpoints are
-sharded (torch.distributed.checkpoint) every 3 steps; the run resumes from OUT/ckpt/last.ckpt.
+FSDP2 by default: Lightning's `ModelParallelStrategy` with `fully_shard` applied to every GPT-2
+block and to the root in `configure_model` (the torchtitan layout). `--fsdp1`: Lightning's
+`FSDPStrategy` (FullyShardedDataParallel wrapping the LightningModule, each block its own unit).
+Lightning relaunches this script for rank 1. Rank 0 saves the gathered final weights to
+OUT/final.pt so that the test can measure them in one process; `--off` trains without the callback
+(the observer-effect control); `--tensor-parallel` trains a Llama with its MLPs split over the
+ranks (the callback must refuse it before step 1). Checkpoints are saved every 3 steps (FSDP2:
+sharded, torch.distributed.checkpoint); the run resumes from OUT/ckpt/last.ckpt.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 from transformers import AutoTokenizer
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from regionwatch import ProbeSet
 from tests.conftest import tiny_model
@@ -40,6 +42,26 @@ class ShardedLM(TinyLM):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's `FSDPStrategy` (FSDP1) on CPU processes, over gloo.
+
+    FSDP1 runs on CPU when told `device_id=cpu`; Lightning refuses FSDP without CUDA only by
+    checking for `FSDPStrategy` itself (not subclasses), and hands FSDP `root_device.index`,
+    which is None on a CPU. This wraps with the CPU device, then leaves the rest to Lightning,
+    which keeps a model that is wrapped already.
+    """
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        wrapped = FullyShardedDataParallel(
+            model,
+            device_id=torch.device("cpu"),
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            **self.kwargs,
+        )
+        return super()._setup_model(wrapped)
 
 
 class Steps(Callback):
@@ -73,27 +95,30 @@ def main(out: Path, steps: int, watch: bool) -> None:
         ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=3, save_top_k=-1, save_last=True)
     )
     tensor_parallel = "--tensor-parallel" in sys.argv
-    module = ParallelLM() if tensor_parallel else ShardedLM(len(tokenizer))
+    if "--fsdp1" in sys.argv:
+        module = TinyLM(len(tokenizer))
+        strategy = CPUFSDPStrategy(auto_wrap_policy={GPT2Block}, state_dict_type="sharded")
+    else:
+        module = ParallelLM() if tensor_parallel else ShardedLM(len(tokenizer))
+        strategy = ModelParallelStrategy(
+            data_parallel_size=1 if tensor_parallel else 2,
+            tensor_parallel_size=2 if tensor_parallel else 1,
+        )
     fit = trainer(
         out,
         callbacks,
         max_steps=steps,
         devices=2,
-        strategy=ModelParallelStrategy(
-            data_parallel_size=1 if tensor_parallel else 2,
-            tensor_parallel_size=2 if tensor_parallel else 1,
-        ),
+        strategy=strategy,
         enable_checkpointing=True,
         deterministic=False,
     )
     last = out / "ckpt" / "last.ckpt"
     fit.fit(module, loader(Windows(tokenizer)), ckpt_path=last if last.exists() else None)
     # A collective: every rank takes part, rank 0 keeps the full weights.
-    full = get_model_state_dict(
-        module.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    full = get_model_state_dict(fit.strategy.model, options=StateDictOptions(full_state_dict=True))
     if fit.global_rank == 0:
-        torch.save(full, out / "final.pt")
+        torch.save({k.removeprefix("lm."): v for k, v in full.items()}, out / "final.pt")
         print("DONE", flush=True)
 
 

@@ -1,8 +1,9 @@
 """The HF Trainer on 2 CPU processes (DDP, gloo) with RegionMonitorCallback, under torchrun.
 
 `python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.hf_ddp_train OUT STEPS`
-(`--fsdp`: FSDP2 through accelerate, GPU only). Rank 0 saves the final weights to OUT/final.pt
-so that the test can measure them in one process.
+(`--fsdp2` / `--fsdp1`: FSDP through accelerate, each GPT-2 block its own unit, GPU only; FSDP1's
+root is reached through `attach`). Rank 0 saves the final weights to OUT/final.pt so that the
+test can measure them in one process.
 """
 
 from __future__ import annotations
@@ -18,21 +19,25 @@ from tests.support.factories import make_monitor
 from tests.support.lm import Windows, hf_args, tiny_gpt2
 
 
-def main(out: Path, steps: int, fsdp: bool) -> None:
+def main(out: Path, steps: int, fsdp: str | None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     probes = ProbeSet.load(out / "probes", tokenizer=tokenizer)
     monitor = make_monitor("hf", probes, out / "run", maps_schedule=None)
-    sharding = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}} if fsdp else {}
+    sharding = {}
+    if fsdp is not None:
+        config = {"fsdp_version": int(fsdp[-1]), "transformer_layer_cls_to_wrap": ["GPT2Block"]}
+        sharding = {"fsdp": "full_shard auto_wrap", "fsdp_config": config}
     args = hf_args(
         out,
         max_steps=steps,
-        use_cpu=not fsdp,
-        ddp_backend=None if fsdp else "gloo",
+        use_cpu=fsdp is None,
+        ddp_backend="gloo" if fsdp is None else None,
         **sharding,
     )
     run = Trainer(
         tiny_gpt2(len(tokenizer)), args, train_dataset=Windows(tokenizer), callbacks=[monitor]
     )
+    monitor.attach(run)
     run.train()
     state = run.accelerator.get_state_dict(run.model)  # a collective under FSDP
     if run.is_world_process_zero():
@@ -41,4 +46,5 @@ def main(out: Path, steps: int, fsdp: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), "--fsdp" in sys.argv[3:])
+    flags = [f.removeprefix("--") for f in sys.argv[3:] if f.startswith("--fsdp")]
+    main(Path(sys.argv[1]), int(sys.argv[2]), flags[0] if flags else None)

@@ -43,7 +43,7 @@ def test_ddp_snapshots_equal_one_process_measurements(tmp_path: Path, text_token
     assert store.records()[-1]["tokens"] == local[0] + local[1]
     assert local[0] + local[1] < 2 * STEPS * BATCH * 16  # padding left out
     final = store.read(STEPS)
-    assert final.info["world_size"] == 2
+    assert (final.info["world_size"], final.info["layout"]) == (2, "local")
     model = tiny_gpt2(VOCAB)
     model.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))
     single = measure(model.eval(), store.probes(), store.config)

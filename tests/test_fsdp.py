@@ -1,8 +1,9 @@
-"""FSDP2 on 2 CPU processes (gloo): measured in place, lock-step, equal to one process.
+"""FSDP2 and FSDP1 on 2 CPU processes (gloo): measured in place, lock-step, equal to one process.
 
-Lightning's `ModelParallelStrategy` with `fully_shard` per block and on the root
-(tests/fsdp_train.py), and raw `fully_shard` + `regionwatch.measure` under torchrun
-(tests/fsdp_measure.py). Every distributed run has a timeout: a rank out of step would hang.
+Lightning's `ModelParallelStrategy` with `fully_shard` per block and on the root, and Lightning's
+`FSDPStrategy` (tests/fsdp_train.py); raw `fully_shard` or `FullyShardedDataParallel` +
+`regionwatch.measure` under torchrun (tests/fsdp_measure.py). Every distributed run has a
+timeout: a rank out of step would hang.
 """
 
 from __future__ import annotations
@@ -69,37 +70,45 @@ def gathered_final(out: Path) -> torch.nn.Module:
     return model.eval()
 
 
+LAYOUTS = {"fsdp2": (), "fsdp1": ("--fsdp1",)}
+
+
 @pytest.mark.slow
-def test_lightning_fsdp2_in_place_equals_one_process(tmp_path: Path, text_tokenizer) -> None:
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_lightning_fsdp_in_place_equals_one_process(
+    tmp_path: Path, text_tokenizer, layout: str
+) -> None:
     """Every scheduled snapshot is stored, none failed; the last equals measuring the gathered
     final weights in one process; the weights are bitwise those of a run without the callback."""
     out = prepare(tmp_path / "on", text_tokenizer)
-    train(out)
+    train(out, *LAYOUTS[layout])
     store = SnapshotStore(out / "run")
     assert store.steps() == SCHEDULED
     assert store.failures() == []
     final = store.read(STEPS)
-    assert final.info["world_size"] == 2
+    assert (final.info["world_size"], final.info["layout"]) == (2, layout)
     assert_same_numbers(
         final.measurement, measure(gathered_final(out), store.probes(), store.config)
     )
 
     off = prepare(tmp_path / "off", text_tokenizer)
-    train(off, "--off")
+    train(off, "--off", *LAYOUTS[layout])
     watched, control = gathered_final(out).state_dict(), gathered_final(off).state_dict()
     assert all(torch.equal(watched[k], control[k]) for k in control)
 
 
 @pytest.mark.slow
-def test_lightning_fsdp2_kill_and_resume_from_sharded_checkpoint(
-    tmp_path: Path, text_tokenizer
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_lightning_fsdp_kill_and_resume_from_checkpoint(
+    tmp_path: Path, text_tokenizer, layout: str
 ) -> None:
-    """Killed (both ranks, -9) after the step-4 snapshot, resumed from the sharded step-3
-    checkpoint: the step-4 snapshot is cut and retaken, every snapshot exists exactly once."""
+    """Killed (both ranks, -9) after the step-4 snapshot, resumed from the step-3 checkpoint
+    (sharded under FSDP2): the step-4 snapshot is cut and retaken, every snapshot exists
+    exactly once."""
     out = prepare(tmp_path, text_tokenizer)
-    train(out, kill_after="STEP 5")
+    train(out, *LAYOUTS[layout], kill_after="STEP 5")
     assert 4 in SnapshotStore(out / "run").steps()  # taken before the kill, of lost weights
-    train(out)
+    train(out, *LAYOUTS[layout])
     store = SnapshotStore(out / "run")
     assert store.steps() == SCHEDULED
     assert store.failures() == []
@@ -112,13 +121,13 @@ def test_lightning_fsdp2_kill_and_resume_from_sharded_checkpoint(
 
 
 @pytest.mark.slow
-def test_raw_fully_shard_measure_under_torchrun_equals_one_process(
-    tmp_path: Path, text_tokenizer
-) -> None:
-    """`measure` of a model sharded with `fully_shard` by hand, on 2 ranks, gives the numbers of
-    one process: in fp32, and in bf16 or gathered as bf16 by a MixedPrecisionPolicy (fp32
-    numerics upcast from what each block gathers) equal to an fp32 copy of the bf16 weights;
-    a tensor-parallel model is refused on both ranks, not hung."""
+def test_raw_fsdp_measure_under_torchrun_equals_one_process(tmp_path: Path, text_tokenizer) -> None:
+    """`measure` of a model sharded by hand with FSDP2 (`fully_shard`) or FSDP1
+    (`FullyShardedDataParallel`: through the root, with `root=`, flat or original parameters,
+    blocks only), on 2 ranks, gives the numbers of one process: in fp32, and in bf16 or gathered
+    as bf16 by mixed precision (fp32 numerics upcast from what each block gathers) equal to an
+    fp32 copy of the bf16 weights. A tensor-parallel model and an FSDP1 model without its root
+    are refused on both ranks, not hung."""
     out = prepare(tmp_path, text_tokenizer)
     done = subprocess.run(
         [
@@ -134,19 +143,24 @@ def test_raw_fully_shard_measure_under_torchrun_equals_one_process(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     # two processes share the pipe: their lines may interleave, so find the marks, not lines
-    refused = sorted(re.findall(r"REFUSED (\d)", done.stdout))
-    assert refused == ["0", "1"]
+    assert sorted(re.findall(r"REFUSED (\w+ \d)", done.stdout)) == [
+        "parallel 0",
+        "parallel 1",
+        "root 0",
+        "root 1",
+    ]
     assert "tensor parallelism" in done.stdout
+    assert "pass the root" in done.stdout
     sharded = torch.load(out / "sharded.pt", weights_only=True)
+    assert len(sharded) == 7
     probes = small_probes(text_tokenizer)
     model = tiny_gpt2(VOCAB, layers=3).eval()
     singles = {
         "fp32": measure(model, probes, SMALL_PROBE),
         "bf16": measure(copy.deepcopy(model).to(torch.bfloat16).float(), probes, SMALL_PROBE),
     }
-    singles["fp32-gathered-bf16"] = singles["bf16"]  # what it gathers is the bf16 model
-    for name, single in singles.items():
-        got = sharded[name]
+    for name, got in sharded.items():
+        single = singles[name.split(":")[1]]
         for part, curves in single.curves.items():
             torch.testing.assert_close(
                 got[f"{part}/relative"][:, 1:], curves.relative[:, 1:], atol=1e-5, rtol=0

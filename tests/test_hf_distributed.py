@@ -1,4 +1,4 @@
-"""The HF Trainer distributed: DDP on 2 CPU processes under torchrun; FSDP2 on GPUs only.
+"""The HF Trainer distributed: DDP on 2 CPU processes under torchrun; FSDP on GPUs only.
 
 HF FSDP cannot run on the CPU: with `fsdp=` set and `use_cpu=True` the Trainer falls back to DDP
 without a word, so its test is `gpu`-marked.
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 
 
-def run_hf(tmp: Path, tokenizer, *flags: str) -> SnapshotStore:
+def run_hf(tmp: Path, tokenizer, layout: str, *flags: str) -> SnapshotStore:
     """Train under torchrun on 2 processes; return the run's store after checking the last
     snapshot equals measuring the final weights in one process."""
     tokenizer.save_pretrained(tmp / "tokenizer")
@@ -44,7 +44,7 @@ def run_hf(tmp: Path, tokenizer, *flags: str) -> SnapshotStore:
     assert store.steps() == [0, 2, 4]
     assert store.failures() == []
     final = store.read(STEPS)
-    assert final.info["world_size"] == 2
+    assert (final.info["world_size"], final.info["layout"]) == (2, layout)
     tokens = [int(w[1]) for w in map(str.split, done.stdout.splitlines()) if w[:1] == ["TOKENS"]]
     assert final.tokens == tokens[0]
     model = tiny_gpt2(VOCAB)
@@ -56,12 +56,14 @@ def run_hf(tmp: Path, tokenizer, *flags: str) -> SnapshotStore:
 @pytest.mark.slow
 def test_hf_trainer_ddp_equals_one_process(tmp_path: Path, text_tokenizer) -> None:
     """Two ranks each measure their shard; the merged snapshot equals one process's."""
-    run_hf(tmp_path, text_tokenizer)
+    run_hf(tmp_path, text_tokenizer, "local")
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP over 2 ranks needs 2 GPUs")
-def test_hf_trainer_fsdp2_equals_one_process(tmp_path: Path, text_tokenizer) -> None:
-    """`fsdp="full_shard"` with fsdp_version 2 (accelerate): measured in place, lock-step."""
-    run_hf(tmp_path, text_tokenizer, "--fsdp")
+@pytest.mark.parametrize("layout", ["fsdp1", "fsdp2"])
+def test_hf_trainer_fsdp_equals_one_process(tmp_path: Path, text_tokenizer, layout: str) -> None:
+    """`fsdp="full_shard auto_wrap"` (accelerate), FSDP version 1 or 2: measured in place,
+    lock-step; FSDP1 through its root, which the callback reaches through `attach`."""
+    run_hf(tmp_path, text_tokenizer, layout, f"--{layout}")
