@@ -14,12 +14,19 @@ import re
 import signal
 import subprocess
 import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from torch import distributed as dist
+from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from regionwatch import SnapshotStore, measure
+from regionwatch.errors import UnsupportedModelError
 from tests.support.lm import SMALL_PROBE, assert_same_numbers, small_probes, tiny_gpt2
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
@@ -191,3 +198,65 @@ def test_tensor_parallel_lightning_run_is_refused_before_the_first_step(
     assert "tensor parallelism splits the residual stream" in done.stderr
     assert "FSDP2" in done.stderr  # names what is supported
     assert "STEP" not in done.stdout
+
+
+# ---- FSDP1 in this process: a world of one (FSDP needs a process group, not peers) ----------
+
+
+@pytest.fixture
+def one_process(tmp_path: Path) -> Iterator[None]:
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path}/pg")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def wrapped(**kwargs: object) -> FullyShardedDataParallel:
+    """The seeded tiny GPT-2 under FSDP1: each block a unit, the model the root."""
+    return FullyShardedDataParallel(
+        tiny_gpt2(VOCAB, layers=3),
+        auto_wrap_policy=ModuleWrapPolicy({GPT2Block}),
+        device_id=torch.device("cpu"),
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("orig_params", [True, False])
+def test_fsdp1_measured_through_its_root_leaves_the_wrapper_as_found(
+    one_process: None, text_tokenizer, orig_params: bool
+) -> None:
+    """Through the root (given as the model, or as `root=`): the numbers of the unwrapped model;
+    the wrapped module's forward is its own again (accelerate patches one onto the instance, and
+    it must survive), its modes restored."""
+    probes = small_probes(text_tokenizer)
+    want = measure(tiny_gpt2(VOCAB, layers=3).eval(), probes, SMALL_PROBE)
+    root = wrapped(use_orig_params=orig_params)
+    inner = root.module
+    assert_same_numbers(measure(root, probes, SMALL_PROBE), want)
+    assert "forward" not in vars(inner)
+    assert inner.training
+    patched = types.MethodType(type(inner).forward, inner)
+    inner.forward = patched
+    assert_same_numbers(measure(inner, probes, SMALL_PROBE, root=root), want)
+    assert vars(inner)["forward"] is patched
+    assert inner.training
+
+
+def test_fsdp1_layouts_that_cannot_be_measured_are_refused_naming_the_fix(
+    one_process: None, text_tokenizer
+) -> None:
+    """The inner model without its root; a root that does not wrap the model; parameters
+    offloaded to the host: each refused before any forward pass, saying what to do."""
+    probes = small_probes(text_tokenizer)
+    root = wrapped()
+    with pytest.raises(
+        UnsupportedModelError, match=r"pass the root \(measure\(model, \.\.\., root"
+    ):
+        measure(root.module, probes, SMALL_PROBE)
+    other = tiny_gpt2(VOCAB, layers=3)
+    with pytest.raises(UnsupportedModelError, match="not the FullyShardedDataParallel module"):
+        measure(other, probes, SMALL_PROBE, root=root)
+    offloaded = wrapped(cpu_offload=CPUOffload(offload_params=True))
+    with pytest.raises(UnsupportedModelError, match=r"CPUOffload\(offload_params=True\)"):
+        measure(offloaded, probes, SMALL_PROBE)
