@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
 from regionwatch.errors import UnsupportedModelError, check_int
 
@@ -410,7 +411,9 @@ def upcasting(
     plain = type(embed) is nn.Embedding
     handles = [embed.register_forward_hook(widen)] if plain else []
     for module in site.model.modules():
-        if (module is embed and plain) or module is head:
+        # An FSDP1 wrapper's own parameter is its sharded flat parameter, which its forward
+        # gathers for the modules inside: they upcast what they see.
+        if (module is embed and plain) or module is head or isinstance(module, FSDP1):
             continue
         attrs = gathered and any(isinstance(v, Tensor) for v in vars(module).values())
         if not (module._parameters or module._buffers or attrs):

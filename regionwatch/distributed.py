@@ -163,7 +163,10 @@ def within_forward(root: nn.Module, fn: Callable[[], T]) -> T:
     forward, and gathers every block at once). So the wrapped module's forward is swapped for
     `fn` for one call of the root, the way Lightning redirects a LightningModule's steps through
     its FSDP wrapper: the root gathers, `fn` runs the blocks (each gathers and frees its own, as
-    in training), the root reshards. A collective: every rank must call it.
+    in training). A collective: every rank must call it. As after any forward of the root (a
+    validation pass, say), FSDP1 keeps the root's gathered parameters until the next training
+    step's backward frees them; the drivers measure only after an optimizer step, so those stay
+    the current weights.
     """
     inner = root.module
     own = vars(inner).get("forward")  # a forward patched onto the instance (accelerate's autocast)
