@@ -89,7 +89,8 @@ def test_bf16_true_lightning_run_equals_fp32_copy(
     final = store.read(4)
     assert final.info["precision"] == "fp32"
     assert final.info["dtype"] == "torch.bfloat16"
-    want = measure(copy.deepcopy(module.lm).float().eval(), lm_probes, SMALL_PROBE)
+    # Lightning moves the module back to the CPU after fit: measure where the run measured.
+    want = measure(copy.deepcopy(module.lm).to(device).float().eval(), lm_probes, SMALL_PROBE)
     assert_same_numbers(final.measurement, want)
 
 

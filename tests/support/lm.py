@@ -114,7 +114,9 @@ def trainer(tmp: Any, callbacks: list, *, device: str = "cpu", **kwargs: Any) ->
 def hf_args(tmp: Path, *, device: str = "cpu", **overrides) -> TrainingArguments:
     """Quiet training arguments on `device` ("cpu" or "cuda") that count non-padding tokens.
 
-    The Trainer takes its device from `use_cpu`: off, it trains on the GPU (`cuda:0`).
+    The Trainer takes its device from `use_cpu`: off, it trains on `cuda:0`, and on every visible
+    GPU at once (nn.DataParallel, a bigger batch per step) where there are several: the `cuda`
+    cases expect one (CUDA_VISIBLE_DEVICES=0 on a multi-GPU machine).
     """
     values = {
         "output_dir": str(tmp / "out"),
