@@ -415,10 +415,12 @@ def seeded_init(seed: int) -> Iterator[None]:
     """The global CPU RNG seeded for a model's init inside, and the caller's restored on exit.
 
     transformers initialises weights from the global RNG and takes no generator, so this is the
-    one place the library reseeds it (the lint bans `torch.manual_seed` everywhere else).
+    one place the library reseeds it (the lint bans `torch.manual_seed` everywhere else). Only the
+    CPU generator: `torch.manual_seed` would reseed every CUDA generator too, which
+    `fork_rng(devices=[])` does not restore, and a CPU init draws from the CPU's alone.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.random.manual_seed(seed)  # noqa: TID251  (inside fork_rng: restored on exit)
+        torch.default_generator.manual_seed(seed)  # inside fork_rng: restored on exit
         yield
 
 

@@ -15,6 +15,12 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 # The corpus, its tokenizer and probe set; the replay tests' probe set and live runs.
 pytest_plugins = ["tests.support.text", "tests.support.replay_runs"]
 
+# Repeatable cuBLAS on CUDA: deterministic mode (Lightning's deterministic=True, which the
+# `trainer` of tests/support/lm.py sets) needs this workspace size, and torch reads it once, at
+# the process's first cuBLAS call. Lightning sets it only when a Trainer is built, too late after
+# an earlier test's CUDA matmul; so it is set here, at import, before any test touches the GPU.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.register_profile("dev", deadline=None, max_examples=10)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -80,7 +86,7 @@ def tiny_model(
     """A seeded random causal LM; the global RNG is saved and restored around its init."""
     state = torch.random.get_rng_state()
     try:
-        torch.random.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's alone, the one restored below
         model = AutoModelForCausalLM.from_config(tiny_config(arch, layers=layers, **overrides))
     finally:
         torch.random.set_rng_state(state)

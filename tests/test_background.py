@@ -142,13 +142,13 @@ class FullDiskBetween(Callback):
 
 
 def test_full_disk_never_kills_fit_and_every_sink_recovers(
-    tmp_path: Path, small_disk: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, small_disk: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """ENOSPC at steps 2-3: fit ends normally; store and TensorBoard take steps 4-6 again."""
     run_dir = small_disk / "run"
     callback = monitored(lm_probes, run_dir)
     full = FullDiskBetween(small_disk, callback.monitor, full_at=2, free_at=4)
-    fit = trainer(tmp_path, [full, callback], max_steps=6)
+    fit = trainer(tmp_path, [full, callback], max_steps=6, device=device)
     fit.fit(TinyLM(VOCAB), loader(lm_data))  # raised OSError [Errno 28] at teardown before
     assert fit.global_step == 6
 

@@ -32,13 +32,13 @@ def break_probes(
 
 
 def test_failing_probe_is_recorded_and_training_goes_on(
-    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture, device: str
 ) -> None:
     """Every scheduled probe fails; every step still trains; failures are stored and logged."""
     module = TinyLM(VOCAB)
     break_probes(module.lm, RuntimeError("probe exploded"))
     callback = make_monitor("lightning", lm_probes, tmp_path / "run")
-    fit = trainer(tmp_path, [callback], max_steps=5)
+    fit = trainer(tmp_path, [callback], max_steps=5, device=device)
     with caplog.at_level(logging.ERROR, logger="regionwatch"):
         fit.fit(module, loader(lm_data))
     assert fit.global_step == 5
@@ -52,42 +52,41 @@ def test_failing_probe_is_recorded_and_training_goes_on(
 
 
 def test_out_of_memory_retries_with_half_the_budget(
-    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture, device: str
 ) -> None:
     """An OOM inside the probe is retried once with half the memory budget, then succeeds."""
     module = TinyLM(VOCAB)
     raised = break_probes(module.lm, torch.cuda.OutOfMemoryError("CUDA out of memory"), times=1)
     callback = make_monitor("lightning", lm_probes, tmp_path / "run")
     with caplog.at_level(logging.WARNING, logger="regionwatch"):
-        trainer(tmp_path, [callback], max_steps=2).fit(module, loader(lm_data))
+        trainer(tmp_path, [callback], max_steps=2, device=device).fit(module, loader(lm_data))
     assert len(raised) == 1
     assert SnapshotStore(tmp_path / "run").steps() == [0, 2]
     assert any("retrying with max_batch_tokens=8192" in r.getMessage() for r in caplog.records)
 
 
 def test_out_of_memory_twice_gives_up_on_that_snapshot_only(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """Two OOMs in a row skip the snapshot; the next scheduled one is taken."""
     module = TinyLM(VOCAB)
     break_probes(module.lm, torch.cuda.OutOfMemoryError("CUDA out of memory"), times=2)
     callback = make_monitor("lightning", lm_probes, tmp_path / "run")
-    trainer(tmp_path, [callback], max_steps=2).fit(module, loader(lm_data))
+    trainer(tmp_path, [callback], max_steps=2, device=device).fit(module, loader(lm_data))
     store = SnapshotStore(tmp_path / "run")
     assert store.steps() == [2]
     assert [f["step"] for f in store.failures()] == [0]
 
 
 def test_hf_failing_probe_does_not_stop_the_trainer(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """Under transformers.Trainer a failing probe is recorded and every step still runs."""
     model = tiny_gpt2(VOCAB)
     break_probes(model, ValueError("bad probe"))
     callback = make_monitor("hf", lm_probes, tmp_path / "run")
-    run = Trainer(
-        model, hf_args(tmp_path, max_steps=4), train_dataset=lm_data, callbacks=[callback]
-    )
+    args = hf_args(tmp_path, max_steps=4, device=device)
+    run = Trainer(model, args, train_dataset=lm_data, callbacks=[callback])
     run.train()
     assert run.state.global_step == 4
     assert [f["step"] for f in SnapshotStore(tmp_path / "run").failures()] == [0, 2, 4]
@@ -108,11 +107,11 @@ class DivergingLM(TinyLM):
 
 
 def test_a_diverged_model_is_a_failed_snapshot_and_training_goes_on(
-    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture, device: str
 ) -> None:
     """NaN weights from step 3 on: steps 4 and 6 are failures naming the cause, never snapshots."""
     callback = make_monitor("lightning", lm_probes, tmp_path / "run")
-    fit = trainer(tmp_path, [callback], max_steps=6)
+    fit = trainer(tmp_path, [callback], max_steps=6, device=device)
     with caplog.at_level(logging.ERROR, logger="regionwatch"):
         fit.fit(DivergingLM(VOCAB, poison_step=3), loader(lm_data))
     assert fit.global_step == 6  # training went on

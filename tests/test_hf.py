@@ -22,21 +22,21 @@ def train(
     lm_data: Windows,
     *,
     callback: RegionMonitorCallback | None = None,
+    device: str = "cpu",
     **overrides,
 ) -> Trainer:
     callback = callback or make_monitor("hf", lm_probes, tmp / "run")
-    trainer = Trainer(
-        tiny_gpt2(VOCAB), hf_args(tmp, **overrides), train_dataset=lm_data, callbacks=[callback]
-    )
+    args = hf_args(tmp, device=device, **overrides)
+    trainer = Trainer(tiny_gpt2(VOCAB), args, train_dataset=lm_data, callbacks=[callback])
     trainer.train()
     return trainer
 
 
 def test_snapshots_at_scheduled_steps_with_the_trainers_token_count(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """Steps 0, 2, 4, 6 are stored with the Trainer's non-padding token count."""
-    trainer = train(tmp_path, lm_probes, lm_data)
+    trainer = train(tmp_path, lm_probes, lm_data, device=device)
     records = SnapshotStore(tmp_path / "run").records()
     assert [r["step"] for r in records] == [0, 2, 4, 6]
     assert records[-1]["tokens"] == trainer.state.num_input_tokens_seen
@@ -44,10 +44,12 @@ def test_snapshots_at_scheduled_steps_with_the_trainers_token_count(
     assert records[1]["tokens"] < 2 * BATCH * 16  # padding left out
 
 
-def test_run_dir_defaults_into_the_output_dir(tmp_path: Path, lm_probes, lm_data: Windows) -> None:
+def test_run_dir_defaults_into_the_output_dir(
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
+) -> None:
     """Without run_dir the run lives in <output_dir>/regionwatch, stable across resumes."""
     callback = make_monitor("hf", lm_probes, every=3)
-    train(tmp_path, lm_probes, lm_data, callback=callback, max_steps=3)
+    train(tmp_path, lm_probes, lm_data, callback=callback, max_steps=3, device=device)
     assert SnapshotStore(tmp_path / "out" / "regionwatch").steps() == [0, 3]
 
 
@@ -70,20 +72,24 @@ def test_bad_write_layer_fails_before_training(tmp_path: Path, lm_probes, lm_dat
 # --- re-runs and resumes into a used run_dir --------------------------------------------------
 
 
-def hf_trainer(tmp: Path, lm_probes, lm_data: Windows, run: Path, *, seed: int = 0, **overrides):
+def hf_trainer(
+    tmp: Path, lm_probes, lm_data: Windows, run: Path, *, device: str, seed: int = 0, **overrides
+):
     callback = make_monitor("hf", lm_probes, run)
-    args = hf_args(tmp, save_strategy="steps", save_steps=2, **overrides)
+    args = hf_args(tmp, device=device, save_strategy="steps", save_steps=2, **overrides)
     return Trainer(tiny_gpt2(VOCAB, seed=seed), args, train_dataset=lm_data, callbacks=[callback])
 
 
 def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """Another seed, no checkpoint, same run_dir: refused before step 0; not a file changes."""
     run = tmp_path / "run"
-    train(tmp_path, lm_probes, lm_data, max_steps=4)
+    train(tmp_path, lm_probes, lm_data, max_steps=4, device=device)
     before = file_states(run, skip=("writer.lock",))
-    again = hf_trainer(tmp_path / "again", lm_probes, lm_data, run, seed=1, max_steps=4)
+    again = hf_trainer(
+        tmp_path / "again", lm_probes, lm_data, run, device=device, seed=1, max_steps=4
+    )
     with pytest.raises(ConfigError, match=r"already holds run \w+ \(3 snapshots, steps 0\.\.4"):
         again.train()
     assert again.state.global_step == 0
@@ -94,18 +100,18 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
 @pytest.mark.slow
 @pytest.mark.parametrize("restore_callbacks", [False, True])
 def test_resume_continues_the_run_its_checkpoint_names(
-    tmp_path: Path, lm_probes, lm_data: Windows, restore_callbacks: bool
+    tmp_path: Path, lm_probes, lm_data: Windows, restore_callbacks: bool, device: str
 ) -> None:
     """trainer_state.json names the run; resuming from it continues that run, whether or not the
     Trainer restores callback states."""
     run, flag = tmp_path / "run", {"restore_callback_states_from_checkpoint": restore_callbacks}
-    hf_trainer(tmp_path, lm_probes, lm_data, run, max_steps=4, **flag).train()
+    hf_trainer(tmp_path, lm_probes, lm_data, run, device=device, max_steps=4, **flag).train()
     saved = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
     assert saved["stateful_callbacks"]["regionwatch"] == {
         "run_id": SnapshotStore(run).run_id,
         "run_dir": str(run),
     }
-    resumed = hf_trainer(tmp_path, lm_probes, lm_data, run, max_steps=6, **flag)
+    resumed = hf_trainer(tmp_path, lm_probes, lm_data, run, device=device, max_steps=6, **flag)
     resumed.train(resume_from_checkpoint=True)
     records = SnapshotStore(run).records()
     assert [r["step"] for r in records] == [0, 2, 4, 6]
@@ -114,15 +120,15 @@ def test_resume_continues_the_run_its_checkpoint_names(
 
 @pytest.mark.slow
 def test_a_checkpoint_of_another_run_is_refused(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """Resuming run A's checkpoint into run B's directory: refused, B left as it was."""
-    hf_trainer(tmp_path / "a", lm_probes, lm_data, tmp_path / "run_a", max_steps=2).train()
-    run_b = tmp_path / "run_b"
-    hf_trainer(tmp_path / "b", lm_probes, lm_data, run_b, max_steps=2).train()
+    run_a, run_b = tmp_path / "run_a", tmp_path / "run_b"
+    hf_trainer(tmp_path / "a", lm_probes, lm_data, run_a, device=device, max_steps=2).train()
+    hf_trainer(tmp_path / "b", lm_probes, lm_data, run_b, device=device, max_steps=2).train()
     before = file_states(run_b, skip=("writer.lock",))
-    wrong = hf_trainer(tmp_path / "a", lm_probes, lm_data, run_b, max_steps=4)
-    run_a_id = SnapshotStore(tmp_path / "run_a").run_id
+    wrong = hf_trainer(tmp_path / "a", lm_probes, lm_data, run_b, device=device, max_steps=4)
+    run_a_id = SnapshotStore(run_a).run_id
     with pytest.raises(
         ConfigError, match=rf"the checkpoint this run resumed from belongs to run {run_a_id}"
     ):

@@ -23,7 +23,7 @@ from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 def fit(tmp: Path, lm_probes, lm_data: Windows, **kwargs) -> RegionMonitor:
     trainer_kwargs = {
-        k: kwargs.pop(k) for k in ("max_steps", "accumulate_grad_batches") if k in kwargs
+        k: kwargs.pop(k) for k in ("max_steps", "accumulate_grad_batches", "device") if k in kwargs
     }
     callback = make_monitor("lightning", lm_probes, tmp / "run", every=3, **kwargs)
     trainer(tmp, [callback], **trainer_kwargs).fit(TinyLM(VOCAB), loader(lm_data))
@@ -31,10 +31,10 @@ def fit(tmp: Path, lm_probes, lm_data: Windows, **kwargs) -> RegionMonitor:
 
 
 def test_snapshots_at_scheduled_steps_with_exact_token_counts(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """Steps 0, 3, 6 and the final 8 are stored with the non-padding tokens seen so far."""
-    callback = fit(tmp_path, lm_probes, lm_data, max_steps=8)
+    callback = fit(tmp_path, lm_probes, lm_data, max_steps=8, device=device)
     records = SnapshotStore(tmp_path / "run").records()
     assert [r["step"] for r in records] == [0, 3, 6, 8]
     expected = [lm_data.non_padding(range(step * BATCH)) for step in (0, 3, 6, 8)]
@@ -45,10 +45,10 @@ def test_snapshots_at_scheduled_steps_with_exact_token_counts(
 
 
 def test_gradient_accumulation_counts_every_micro_batch(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """With 2 micro-batches per optimizer step, step s has seen 2 * s batches' tokens."""
-    fit(tmp_path, lm_probes, lm_data, max_steps=6, accumulate_grad_batches=2)
+    fit(tmp_path, lm_probes, lm_data, max_steps=6, accumulate_grad_batches=2, device=device)
     records = SnapshotStore(tmp_path / "run").records()
     assert [r["step"] for r in records] == [0, 3, 6]
     assert [r["tokens"] for r in records] == [
@@ -56,9 +56,11 @@ def test_gradient_accumulation_counts_every_micro_batch(
     ]
 
 
-def test_tensorboard_logs_over_tokens(tmp_path: Path, lm_probes, lm_data: Windows) -> None:
+def test_tensorboard_logs_over_tokens(
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
+) -> None:
     """The run's TensorBoard scalars use tokens seen as their step and equal the store's numbers."""
-    fit(tmp_path, lm_probes, lm_data, max_steps=6)
+    fit(tmp_path, lm_probes, lm_data, max_steps=6, device=device)
     records = SnapshotStore(tmp_path / "run").records()
     events = EventAccumulator(
         str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0, "images": 0}
@@ -70,18 +72,20 @@ def test_tensorboard_logs_over_tokens(tmp_path: Path, lm_probes, lm_data: Window
     assert len(events.Images("regionwatch/maps/triple_0")) == len(records)
 
 
-def test_custom_token_counter_overrides(tmp_path: Path, lm_probes, lm_data: Windows) -> None:
+def test_custom_token_counter_overrides(
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
+) -> None:
     """A user-given count_tokens(batch) is what gets summed."""
-    fit(tmp_path, lm_probes, lm_data, max_steps=3, count_tokens=lambda batch: 1000)
+    fit(tmp_path, lm_probes, lm_data, max_steps=3, count_tokens=lambda batch: 1000, device=device)
     assert [r["tokens"] for r in SnapshotStore(tmp_path / "run").records()] == [0, 3000]
 
 
 def test_run_dir_defaults_into_the_trainer_log_dir(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """Without run_dir the run lives in <trainer.log_dir>/regionwatch."""
     callback = make_monitor("lightning", lm_probes)
-    trainer(tmp_path, [callback], max_steps=2).fit(TinyLM(VOCAB), loader(lm_data))
+    trainer(tmp_path, [callback], max_steps=2, device=device).fit(TinyLM(VOCAB), loader(lm_data))
     assert SnapshotStore(tmp_path / "regionwatch").steps() == [0, 2]
 
 
@@ -163,7 +167,14 @@ def test_a_tokenizer_where_the_watch_config_goes_is_refused(text_tokenizer) -> N
 
 
 def checkpointed_fit(
-    tmp: Path, lm_probes, lm_data: Windows, *, max_steps: int, ckpt: Path | None = None, **kwargs
+    tmp: Path,
+    lm_probes,
+    lm_data: Windows,
+    *,
+    max_steps: int,
+    device: str,
+    ckpt: Path | None = None,
+    **kwargs,
 ) -> tuple[RegionMonitor, L.Trainer]:
     """Fit with a checkpoint saved as <tmp>/ckpt/last.ckpt; resume from `ckpt` if given."""
     monitor = make_monitor("lightning", lm_probes, **kwargs)
@@ -172,6 +183,7 @@ def checkpointed_fit(
         tmp,
         [monitor, saver],
         max_steps=max_steps,
+        device=device,
         enable_checkpointing=True,
         logger=CSVLogger(tmp),  # a new log dir version per fit, as most loggers make
     )
@@ -181,14 +193,14 @@ def checkpointed_fit(
 
 @pytest.mark.slow
 def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """Another seed, no checkpoint, same run_dir: refused before step 0; not a file changes."""
     run = tmp_path / "run"
-    fit(tmp_path, lm_probes, lm_data, max_steps=6)
+    fit(tmp_path, lm_probes, lm_data, max_steps=6, device=device)
     before = file_states(run, skip=("writer.lock",))
     callback = make_monitor("lightning", lm_probes, run, every=3)
-    again = trainer(tmp_path, [callback], max_steps=6)
+    again = trainer(tmp_path, [callback], max_steps=6, device=device)
     with pytest.raises(ConfigError, match=r"already holds run \w+ \(3 snapshots, steps 0\.\.6.*"):
         again.fit(TinyLM(VOCAB, seed=1), loader(lm_data))
     assert again.global_step == 0
@@ -200,7 +212,7 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_and_the_old_run_untouched(
 
 @pytest.mark.slow
 def test_a_restart_of_the_same_seeded_run_before_its_first_checkpoint_goes_on(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """Only a step-0 baseline of the very same initial weights: the restart continues the run."""
     run = tmp_path / "run"
@@ -210,28 +222,37 @@ def test_a_restart_of_the_same_seeded_run_before_its_first_checkpoint_goes_on(
             store.truncate_after(0)
         assert SnapshotStore(run).steps() == [0]
 
-    fit(tmp_path, lm_probes, lm_data, max_steps=1)  # the baseline at 0, the final step 1
+    # the baseline at 0, the final step 1
+    fit(tmp_path, lm_probes, lm_data, max_steps=1, device=device)
     killed_after_the_baseline()
-    fit(tmp_path, lm_probes, lm_data, max_steps=3)  # the same seeded model: its own baseline
+    # the same seeded model: its own baseline
+    fit(tmp_path, lm_probes, lm_data, max_steps=3, device=device)
     assert SnapshotStore(run).steps() == [0, 3]
     killed_after_the_baseline()
     callback = make_monitor("lightning", lm_probes, run, every=None)
     with pytest.raises(ConfigError, match=r"already holds run \w+ \(1 snapshots, steps 0\.\.0"):
-        trainer(tmp_path, [callback], max_steps=3).fit(TinyLM(VOCAB, seed=1), loader(lm_data))
+        trainer(tmp_path, [callback], max_steps=3, device=device).fit(
+            TinyLM(VOCAB, seed=1), loader(lm_data)
+        )
     assert SnapshotStore(run).steps() == [0]
 
 
 @pytest.mark.slow
 def test_resume_continues_the_run_its_checkpoint_names_without_a_stray_dir(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """Default run dir, a new logger version on resume: the run goes on where it was, and the
     resumed fit leaves no empty run dir in its own log dir."""
-    first, _ = checkpointed_fit(tmp_path, lm_probes, lm_data, max_steps=4)
+    first, _ = checkpointed_fit(tmp_path, lm_probes, lm_data, max_steps=4, device=device)
     old_run = tmp_path / "lightning_logs" / "version_0" / "regionwatch"
     assert SnapshotStore(old_run).steps() == [0, 2, 4]
     _, resumed = checkpointed_fit(
-        tmp_path, lm_probes, lm_data, max_steps=8, ckpt=tmp_path / "ckpt" / "last.ckpt"
+        tmp_path,
+        lm_probes,
+        lm_data,
+        max_steps=8,
+        device=device,
+        ckpt=tmp_path / "ckpt" / "last.ckpt",
     )
     assert Path(resumed.log_dir).name == "version_1"
     assert not (Path(resumed.log_dir) / "regionwatch").exists()
@@ -242,12 +263,14 @@ def test_resume_continues_the_run_its_checkpoint_names_without_a_stray_dir(
 
 
 def test_state_key_names_the_run_dir_and_old_checkpoints_still_resume(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """The state sits under the state_key; a checkpoint with the old key (the class name, no run
     id) resumes the same way and gives replay its tokens."""
     run = tmp_path / "run"
-    first, _ = checkpointed_fit(tmp_path, lm_probes, lm_data, max_steps=4, run_dir=run)
+    first, _ = checkpointed_fit(
+        tmp_path, lm_probes, lm_data, max_steps=4, device=device, run_dir=run
+    )
     last = tmp_path / "ckpt" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=False)
     assert first.state_key == f"regionwatch.RegionMonitor[{run}]"
@@ -259,7 +282,9 @@ def test_state_key_names_the_run_dir_and_old_checkpoints_still_resume(
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
     assert [(c.step, c.tokens) for c in discover([old])] == [(4, first.tokens)]
-    resumed, _ = checkpointed_fit(tmp_path, lm_probes, lm_data, max_steps=6, run_dir=run, ckpt=old)
+    resumed, _ = checkpointed_fit(
+        tmp_path, lm_probes, lm_data, max_steps=6, device=device, run_dir=run, ckpt=old
+    )
     records = SnapshotStore(run).records()
     assert [r["step"] for r in records] == [0, 2, 4, 6]
     assert records[2]["tokens"] == first.tokens < records[3]["tokens"] == resumed.tokens
@@ -294,11 +319,11 @@ def test_a_token_count_that_is_not_callable_is_refused_at_construction(lm_probes
 
 
 def test_last_step_carries_region_maps_when_the_schedule_lands_on_it(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """every_steps(4), max_steps=12: the snapshot at 12 has maps, as the first one does."""
     callback = make_monitor("lightning", lm_probes, tmp_path / "run", every=4)
-    trainer(tmp_path, [callback], max_steps=12).fit(TinyLM(VOCAB), loader(lm_data))
+    trainer(tmp_path, [callback], max_steps=12, device=device).fit(TinyLM(VOCAB), loader(lm_data))
     records = SnapshotStore(tmp_path / "run").records()
     assert [r["step"] for r in records] == [0, 4, 8, 12]
     assert "maps" in records[0]["parts"]

@@ -1,4 +1,7 @@
-"""Live == replay: the numbers logged for a step equal `measure` on that step's saved weights."""
+"""Live == replay: the numbers logged for a step equal `measure` on that step's saved weights.
+
+Bitwise, so the saved weights are measured on the device the run trained on: the same kernels.
+"""
 
 from __future__ import annotations
 
@@ -35,31 +38,32 @@ def assert_same_numbers(live: Snapshot, model: torch.nn.Module, store: SnapshotS
 
 
 def test_lightning_live_numbers_equal_measuring_the_checkpoints(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
-    """Each .ckpt saved at a snapshot step reproduces that snapshot exactly (fp32, CPU)."""
+    """Each .ckpt saved at a snapshot step reproduces that snapshot exactly (fp32)."""
     monitor = make_monitor("lightning", lm_probes, tmp_path / "run", every=3)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    trainer(tmp_path, [monitor, saver], max_steps=6, enable_checkpointing=True).fit(
-        TinyLM(VOCAB), loader(lm_data)
-    )
+    fit = trainer(tmp_path, [monitor, saver], max_steps=6, enable_checkpointing=True, device=device)
+    fit.fit(TinyLM(VOCAB), loader(lm_data))
     store = SnapshotStore(tmp_path / "run")
     checkpoints = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert [c.name for c in checkpoints] == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"]
     for path, step in zip(checkpoints, (3, 6), strict=True):
         module = TinyLM(VOCAB)
-        module.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
-        assert_same_numbers(store.read(step), module.lm, store)
+        module.load_state_dict(
+            torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        )
+        assert_same_numbers(store.read(step), module.lm.to(device), store)
 
 
 def test_hf_live_numbers_equal_measuring_the_checkpoints(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """Each checkpoint-N dir saved at a snapshot step reproduces that snapshot exactly."""
     monitor = make_monitor("hf", lm_probes, tmp_path / "run")
-    run_args = hf_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    run_args = hf_args(tmp_path, device=device, max_steps=4, save_strategy="steps", save_steps=2)
     Trainer(tiny_gpt2(VOCAB), run_args, train_dataset=lm_data, callbacks=[monitor]).train()
     store = SnapshotStore(tmp_path / "run")
     for step in (2, 4):
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / f"checkpoint-{step}")
-        assert_same_numbers(store.read(step), model.eval(), store)
+        assert_same_numbers(store.read(step), model.to(device).eval(), store)

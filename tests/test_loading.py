@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from regionwatch import SnapshotStore
 from regionwatch.errors import CheckpointError
-from regionwatch.loading import load_state_dict_model
+from regionwatch.loading import init_model, load_state_dict_model
 from regionwatch.replay import replay
 from regionwatch.snapshot import weights_fingerprint
 from tests.support.lm import SMALL_PROBE, Windows, tiny_gpt2
@@ -86,3 +86,16 @@ def test_sharded_checkpoint_names_the_consolidation_command(
     assert SnapshotStore(tmp_path / "run").records()[0]["weights_fingerprint"] == (
         weights_fingerprint(model)
     )
+
+
+def test_init_model_leaves_the_callers_generators_as_they_were(tmp_path: Path, device: str) -> None:
+    """A seeded init (`measure --init-from`) leaves the caller's generator of the device as it
+    was: CPU's, and on a GPU CUDA's, which a global reseed would reset; the seed decides."""
+    tiny_gpt2(VOCAB).config.save_pretrained(tmp_path)
+    get = torch.cuda.get_rng_state if device == "cuda" else torch.random.get_rng_state
+    torch.rand(3, device=device)  # a state of the caller's own, not a fresh generator's
+    before = get()
+    model = init_model(tmp_path, seed=3, device=device)
+    assert torch.equal(get(), before)
+    assert same_weights(model, init_model(tmp_path, seed=3, device=device))
+    assert not same_weights(model, init_model(tmp_path, seed=4, device=device))

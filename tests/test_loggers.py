@@ -30,9 +30,12 @@ MAP_TAG = "regionwatch/maps/triple_0"
 STEPS = 4  # snapshots at 0, 2, 4 with every_steps(2)
 
 
-def fit(tmp: Path, lm_probes, lm_data: Windows, logger: object, **kwargs) -> RegionMonitor:
+def fit(
+    tmp: Path, lm_probes, lm_data: Windows, logger: object, *, device: str, **kwargs
+) -> RegionMonitor:
     callback = make_monitor("lightning", lm_probes, tmp / "run", maps_schedule=None, **kwargs)
-    trainer(tmp, [callback], max_steps=STEPS, logger=logger).fit(TinyLM(VOCAB), loader(lm_data))
+    fit_trainer = trainer(tmp, [callback], max_steps=STEPS, logger=logger, device=device)
+    fit_trainer.fit(TinyLM(VOCAB), loader(lm_data))
     return callback
 
 
@@ -43,12 +46,12 @@ def stored(tmp: Path) -> dict[int, tuple[int, float]]:
 
 
 def test_csv_logger_holds_the_median_at_every_snapshot_with_tokens(
-    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture, device: str
 ) -> None:
     """CSVLogger's metrics.csv: the median max slope at every snapshot, tokens in the same row."""
     csv_logger = CSVLogger(tmp_path / "logs", name="csv")
     with caplog.at_level(logging.INFO, logger="regionwatch"):
-        fit(tmp_path, lm_probes, lm_data, csv_logger)
+        fit(tmp_path, lm_probes, lm_data, csv_logger, device=device)
     with open(Path(csv_logger.log_dir) / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get(MEDIAN)]
     got = {int(r["step"]): (int(float(r[TOKENS])), float(r[MEDIAN])) for r in rows}
@@ -63,11 +66,11 @@ def test_csv_logger_holds_the_median_at_every_snapshot_with_tokens(
 
 
 def test_copy_to_loggers_off_leaves_the_users_loggers_alone(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """copy_to_loggers=False: no regionwatch column in the CSV; regionwatch's own run stays."""
     csv_logger = CSVLogger(tmp_path / "logs", name="csv")
-    fit(tmp_path, lm_probes, lm_data, csv_logger, copy_to_loggers=False)
+    fit(tmp_path, lm_probes, lm_data, csv_logger, device=device, copy_to_loggers=False)
     metrics = Path(csv_logger.log_dir) / "metrics.csv"
     assert not metrics.exists() or MEDIAN not in metrics.read_text()
     assert sorted(stored(tmp_path)) == [0, 2, 4]
@@ -76,7 +79,7 @@ def test_copy_to_loggers_off_leaves_the_users_loggers_alone(
 
 @pytest.mark.slow
 def test_mlflow_logger_on_sqlite_gets_scalars_and_images(
-    tmp_path: Path, lm_probes, lm_data: Windows
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """MLFlowLogger (SQLite store): every snapshot's median and tokens, and the region maps."""
     from mlflow.tracking import MlflowClient
@@ -87,7 +90,7 @@ def test_mlflow_logger_on_sqlite_gets_scalars_and_images(
         tracking_uri=uri,
         artifact_location=str(tmp_path / "artifacts"),
     )
-    fit(tmp_path, lm_probes, lm_data, mlflow_logger)
+    fit(tmp_path, lm_probes, lm_data, mlflow_logger, device=device)
     client = MlflowClient(uri)
     medians = client.get_metric_history(mlflow_logger.run_id, MEDIAN)
     tokens = {m.step: int(m.value) for m in client.get_metric_history(mlflow_logger.run_id, TOKENS)}
@@ -148,13 +151,13 @@ def wandb_history(run_file: Path) -> list[dict[str, float]]:
 
 @pytest.mark.slow
 def test_wandb_offline_run_holds_scalars_over_tokens(
-    tmp_path: Path, lm_probes, lm_data: Windows, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, lm_probes, lm_data: Windows, monkeypatch: pytest.MonkeyPatch, device: str
 ) -> None:
     """WandbLogger offline: each snapshot's median with its tokens, and the region-map images."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     wandb_logger = WandbLogger(project="regionwatch", save_dir=str(tmp_path), offline=True)
-    fit(tmp_path, lm_probes, lm_data, wandb_logger)
+    fit(tmp_path, lm_probes, lm_data, wandb_logger, device=device)
     import wandb
 
     wandb.finish()
@@ -173,7 +176,7 @@ def test_wandb_offline_run_holds_scalars_over_tokens(
 
 @pytest.mark.slow
 def test_hf_report_to_tensorboard_and_mlflow_get_the_scalars(
-    tmp_path: Path, lm_probes, lm_data: Windows, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, lm_probes, lm_data: Windows, monkeypatch: pytest.MonkeyPatch, device: str
 ) -> None:
     """report_to=["tensorboard", "mlflow"]: the Trainer's own event files and run hold them."""
     import mlflow
@@ -185,7 +188,7 @@ def test_hf_report_to_tensorboard_and_mlflow_get_the_scalars(
     # HF's MLflowCallback reads the variable only while MLflow's process-wide URI is unset, and
     # Lightning's MLFlowLogger (an earlier test) sets that: point it here as well.
     mlflow.set_tracking_uri(uri)
-    args = hf_args(tmp_path, report_to=["tensorboard", "mlflow"])
+    args = hf_args(tmp_path, device=device, report_to=["tensorboard", "mlflow"])
     run = Trainer(tiny_gpt2(VOCAB), args, train_dataset=lm_data)
     make_monitor("hf", lm_probes, tmp_path / "run").attach(run)
     run.train()

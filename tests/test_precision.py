@@ -81,7 +81,7 @@ def test_bf16_true_lightning_run_equals_fp32_copy(
     copy of its final weights, and says so: precision fp32, weights bf16."""
     module = TinyLM(VOCAB)
     callback = make_monitor("lightning", lm_probes, tmp_path / "run", maps_schedule=None)
-    fit = trainer(tmp_path, [callback], max_steps=4, precision="bf16-true", accelerator=device)
+    fit = trainer(tmp_path, [callback], max_steps=4, precision="bf16-true", device=device)
     fit.fit(module, loader(lm_data))
     assert module.lm.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
     store = SnapshotStore(tmp_path / "run")
@@ -89,7 +89,8 @@ def test_bf16_true_lightning_run_equals_fp32_copy(
     final = store.read(4)
     assert final.info["precision"] == "fp32"
     assert final.info["dtype"] == "torch.bfloat16"
-    want = measure(copy.deepcopy(module.lm).float().eval(), lm_probes, SMALL_PROBE)
+    # Lightning moves the module back to the CPU after fit: measure where the run measured.
+    want = measure(copy.deepcopy(module.lm).to(device).float().eval(), lm_probes, SMALL_PROBE)
     assert_same_numbers(final.measurement, want)
 
 

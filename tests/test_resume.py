@@ -1,4 +1,8 @@
-"""Exact resume: kill -9 a training process (mid-write too), resume; every snapshot exists once."""
+"""Exact resume: kill -9 a training process (mid-write too), resume; every snapshot exists once.
+
+CPU-only: the training runs in a subprocess (tests/resume_train.py) that is killed and relaunched,
+so it takes no `device` fixture; the in-process driver tests cover CUDA.
+"""
 
 from __future__ import annotations
 

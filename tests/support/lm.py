@@ -26,12 +26,14 @@ SMALL_PROBE = ProbeConfig(num_alphas=5, grid=5)  # fast, but every part runs
 def tiny_gpt2(
     vocab: int, *, seed: int = 0, positions: int = 64, layers: int = 2
 ) -> GPT2LMHeadModel:
-    """A seeded random GPT-2 (the global RNG is restored)."""
+    """A seeded random GPT-2, built on the CPU (the global RNG is restored)."""
     config = GPT2Config(
         vocab_size=vocab, n_positions=positions, n_embd=32, n_layer=layers, n_head=4
     )
     with torch.random.fork_rng(devices=[]):
-        torch.random.manual_seed(seed)
+        # The CPU generator only: `torch.random.manual_seed` would reseed CUDA's as well, which
+        # fork_rng(devices=[]) does not restore, and the init draws from the CPU one alone.
+        torch.default_generator.manual_seed(seed)
         return GPT2LMHeadModel(config)
 
 
@@ -89,10 +91,14 @@ def loader(data: Windows) -> DataLoader:
     return DataLoader(data, batch_size=BATCH, shuffle=False)
 
 
-def trainer(tmp: Any, callbacks: list, **kwargs: Any) -> L.Trainer:
-    """A quiet CPU Lightning trainer writing under `tmp`."""
+def trainer(tmp: Any, callbacks: list, *, device: str = "cpu", **kwargs: Any) -> L.Trainer:
+    """A quiet, deterministic Lightning trainer on `device` ("cpu" or "cuda") writing under `tmp`.
+
+    `deterministic=True` makes CUDA runs repeatable too (conftest sets the cuBLAS workspace it
+    needs); `kwargs` override any default.
+    """
     defaults = {
-        "accelerator": "cpu",
+        "accelerator": device,
         "devices": 1,
         "max_steps": 8,
         "logger": False,
@@ -105,8 +111,13 @@ def trainer(tmp: Any, callbacks: list, **kwargs: Any) -> L.Trainer:
     return L.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
 
-def hf_args(tmp: Path, **overrides) -> TrainingArguments:
-    """Quiet CPU training arguments that count non-padding tokens."""
+def hf_args(tmp: Path, *, device: str = "cpu", **overrides) -> TrainingArguments:
+    """Quiet training arguments on `device` ("cpu" or "cuda") that count non-padding tokens.
+
+    The Trainer takes its device from `use_cpu`: off, it trains on `cuda:0`, and on every visible
+    GPU at once (nn.DataParallel, a bigger batch per step) where there are several: the `cuda`
+    cases expect one (CUDA_VISIBLE_DEVICES=0 on a multi-GPU machine).
+    """
     values = {
         "output_dir": str(tmp / "out"),
         "per_device_train_batch_size": BATCH,
@@ -115,7 +126,7 @@ def hf_args(tmp: Path, **overrides) -> TrainingArguments:
         "report_to": [],
         "save_strategy": "no",
         "logging_strategy": "no",
-        "use_cpu": True,
+        "use_cpu": device == "cpu",
         "disable_tqdm": True,
         "include_num_input_tokens_seen": "non_padding",
         "dataloader_drop_last": True,

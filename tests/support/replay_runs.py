@@ -12,6 +12,7 @@
 Its fixtures (the probe set, its saved directory, corpus windows and two live runs with their
 checkpoints) are shared by test_replay, test_checkpoints and test_loading, registered by
 `pytest_plugins` in conftest.py; session-scoped, so each live run trains once per test session.
+The live runs train on the CPU, where the replays they are compared with measure.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import pytest
 import torch
 from huggingface_hub.file_download import repo_folder_name
 from lightning.pytorch.callbacks import ModelCheckpoint
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer
 
 from regionwatch.probes import ProbeSet
 from tests.support.factories import make_monitor
-from tests.support.lm import BATCH, TinyLM, Windows, loader, small_probes, tiny_gpt2, trainer
+from tests.support.lm import TinyLM, Windows, hf_args, loader, small_probes, tiny_gpt2, trainer
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
@@ -85,21 +86,7 @@ def trainer_run(
     Returns:
         The output dir holding checkpoint-N folders (the live run, if any, is `root / "live"`).
     """
-    args = TrainingArguments(
-        output_dir=str(root / "out"),
-        per_device_train_batch_size=BATCH,
-        max_steps=max_steps,
-        learning_rate=3e-3,
-        report_to=[],
-        save_strategy="steps",
-        save_steps=every,
-        logging_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_drop_last=True,
-        seed=0,
-    )
+    args = hf_args(root, max_steps=max_steps, save_strategy="steps", save_steps=every)
     callbacks = []
     if probes is not None:
         callbacks.append(make_monitor("hf", probes, root / "live", every=every))
