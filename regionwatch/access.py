@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
 from regionwatch.errors import UnsupportedModelError, check_int
 
@@ -410,6 +409,8 @@ def upcasting(
     # subclass may compute on the rows (Gemma scales them in the weights' dtype): upcast it.
     plain = type(embed) is nn.Embedding
     handles = [embed.register_forward_hook(widen)] if plain else []
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1  # 0.5 s: only if needed
+
     for module in site.model.modules():
         # An FSDP1 wrapper's own parameter is its sharded flat parameter, which its forward
         # gathers for the modules inside: they upcast what they see.
