@@ -265,16 +265,21 @@ def check_strategy(strategy: Strategy) -> None:
         raise UnsupportedModelError(f"strategy {name} is not supported; {SUPPORTED}")
 
 
-def _tensorboard_image(logger: Logger, name: str, pixels: np.ndarray, step: int) -> None:
-    logger.experiment.add_image(name, pixels, step, dataformats="HWC")
+def _tensorboard_image(logger: Logger, name: str, pixels: np.ndarray, snapshot: Snapshot) -> None:
+    logger.experiment.add_image(name, pixels, snapshot.step, dataformats="HWC")
 
 
-def _wandb_image(logger: Logger, name: str, pixels: np.ndarray, step: int) -> None:
-    logger.log_image(key=name, images=[pixels], step=step)
+def _wandb_image(logger: Logger, name: str, pixels: np.ndarray, snapshot: Snapshot) -> None:
+    import wandb  # present: a WandbLogger exists
+
+    # Not `log_image`, which gives the row the step alone: W&B charts `regionwatch/*` over
+    # tokens (see `LoggerCopies`), so an image's row must hold them too.
+    row = {name: [wandb.Image(pixels)], TOKENS_TAG: snapshot.tokens}
+    logger.log_metrics(row, step=snapshot.step)
 
 
-def _mlflow_image(logger: Logger, name: str, pixels: np.ndarray, step: int) -> None:
-    logger.experiment.log_image(logger.run_id, pixels, key=name, step=step)
+def _mlflow_image(logger: Logger, name: str, pixels: np.ndarray, snapshot: Snapshot) -> None:
+    logger.experiment.log_image(logger.run_id, pixels, key=name, step=snapshot.step)
 
 
 # How each logger that takes images takes one (RGB uint8, [height, width, 3]); others get none.
@@ -283,7 +288,7 @@ IMAGE_WRITERS = MappingProxyType(
 )
 
 
-def _image_writer(logger: Logger) -> Callable[[Logger, str, np.ndarray, int], None] | None:
+def _image_writer(logger: Logger) -> Callable[[Logger, str, np.ndarray, Snapshot], None] | None:
     # isinstance, not type(): a user's subclass of these loggers takes images the same way
     kinds = (w for kind, w in IMAGE_WRITERS.items() if isinstance(logger, kind))
     return next(kinds, None)
@@ -320,7 +325,7 @@ class LoggerCopies:
             write_image = _image_writer(logger_)
             if write_image is not None:
                 for name, pixels in rendered.items():
-                    write_image(logger_, name, pixels, snapshot.step)
+                    write_image(logger_, name, pixels, snapshot)
 
     def _define_axes(self) -> None:
         # W&B draws a chart over its step metric; tokens, not steps, are regionwatch's axis.

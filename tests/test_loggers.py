@@ -153,7 +153,8 @@ def wandb_history(run_file: Path) -> list[dict[str, float]]:
 def test_wandb_offline_run_holds_scalars_over_tokens(
     tmp_path: Path, lm_probes, lm_data: Windows, monkeypatch: pytest.MonkeyPatch, device: str
 ) -> None:
-    """WandbLogger offline: each snapshot's median with its tokens, and the region-map images."""
+    """WandbLogger offline: each snapshot's median with its tokens, and the region-map images
+    with their tokens (W&B charts regionwatch/* over tokens)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     wandb_logger = WandbLogger(project="regionwatch", save_dir=str(tmp_path), offline=True)
@@ -165,13 +166,14 @@ def test_wandb_offline_run_holds_scalars_over_tokens(
     rows = wandb_history(run_file)
     got = {int(r["trainer/global_step"]): (int(r[TOKENS]), r[MEDIAN]) for r in rows if MEDIAN in r}
     assert got == stored(tmp_path)
-    # The region maps of every snapshot, at its step (the first and last at least draw maps).
+    # The region maps of snapshots, at their step and tokens (the first and last draw maps).
     maps = {
-        int(r["trainer/global_step"])
+        int(r["trainer/global_step"]): int(r[TOKENS])
         for r in rows
         if r.get(f"{MAP_TAG}/_type") == "images/separated"
     }
-    assert {min(got), max(got)} <= maps <= set(got)
+    assert {min(got), max(got)} <= set(maps)
+    assert maps.items() <= {step: tokens for step, (tokens, _) in got.items()}.items()
 
 
 @pytest.mark.slow
