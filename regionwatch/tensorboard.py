@@ -48,6 +48,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -60,6 +61,8 @@ from regionwatch import metrics
 from regionwatch.errors import check_int
 from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL, PAIR_COLOURS
 from regionwatch.snapshot import Snapshot
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +206,7 @@ class TensorBoardSink:
         self._writer: SummaryWriter | None = None
         self._purge_pending = purge_after_tokens is not None
         self._last_tokens: int | None = None
+        self._written: set[str] = set()  # tags written at `_last_tokens`
 
     def _open(self) -> SummaryWriter:
         if self._writer is None:
@@ -225,6 +229,9 @@ class TensorBoardSink:
     ) -> None:
         """Log everything of one snapshot at global_step = `snapshot.tokens`, then flush once.
 
+        A second write at the same tokens (the final snapshot retaken to draw its region maps)
+        adds only the tags the first did not have: TensorBoard would show both points.
+
         A failed write (a full disk, a dead event-writer thread) closes the writer and raises;
         the next write opens a new event file, so the sink recovers once the disk takes writes
         again instead of failing for the rest of the run.
@@ -241,13 +248,15 @@ class TensorBoardSink:
         with self._discarding_on_error():
             writer = self._open()
             self._check_order(step)
-            for name, value in scalars(snapshot).items():
+            new = self._new_tags
+            for name, value in new(scalars(snapshot)).items():
                 writer.add_scalar(name, value, step)
-            for name, values in _histograms(snapshot).items():
+            for name, values in new(_histograms(snapshot)).items():
                 writer.add_histogram(name, values, step)
-            for name, pixels in (images(snapshot) if rendered is None else rendered).items():
+            for name, pixels in new(images(snapshot) if rendered is None else rendered).items():
                 writer.add_image(name, pixels, step, dataformats="HWC")
-            _add_run_scalars(writer, run_scalars or {}, step)
+            runs = new({tag(key): (key, value) for key, value in (run_scalars or {}).items()})
+            _add_run_scalars(writer, dict(runs.values()), step)
             writer.flush()
         logger.debug(
             "tensorboard: snapshot at tokens=%d written in %.3f s",
@@ -310,9 +319,18 @@ class TensorBoardSink:
     ) -> None:
         self.close()
 
+    def _new_tags(self, values: Mapping[str, T]) -> dict[str, T]:
+        """The items of `values` not yet written at this step, now counted as written."""
+        fresh = {name: value for name, value in values.items() if name not in self._written}
+        self._written.update(fresh)
+        return fresh
+
     def _check_order(self, step: int) -> None:
-        # TensorBoard treats a step at or before the last one as a restart and hides later points.
-        if self._last_tokens is not None and step <= self._last_tokens:
+        if step == self._last_tokens:
+            return  # the same snapshot again: `write` adds only what is new
+        self._written = set()
+        # TensorBoard treats a step before the last one as a restart and hides later points.
+        if self._last_tokens is not None and step < self._last_tokens:
             logger.warning(
                 "tensorboard: snapshot at tokens=%d does not follow the last one written "
                 "(tokens=%d); TensorBoard will show the curve restarting there",

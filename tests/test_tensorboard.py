@@ -27,7 +27,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from regionwatch.errors import ConfigError
-from regionwatch.measure import ProbeConfig
+from regionwatch.measure import ProbeConfig, measure
 from regionwatch.palette import ANCHOR_FILL
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
@@ -43,7 +43,9 @@ from regionwatch.tensorboard import (
     tags,
     tensorboard_command,
 )
+from tests.conftest import tiny_model
 from tests.support.factories import make_probes, make_snapshot
+from tests.support.lm import SMALL_PROBE
 
 GRID = 9
 BIG_TOKENS = 5 * 10**10  # past 2**31: the step must survive as int64
@@ -289,10 +291,34 @@ def test_resume_purges_events_past_the_restored_tokens(
 def test_tokens_going_back_are_warned_about(
     tmp_path: Path, snapshots: list[Snapshot], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A snapshot at or before the last written tokens is logged anyway, with a warning."""
+    """A snapshot before the last written tokens is logged anyway, with a warning."""
     with caplog.at_level(logging.WARNING, logger="regionwatch.tensorboard"):
-        write_all(tmp_path, series(snapshots, (5000, 5000)))
-    assert "tokens=5000 does not follow" in caplog.text
+        write_all(tmp_path, series(snapshots, (5000, 4000)))
+    assert "tokens=4000 does not follow" in caplog.text
+
+
+def test_a_snapshot_retaken_with_its_maps_adds_only_the_maps(
+    tmp_path: Path, probes: ProbeSet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The final snapshot measured again to draw its maps, at the same tokens: every scalar
+    stays one point, the maps and their scalars join it, and nothing is warned about."""
+    model = tiny_model("gpt2")
+
+    def stamp(maps: bool) -> Snapshot:
+        measured = measure(model, probes, SMALL_PROBE, maps=maps)
+        return Snapshot.stamp(measured, run_id="r", step=5, tokens=800, probes=probes, model=model)
+
+    plain, full = stamp(maps=False), stamp(maps=True)
+    warnings = caplog.at_level(logging.WARNING, logger="regionwatch.tensorboard")
+    with warnings, TensorBoardSink(tmp_path) as sink:
+        sink.write(plain, run_scalars={"onset/tokens": 400.0})
+        sink.write(full, run_scalars={"onset/tokens": 400.0})
+    assert caplog.text == ""
+    acc = read(tmp_path)
+    assert set(tags(full)) - set(tags(plain))  # the retake does add tags
+    for name in acc.Tags()[ea.SCALARS]:
+        assert [e.step for e in acc.Scalars(name)] == [800], name
+    assert {t for t in acc.Tags()[ea.IMAGES] if "maps" in t}
 
 
 def test_write_scalars_logs_run_level_values(tmp_path: Path) -> None:
