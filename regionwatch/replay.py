@@ -212,6 +212,13 @@ def _replay_all(
                     labels.get(twin, "measured earlier"),
                     monitor.run_dir,
                 )
+    # The store writes run on the monitor's writer thread: report what the store really holds.
+    monitor.drain()
+    stored = {row["step"] for row in monitor.store.records()}
+    for checkpoint in [c for c in result.measured if c.step not in stored]:
+        result.measured.remove(checkpoint)
+        why = "measured, but storing the snapshot failed (the log has the error)"
+        result.failed.append((checkpoint, why))
     return result
 
 

@@ -6,12 +6,7 @@ run directory on a real full filesystem (a small tmpfs, filled and then freed mi
 
 from __future__ import annotations
 
-import errno
-import os
-import shutil
-import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from regionwatch import RegionMonitor, SnapshotStore
 from regionwatch.background import BackgroundWriter
 from regionwatch.monitor import Monitor
+from tests.support.disk import fill
 from tests.support.factories import make_monitor
 from tests.support.lm import TinyLM, Windows, loader, tiny_gpt2, trainer
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
@@ -89,37 +85,6 @@ def test_failing_sink_is_recorded_and_the_store_stays_complete(tmp_path: Path, l
     assert store.steps() == [0, 1, 2]
     assert store.failures() == []  # every snapshot was stored: none is listed as failed
     assert [f.what for f in monitor.sink_failures] == [f"tensorboard, step {s}" for s in range(3)]
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 8 MiB tmpfs (needs root and mount); skipped where it cannot be mounted."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root and mount(8)")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
-
-
-def fill(disk: Path) -> None:
-    """Write a filler file until the filesystem refuses with ENOSPC."""
-    chunk = b"\0" * (64 * 1024)
-    with open(disk / "filler", "wb", buffering=0) as f:
-        while True:
-            try:
-                f.write(chunk)
-            except OSError as err:
-                if err.errno != errno.ENOSPC:
-                    raise
-                return
 
 
 class FullDiskBetween(Callback):

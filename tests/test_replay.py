@@ -25,6 +25,7 @@ from regionwatch.cli import main
 from regionwatch.errors import StoreError
 from regionwatch.replay import replay
 from regionwatch.snapshot import weights_fingerprint
+from tests.support.disk import fill
 from tests.support.lm import SMALL_PROBE
 from tests.support.replay_runs import save_model, truncate
 
@@ -81,6 +82,27 @@ def test_save_pretrained_dirs_replay_with_the_tokenizer_they_hold(
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("regionwatch/max_slope/median")] == [1000, 2000]
+
+
+def test_a_snapshot_the_store_could_not_write_is_a_failed_checkpoint(
+    tmp_path: Path, small_disk: Path, text_tokenizer
+) -> None:
+    """The run's disk is full when step 2 is stored: step 2 is reported failed, not measured,
+    and the run keeps step 1."""
+    for step in (1, 2):
+        path = tmp_path / "src" / f"step{step}-tokens{step}000"
+        save_model(path, seed=step, tokenizer=text_tokenizer)
+        if step == 1:
+            replay([path], out=small_disk / "run", config=SMALL_PROBE, progress=False)
+    fill(small_disk)
+    result = replay([tmp_path / "src"], out=small_disk / "run", progress=False)
+    assert [c.step for c in result.skipped] == [1]
+    assert result.measured == []
+    assert [(c.step, why) for c, why in result.failed] == [
+        (2, "measured, but storing the snapshot failed (the log has the error)")
+    ]
+    assert not result.ok
+    assert SnapshotStore(small_disk / "run").steps() == [1]
 
 
 def test_trainer_checkpoints_replay_exactly_the_live_numbers(
