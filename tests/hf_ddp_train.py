@@ -1,7 +1,7 @@
 """The HF Trainer on 2 CPU processes (DDP, gloo) with RegionMonitorCallback, under torchrun.
 
 `python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.hf_ddp_train OUT STEPS`
-(`--fsdp2` / `--fsdp1`: FSDP through accelerate, each GPT-2 block its own unit, GPU only; FSDP1's
+(`--fsdp2` / `--fsdp1`: FSDP through accelerate, GPU only; FSDP1 wraps each GPT-2 block, and its
 root is reached through `attach`). Rank 0 saves the final weights to OUT/final.pt so that the
 test can measure them in one process.
 """
@@ -24,8 +24,10 @@ def main(out: Path, steps: int, fsdp: str | None) -> None:
     probes = ProbeSet.load(out / "probes", tokenizer=tokenizer)
     monitor = make_monitor("hf", probes, out / "run", maps_schedule=None)
     sharding = {}
-    if fsdp is not None:
-        config = {"fsdp_version": int(fsdp[-1]), "transformer_layer_cls_to_wrap": ["GPT2Block"]}
+    if fsdp == "fsdp2":
+        sharding = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}
+    elif fsdp == "fsdp1":  # each block its own unit, inside the root
+        config = {"fsdp_version": 1, "transformer_layer_cls_to_wrap": ["GPT2Block"]}
         sharding = {"fsdp": "full_shard auto_wrap", "fsdp_config": config}
     args = hf_args(
         out,

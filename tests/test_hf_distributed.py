@@ -64,6 +64,6 @@ def test_hf_trainer_ddp_equals_one_process(tmp_path: Path, text_tokenizer) -> No
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP over 2 ranks needs 2 GPUs")
 @pytest.mark.parametrize("layout", ["fsdp1", "fsdp2"])
 def test_hf_trainer_fsdp_equals_one_process(tmp_path: Path, text_tokenizer, layout: str) -> None:
-    """`fsdp="full_shard auto_wrap"` (accelerate), FSDP version 1 or 2: measured in place,
-    lock-step; FSDP1 through its root, which the callback reaches through `attach`."""
+    """`fsdp="full_shard"` (accelerate), FSDP version 1 (blocks auto-wrapped) or 2: measured in
+    place, lock-step; FSDP1 through its root, which the callback reaches through `attach`."""
     run_hf(tmp_path, text_tokenizer, layout, f"--{layout}")
