@@ -140,6 +140,11 @@ class DemoConfig:
         return {**asdict(self), "probe": self.probe.to_dict()}
 
     @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype the weights train in: bf16 under "bf16-true", else float32."""
+        return torch.bfloat16 if self.precision == "bf16-true" else torch.float32
+
+    @property
     def tokens_per_step(self) -> int:
         """Training tokens per optimizer step (no padding: windows are full)."""
         return self.batch_size * self.seq_len
@@ -352,9 +357,7 @@ def _train_hf(
         bf16=config.precision == "bf16-mixed",
     )
     with seeded_init(config.seed):
-        model = new_model(config)
-    if config.precision == "bf16-true":
-        model = model.to(torch.bfloat16)
+        model = new_model(config).to(config.param_dtype)
     trainer = Trainer(model, args, train_dataset=data, callbacks=callbacks)
     for callback in callbacks:
         if isinstance(callback, RegionMonitorCallback):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from regionwatch import ConfigError, ProbeConfig, SnapshotStore
 from regionwatch.cli import main
-from regionwatch.demo import DemoConfig, model_config, run_demo
+from regionwatch.demo import DemoConfig, model_config, new_model, run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = {  # seconds, not minutes: the shape of the real run, at toy size
@@ -38,6 +38,16 @@ def test_llama_variant_builds_a_llama() -> None:
     built = model_config(config)
     assert built.model_type == "llama"
     assert (built.num_hidden_layers, built.hidden_size) == (4, 256)
+
+
+def test_gpu_overhead_config_is_a_100m_bf16_gpt2() -> None:
+    """configs/overhead-100m-bf16.yaml has the parameter count its comment states."""
+    config = DemoConfig.from_yaml(ROOT / "configs" / "overhead-100m-bf16.yaml")
+    assert config.precision == "bf16-true"
+    assert config.param_dtype == torch.bfloat16
+    with torch.device("meta"):  # the shapes without 400 MB of weights
+        model = new_model(config)
+    assert sum(p.numel() for p in model.parameters()) == 103_000_064
 
 
 @pytest.mark.parametrize(
