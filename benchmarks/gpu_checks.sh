@@ -79,9 +79,9 @@ else
     # bench_probe's matrix, with the sizes at which a GPU does more than launch kernels: 12x768
     # (GPT-2 small's shape, the targets) and 24x1024 (GPT-2 medium's) instead of the
     # CPU table's 4x256, which an H100 runs in launch overhead alone. Everything else is the
-    # full default (2 archs x 16/64 pairs x 10/128 tokens, region maps at grid 37), ~1 minute
-    # each on an H100 by the FLOP counts (the reference is ~12 TFLOP per size) and ~400 timed
-    # calls of tens of ms; no quiet wait (a 16-core machine of our own).
+    # full default (2 archs x 16/64 pairs x 10/128 tokens, region maps at grid 37): ~900 TFLOP
+    # of timed calls (18 s in fp32, 2 s in bf16 on an H100) and ~2,500 launch-bound forwards,
+    # ~1 minute per dtype (benchmarks/README.md). No quiet wait: the machine is ours alone.
     probe_flags=(--sizes 12x768,24x1024 --quiet-wait-s 0)
     overhead_flags=()
     kind=
