@@ -49,9 +49,11 @@ for step in ${steps//,/ }; do
     fi
 done
 
+here=$PWD
 cd "$(dirname "$0")/.."
 root=$PWD
-out=${OUT:-benchmarks/results}
+out=${OUT:-$root/benchmarks/results}
+[[ $out == /* ]] || out=$here/$out # a relative OUT is the caller's, not the repository root's
 mkdir -p "$out"
 python=${PYTHON:-python3}
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -60,8 +62,9 @@ exec > >(tee -a "$log") 2>&1
 
 if ! "$python" -c "import datasets" 2>/dev/null && [[ -d .whl ]]; then
     echo "== installing the carried wheels (.whl/) to /tmp/site"
+    # A failed install stops nothing: the probe steps need no datasets, the others then fail.
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
+        --target /tmp/site .whl/*.whl || echo "== the wheels did not install: see above"
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
