@@ -2,11 +2,14 @@
 
     python benchmarks/bench_overhead.py           # the demo (configs/demo.yaml): ~25 min, 2 cores
     python benchmarks/bench_overhead.py --quick   # toy size, seconds (the smoke test)
+    python benchmarks/bench_overhead.py --config configs/overhead-100m-bf16.yaml  # a GPU's
 
 Both runs train the same model on the same batches in one process (the order alternates over
 repeats so that drift hits both); only `fit` is timed. The result JSON holds the wall times, the
 overhead ratio, the snapshots taken and the probe's own seconds per snapshot (which every
-snapshot also logs to TensorBoard as regionwatch/probe/seconds).
+snapshot also logs to TensorBoard as regionwatch/probe/seconds). It is rewritten after each run,
+so a run cut short (a device's time limit) keeps the runs done. `--quick` shrinks `--config` to
+toy size and keeps the rest of it (its precision, schedule and probe).
 
 On a shared 2-core machine two identical runs can differ by more than the whole probe cost, so
 the wall-time ratio alone cannot resolve a 3% target. The benchmark therefore reports, side by
@@ -28,6 +31,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from harness import RESULTS, ROOT, environment, write
@@ -36,7 +40,7 @@ from regionwatch import SnapshotStore
 from regionwatch.demo import DemoConfig, demo_tokenizer, run_demo, train, training_data
 from regionwatch.monitor import Monitor
 
-QUICK = {
+QUICK = {  # over --config: a toy model, few steps
     "layers": 2,
     "width": 64,
     "heads": 2,
@@ -92,66 +96,73 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/...)")
     args = parser.parse_args()
 
-    config = DemoConfig.from_dict(QUICK) if args.quick else DemoConfig.from_yaml(args.config)
+    config = DemoConfig.from_yaml(args.config)
+    if args.quick:
+        config = dataclasses.replace(config, **QUICK)
     if args.steps:
         config = dataclasses.replace(config, steps=args.steps)
+    # The demo trains on the GPU if there is one (Lightning's and HF's default).
+    env = environment(
+        torch.device("cuda" if torch.cuda.is_available() else "cpu"), config.param_dtype
+    )
+    name = f"bench_overhead-{'quick' if args.quick else args.config.stem}-{env['device']}.json"
+    out = args.out or RESULTS / name
     times: dict[str, list[float]] = {"without": [], "with": []}
-    probe_s: list[float] = []
     blocking: list[float] = []  # per monitored run: training-thread seconds inside the Monitor
     background_s: list[float] = []  # per monitored run: the background writer's busy seconds
     spent: list[float] = []
     closed: list[float] = []
     time_monitor_calls(spent, closed)
-    snapshots = 0
+    result: dict[str, Any] = {
+        "env": env,
+        "params": {**vars(args), "config": config.to_dict()}
+        | {"config_path": str(args.config), "out": str(args.out)},
+        "complete": False,
+        "wall_s": times,
+        "blocking_s": blocking,
+        "background_s": background_s,
+        "target": 0.03,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             order = ("without", "with") if repeat % 2 == 0 else ("with", "without")
             for variant in order:
-                out = Path(tmp) / f"{variant}-{repeat}"
+                run_out = Path(tmp) / f"{variant}-{repeat}"
                 spent.clear()
                 closed.clear()
                 if variant == "without":
-                    seconds = unmonitored_seconds(config, out, args.trainer)
+                    seconds = unmonitored_seconds(config, run_out, args.trainer)
                 else:
-                    result = run_demo(config, out, trainer=args.trainer, progress=False)
-                    seconds = result.seconds
+                    demo = run_demo(config, run_out, trainer=args.trainer, progress=False)
+                    seconds = demo.seconds
                 times[variant].append(seconds)
                 print(f"{variant:>7} monitor: {seconds:7.1f} s", flush=True)
                 if variant == "with":
                     blocking.append(sum(spent))
                     background_s.append(sum(closed))
-                    records = SnapshotStore(result.run_dir).records()
-                    snapshots = len(records)
-                    probe_s = [r["probe_seconds"] for r in records]
+                    probe_s = [r["probe_seconds"] for r in SnapshotStore(demo.run_dir).records()]
+                    result |= {
+                        "snapshots": len(probe_s),
+                        "probe_s_per_snapshot": statistics.mean(probe_s) if probe_s else None,
+                        "probe_s_total": sum(probe_s),
+                    }
+                write(result, out)  # after every run: a run cut short keeps the runs done
     without, with_ = statistics.median(times["without"]), statistics.median(times["with"])
-    result = {
-        # The demo trains in float32, on the GPU if there is one (Lightning's and HF's default).
-        "env": environment(
-            torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.float32
-        ),
-        "params": {**vars(args), "config": config.to_dict()}
-        | {"config_path": str(args.config), "out": str(args.out)},
-        "wall_s": times,
+    result |= {
+        "complete": True,
         "median_without_s": without,
         "median_with_s": with_,
         "overhead": with_ / without - 1,
-        "blocking_s": blocking,
         "blocking_share": statistics.median(
             s / w for s, w in zip(blocking, times["with"], strict=True)
         ),
-        "background_s": background_s,
-        "snapshots": snapshots,
-        "probe_s_per_snapshot": statistics.mean(probe_s) if probe_s else None,
-        "probe_s_total": sum(probe_s),
-        "target": 0.03,
     }
-    name = f"bench_overhead-{'quick' if args.quick else 'demo'}-{result['env']['device']}.json"
-    out = args.out or RESULTS / name
     write(result, out)
     print(
         f"training thread blocked {100 * result['blocking_share']:.1f}% of the wall time "
         f"({statistics.median(blocking):.1f} s, {result['probe_s_total']:.1f} s of it probes; "
-        f"{snapshots} snapshots); background writer {statistics.median(background_s):.1f} s; "
+        f"{result['snapshots']} snapshots); background writer "
+        f"{statistics.median(background_s):.1f} s; "
         f"wall ratio {100 * result['overhead']:+.1f}% -> {out}"
     )
 

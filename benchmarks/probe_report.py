@@ -106,7 +106,7 @@ def markdown(result: dict[str, Any]) -> str:
     env = result["env"]
     lines = [
         f"{env['device_name']}, {env['threads']} threads, {env['dtype']}, torch {env['torch']}, "
-        f"transformers {env['transformers']}, commit {env['git']['commit'][:8]}"
+        f"transformers {env['transformers']}, commit {(env['git']['commit'] or 'unknown')[:8]}"
         f"{' (dirty tree)' if env['git']['dirty'] else ''}, {env['date']}; "
         f"matmul rate {result['matmul_flops_per_s'] / GIGA:.0f} GFLOP/s.",
         "",
@@ -133,6 +133,20 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {ref_s} "
             f"| {'-' if speed is None else f'{speed:.1f}x'} | {peaks} "
             f"| {quiet}/{r['rounds']} |"
+        )
+    lines += [
+        "",
+        "| arch | size | pairs | T | prompt tokens/s: floor_forward / floor_min / interpolate "
+        "| probe points/s | % of matmul rate: floor_forward / floor_min / interpolate |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    for r in result["interpolate"]:
+        v = r["variants"]
+        rates = " / ".join(f"{v[n]['prompt_tokens_per_s']:.0f}" for n in v)
+        shares = " / ".join(f"{v[n]['pct_of_matmul_rate']:.1f}" for n in v)
+        lines.append(
+            f"| {r['arch']} | {r['size']} | {r['pairs']} | {r['length']} | {rates} "
+            f"| {v['interpolate']['points_per_s']:.0f} | {shares} |"
         )
     if result["maps"]:
         lines += [

@@ -50,6 +50,10 @@ TRAINERS = ("lightning", "hf")
 ARCHITECTURES = ("gpt2", "llama")
 MODEL_DIR = "model"  # the final model and tokenizer, saved for `regionwatch replay` / `measure`
 LLAMA_FFN_RATIO = 4  # intermediate width / width, as GPT-2's MLP
+# Lightning's precision strings, and how transformers.Trainer says each: its own bf16 flag for
+# mixed precision (fp32 weights, bf16 autocast); for "bf16-true" it has no flag, so the model
+# itself is cast to bf16 before training, which is what Lightning's "bf16-true" does to the module.
+PRECISIONS = ("32-true", "bf16-true", "bf16-mixed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +62,8 @@ class DemoConfig:
 
     The defaults are `configs/demo.yaml`: a 4-layer d=256 GPT-2 with a 2k BPE vocabulary,
     batches of 32 x 128 tokens, AdamW 1e-3 with warmup and cosine decay, about 7 minutes on
-    2 CPU cores.
+    2 CPU cores, in float32. `precision` is Lightning's `Trainer(precision=...)`; under
+    transformers.Trainer "bf16-mixed" is `bf16=True` and "bf16-true" a model cast to bf16.
     """
 
     architecture: Literal["gpt2", "llama"] = "gpt2"
@@ -73,6 +78,7 @@ class DemoConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     seed: int = 0
+    precision: Literal["32-true", "bf16-true", "bf16-mixed"] = "32-true"
     per_decade: int = DEFAULT_PER_DECADE  # snapshots per decade of training tokens
     maps_per_decade: int = MAPS_PER_DECADE
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -81,6 +87,11 @@ class DemoConfig:
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(
                 f"DemoConfig.architecture={self.architecture!r}: need one of {ARCHITECTURES}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"DemoConfig.precision={self.precision!r}: need one of {PRECISIONS} "
+                "(Lightning's precision strings; fp16 is left out: it needs a GPU and loss scaling)"
             )
         for name in (
             "layers",
@@ -127,6 +138,11 @@ class DemoConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as a YAML file holds it."""
         return {**asdict(self), "probe": self.probe.to_dict()}
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype the weights train in: bf16 under "bf16-true", else float32."""
+        return torch.bfloat16 if self.precision == "bf16-true" else torch.float32
 
     @property
     def tokens_per_step(self) -> int:
@@ -308,6 +324,7 @@ def _train_lightning(
         enable_model_summary=False,
         enable_checkpointing=False,
         log_every_n_steps=10,
+        precision=config.precision,
     )
     started = time.perf_counter()
     trainer.fit(module, loader)
@@ -337,9 +354,10 @@ def _train_hf(
         dataloader_drop_last=True,
         seed=config.seed,
         use_cpu=not torch.cuda.is_available(),
+        bf16=config.precision == "bf16-mixed",
     )
     with seeded_init(config.seed):
-        model = new_model(config)
+        model = new_model(config).to(config.param_dtype)
     trainer = Trainer(model, args, train_dataset=data, callbacks=callbacks)
     for callback in callbacks:
         if isinstance(callback, RegionMonitorCallback):

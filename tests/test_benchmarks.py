@@ -1,11 +1,15 @@
-"""The benchmark scripts still run: each one's --quick mode, end to end, in a subprocess."""
+"""The benchmark scripts still run: each one's --quick mode, end to end, in a subprocess; and
+benchmarks/gpu_checks.sh, the device's one-call script, at toy size on the CPU."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 AGREEMENT_TOL = 1e-5  # PAPER.md §9: the fast path matches the reference to float32 round-off
@@ -65,6 +69,8 @@ def test_bench_overhead_quick_writes_its_json(tmp_path: Path) -> None:
     """bench_overhead --quick: both runs, the training thread's blocked share, the writer's time."""
     result = run_quick("bench_overhead.py", tmp_path / "overhead.json")
 
+    assert result["complete"] is True
+    assert result["env"]["dtype"] == "float32"  # the demo's precision: 32-true
     assert len(result["wall_s"]["with"]) == len(result["wall_s"]["without"]) == 1
     assert result["snapshots"] >= 2  # step 0 and the end, at least
     (blocking,) = result["blocking_s"]
@@ -73,3 +79,50 @@ def test_bench_overhead_quick_writes_its_json(tmp_path: Path) -> None:
     assert result["blocking_share"] == blocking / result["median_with_s"]
     (background,) = result["background_s"]
     assert 0 < background < result["median_with_s"]
+
+
+def gpu_checks(*args: str, out: Path) -> subprocess.CompletedProcess:
+    """benchmarks/gpu_checks.sh with this interpreter, its files to `out`."""
+    return subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_checks.sh"), *args],
+        env={**os.environ, "OUT": str(out), "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_gpu_checks_quick_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
+    """The device's one-call script at toy size: every step passes and leaves its file, and the
+    overhead run trains the 100M config's precision (bf16-true) at toy size."""
+    done = gpu_checks("--quick", out=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:]
+    for step in ("env", "tests", "probe-fp32", "probe-bf16", "overhead"):
+        assert f"== {step}: exit 0" in done.stdout
+    assert "== all steps passed" in done.stdout
+    (fp32_file,) = tmp_path.glob("bench_probe-quick-*-fp32.json")  # *: the device's name
+    (bf16_file,) = tmp_path.glob("bench_probe-quick-*-bf16.json")
+    fp32, bf16 = json.loads(fp32_file.read_text()), json.loads(bf16_file.read_text())
+    assert fp32["complete"]
+    assert bf16["complete"]
+    assert (fp32["env"]["dtype"], bf16["env"]["dtype"]) == ("float32", "bfloat16")
+    assert len(fp32["precision"]) == 2
+    assert bf16["precision"] == []  # the precision section runs once, in the fp32 run
+    (overhead_file,) = tmp_path.glob("bench_overhead-quick-100m-bf16-*.json")
+    overhead = json.loads(overhead_file.read_text())
+    assert overhead["complete"]
+    assert overhead["env"]["dtype"] == "bfloat16"
+    assert overhead["params"]["config"]["precision"] == "bf16-true"
+    assert overhead["params"]["config"]["layers"] == 2  # --quick's toy model
+    assert overhead["snapshots"] >= 2
+    assert "== all steps passed" in (tmp_path / "gpu_checks-quick.log").read_text()
+
+
+def test_gpu_checks_refuses_an_unknown_step(tmp_path: Path) -> None:
+    """A typo in --steps stops the script before anything runs, naming the steps."""
+    done = gpu_checks("--quick", "--steps", "tests,probe", out=tmp_path)
+    assert done.returncode == 2
+    assert "unknown step 'probe'; the steps are env,tests,probe-fp32" in done.stderr
+    assert not list(tmp_path.iterdir())

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from regionwatch import ConfigError, ProbeConfig, SnapshotStore
 from regionwatch.cli import main
-from regionwatch.demo import DemoConfig, model_config
+from regionwatch.demo import DemoConfig, model_config, new_model, run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = {  # seconds, not minutes: the shape of the real run, at toy size
@@ -38,6 +40,16 @@ def test_llama_variant_builds_a_llama() -> None:
     assert (built.num_hidden_layers, built.hidden_size) == (4, 256)
 
 
+def test_gpu_overhead_config_is_a_100m_bf16_gpt2() -> None:
+    """configs/overhead-100m-bf16.yaml has the parameter count its comment states."""
+    config = DemoConfig.from_yaml(ROOT / "configs" / "overhead-100m-bf16.yaml")
+    assert config.precision == "bf16-true"
+    assert config.param_dtype == torch.bfloat16
+    with torch.device("meta"):  # the shapes without 400 MB of weights
+        model = new_model(config)
+    assert sum(p.numel() for p in model.parameters()) == 103_000_064
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [
@@ -46,6 +58,8 @@ def test_llama_variant_builds_a_llama() -> None:
         ({"width": 30, "heads": 4}, r"multiple of heads"),
         ({"steps": 0}, r"steps=0"),
         ({"probe": {"grid": 1}}, r"ProbeConfig.grid"),
+        ({"precision": "16-mixed"}, r"precision='16-mixed': need one of \('32-true', 'bf16-true'"),
+        ({"precision": "bf16"}, r"precision='bf16'"),
     ],
 )
 def test_bad_demo_configs_are_refused(data: dict, match: str) -> None:
@@ -76,6 +90,28 @@ def test_demo_runs_end_to_end(tmp_path: Path, trainer: str, capsys: pytest.Captu
     assert "--samples_per_plugin images=" in printed
     assert "median" in printed
     assert str(out / "regionwatch") in printed
+
+
+@pytest.mark.parametrize("trainer", ["lightning", "hf"])
+def test_bf16_true_demo_trains_in_bf16_and_stores_every_snapshot(
+    tmp_path: Path, trainer: str
+) -> None:
+    """precision="bf16-true" reaches the trainer (Lightning's precision; a bf16 model under
+    transformers.Trainer): the weights it trains, measures and saves are bf16, and every
+    scheduled snapshot is stored, measured with fp32 numerics."""
+    steps = 2  # each snapshot of a bf16 model upcasts module by module: ~1 s each on a CPU
+    config = DemoConfig.from_dict(
+        {**TOY, "steps": steps, "warmup_steps": 1, "precision": "bf16-true"}
+    )
+    result = run_demo(config, tmp_path / "demo", trainer=trainer, progress=False)
+    store = SnapshotStore(result.run_dir)
+    assert store.steps() == [0, 1, 2]  # a short run's log-spaced schedule takes every step
+    final = store.read(steps)
+    assert final.info["dtype"] == "torch.bfloat16"
+    assert final.info["precision"] == "fp32"
+    assert all(torch.isfinite(c.distance).all() for c in final.measurement.curves.values())
+    saved = load_file(result.model_dir / "model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}
 
 
 def test_demo_refuses_a_used_output_dir(tmp_path: Path) -> None:
