@@ -161,7 +161,7 @@ class DemoResult:
 
 
 def model_config(config: DemoConfig) -> PretrainedConfig:
-    """The HF config of the demo model (no dropout: the demo is short and the corpus small)."""
+    """The HF config of the demo model (GPT-2 keeps its default dropout of 0.1; Llama has none)."""
     if config.architecture == "gpt2":
         return GPT2Config(
             vocab_size=config.vocab_size,
