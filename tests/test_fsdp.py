@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import distributed as dist
-from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel
+from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel, MixedPrecision
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
@@ -212,10 +212,10 @@ def one_process(tmp_path: Path) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def wrapped(**kwargs: object) -> FullyShardedDataParallel:
+def wrapped(dtype: torch.dtype = torch.float32, **kwargs: object) -> FullyShardedDataParallel:
     """The seeded tiny GPT-2 under FSDP1: each block a unit, the model the root."""
     return FullyShardedDataParallel(
-        tiny_gpt2(VOCAB, layers=3),
+        tiny_gpt2(VOCAB, layers=3).to(dtype),
         auto_wrap_policy=ModuleWrapPolicy({GPT2Block}),
         device_id=torch.device("cpu"),
         **kwargs,
@@ -241,6 +241,30 @@ def test_fsdp1_measured_through_its_root_leaves_the_wrapper_as_found(
     assert_same_numbers(measure(inner, probes, SMALL_PROBE, root=root), want)
     assert vars(inner)["forward"] is patched
     assert inner.training
+
+
+@pytest.mark.parametrize(
+    ("weights", "kwargs"),
+    [
+        (torch.bfloat16, {"use_orig_params": False}),
+        (
+            torch.float32,
+            {"mixed_precision": MixedPrecision(torch.bfloat16, cast_forward_inputs=True)},
+        ),
+    ],
+    ids=["bf16-flat", "gathered-bf16"],
+)
+def test_fsdp1_half_precision_is_upcast_from_what_each_module_gathers(
+    one_process: None, text_tokenizer, weights: torch.dtype, kwargs: dict
+) -> None:
+    """bf16 weights, or fp32 ones gathered as bf16 with inputs cast: fp32 numerics equal an fp32
+    copy of the bf16 weights (FSDP1 hands a module's forward its gathered weights as plain
+    attributes, which the upcast must see; the block inputs stay fp32)."""
+    probes = small_probes(text_tokenizer)
+    bf16 = tiny_gpt2(VOCAB, layers=3).to(torch.bfloat16)
+    want = measure(copy.deepcopy(bf16).float().eval(), probes, SMALL_PROBE)
+    root = wrapped(weights, **kwargs)
+    assert_same_numbers(measure(root, probes, SMALL_PROBE, dtype=torch.float32), want)
 
 
 def test_fsdp1_layouts_that_cannot_be_measured_are_refused_naming_the_fix(
