@@ -29,17 +29,24 @@ _write = _Store.write
 _one_pause = threading.Lock()
 
 
+def say(line: str) -> None:
+    """Write `line` whole, in one call: `print` writes the text and its newline separately, so
+    another thread's output (HF's PrinterCallback, say) could land between them and hide a mark."""
+    sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()
+
+
 def pause(line: str) -> None:
-    """Print `line` and wait for the test's answer: a kill aimed at `line` lands exactly here."""
+    """Say `line` and wait for the test's answer: a kill aimed at `line` lands exactly here."""
     with _one_pause:
-        print(line, flush=True)
+        say(line)
         sys.stdin.readline()
 
 
 def paused_write(self: SnapshotStore, snapshot: object) -> Path:
     pause(f"WRITE {snapshot.step}")
     path = _write(self, snapshot)
-    print(f"WROTE {snapshot.step}", flush=True)
+    say(f"WROTE {snapshot.step}")
     return path
 
 
@@ -76,7 +83,7 @@ def main(kind: str, out: Path, steps: int) -> None:
             tiny_gpt2(len(tokenizer)), args, train_dataset=data, callbacks=[monitor, HFSteps()]
         )
         run.train(resume_from_checkpoint=any((out / "out").glob("checkpoint-*")))
-    print("DONE", flush=True)
+    say("DONE")
 
 
 if __name__ == "__main__":

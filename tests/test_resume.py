@@ -7,9 +7,11 @@ so it takes no `device` fixture; the in-process driver tests cover CUDA.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,10 @@ from tests.support.lm import small_probes
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
 SCHEDULED = [0, 2, 4, 6, 8, 10]
-# Lines after which the training script waits for an answer on stdin (see resume_train.py).
-PAUSES = ("STEP", "WRITE")
+# Marks after which the training script waits for an answer on stdin (see resume_train.py). A
+# mark ends its line: another thread's unfinished output (HF prints its logs) may come before it.
+PAUSE = re.compile(r"(STEP|WRITE) \d+$")
+RUN_LIMIT_S = 300  # a run takes about 10 s here
 # Where each run is killed: at the n-th pause line starting with this text.
 KILLS = [
     ("WRITE", 2),
@@ -45,12 +49,16 @@ def launch(kind: str, out: Path, kill_at: tuple[str, int] | None) -> list[str]:
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    # A lost answer would leave both sides waiting: the run is killed instead, and fails below.
+    watchdog = threading.Timer(RUN_LIMIT_S, proc.kill)
+    watchdog.start()
     lines, seen = [], 0
     for line in proc.stdout:
         lines.append(line.strip())
-        if not line.startswith(PAUSES):
+        mark = PAUSE.search(line.strip())
+        if mark is None:
             continue
-        if kill_at and line.startswith(kill_at[0]):
+        if kill_at and mark[1] == kill_at[0]:
             seen += 1
             if seen == kill_at[1]:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -59,6 +67,7 @@ def launch(kind: str, out: Path, kill_at: tuple[str, int] | None) -> list[str]:
         proc.stdin.flush()
     proc.stdin.close()
     proc.wait(timeout=120)
+    watchdog.cancel()
     if kill_at is None:
         assert proc.returncode == 0, lines[-5:]
         assert lines[-1] == "DONE"
