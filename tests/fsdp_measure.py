@@ -14,6 +14,7 @@ reference; both ranks print `REFUSED <what> <rank>` for each refusal.
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -63,10 +64,8 @@ def refused(what: str, call: object) -> None:
         print(f"REFUSED {what} {dist.get_rank()} {err}", flush=True)
 
 
-def main(out: Path) -> None:
-    dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    probes = ProbeSet.load(out / "probes")
+def measured(mesh: object, probes: ProbeSet) -> dict[str, dict[str, torch.Tensor]]:
+    """Every layout's numbers, and the refusals printed; the models die with this frame."""
     saved = {}
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     for name, dtype, policy in (
@@ -98,8 +97,21 @@ def main(out: Path) -> None:
     parallel = tiny_model("llama", layers=3)
     parallelize_module(parallel.model.layers[0].mlp, mesh, {"up_proj": ColwiseParallel()})
     refused("parallel", lambda: measure(parallel, probes, SMALL_PROBE))
+    return saved
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    saved = measured(mesh, ProbeSet.load(out / "probes"))
     if dist.get_rank() == 0:
         torch.save(saved, out / "sharded.pt")
+    # Every sharded model freed and every rank done before the groups go: a rank that exits
+    # while FSDP state still references a group can abort in gloo's teardown.
+    del mesh
+    gc.collect()
+    dist.barrier()
+    print(f"DONE {dist.get_rank()}", flush=True)
     dist.destroy_process_group()
 
 
