@@ -112,11 +112,13 @@ def fsdp1_root(top: nn.Module, model: nn.Module) -> nn.Module | None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     for module in top.modules():  # pre-order: the outermost come first
-        if isinstance(module, FullyShardedDataParallel) and any(
-            m is model for m in module.modules()
-        ):
+        if isinstance(module, FullyShardedDataParallel) and _holds(module, model):
             return module
     return None
+
+
+def _holds(outer: nn.Module, model: nn.Module) -> bool:
+    return any(m is model for m in outer.modules())
 
 
 def _check_fsdp1(model: nn.Module, root: nn.Module | None) -> None:
@@ -129,9 +131,7 @@ def _check_fsdp1(model: nn.Module, root: nn.Module | None) -> None:
             f"elsewhere, out of the probe's sight; {SUPPORTED}, without parameter offload"
         )
     if root is not None:
-        if not isinstance(root, FullyShardedDataParallel) or not any(
-            m is model for m in root.modules()
-        ):
+        if not (isinstance(root, FullyShardedDataParallel) and _holds(root, model)):
             raise UnsupportedModelError(
                 f"root={type(root).__name__} is not the FullyShardedDataParallel module that "
                 "wraps the measured model; pass the outermost FSDP module (Lightning: "

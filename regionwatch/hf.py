@@ -155,12 +155,9 @@ class RegionMonitorCallback(TrainerCallback):
                 args.report_to,
             )
         # HF hands callbacks the unwrapped model; an FSDP1 root is reached through the Trainer.
-        root = None if self._trainer is None else self._trainer.model_wrapped
+        root = None if self._trainer is None else fsdp1_root(self._trainer.model_wrapped, model)
         self.monitor.start(
-            model,
-            step=state.global_step,
-            tokens=state.num_input_tokens_seen,
-            root=None if root is None else fsdp1_root(root, model),
+            model, step=state.global_step, tokens=state.num_input_tokens_seen, root=root
         )
         identity = self.monitor.state_dict()  # the mark in it would go stale: not saved
         state.stateful_callbacks[STATE_KEY] = {k: identity[k] for k in ("run_id", "run_dir")}
