@@ -384,20 +384,19 @@ def upcasting(
         yield site  # already that wide: nothing to upcast, no hooks
         return
     embed, head = site.model.get_input_embeddings(), site.model.get_output_embeddings()
-    swapped: dict[int, tuple[nn.Module, dict[str, dict[str, Any]]]] = {}
+    swapped: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
 
     def upcast(module: nn.Module, _args: Any) -> None:
-        held = {
-            slot: {k: v for k, v in tensors.items() if _narrower(v, dtype)}
-            for slot, tensors in _slots(module).items()
-        }
-        swapped[id(module)] = (module, held)
+        # Where the forward finds its tensors; FSDP1 sets what it gathered as plain attributes.
+        slots = [module._parameters, module._buffers, *([vars(module)] if gathered else [])]
+        held = [{k: v for k, v in slot.items() if _narrower(v, dtype)} for slot in slots]
+        swapped[id(module)] = (slots, held)
         wide: dict[int, Tensor] = {}  # one copy of a tensor held in two slots
-        for slot, tensors in held.items():
+        for slot, tensors in zip(slots, held, strict=True):
             for k, v in tensors.items():
                 if id(v) not in wide:
                     wide[id(v)] = v.to(dtype)
-                _slots(module)[slot][k] = wide[id(v)]
+                slot[k] = wide[id(v)]
 
     def restore(module: nn.Module, _args: Any, _output: Any) -> None:
         _put_back(*swapped.pop(id(module)))
@@ -430,11 +429,6 @@ def upcasting(
             _put_back(*entry)
 
 
-def _slots(module: nn.Module) -> dict[str, dict[str, Any]]:
-    """Where a module's forward finds its tensors: parameters, buffers and plain attributes."""
-    return {"params": module._parameters, "buffers": module._buffers, "attrs": vars(module)}
-
-
 def _narrower(value: Any, dtype: torch.dtype) -> bool:
     return (
         isinstance(value, Tensor)
@@ -443,6 +437,6 @@ def _narrower(value: Any, dtype: torch.dtype) -> bool:
     )
 
 
-def _put_back(module: nn.Module, held: dict[str, dict[str, Any]]) -> None:
-    for slot, tensors in held.items():
-        _slots(module)[slot].update(tensors)
+def _put_back(slots: list[dict[str, Any]], held: list[dict[str, Any]]) -> None:
+    for slot, tensors in zip(slots, held, strict=True):
+        slot.update(tensors)
