@@ -48,7 +48,7 @@ def numbers(measurement: object) -> dict[str, torch.Tensor]:
 
 def fsdp1(dtype: torch.dtype, *, root: bool = True, **kwargs: object) -> torch.nn.Module:
     """The seeded tiny GPT-2 wrapped with FSDP1: every block, and the model unless `root=False`."""
-    model = tiny_gpt2(VOCAB, layers=3).to(dtype).eval()
+    model = tiny_gpt2(VOCAB, layers=3).to(dtype)  # in train mode: `measure` sets eval itself
     kwargs = {"device_id": torch.device("cpu"), **kwargs}
     if not root:
         for i, block in enumerate(model.transformer.h):

@@ -22,12 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import distributed as dist
-from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel, MixedPrecision
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+from torch.distributed.fsdp import CPUOffload, MixedPrecision
 
 from regionwatch import SnapshotStore, measure
 from regionwatch.errors import UnsupportedModelError
+from tests.fsdp_measure import fsdp1
 from tests.support.lm import SMALL_PROBE, assert_same_numbers, small_probes, tiny_gpt2
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
@@ -219,16 +218,6 @@ def one_process(tmp_path: Path) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def wrapped(dtype: torch.dtype = torch.float32, **kwargs: object) -> FullyShardedDataParallel:
-    """The seeded tiny GPT-2 under FSDP1: each block a unit, the model the root."""
-    return FullyShardedDataParallel(
-        tiny_gpt2(VOCAB, layers=3).to(dtype),
-        auto_wrap_policy=ModuleWrapPolicy({GPT2Block}),
-        device_id=torch.device("cpu"),
-        **kwargs,
-    )
-
-
 @pytest.mark.parametrize("orig_params", [True, False])
 def test_fsdp1_measured_through_its_root_leaves_the_wrapper_as_found(
     one_process: None, text_tokenizer, orig_params: bool
@@ -238,7 +227,7 @@ def test_fsdp1_measured_through_its_root_leaves_the_wrapper_as_found(
     it must survive), its modes restored."""
     probes = small_probes(text_tokenizer)
     want = measure(tiny_gpt2(VOCAB, layers=3).eval(), probes, SMALL_PROBE)
-    root = wrapped(use_orig_params=orig_params)
+    root = fsdp1(torch.float32, use_orig_params=orig_params)
     inner = root.module
     assert_same_numbers(measure(root, probes, SMALL_PROBE), want)
     assert "forward" not in vars(inner)
@@ -270,7 +259,7 @@ def test_fsdp1_half_precision_is_upcast_from_what_each_module_gathers(
     probes = small_probes(text_tokenizer)
     bf16 = tiny_gpt2(VOCAB, layers=3).to(torch.bfloat16)
     want = measure(copy.deepcopy(bf16).float().eval(), probes, SMALL_PROBE)
-    root = wrapped(weights, **kwargs)
+    root = fsdp1(weights, **kwargs)
     assert_same_numbers(measure(root, probes, SMALL_PROBE, dtype=torch.float32), want)
 
 
@@ -280,7 +269,7 @@ def test_fsdp1_layouts_that_cannot_be_measured_are_refused_naming_the_fix(
     """The inner model without its root; a root that does not wrap the model; parameters
     offloaded to the host: each refused before any forward pass, saying what to do."""
     probes = small_probes(text_tokenizer)
-    root = wrapped()
+    root = fsdp1(torch.float32)
     with pytest.raises(
         UnsupportedModelError, match=r"pass the root \(measure\(model, \.\.\., root"
     ):
@@ -288,6 +277,6 @@ def test_fsdp1_layouts_that_cannot_be_measured_are_refused_naming_the_fix(
     other = tiny_gpt2(VOCAB, layers=3)
     with pytest.raises(UnsupportedModelError, match="not the FullyShardedDataParallel module"):
         measure(other, probes, SMALL_PROBE, root=root)
-    offloaded = wrapped(cpu_offload=CPUOffload(offload_params=True))
+    offloaded = fsdp1(torch.float32, cpu_offload=CPUOffload(offload_params=True))
     with pytest.raises(UnsupportedModelError, match=r"CPUOffload\(offload_params=True\)"):
         measure(offloaded, probes, SMALL_PROBE)
