@@ -27,7 +27,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from regionwatch.errors import ConfigError
-from regionwatch.measure import ProbeConfig, measure
+from regionwatch.measure import ProbeConfig
 from regionwatch.palette import ANCHOR_FILL
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
@@ -43,9 +43,7 @@ from regionwatch.tensorboard import (
     tags,
     tensorboard_command,
 )
-from tests.conftest import tiny_model
 from tests.support.factories import make_probes, make_snapshot
-from tests.support.lm import SMALL_PROBE
 
 GRID = 9
 BIG_TOKENS = 5 * 10**10  # past 2**31: the step must survive as int64
@@ -302,13 +300,7 @@ def test_a_snapshot_retaken_with_its_maps_adds_only_the_maps(
 ) -> None:
     """The final snapshot measured again to draw its maps, at the same tokens: every scalar
     stays one point, the maps and their scalars join it, and nothing is warned about."""
-    model = tiny_model("gpt2")
-
-    def stamp(maps: bool) -> Snapshot:
-        measured = measure(model, probes, SMALL_PROBE, maps=maps)
-        return Snapshot.stamp(measured, run_id="r", step=5, tokens=800, probes=probes, model=model)
-
-    plain, full = stamp(maps=False), stamp(maps=True)
+    plain, full = (make_snapshot(probes, step=5, tokens=800, maps=maps) for maps in (False, True))
     warnings = caplog.at_level(logging.WARNING, logger="regionwatch.tensorboard")
     with warnings, TensorBoardSink(tmp_path) as sink:
         sink.write(plain, run_scalars={"onset/tokens": 400.0})

@@ -71,10 +71,11 @@ def make_snapshot(
     step: int = 0,
     tokens: int = 0,
     info: Mapping[str, Any] | None = None,
+    maps: bool = True,
 ) -> Snapshot:
     """A real measurement of a seeded tiny GPT-2 on `probes`, stamped at (step, tokens)."""
     model = tiny_model("gpt2", seed=seed)
-    result = measure(model, probes, config)
+    result = measure(model, probes, config, maps=maps)
     return Snapshot.stamp(
         result, run_id=run_id, step=step, tokens=tokens, probes=probes, model=model, info=info
     )
