@@ -55,6 +55,17 @@ def aligned(rows: list[tuple[str, ...]]) -> str:
     )
 
 
+def tokens(text: str) -> int:
+    """The argparse type of a token count: "2T", "4.2M", "1e9", 1000 (argparse names it "tokens").
+
+    Raises:
+        ConfigError: not a count (a ValueError: argparse says "invalid tokens value").
+    """
+    from regionwatch.report.tokens import parse_tokens  # lazy: the package loads matplotlib
+
+    return parse_tokens(text)
+
+
 def num(value: float | None) -> str:
     """Three decimals; "nan" for a missing or undefined number."""
     return "nan" if value is None or math.isnan(value) else f"{value:.3f}"
