@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from regionwatch import metrics
 from regionwatch.onset import (
@@ -22,7 +23,10 @@ from regionwatch.onset import (
 )
 from regionwatch.replay import replay
 from regionwatch.store import SnapshotStore
+from tests.support.factories import make_monitor
+from tests.support.lm import SMALL_PROBE, tiny_gpt2
 from tests.support.report_runs import probe_set, snapshot, synthetic_run
+from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 SMALL_TOKENS = [0, 1_000_000, 4_000_000, 16_000_000, 64_000_000]
 
@@ -216,3 +220,32 @@ def test_replay_without_step_0_has_the_live_runs_onset(
     live_rows = [r for r in SnapshotStore(live).records() if r["step"] in shared | {0}]
     replay_rows = [r for r in replayed.records() if r["step"] in shared]
     assert record_onset(replay_rows, ours.baseline).tokens == record_onset(live_rows).tokens
+
+
+def test_the_monitor_keeps_the_onset_without_rereading_the_store(tmp_path: Path, lm_probes) -> None:
+    """Read once at open, then one update per stored snapshot: TensorBoard gets the onset."""
+    run_dir = tmp_path / "run"
+    with SnapshotStore.create(run_dir, probes=lm_probes, config=SMALL_PROBE, run_id="r") as store:
+        for index, (width, tokens) in enumerate([(4.0, 0), (4.0, 1000), (1.0, 2000)]):
+            store.write(
+                snapshot(lm_probes, SMALL_PROBE, run_id="r", index=index, step=index,
+                         tokens=tokens, width=width)
+            )  # fmt: skip
+    monitor = make_monitor("monitor", lm_probes, run_dir, every=1, maps_schedule=None)
+    model = tiny_gpt2(VOCAB)
+    monitor.setup(model, log_dir=None)
+    monitor.open()
+
+    def reread() -> None:
+        raise AssertionError("the store's index was read again for a snapshot")
+
+    monitor.store.records = reread  # from here on, a re-read is a failed background write
+    for step in (3, 4):
+        assert monitor.measure_now(model, step=step, tokens=1000 * step) is not None
+    monitor.close()
+    assert monitor.sink_failures == []
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("regionwatch/onset/tokens")]
+    assert logged == [(3000, 2000.0), (4000, 2000.0)]
+    assert tracker(SnapshotStore(run_dir)).onset == 2000
