@@ -138,7 +138,9 @@ def test_a_bad_token_count_is_refused_naming_the_flag(capsys: pytest.CaptureFixt
     assert "argument --tokens: invalid tokens value: '2X'" in capsys.readouterr().err
 
 
-def test_unknown_positions_are_no_init_band_onset_or_0_tokens_point(runs: dict[str, Path]) -> None:
+def test_unknown_positions_are_no_init_band_onset_or_0_tokens_point(
+    runs: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
     """The figure data: the tokens axis holds only placed points, no band, no "0" tick."""
     pretrained, mixed = (load_run(runs[name], progress=False) for name in ("pretrained", "mixed"))
     assert pretrained.tokens.size == 0
@@ -168,6 +170,12 @@ def test_unknown_positions_are_no_init_band_onset_or_0_tokens_point(runs: dict[s
     drawn = [c.lines[0].get_ydata()[0] for c in ax.containers]
     assert drawn == [p.median for p in points]
     assert "tokens" not in ax.get_xlabel()
+    # show says the same: the one-off's row is unknown, and there is no onset, with the reason.
+    capsys.readouterr()
+    assert main(["show", str(runs["mixed"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:2] == ["unknown", "unknown"]
+    assert lines[-1] == f"emergence onset: none: {mixed.emergence.why_none}"
 
 
 @pytest.mark.slow
