@@ -154,6 +154,7 @@ def test_unknown_positions_are_no_init_band_onset_or_0_tokens_point(
     )
     ax = slope_over_tokens_figure([series]).axes[0]
     assert not ax.patches  # no init band drawn
+    assert "init band" not in ax.get_title()
     (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     np.testing.assert_array_equal(bars.lines[0].get_xdata(), [10**6, 10**8])
     assert "0" not in [t.get_text() for t in ax.get_xticklabels()]

@@ -100,8 +100,9 @@ def slope_over_tokens_figure(
         ax.set_ylabel(SLOPE_LABEL)
         ax.set_title(
             title
-            or f"Max slope over training (S = {sizes[0]} alphas)\n"
-            "bars: q25-q75 over pairs; shaded: init band; dashed: emergence onset",
+            or f"Max slope over training (S = {sizes[0]} alphas)\nbars: q25-q75 over pairs; "
+            + ("shaded: init band; " if any(np.isfinite(s.init_q75) for s in series) else "")
+            + "dashed: emergence onset",
         )
         handles, labels = ax.get_legend_handles_labels()
         order = sorted(range(len(handles)), key=lambda i: _legend_rank(handles[i], onsets))
