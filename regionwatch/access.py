@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+import transformers
 from torch import Tensor, nn
 
 from regionwatch.errors import UnsupportedModelError, check_int
@@ -55,6 +56,9 @@ REFUSED_MODELS: Mapping[str, str] = MappingProxyType(
         "rwkv": _NO_ATTENTION,
     }
 )
+# transformers 5.x decoder blocks return the hidden states, 4.x a tuple whose first item they are
+# (`_hidden`); a block that is skipped (`skipping`) must answer in its model's form.
+_BLOCKS_RETURN_TUPLES = int(transformers.__version__.split(".")[0]) < 5  # noqa: PLR2004
 # Unembedding rows upcast at a time for fp32 logits of a half-precision head: 8192 x 4096 fp32
 # is 128 MiB, a fraction of one block of such a model.
 VOCAB_CHUNK = 8192
@@ -267,6 +271,59 @@ def patching(site: ResidualSite, vectors: Tensor) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def skipping(site: ResidualSite, vectors: Tensor) -> Iterator[None]:
+    """Skip blocks 0..write_layer: the write site's output is `vectors`, whatever the inputs.
+
+    A query pass replaces the whole write-site output, so nothing the blocks up to it compute
+    for the queries reaches the readout: they are not run at all (their children's hooks, an
+    upcast's included, do not fire). The model's own forward still builds the positions and the
+    mask for the blocks after it. Those blocks' KV cache grows by the queries; the skipped blocks'
+    cache is left as it was (`drop_queries`). A block wrapped by FSDP1 keeps its wrapper's
+    forward, so every rank still gathers and frees each unit as it would in a full pass.
+
+    Args:
+        site: the resolved model.
+        vectors: [batch, positions, d_model], the write-site output of every input position.
+    """
+    skipped = [getattr(b, "_fsdp_wrapped_module", b) for b in site.blocks[: site.write_layer + 1]]
+    own = [vars(block).get("forward") for block in skipped]  # a forward patched onto an instance
+    vectors = vectors.to(site.dtype)  # built in float32; the stream's dtype from here on
+    output: Any = (vectors,) if _BLOCKS_RETURN_TUPLES else vectors
+
+    def answer(*_args: Any, **_kwargs: Any) -> Any:
+        return output
+
+    for block in skipped:
+        block.forward = answer
+    try:
+        yield
+    finally:
+        for block, forward in zip(skipped, own, strict=True):
+            if forward is None:
+                vars(block).pop("forward", None)
+            else:
+                block.forward = forward
+
+
+def drop_queries(site: ResidualSite, cache: Any, width: int) -> None:
+    """Remove the last `width` positions that a `skipping` pass added to the KV cache.
+
+    Only the blocks after the write site saw the queries; the skipped blocks still hold the
+    prefix alone, and the first of them keeps the cache's length (what the model reads as
+    the past) at the prefix throughout.
+    """
+    first = site.write_layer + 1
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56: a layer object per block
+        for layer in layers[first:]:
+            layer.crop(-width)
+        return
+    for store in (cache.key_cache, cache.value_cache):  # 4.52-4.55: a tensor list per block
+        for i in range(first, len(store)):
+            store[i] = store[i][..., :-width, :]
 
 
 class _StopForward(Exception):

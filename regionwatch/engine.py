@@ -5,8 +5,11 @@ a context prompt (all but its last token) computes the same keys and values in e
 The engine therefore runs each context once, clean, keeping its KV cache, and then evaluates all of
 that context's patch vectors as extra query tokens in chunks: every query sits at position T-1,
 attends to the cached prefix and to itself only (a custom 4D mask), and its write-site output is
-replaced by its vector. Queries are never replicated against a copied prefix; the cache is
-cropped back after each chunk. Contexts of equal length share one batch, so nothing is padded.
+its vector. Blocks 0..L_w are not run for the queries at all, since the patch replaces all they
+compute (`access.skipping`): a query costs (N-1-L_w)/N of a token's forward. Queries are never
+replicated against a copied prefix; the cache is cropped back after each chunk. Contexts of equal
+length share one batch, so nothing is padded. The alpha = 0 point of a pair is A's clean readout
+(`plan.PairPart`), not a query.
 
 Callers (interpolation, region maps, `measure`) describe work as prompts, phases of query counts
 per context, and a function that builds those vectors from all prompts' write vectors. Phases
@@ -32,9 +35,10 @@ from regionwatch.access import (
     ResidualSite,
     cache_keyword,
     capturing,
+    drop_queries,
     final_hidden,
     logits,
-    patching,
+    skipping,
     write_vectors,
 )
 from regionwatch.distributed import gather_rows
@@ -246,7 +250,7 @@ def _query_pass(
     mask = mask[None, None].expand(rows, 1, width, prefix + width)
     tokens = last_tokens[:, None].expand(rows, width)
     positions = torch.full((rows, width), prefix, dtype=torch.long, device=device)
-    with patching(site, vectors):
+    with skipping(site, vectors):
         hidden = final_hidden(
             site,
             tokens,
@@ -255,7 +259,7 @@ def _query_pass(
             use_cache=True,
             **{keyword: cache},
         )
-    cache.crop(-width)
+    drop_queries(site, cache, width)
     return hidden
 
 
