@@ -13,12 +13,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 import torch
-import transformers
 from torch import Tensor, nn
 
 from regionwatch.errors import UnsupportedModelError, check_int
@@ -56,9 +55,6 @@ REFUSED_MODELS: Mapping[str, str] = MappingProxyType(
         "rwkv": _NO_ATTENTION,
     }
 )
-# transformers 5.x decoder blocks return the hidden states, 4.x a tuple whose first item they are
-# (`_hidden`); a block that is skipped (`skipping`) must answer in its model's form.
-_BLOCKS_RETURN_TUPLES = int(transformers.__version__.split(".")[0]) < 5  # noqa: PLR2004
 # Unembedding rows upcast at a time for fp32 logits of a half-precision head: 8192 x 4096 fp32
 # is 128 MiB, a fraction of one block of such a model.
 VOCAB_CHUNK = 8192
@@ -233,17 +229,29 @@ def _replace_hidden(output: Any, hidden: Tensor) -> Any:
     return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
 
 
-@contextmanager
-def capturing(site: ResidualSite) -> Iterator[list[Tensor]]:
-    """Collect the write-site residual at the last position of every forward while active.
+@dataclass
+class Capture:
+    """What `capturing` saw of the write block.
 
-    Yields:
-        A list that receives one [batch, d_model] tensor per forward pass.
+    Attributes:
+        vectors: the write-site residual at the last position, one [batch, d_model] per forward.
+        tuples: the block returned a tuple with the hidden states first, not a bare tensor
+            (transformers 4.x for most architectures, 5.x for none); a block that `skipping`
+            replaces must answer in the same form.
     """
-    captured: list[Tensor] = []
+
+    vectors: list[Tensor] = field(default_factory=list)
+    tuples: bool = False
+
+
+@contextmanager
+def capturing(site: ResidualSite) -> Iterator[Capture]:
+    """Collect the write-site residual at the last position of every forward while active."""
+    captured = Capture()
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        captured.append(_hidden(output)[:, -1].detach().clone())
+        captured.vectors.append(_hidden(output)[:, -1].detach().clone())
+        captured.tuples = not isinstance(output, Tensor)
 
     handle = site.blocks[site.write_layer].register_forward_hook(hook)
     try:
@@ -274,7 +282,7 @@ def patching(site: ResidualSite, vectors: Tensor) -> Iterator[None]:
 
 
 @contextmanager
-def skipping(site: ResidualSite, vectors: Tensor) -> Iterator[None]:
+def skipping(site: ResidualSite, vectors: Tensor, *, tuples: bool) -> Iterator[None]:
     """Skip blocks 0..write_layer: the write site's output is `vectors`, whatever the inputs.
 
     A query pass replaces the whole write-site output, so nothing the blocks up to it compute
@@ -287,11 +295,12 @@ def skipping(site: ResidualSite, vectors: Tensor) -> Iterator[None]:
     Args:
         site: the resolved model.
         vectors: [batch, positions, d_model], the write-site output of every input position.
+        tuples: answer as `(vectors,)`, the form of the blocks' output (`Capture.tuples`).
     """
     skipped = [getattr(b, "_fsdp_wrapped_module", b) for b in site.blocks[: site.write_layer + 1]]
     own = [vars(block).get("forward") for block in skipped]  # a forward patched onto an instance
     vectors = vectors.to(site.dtype)  # built in float32; the stream's dtype from here on
-    output: Any = (vectors,) if _BLOCKS_RETURN_TUPLES else vectors
+    output: Any = (vectors,) if tuples else vectors
 
     def answer(*_args: Any, **_kwargs: Any) -> Any:
         return output

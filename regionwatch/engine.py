@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -125,7 +126,7 @@ def run(
         ids = _stack(site, prompts, chunk)
         with capturing(site) as captured:
             hidden = final_hidden(site, ids, use_cache=False)[:, -1]
-        _scatter(chunk, captured[0], write)
+        _scatter(chunk, captured.vectors[0], write)
         _scatter(chunk, hidden, final)
         _scatter(chunk, logits(site, hidden).argmax(-1), top)
 
@@ -145,7 +146,7 @@ def run(
         with capturing(site) as captured:
             hidden = final_hidden(site, ids, use_cache=True, **{keyword: cache})[:, -1]
         if vectors is None:
-            _scatter(group, captured[0], write)
+            _scatter(group, captured.vectors[0], write)
         _scatter(group, hidden, final)
         _scatter(group, logits(site, hidden).argmax(-1), top)
         cache.crop(-1)  # queries replace the last token: they must not see its clean keys
@@ -172,7 +173,7 @@ def run(
                 members,
                 vectors[k] if split is None else _shares(vectors[k], members, split),
                 phase_cache,
-                keyword,
+                _Form(keyword, captured.tuples),
                 max_batch_tokens,
                 patched[k],
             )
@@ -184,13 +185,20 @@ def run(
     return EngineResult(clean, patched, clock.seconds["clean"], clock.seconds["queries"])
 
 
+class _Form(NamedTuple):
+    """How a query pass drives the model: its cache argument and its blocks' output form."""
+
+    keyword: str  # `cache_keyword`
+    tuples: bool  # `Capture.tuples`
+
+
 def _queries(
     site: ResidualSite,
     ids: Tensor,
     group: list[int],
     vectors: Mapping[int, Tensor],
     cache: DynamicCache,
-    keyword: str,
+    form: _Form,
     max_batch_tokens: int,
     out: dict[int, Tensor],
 ) -> None:
@@ -210,7 +218,7 @@ def _queries(
             cache.batch_select_indices(torch.arange(active, device=ids.device))
         width = min(QUERY_CHUNK, max(1, max_batch_tokens // active), counts[0] - start)
         rows = torch.stack([_window(vectors[c], start, width) for c in group[:active]])
-        hidden = _query_pass(site, ids[:active, -1], prefix, rows, cache, keyword)
+        hidden = _query_pass(site, ids[:active, -1], prefix, rows, cache, form)
         for r in range(active):
             parts[r].append(hidden[r, : min(width, counts[r] - start)])
         start += width
@@ -224,7 +232,7 @@ def _query_pass(
     prefix: int,
     vectors: Tensor,
     cache: DynamicCache,
-    keyword: str,
+    form: _Form,
 ) -> Tensor:
     """One batched pass of patched last-token queries; leaves the cache as it found it.
 
@@ -234,7 +242,7 @@ def _query_pass(
         prefix: cached prefix length T-1 (equal for all rows).
         vectors: patch vectors, [rows, width, d_model].
         cache: the rows' KV cache, holding exactly their prefixes; cropped back afterwards.
-        keyword: the base model's name for the cache argument.
+        form: how the model takes the cache and how its blocks answer.
 
     Returns:
         Readouts, [rows, width, d_model].
@@ -250,14 +258,14 @@ def _query_pass(
     mask = mask[None, None].expand(rows, 1, width, prefix + width)
     tokens = last_tokens[:, None].expand(rows, width)
     positions = torch.full((rows, width), prefix, dtype=torch.long, device=device)
-    with skipping(site, vectors):
+    with skipping(site, vectors, tuples=form.tuples):
         hidden = final_hidden(
             site,
             tokens,
             position_ids=positions,
             attention_mask=mask,
             use_cache=True,
-            **{keyword: cache},
+            **{form.keyword: cache},
         )
     drop_queries(site, cache, width)
     return hidden
