@@ -63,7 +63,10 @@ SHOWN_PAIRS = 16  # single random-pair curves drawn under the median
 HASH_CHARS = 16
 SMOL = "SmolLM2-135M-Instruct (Q4_1)"
 FINDINGS = ROOT / "docs" / "results" / "findings.json"  # examples/emergence.py's numbers
-DEMO_RUNS = (("6l-384", "GPT-2 6l-384 (11.5M), trained"), ("4l-256", "demo GPT-2 4l-256 (3.7M)"))
+DEMO_RUNS = (
+    ("6l-384", "GPT-2 6l-384 (11.5M), 1.2M tok."),
+    ("4l-256", "demo 4l-256 (3.7M), 1.2M tok."),
+)
 
 
 def gguf_path() -> Path:
@@ -154,11 +157,20 @@ def slope_stats(slopes: torch.Tensor) -> dict[str, float]:
 def headline(stage: Mapping[str, Any]) -> dict[str, Any]:
     """The numbers of one default-probe-set measurement quoted in the text."""
     out = {k: v for k, v in stage["summary"].items()}
-    out["random"] = slope_stats(stage["curves"]["random"]["max_slope"])
+    random = stage["curves"]["random"]
+    out["random"] = slope_stats(random["max_slope"])
+    same = random["top_a"] == random["top_b"]
+    out["random_same_top"] = int(same.sum())
+    out["random_same_top_slopes"] = random["max_slope"][same].tolist()
+    maps = stage["maps"]
+    if maps is not None:
+        solid = metrics.solid_fraction(maps["rgb"], maps["anchors"], maps["axis"])
+        out["solid_fraction_per_map"] = solid.tolist()
     if "named" in stage["curves"]:
         named = stage["curves"]["named"]
         out["named"] = [float(s) for s in named["max_slope"]]
     out["wall_s"] = stage["wall_s"]
+    out["timing"] = stage["timing"]
     return out
 
 
@@ -406,10 +418,10 @@ def quartile_bars(ax: Axes, stages: Mapping[str, Any]) -> None:
         )
     ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)], fontsize=9)
     ax.axvline(1.0, **DIAGONAL)
-    ax.set_xlabel(f"max slope, {ALPHAS} alphas (dot: median; bar: q25-q75)")
+    ax.set_xlabel(f"max slope at {ALPHAS} alphas (1 = straight line)")
     ax.set_xlim(0.8, max(7.0, max(s["q75"] for _, s, _ in rows) + 0.5))
     ax.set_ylim(-0.6, len(rows) - 0.4)
-    ax.set_title("Side by side (1 = straight line)")
+    ax.set_title("Median (dot) and q25-q75 (bar)")
 
 
 def sweep_figure(stages: Mapping[str, Any], pairs: int, out: Path) -> Path:
