@@ -498,7 +498,7 @@ def numbers(stages: Mapping[str, Any], args: argparse.Namespace) -> dict[str, An
         for L, s in sorted(stages["sweep"].items())
     }
     return {
-        "command": "python examples/real_model.py " + " ".join(args.argv),
+        "command": " ".join(["python examples/real_model.py", *args.argv]),
         "environment": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
