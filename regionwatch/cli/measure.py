@@ -44,7 +44,7 @@ def add(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pairs",
         type=int,
-        help="random pairs (chained: pairs + 1 prompts; default 99, PAPER.md §3.1)",
+        help="random pairs (chained: pairs + 1 prompts; default 99, docs/method.md §3.1)",
     )
     p.add_argument("--seq-len", type=int, help="tokens per prompt (default 10)")
     p.add_argument("--seed", type=int, help="seed of the probe set (and of --init-from; default 0)")

@@ -60,13 +60,13 @@ ALIGNMENT_DEFINITION = (
     "Mann-Whitney U) of the random pairs' max slopes, pairs whose clean top tokens differ "
     "against pairs whose top tokens agree: the probability that a differing pair has the "
     "larger slope (ties count half). 0.5 = the slope carries no information, 1 = every "
-    "boundary crossing changes the prediction (PAPER.md §7.2 claim 7). Computed by "
+    "boundary crossing changes the prediction (docs/method.md §7.2 claim 7). Computed by "
     "<code>metrics.alignment</code>."
 )
 MAX_SLOPE_DEFINITION = (
     "<b>Max slope</b>: s = (S - 1) max<sub>k</sub> (r<sub>k+1</sub> - r<sub>k</sub>) of "
-    "r = d(&alpha;)/d(1) on a grid of S alphas (PAPER.md §4): 1 for a straight line (random init), "
-    "S - 1 for a perfect one-step jump. Comparable only at equal S."
+    "r = d(&alpha;)/d(1) on a grid of S alphas (docs/method.md §4): 1 for a straight line "
+    "(random init), S - 1 for a perfect one-step jump. Comparable only at equal S."
 )
 SOLID_DEFINITION = (
     "<b>Solid fraction</b> (<code>maps/solid_fraction</code>): the share of region-map cells "
