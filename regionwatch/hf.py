@@ -8,19 +8,22 @@ and the run's id and directory, which the callback records there under `STATE_KE
 `restore_callback_states_from_checkpoint`.
 
 The Trainer's loggers (`report_to`: TensorBoard, W&B, MLflow, ...) get the headline scalars
-through the Trainer's own logging path, `Trainer.log`, called on the training thread right after
-each snapshot (at the step it measured). A callback is never handed its Trainer, so the callback
-needs `attach(trainer)` for that; without it, only regionwatch's own store and TensorBoard run
-are written. The integrations take no images (the Trainer drops non-scalar logs).
+through the Trainer's own logging path, `Trainer.log`, right after each snapshot (at the step it
+measured), while the training thread waits (`TrainerLog`, a host sink). A callback is never
+handed its Trainer, so the callback needs `attach(trainer)` for that; without it, only
+regionwatch's own store and TensorBoard run are written. The integrations take no images (the
+Trainer drops non-scalar logs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     PreTrainedTokenizerBase,
@@ -143,7 +146,7 @@ class RegionMonitorCallback(TrainerCallback):
             world=args.world_size,
             trainer_precision=lambda: _autocast(args, model),
             info={"driver": "hf"},
-            log_scalars=None if self._trainer is None else self._to_trainer,
+            sinks=() if self._trainer is None else [TrainerLog(self._trainer)],
         )
         saved = state.stateful_callbacks.get(STATE_KEY)
         if isinstance(saved, dict):  # restored from the checkpoint's trainer_state.json
@@ -172,9 +175,7 @@ class RegionMonitorCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         last = 0 < state.max_steps <= state.global_step  # known here: measure it with its maps now
-        self.monitor.maybe_measure(
-            model, step=state.global_step, tokens=state.num_input_tokens_seen, final=last
-        )
+        self.monitor.step(state.global_step, tokens=state.num_input_tokens_seen, final=last)
         if control.should_save:  # decided before us: snapshots up to a checkpoint are written
             self.monitor.drain()  # before it, as a resume from it never retakes them
 
@@ -187,14 +188,32 @@ class RegionMonitorCallback(TrainerCallback):
         model: Any = None,
         **kwargs: Any,
     ) -> None:
-        self.monitor.maybe_measure(
-            model, step=state.global_step, tokens=state.num_input_tokens_seen, final=True
-        )
+        self.monitor.step(state.global_step, tokens=state.num_input_tokens_seen, final=True)
         self.monitor.close()
 
-    def _to_trainer(self, snapshot: Snapshot) -> None:
-        """Send a snapshot's headline scalars down the Trainer's own logging path."""
+
+class TrainerLog:
+    """Sends each snapshot's headline scalars down the Trainer's own logging path (a host sink).
+
+    `Trainer.log` reaches every `report_to` integration. Written while the training thread
+    waits, so it never overlaps the Trainer's own logging.
+
+    Args:
+        trainer: the Trainer the callback is attached to.
+    """
+
+    name = "report_to integrations (Trainer.log)"
+    on_host_thread = True
+
+    def __init__(self, trainer: Trainer) -> None:
+        self._trainer = trainer
+
+    def write(self, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]) -> None:
+        """Log one snapshot's headline scalars (the integrations take no images)."""
         self._trainer.log(headline(snapshot))
+
+    def close(self) -> None:
+        """Nothing to release: the Trainer finalizes its own integrations."""
 
 
 def _autocast(args: TrainingArguments, model: Any) -> contextlib.AbstractContextManager[Any]:

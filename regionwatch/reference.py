@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from regionwatch import metrics
 from regionwatch.access import ResidualSite, patching, resolve
 from regionwatch.engine import Prompt
-from regionwatch.measure import check_prompts
+from regionwatch.measurement import check_prompts
 from regionwatch.plan import measuring
 from regionwatch.probes import PromptIds, prompt_list
 from regionwatch.results import DEFAULT_SPAN, Curves, RegionMaps, check_alphas, check_grid
@@ -59,7 +59,7 @@ def interpolate(
     max_batch_tokens: int | None = None,  # unused: same signature as the fast path
     block_path: str | None = None,
 ) -> Curves:
-    """Reference for `regionwatch.measure.interpolate`: a full forward per (pair, alpha)."""
+    """Reference for `measurement.interpolate`: a full forward per (pair, alpha)."""
     site = resolve(model, write_layer=write_layer, block_path=block_path)
     pairs_a, pairs_b = prompt_list(ids_a, "ids_a"), prompt_list(ids_b, "ids_b")
     check_prompts(site, pairs_a + pairs_b)
@@ -102,7 +102,7 @@ def region_maps(
     max_batch_tokens: int | None = None,  # unused: same signature as the fast path
     block_path: str | None = None,
 ) -> RegionMaps:
-    """Reference for `regionwatch.measure.region_maps`: a full forward per (grid point, context)."""
+    """Reference for `measurement.region_maps`: a full forward per (grid point, context)."""
     site = resolve(model, write_layer=write_layer, block_path=block_path)
     triples = list(zip(*(prompt_list(ids, "ids") for ids in (ids_a, ids_b, ids_c)), strict=True))
     check_prompts(site, [p for triple in triples for p in triple])

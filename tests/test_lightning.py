@@ -13,8 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from regionwatch import ConfigError, ProbeConfig, RegionMonitor, SnapshotStore
 from regionwatch.checkpoints import discover
+from regionwatch.counting import count_batch_tokens
 from regionwatch.errors import UnsupportedModelError
-from regionwatch.lightning import count_batch_tokens, find_model
+from regionwatch.lightning import find_model
 from tests.conftest import file_states
 from tests.support.factories import make_monitor
 from tests.support.lm import BATCH, SMALL_PROBE, TinyLM, Windows, loader, trainer

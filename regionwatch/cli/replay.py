@@ -87,9 +87,9 @@ def add(verbs: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the verb; the exit status."""
     from regionwatch.loading import parse_dtype
-    from regionwatch.measure import ProbeConfig
+    from regionwatch.measurement import ProbeConfig
     from regionwatch.probes import ProbeSet
-    from regionwatch.replay import replay
+    from regionwatch.replaying import replay
 
     if not args.sources and args.repo is None:
         raise RegionWatchError(
