@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from regionwatch.hf import RegionMonitorCallback
     from regionwatch.lightning import RegionMonitor
     from regionwatch.measurement import ProbeConfig, measure
-    from regionwatch.monitor import WatchConfig
+    from regionwatch.monitor import Monitor, WatchConfig
     from regionwatch.probes import ProbeSet
     from regionwatch.replaying import replay
     from regionwatch.schedule import Schedule
@@ -32,6 +32,7 @@ __version__ = VERSION
 _LAZY = {
     "ProbeConfig": "regionwatch.measurement",
     "measure": "regionwatch.measurement",
+    "Monitor": "regionwatch.monitor",
     "WatchConfig": "regionwatch.monitor",
     "ProbeSet": "regionwatch.probes",
     "replay": "regionwatch.replaying",
@@ -44,6 +45,7 @@ _LAZY = {
 
 __all__ = [
     "ConfigError",
+    "Monitor",
     "ProbeConfig",
     "ProbeSet",
     "RegionMonitor",

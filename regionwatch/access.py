@@ -162,13 +162,7 @@ def resolve(
             "probe reads next-token outputs; pass the causal LM, e.g. load it with "
             "AutoModelForCausalLM (GPT2LMHeadModel, not GPT2Model)"
         )
-    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
-    if meta is not None:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has parameters on the meta device (e.g. {meta}): they hold "
-            "no values to measure; load the weights first (from_pretrained without "
-            "device_map='meta', or model.to_empty(...) then load_state_dict)"
-        )
+    check_materialized(model)
     if block_path is None:
         if model_type not in BLOCK_PATHS:
             raise UnsupportedModelError(
@@ -206,6 +200,21 @@ def resolve(
         error=UnsupportedModelError,
     )
     return ResidualSite(model, base, blocks, write_layer, block_path)
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model with parameters on the meta device: they hold no values to measure.
+
+    Raises:
+        UnsupportedModelError: naming a meta parameter and how to load the weights.
+    """
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has parameters on the meta device (e.g. {meta}): they hold "
+            "no values to measure; load the weights first (from_pretrained without "
+            "device_map='meta', or model.to_empty(...) then load_state_dict)"
+        )
 
 
 def _follow(model: nn.Module, path: str) -> Any:

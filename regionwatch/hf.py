@@ -9,7 +9,7 @@ and the run's id and directory, which the callback records there under `STATE_KE
 
 The Trainer's loggers (`report_to`: TensorBoard, W&B, MLflow, ...) get the headline scalars
 through the Trainer's own logging path, `Trainer.log`, right after each snapshot (at the step it
-measured), while the training thread waits (`TrainerLog`, a host sink). A callback is never
+measured), on the training thread (`TrainerLog`). A callback is never
 handed its Trainer, so the callback needs `attach(trainer)` for that; without it, only
 regionwatch's own store and TensorBoard run are written. The integrations take no images (the
 Trainer drops non-scalar logs).
@@ -35,6 +35,7 @@ from transformers import (
 )
 from typing_extensions import override
 
+from regionwatch.access import check_materialized
 from regionwatch.corpus import Source
 from regionwatch.distributed import fsdp1_root
 from regionwatch.errors import ConfigError
@@ -125,6 +126,21 @@ class RegionMonitorCallback(TrainerCallback):
         return self
 
     @override
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        # Passed in `callbacks=`, the earliest hook: before `train()` places or wraps the model
+        # (which fails on meta weights in its own words). A Trainer that places the model on its
+        # device does so in its constructor, before any callback runs.
+        if model is not None:
+            check_materialized(model)
+
+    @override
     def on_train_begin(
         self,
         args: TrainingArguments,
@@ -151,11 +167,13 @@ class RegionMonitorCallback(TrainerCallback):
         saved = state.stateful_callbacks.get(STATE_KEY)
         if isinstance(saved, dict):  # restored from the checkpoint's trainer_state.json
             self.monitor.load_state_dict(saved)
-        if self._trainer is None and args.report_to and self.monitor.watch.copy_to_loggers:
-            logger.info(
-                "regionwatch: report_to=%s gets no regionwatch scalars: call "
-                "callback.attach(trainer) to log them through the Trainer",
-                args.report_to,
+        integrations = [name for name in args.report_to or () if name != "none"]
+        if self._trainer is None and integrations and self.monitor.watch.copy_to_loggers:
+            logger.warning(
+                "regionwatch: report_to=%s gets no regionwatch scalars, as a callback passed in "
+                "callbacks=[...] never sees its Trainer; to log them through the Trainer, attach "
+                "it instead: RegionMonitorCallback(...).attach(trainer)",
+                integrations,
             )
         # HF hands callbacks the unwrapped model; an FSDP1 root is reached through the Trainer.
         root = None if self._trainer is None else fsdp1_root(self._trainer.model_wrapped, model)
@@ -193,17 +211,19 @@ class RegionMonitorCallback(TrainerCallback):
 
 
 class TrainerLog:
-    """Sends each snapshot's headline scalars down the Trainer's own logging path (a host sink).
+    """Sends each snapshot's headline scalars down the Trainer's own logging path.
 
-    `Trainer.log` reaches every `report_to` integration. Written while the training thread
-    waits, so it never overlaps the Trainer's own logging.
+    `Trainer.log` reaches every `report_to` integration, on the training thread, as the
+    Trainer's own logging does.
 
     Args:
         trainer: the Trainer the callback is attached to.
     """
 
     name = "report_to integrations (Trainer.log)"
-    on_host_thread = True
+    # On the training thread itself, unbounded: the integrations keep state per thread (MLflow's
+    # active run), so a write from a helper thread would open a second MLflow run.
+    placement = "training"
 
     def __init__(self, trainer: Trainer) -> None:
         self._trainer = trainer

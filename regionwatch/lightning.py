@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
+from regionwatch.access import check_materialized
 from regionwatch.checkpoints import LEGACY_MONITOR_STATE, monitor_state_key
 from regionwatch.corpus import Source
 from regionwatch.counting import CountTokens, count_batch_tokens, token_count
@@ -122,6 +123,7 @@ class RegionMonitor(Callback):
         self._model_attr = model_attr
         self._count = count_tokens or count_batch_tokens
         self._model: nn.Module | None = None
+        self._refusal: UnsupportedModelError | None = None  # see `on_exception`
         self.tokens = 0  # tokens seen at the last optimizer step, over all ranks
         self._pending = 0  # this rank's tokens since then
         self._step = 0
@@ -132,6 +134,11 @@ class RegionMonitor(Callback):
             return
         check_strategy(trainer.strategy)  # a model sharded later is checked at train start
         self._model = find_model(pl_module, self._model_attr)  # a bad model fails here
+        try:
+            check_materialized(self._model)
+        except UnsupportedModelError as err:
+            self._refusal = err
+            raise
         self.monitor.setup(
             self._model,
             log_dir=trainer.log_dir,
@@ -141,6 +148,16 @@ class RegionMonitor(Callback):
             info={"driver": "lightning"},
             sinks=logger_sinks(trainer.loggers),
         )
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning's teardown after an exception moves the module to the CPU, which fails on
+        # meta weights and would replace our refusal by "Cannot copy out of meta tensor".
+        # Raised from here, the refusal reaches the user before that teardown runs.
+        if exception is self._refusal:
+            raise exception
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -188,10 +205,7 @@ class RegionMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # A checkpoint is being saved: every snapshot up to it must be on disk first (store and
-        # TensorBoard), since a resume from it never retakes them.
-        self.monitor.drain()
-        return {"tokens": self.tokens, **self.monitor.state_dict()}  # JSON-able
+        return {"tokens": self.tokens, **self.monitor.state_dict()}  # JSON-able, drained
 
     @override
     def on_load_checkpoint(
@@ -274,12 +288,13 @@ def _image_writer(logger: Logger) -> Callable[[Logger, str, np.ndarray, Snapshot
 
 
 class LoggerCopy:
-    """Copies each snapshot's headline scalars to one of the trainer's loggers (a host sink).
+    """Copies each snapshot's headline scalars to one of the trainer's loggers.
 
     Through `Logger.log_metrics` at the snapshot's global step (the trainer's own axis: loggers
     refuse steps that go back), with `regionwatch/tokens` in the same call. Written while the
-    training thread waits (`sinks.Fanout`): the trainer writes to the same logger from that
-    thread, and CSVLogger loses rows written from two threads at once. W&B additionally charts
+    training thread waits, for at most `WatchConfig.logger_timeout_s` (`sinks.Fanout`): the
+    trainer writes to the same logger from that thread, and CSVLogger loses rows written from
+    two threads at once. W&B additionally charts
     `regionwatch/*` over tokens.
 
     Args:
@@ -287,7 +302,7 @@ class LoggerCopy:
         name: names it in warnings and failures (see `logger_sinks`).
     """
 
-    on_host_thread = True
+    placement = "bounded"
 
     def __init__(self, logger: Logger, name: str) -> None:
         self.name = name
@@ -323,7 +338,7 @@ class LoggerImages:
         write_image: how that logger takes one image.
     """
 
-    on_host_thread = False
+    placement = "background"
 
     def __init__(
         self,

@@ -278,7 +278,7 @@ class Monitor:
         """Take the final snapshot (with region maps) if training ended normally; then close."""
         try:
             if error is None and self._position is not None:
-                self.step(*self._position, final=True)
+                self.step(self._position.step, tokens=self._position.tokens, final=True)
         finally:
             self.close()
 
@@ -307,8 +307,8 @@ class Monitor:
                 "Monitor.step before the run is open: use `with Monitor(watch, model, ...) as "
                 "monitor:` around the training loop (a driver calls start first)"
             )
-        step = check_int("Monitor.step(step=...)", step, hint="the global step", integral=True)
-        tokens = token_count(tokens, what="Monitor.step got tokens=")
+        step = check_int("Monitor.step: step", step, hint="the global step", integral=True)
+        tokens = token_count(tokens, what="Monitor.step got tokens")
         previous = self._position
         if step < previous.step or tokens < previous.tokens:
             went = "step" if step < previous.step else "tokens"
@@ -590,7 +590,10 @@ class Monitor:
         """JSON-able resume state: run directory and id, newest scheduled mark, step and tokens.
 
         The step and tokens are those of the newest `step` call: where a plain loop resumes.
+        Waits until every snapshot up to now is written (store and sinks): a checkpoint is
+        being saved, and a resume from it never retakes them.
         """
+        self.drain()
         last = None if self._last is None else [self._last.step, self._last.tokens]
         position = self._position
         position = {} if position is None else {"step": position.step, "tokens": position.tokens}

@@ -5,14 +5,17 @@ regionwatch's own TensorBoard run is one; the copies to the trainer's loggers ar
 logger, in the drivers). Adding a sink is one class. `Fanout` writes every snapshot to every sink,
 each write isolated from training and from the other sinks:
 
-- **Background sinks** (`on_host_thread` False: files of regionwatch's own, thread-safe writers)
-  are jobs for the monitor's `BackgroundWriter`, in snapshot order, beside training.
-- **Host sinks** (`on_host_thread` True: the trainer's own loggers, which the trainer writes from
-  its training thread and which are not all thread-safe; Lightning's CSVLogger loses rows written
-  from two threads at once) are written while the training thread waits, so their writes never
-  overlap the trainer's own. Each write runs on a helper thread, so that the wait is bounded: a
-  write still running after `timeout_s` (a logger that hangs) drops that sink for the rest of the
-  run, with a warning naming it, and training goes on.
+- `"background"` sinks (files of regionwatch's own, thread-safe writers) are jobs for the
+  monitor's `BackgroundWriter`, in snapshot order, beside training.
+- `"bounded"` sinks (the trainer's own loggers, which the trainer writes from its training thread
+  and which are not all thread-safe; Lightning's CSVLogger loses rows written from two threads at
+  once) are written while the training thread waits, so their writes never overlap the trainer's
+  own. Each write runs on a helper thread, so that the wait is bounded: a write still running
+  after `timeout_s` (a logger that hangs) drops that sink for the rest of the run, with a warning
+  naming it, and training goes on.
+- `"training"` sinks run on the training thread itself, unbounded: for loggers that keep state
+  per thread (the HF Trainer's integrations: MLflow's active run belongs to the thread that
+  started it, and a write from another thread would open a second run).
 
 Images are rendered once per snapshot, by the first sink that reads them (`Rendered`), on that
 sink's thread; a snapshot no sink draws is never rendered.
@@ -24,7 +27,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -34,18 +37,21 @@ from regionwatch.tensorboard import images
 
 logger = logging.getLogger(__name__)
 
+Placement = Literal["background", "bounded", "training"]  # where a sink's writes run (above)
+
 
 class Sink(Protocol):
     """One destination of every snapshot (besides the store, which the monitor writes itself).
 
     Attributes:
         name: names the sink in the log, in `Monitor.sink_failures`, and when it is dropped.
-        on_host_thread: True to be written while the training thread waits (the trainer's own
-            loggers); False to be written on the background writer.
+        placement: where its writes run: "background" (the background writer), "bounded" (a
+            helper thread while the training thread waits, at most `timeout_s`) or "training"
+            (the training thread itself).
     """
 
     name: str
-    on_host_thread: bool
+    placement: Placement
 
     def write(self, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]) -> None:
         """Write one snapshot; `rendered` holds its images by tag, rendered on first read."""
@@ -81,13 +87,13 @@ class Rendered(Mapping[str, np.ndarray]):
 
 
 class Fanout:
-    """Writes every snapshot to every sink: host sinks with a bounded wait, the others queued.
+    """Writes every snapshot to every sink: the trainer's loggers first, then the queued ones.
 
     Args:
         writer: the monitor's background writer (queued writes; failures are recorded in its
-            `failures`, as are host writes that fail or time out).
+            `failures`, as are the other sinks' writes that fail or time out).
         sinks: the sinks, in the order they are written.
-        timeout_s: the longest the training thread waits for one host sink's write.
+        timeout_s: the longest the training thread waits for one "bounded" sink's write.
     """
 
     def __init__(
@@ -96,42 +102,39 @@ class Fanout:
         self._writer = writer
         self._sinks = list(sinks)
         self._timeout_s = timeout_s
-        self.dropped: list[str] = []  # names of host sinks dropped for the run, in order
-
-    @property
-    def names(self) -> list[str]:
-        """The names of the sinks still written to."""
-        return [sink.name for sink in self._sinks]
+        self.dropped: list[str] = []  # names of sinks dropped for the run, in order
 
     def write(self, snapshot: Snapshot) -> None:
-        """Write `snapshot` to the host sinks (waiting, bounded), then queue the others.
+        """Write `snapshot` to the trainer's loggers (the training thread waits), queue the rest.
 
-        Host sinks come first, so that a logger sees a snapshot's scalars before its images.
+        The loggers come first, so that a logger sees a snapshot's scalars before its images.
         """
         rendered = Rendered(snapshot)
         where = f"step {snapshot.step}"
-        for sink in [s for s in self._sinks if s.on_host_thread]:
-            self._on_helper(
-                sink, f"{sink.name}, {where}", lambda s=sink: s.write(snapshot, rendered)
+        for sink in [s for s in self._sinks if s.placement != "background"]:
+            self._run(
+                sink, f"{sink.name}, {where}", functools.partial(sink.write, snapshot, rendered)
             )
         for sink in self._sinks:
-            if not sink.on_host_thread:
-                self._writer.submit(
-                    f"{sink.name}, {where}", functools.partial(sink.write, snapshot, rendered)
-                )
+            if sink.placement == "background":
+                write = functools.partial(sink.write, snapshot, rendered)
+                self._writer.submit(f"{sink.name}, {where}", write)
 
     def close(self) -> None:
-        """Close every sink after its queued writes (host sinks with the same bounded wait)."""
+        """Close every sink, each where it writes (the background ones after their writes)."""
         for sink in self._sinks:
-            if sink.on_host_thread:
-                self._on_helper(sink, f"closing {sink.name}", sink.close)
-            else:
+            if sink.placement == "background":
                 self._writer.submit(f"closing {sink.name}", sink.close)
+            else:
+                self._run(sink, f"closing {sink.name}", sink.close)
         self._sinks = []
 
-    def _on_helper(self, sink: Sink, what: str, job: Callable[[], object]) -> None:
-        """Run a host sink's job on a helper thread while this thread waits, at most `timeout_s`."""
+    def _run(self, sink: Sink, what: str, job: Callable[[], object]) -> None:
+        """Run a sink's job now, isolated: "bounded" on a helper thread, waiting `timeout_s`."""
         if sink not in self._sinks:  # dropped by an earlier job of the same name
+            return
+        if sink.placement == "training":
+            self._writer.run_now(what, job)
             return
         helper = threading.Thread(
             target=self._writer.run_now,

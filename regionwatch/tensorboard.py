@@ -200,7 +200,7 @@ class TensorBoardSink:
     """
 
     name = "tensorboard"  # a `sinks.Sink`, written on the background writer
-    on_host_thread = False
+    placement = "background"
 
     def __init__(
         self,
