@@ -15,6 +15,7 @@ from regionwatch.errors import ConfigError, RegionWatchError
 from regionwatch.version import VERSION
 
 if TYPE_CHECKING:
+    from regionwatch.decoder import Decoder
     from regionwatch.hf import RegionMonitorCallback
     from regionwatch.lightning import RegionMonitor
     from regionwatch.measure import ProbeConfig, measure
@@ -32,6 +33,7 @@ __version__ = VERSION
 # HF Trainer load only for their driver's users. Everything else (result types, the other
 # errors, helpers) stays importable from its own module, without the promise of `__all__`.
 _LAZY = {
+    "Decoder": "regionwatch.decoder",
     "ProbeConfig": "regionwatch.measure",
     "measure": "regionwatch.measure",
     "WatchConfig": "regionwatch.monitor",
@@ -46,6 +48,7 @@ _LAZY = {
 
 __all__ = [
     "ConfigError",
+    "Decoder",
     "ProbeConfig",
     "ProbeSet",
     "RegionMonitor",

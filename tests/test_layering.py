@@ -21,6 +21,7 @@ RANK = {
     "revisions": 1,
     "corpus": 1,
     "palette": 1,
+    "decoder": 1,
     "access": 2,
     # DESIGN import order: errors → access · sampling · distributed → probes · engine
     "distributed": 2,
@@ -28,6 +29,7 @@ RANK = {
     "probes": 3,
     "loading": 2,
     "engine": 3,
+    "rows": 3.5,  # the generic engine path: uses engine's batching and FSDP split; plan uses it
     "checkpoints": 3,
     "results": 3,
     "plan": 4,
