@@ -13,6 +13,7 @@ from regionwatch.errors import ConfigError, RegionWatchError
 from regionwatch.version import VERSION
 
 if TYPE_CHECKING:
+    from regionwatch.decoder import Decoder
     from regionwatch.hf import RegionMonitorCallback
     from regionwatch.lightning import RegionMonitor
     from regionwatch.measurement import ProbeConfig, measure
@@ -30,6 +31,7 @@ __version__ = VERSION
 # HF Trainer load only for their driver's users. Everything else (result types, the other
 # errors, helpers) stays importable from its own module, without the promise of `__all__`.
 _LAZY = {
+    "Decoder": "regionwatch.decoder",
     "ProbeConfig": "regionwatch.measurement",
     "measure": "regionwatch.measurement",
     "Monitor": "regionwatch.monitor",
@@ -45,6 +47,7 @@ _LAZY = {
 
 __all__ = [
     "ConfigError",
+    "Decoder",
     "Monitor",
     "ProbeConfig",
     "ProbeSet",

@@ -55,6 +55,7 @@ from regionwatch.background import BackgroundWriter, Failure
 from regionwatch.claim import check_writable, claim
 from regionwatch.corpus import Source
 from regionwatch.counting import token_count
+from regionwatch.decoder import Decoder
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
 from regionwatch.errors import ConfigError, check_int
 from regionwatch.measurement import check_prompts, measure, merge_shards
@@ -187,11 +188,14 @@ class Monitor:
         source: text to draw the probe set from (see `regionwatch.corpus.documents`); None for
             the built-in corpus.
         run_dir: the run directory; None: `<log dir>/regionwatch` (given at `setup`).
+        decoder: where a model that is not a Hugging Face one keeps its blocks, final norm and
+            head (`Decoder`); None for Hugging Face models.
 
     Raises:
         ConfigError: neither a tokenizer nor a probe set, or an argument of the wrong kind (a
             tokenizer where the watch config goes, a tokenizer's name instead of the tokenizer,
-            a probe folder instead of the set, a model wrapper regionwatch cannot unwrap).
+            a probe folder instead of the set, a model wrapper regionwatch cannot unwrap, a
+            decoder that is not a `Decoder`).
 
     Example:
         >>> with Monitor(WatchConfig(schedule=Schedule.every_steps(50)), model, tokenizer=tok,
@@ -210,6 +214,7 @@ class Monitor:
         probes: ProbeSet | None = None,
         source: Source = None,
         run_dir: str | Path | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
         if not isinstance(watch, WatchConfig):
             raise ConfigError(
@@ -223,7 +228,13 @@ class Monitor:
                 "or a ready probe set (probes=ProbeSet.build(tokenizer) or ProbeSet.load(dir))"
             )
         _check_arguments(tokenizer, probes, run_dir)
+        if decoder is not None and not isinstance(decoder, Decoder):
+            raise ConfigError(
+                f"decoder={decoder!r}: need a regionwatch.Decoder naming the model's modules, "
+                'e.g. Decoder(blocks="layers", final_norm="norm", head="lm_head")'
+            )
         self.watch = watch
+        self._decoder = decoder
         # The causal LM to measure (wrappers peeled) and an FSDP1 wrapper's root, if any.
         self._model, self._root = (None, None) if model is None else unwrap(model)
         self._tokenizer, self._probes, self._source = tokenizer, probes, source
@@ -387,7 +398,10 @@ class Monitor:
         model, root = unwrap(model)
         self._model, self._root = model, root or self._root
         site = resolve(
-            model, write_layer=self.watch.probe.write_layer, block_path=self.watch.probe.block_path
+            model,
+            write_layer=self.watch.probe.write_layer,
+            block_path=self.watch.probe.block_path,
+            decoder=self._decoder,
         )
         if self.run_dir is None and log_dir is None:
             raise ConfigError("no run_dir given and no trainer log directory: pass run_dir=...")

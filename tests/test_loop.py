@@ -6,6 +6,7 @@ store and TensorBoard files; DDP on 2 gloo processes through examples/plain_loop
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -21,11 +22,13 @@ from regionwatch import ConfigError, Monitor, SnapshotStore, measure
 from regionwatch.tensorboard import TB_SUBDIR
 from regionwatch.wrappers import unwrap
 from tests.support.factories import make_watch
-from tests.support.lm import BATCH, SEQ, Windows, assert_same_numbers, tiny_gpt2
+from tests.support.lm import BATCH, SEQ, SMALL_PROBE, Windows, assert_same_numbers, tiny_gpt2
+from tests.support.nanogpt import NANOGPT, nanogpt
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS_PER_STEP = BATCH * SEQ
+CHEAP = dataclasses.replace(SMALL_PROBE, parts=("random",))  # for tests of refusals only
 
 
 class Crash(Exception):
@@ -182,8 +185,9 @@ def test_bad_steps_are_refused_naming_the_fix(
     """Steps or tokens that go back, a token count that is not one, a restore too late."""
     model = tiny_gpt2(VOCAB)
     run_dir = tmp_path / "run"
+    watch = make_watch(100, probe=CHEAP)
     with (
-        Monitor(make_watch(100), model, probes=lm_probes, run_dir=run_dir) as monitor,
+        Monitor(watch, model, probes=lm_probes, run_dir=run_dir) as monitor,
         pytest.raises(ConfigError, match=match),
     ):
         call(monitor)
@@ -278,3 +282,26 @@ def test_plain_loop_example_under_ddp_equals_one_process(tmp_path: Path) -> None
     model = GPT2LMHeadModel(config)  # the example's model, at the run's final weights
     model.load_state_dict(saved["model"])
     assert_same_numbers(final.measurement, measure(model.eval(), store.probes(), store.config))
+
+
+def test_plain_loop_measures_a_non_hf_model_through_its_decoder(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
+    """A nanoGPT-style `nn.Module` named by a `Decoder`: the loop's snapshots equal measuring
+    the same weights directly."""
+    model = nanogpt(vocab_size=VOCAB, block_size=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = make_watch(2)
+    run_dir = tmp_path / "run"
+    with Monitor(watch, model, probes=lm_probes, run_dir=run_dir, decoder=NANOGPT) as monitor:
+        for step in range(1, 3):
+            batch = lm_data.ids[step * BATCH :][:BATCH]
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            monitor.step(step, tokens=step * TOKENS_PER_STEP)
+    store = SnapshotStore(run_dir)
+    assert store.steps() == [0, 2]
+    direct = measure(model.eval(), lm_probes, watch.probe, decoder=NANOGPT)
+    assert_same_numbers(store.read(2).measurement, direct)
