@@ -22,7 +22,15 @@ from regionwatch import ConfigError, Monitor, SnapshotStore, measure
 from regionwatch.tensorboard import TB_SUBDIR
 from regionwatch.wrappers import unwrap
 from tests.support.factories import make_watch
-from tests.support.lm import BATCH, SEQ, SMALL_PROBE, Windows, assert_same_numbers, tiny_gpt2
+from tests.support.lm import (
+    BATCH,
+    SEQ,
+    SMALL_PROBE,
+    Windows,
+    assert_same_numbers,
+    small_probes,
+    tiny_gpt2,
+)
 from tests.support.nanogpt import NANOGPT, nanogpt
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
@@ -305,3 +313,28 @@ def test_plain_loop_measures_a_non_hf_model_through_its_decoder(
     assert store.steps() == [0, 2]
     direct = measure(model.eval(), lm_probes, watch.probe, decoder=NANOGPT)
     assert_same_numbers(store.read(2).measurement, direct)
+
+
+@pytest.mark.slow
+def test_plain_loop_under_fsdp2_equals_one_process(tmp_path: Path, text_tokenizer) -> None:
+    """FSDP2 (`fully_shard` in place) on 2 gloo processes, every rank calling `step`: measured
+    in place, the final snapshot equals measuring the gathered weights in one process."""
+    text_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    small_probes(text_tokenizer).save(tmp_path / "probes")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    done = subprocess.run(
+        [*torchrun, "--nproc-per-node", "2", "-m", "tests.loop_fsdp", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert "DONE" in done.stdout, done.stderr[-3000:]
+    store = SnapshotStore(tmp_path / "run")
+    assert store.steps() == [0, 2, 3]
+    final = store.read(3)
+    assert (final.info["world_size"], final.info["layout"]) == (2, "fsdp2")
+    model = tiny_gpt2(VOCAB)
+    model.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))
+    assert_same_numbers(final.measurement, measure(model.eval(), store.probes(), store.config))
