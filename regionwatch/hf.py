@@ -180,8 +180,9 @@ class RegionMonitorCallback(TrainerCallback):
         self.monitor.start(
             model, step=state.global_step, tokens=state.num_input_tokens_seen, root=root
         )
-        identity = self.monitor.state_dict()  # the mark in it would go stale: not saved
-        state.stateful_callbacks[STATE_KEY] = {k: identity[k] for k in ("run_id", "run_dir")}
+        # The run's identity only: a mark saved here would go stale.
+        run_dir = None if self.monitor.run_dir is None else str(self.monitor.run_dir)
+        state.stateful_callbacks[STATE_KEY] = {"run_id": self.monitor.run_id, "run_dir": run_dir}
 
     @override
     def on_step_end(

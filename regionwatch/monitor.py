@@ -360,6 +360,11 @@ class Monitor:
         """(step, tokens) of the newest scheduled snapshot, taken or failed."""
         return self._last
 
+    @property
+    def run_id(self) -> str | None:
+        """The run's id, known on every rank once the run is open (the proof of a resume)."""
+        return self._run_id
+
     def setup(
         self,
         model: nn.Module,

@@ -18,7 +18,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from regionwatch import ConfigError, Monitor, SnapshotStore, measure
+from regionwatch import ConfigError, Monitor, SnapshotStore, WatchConfig, measure
 from regionwatch.tensorboard import TB_SUBDIR
 from regionwatch.wrappers import unwrap
 from tests.support.factories import make_watch
@@ -71,10 +71,13 @@ def train(
             raise Crash
 
 
-def run_loop(tmp: Path, lm_probes, lm_data: Windows, steps: int, every: int = 2) -> Path:
-    """A fresh monitored run of `steps` steps; returns its run directory."""
+def run_loop(
+    tmp: Path, lm_probes, lm_data: Windows, steps: int, watch: WatchConfig | None = None
+) -> Path:
+    """A fresh monitored run of `steps` steps (default: every 2 steps); returns its run dir."""
     model = tiny_gpt2(VOCAB).train()
-    with Monitor(make_watch(every), model, probes=lm_probes, run_dir=tmp / "run") as monitor:
+    watch = watch or make_watch(2)
+    with Monitor(watch, model, probes=lm_probes, run_dir=tmp / "run") as monitor:
         train(model, monitor, lm_data, range(1, steps + 1))
     return tmp / "run"
 
@@ -122,22 +125,23 @@ def test_plain_loop_resumes_exactly_from_its_own_checkpoint(
     """Crash after the checkpoint, resume from it with `load_state_dict`: the later snapshots
     are cut back and retaken, every step is stored once, and the numbers equal a run that never
     stopped."""
+    watch = make_watch(1, maps_schedule=None)  # maps at every step: every number compared
     torch.manual_seed(3)
-    whole = run_loop(tmp_path / "whole", lm_probes, lm_data, steps=6, every=1)
+    whole = run_loop(tmp_path / "whole", lm_probes, lm_data, steps=6, watch=watch)
     torch.manual_seed(3)
     model = tiny_gpt2(VOCAB).train()
     run_dir = tmp_path / "resumed" / "run"
     saved: dict[str, Any] = {}
     with (
         pytest.raises(Crash),
-        Monitor(make_watch(1), model, probes=lm_probes, run_dir=run_dir) as monitor,
+        Monitor(watch, model, probes=lm_probes, run_dir=run_dir) as monitor,
     ):
         train(model, monitor, lm_data, range(1, 7), saved=saved, save_at=3, crash_at=5)
     assert SnapshotStore(run_dir).steps() == [0, 1, 2, 3, 4, 5]  # 4, 5: after the checkpoint
     again = tiny_gpt2(VOCAB, seed=1).train()
     again.load_state_dict(saved["model"])
     torch.set_rng_state(saved["rng"])
-    monitor = Monitor(make_watch(1), again, probes=lm_probes, run_dir=run_dir)
+    monitor = Monitor(watch, again, probes=lm_probes, run_dir=run_dir)
     monitor.load_state_dict(saved["regionwatch"])
     with monitor:
         train(again, monitor, lm_data, range(4, 7))
