@@ -55,7 +55,9 @@ class RegionMonitor(Callback):
     MLflow, ...) also gets the headline scalars, named as the TensorBoard tags, with
     `regionwatch/tokens` in the same call, at the trainer's global step; loggers that take images
     also get the curve figures and region maps. W&B charts `regionwatch/*` over tokens.
-    Everything but the probe itself is written on a background thread.
+    Everything but the probe and the scalar copies is written on a background thread; the
+    scalars go to each logger while the training thread waits, at most
+    `WatchConfig.logger_timeout_s` (a logger that hangs longer is dropped for the run).
 
     Measured: the LightningModule itself if it is a causal LM, else its one `PreTrainedModel`
     attribute (or `model_attr`). Tokens seen are the non-padding
