@@ -308,7 +308,7 @@ def test_plain_loop_measures_a_non_hf_model_through_its_decoder(
     with Monitor(watch, model, probes=lm_probes, run_dir=run_dir, decoder=NANOGPT) as monitor:
         for step in range(1, 3):
             batch = lm_data.ids[step * BATCH :][:BATCH]
-            _, loss = model(batch[:, :-1], batch[:, 1:])
+            _, loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
