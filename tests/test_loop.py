@@ -316,7 +316,13 @@ def test_plain_loop_measures_a_non_hf_model_through_its_decoder(
     store = SnapshotStore(run_dir)
     assert store.steps() == [0, 2]
     direct = measure(model.eval(), lm_probes, watch.probe, decoder=NANOGPT)
-    assert_same_numbers(store.read(2).measurement, direct)
+    live = store.read(2).measurement
+    for part, curves in direct.curves.items():  # a tiny model leaves pairs excluded: NaN alike
+        got = live.curves[part]
+        close = {"atol": 1e-5, "rtol": 1e-5, "equal_nan": True}
+        torch.testing.assert_close(got.relative[:, 1:], curves.relative[:, 1:], **close)
+        torch.testing.assert_close(got.distance, curves.distance, **close)
+    torch.testing.assert_close(live.maps.rgb, direct.maps.rgb, atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
