@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from regionwatch import reference
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
-from regionwatch.measure import Curves, RegionMaps, interpolate, region_maps
+from regionwatch.measurement import Curves, RegionMaps, interpolate, region_maps
 
 
 def max_abs_diff(fast: Tensor, slow: Tensor) -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from regionwatch import engine, metrics
+from regionwatch import engine, metrics, rows
 from regionwatch.access import ResidualSite, token_logits
 from regionwatch.results import Curves, RegionMaps
 
@@ -85,7 +85,9 @@ class Plan:
     ) -> engine.EngineResult:
         """Run every slot through the engine (the model must be under `measuring`).
 
-        `split`: share the queries among the ranks of an FSDP2 model (see `engine.run`).
+        The KV-cached engine where the site can take it (`ResidualSite.fast`), else the generic
+        full-row path (`rows.run`). `split`: share the queries among the ranks of an FSDP2
+        model (see `engine.run`).
         """
 
         def build(write: Tensor) -> list[dict[int, Tensor]]:
@@ -95,7 +97,7 @@ class Plan:
             ]
 
         budget = engine.DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
-        return engine.run(
+        return (engine.run if site.fast else rows.run)(
             site, self.prompts, self._counts, build, max_batch_tokens=budget, split=split
         )
 

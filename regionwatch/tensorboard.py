@@ -45,7 +45,7 @@ import logging
 import math
 import shlex
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TypeVar
@@ -186,6 +186,8 @@ class TensorBoardSink:
             missing. Keep it apart from the trainer's own event files.
         purge_after_tokens: on resume, the token count restored from the checkpoint: TensorBoard
             then hides every earlier event with a step (tokens) above it. None for a fresh run.
+        run_scalars: run-level scalars (e.g. `onset/tokens`) to log with every snapshot, asked
+            for at each write; None: none.
 
     Raises:
         ConfigError: `purge_after_tokens` is not an int >= 0 or None.
@@ -197,12 +199,22 @@ class TensorBoardSink:
         >>> sink.close()
     """
 
-    def __init__(self, log_dir: str | Path, *, purge_after_tokens: int | None = None) -> None:
+    name = "tensorboard"  # a `sinks.Sink`, written on the background writer
+    placement = "background"
+
+    def __init__(
+        self,
+        log_dir: str | Path,
+        *,
+        purge_after_tokens: int | None = None,
+        run_scalars: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
         if purge_after_tokens is not None:
             hint = "the restored token count, or None for a fresh run"
             check_int("purge_after_tokens", purge_after_tokens, hint=hint)
         self.log_dir = Path(log_dir)
         self.purge_after_tokens = purge_after_tokens
+        self._run_scalars = run_scalars
         self._writer: SummaryWriter | None = None
         self._purge_pending = purge_after_tokens is not None
         self._last_tokens: int | None = None
@@ -223,8 +235,8 @@ class TensorBoardSink:
     def write(
         self,
         snapshot: Snapshot,
-        *,
         rendered: Mapping[str, np.ndarray] | None = None,
+        *,
         run_scalars: Mapping[str, float] | None = None,
     ) -> None:
         """Log everything of one snapshot at global_step = `snapshot.tokens`, then flush once.
@@ -244,7 +256,8 @@ class TensorBoardSink:
             rendered: `images(snapshot)` when the caller already has them (they are shared
                 with the trainer's loggers); None renders them here.
             run_scalars: run-level scalars to log with it, as `write_scalars` does, under the
-                same flush (one flush per snapshot: each flush is a disk write).
+                same flush (one flush per snapshot: each flush is a disk write); None: the
+                sink's own `run_scalars`, if any.
         """
         if not snapshot.on_tokens_axis:  # its stored 0 is a slot: never a point at 0 tokens
             logger.warning(
@@ -255,6 +268,8 @@ class TensorBoardSink:
             return
         started = time.perf_counter()
         step = int(snapshot.tokens)
+        if run_scalars is None and self._run_scalars is not None:
+            run_scalars = self._run_scalars()
         with self._discarding_on_error():
             writer = self._open()
             self._check_order(step)

@@ -80,7 +80,9 @@ class _TupleBlock(nn.Module):
 def test_patching_a_tuple_block_patches_every_row() -> None:
     """With a 4.x-style tuple output, the patch writes every batch row, not row 0 of output[0]."""
     block = _TupleBlock()
-    site = access.ResidualSite(block, block, nn.ModuleList([block]), 0, "x")
+    site = access.ResidualSite(
+        block, (block,), 0, "x", head=nn.Linear(2, 4), vocab_size=4, d_model=2
+    )
     hidden = torch.zeros(3, 4, 2)
     vectors = torch.arange(6.0).reshape(3, 2)
     written = torch.zeros(3, 4, 2)

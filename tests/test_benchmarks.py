@@ -126,3 +126,12 @@ def test_gpu_checks_refuses_an_unknown_step(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "unknown step 'probe'; the steps are env,tests,probe-fp32" in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_loop_quick_writes_its_json(tmp_path: Path) -> None:
+    """bench_loop --quick times monitor.step between snapshots and a bounded logger copy."""
+    result = run_quick("bench_loop.py", tmp_path / "loop.json")
+    assert result["params"]["quick"] is True
+    assert len(result["step_not_due_us"]) == len(result["bounded_copy_us"]) == 1
+    assert result["median"]["step_not_due_us"] > 0
+    assert result["median"]["bounded_copy_us"] > 0

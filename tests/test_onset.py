@@ -21,7 +21,7 @@ from regionwatch.onset import (
     record_onset,
     tracker,
 )
-from regionwatch.replay import replay
+from regionwatch.replaying import replay
 from regionwatch.store import SnapshotStore
 from tests.support.factories import make_monitor
 from tests.support.lm import SMALL_PROBE, tiny_gpt2

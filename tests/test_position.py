@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import GPT2Config
 
 from regionwatch.cli import main, parser
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
 from regionwatch.onset import tracker
 from regionwatch.report import load_run, write_report
 from regionwatch.report.build import curve_panel, map_columns

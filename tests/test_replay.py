@@ -23,7 +23,7 @@ from regionwatch import ConfigError, ProbeConfig, SnapshotStore
 from regionwatch.checkpoints import discover
 from regionwatch.cli import main
 from regionwatch.errors import StoreError
-from regionwatch.replay import replay
+from regionwatch.replaying import replay
 from regionwatch.snapshot import weights_fingerprint
 from tests.support.disk import fill
 from tests.support.lm import SMALL_PROBE

@@ -20,7 +20,7 @@ from PIL import Image
 from regionwatch import metrics
 from regionwatch.cli import main
 from regionwatch.errors import ConfigError, StoreError
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
 from regionwatch.onset import record_onset
 from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL
 from regionwatch.report import (

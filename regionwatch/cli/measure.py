@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         load_tokenizer,
         parse_dtype,
     )
-    from regionwatch.measure import ProbeConfig, measure
+    from regionwatch.measurement import ProbeConfig, measure
     from regionwatch.probes import ProbeSet
     from regionwatch.sampling import DEFAULT_PROMPTS, DEFAULT_SEQ_LEN
 

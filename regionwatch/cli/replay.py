@@ -89,9 +89,9 @@ def add(verbs: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the verb; the exit status."""
     from regionwatch.loading import parse_dtype
-    from regionwatch.measure import ProbeConfig
+    from regionwatch.measurement import ProbeConfig
     from regionwatch.probes import ProbeSet
-    from regionwatch.replay import replay, run_of_probes
+    from regionwatch.replaying import replay, run_of_probes
 
     if not args.sources and args.repo is None:
         raise RegionWatchError(

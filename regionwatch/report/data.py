@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from regionwatch import metrics
 from regionwatch.atomic import float_from_json
 from regionwatch.errors import StoreError
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
 from regionwatch.onset import Onset, tracker
 from regionwatch.report.tokens import TokenAxis, format_tokens
 from regionwatch.snapshot import POSITION_KEY, Snapshot, on_tokens_axis

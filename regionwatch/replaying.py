@@ -41,7 +41,7 @@ from regionwatch.loading import (
     load_checkpoint,
     load_tokenizer,
 )
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
 from regionwatch.monitor import Monitor, Precision, WatchConfig
 from regionwatch.onset import LIVE_RUN_KEY
 from regionwatch.probes import ProbeSet

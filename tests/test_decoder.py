@@ -1,0 +1,158 @@
+"""`Decoder`: models that are not Hugging Face ones, measured on the generic full-row path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from regionwatch import reference
+from regionwatch.access import resolve
+from regionwatch.decoder import Decoder
+from regionwatch.errors import ConfigError, UnsupportedModelError
+from regionwatch.measurement import ProbeConfig, interpolate, measure, region_maps
+from tests.conftest import random_prompts, tiny_model
+from tests.support.factories import make_probes
+from tests.support.nanogpt import NANOGPT, nanogpt
+from tests.test_measure import assert_curves_close, mixed_length_pairs
+
+GPT2 = Decoder(blocks="transformer.h", final_norm="transformer.ln_f", head="lm_head")
+
+
+def test_decoder_site_reads_sizes_from_the_modules() -> None:
+    """Vocabulary, width and context length come from the head and the model's config."""
+    site = resolve(nanogpt(vocab_size=96, n_embd=16, block_size=40), decoder=NANOGPT)
+    assert (site.vocab_size, site.d_model, site.max_positions) == (96, 16, 40)
+    assert not site.fast
+    assert site.num_blocks == 3
+
+
+def test_decoder_arguments_supply_what_the_model_does_not_say() -> None:
+    """max_positions given wins over the model's; a smaller vocabulary than the head is allowed."""
+    decoder = Decoder(
+        "transformer.h", "transformer.ln_f", "lm_head", max_positions=8, vocab_size=50
+    )
+    site = resolve(nanogpt(), decoder=decoder)
+    assert (site.vocab_size, site.max_positions) == (50, 8)
+
+
+def test_nanogpt_interpolate_matches_reference() -> None:
+    """A model whose attention takes no mask equals one full forward per point, mixed lengths."""
+    model = nanogpt(dtype=torch.float64)
+    ids_a, ids_b = mixed_length_pairs()
+    fast = interpolate(model, ids_a, ids_b, num_alphas=7, write_layer=1, decoder=NANOGPT)
+    slow = reference.interpolate(model, ids_a, ids_b, num_alphas=7, write_layer=1, decoder=NANOGPT)
+    assert_curves_close(fast, slow)
+    torch.testing.assert_close(fast.distance, slow.distance, atol=1e-10, rtol=1e-10)
+    assert model.training  # left in train mode, as found
+
+
+def test_nanogpt_region_maps_match_reference() -> None:
+    """Region maps of a Decoder model equal the reference; a small budget forces chunking."""
+    model = nanogpt(dtype=torch.float64)
+    ids = random_prompts(4, 6, seed=3)
+    fast = region_maps(
+        model, ids[:2], ids[1:3], ids[2:4], grid=5, max_batch_tokens=40, decoder=NANOGPT
+    )
+    slow = reference.region_maps(model, ids[:2], ids[1:3], ids[2:4], grid=5, decoder=NANOGPT)
+    torch.testing.assert_close(fast.distance, slow.distance, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(fast.anchors, slow.anchors)
+
+
+@pytest.mark.parametrize("budget", [None, 7, 30])
+def test_generic_path_equals_fast_path_on_a_hf_model(budget: int | None) -> None:
+    """The same GPT-2 through a Decoder (full rows) and through the table (KV cache) agree."""
+    model = tiny_model("gpt2", dtype=torch.float64)
+    probes = make_probes(prompts=6, pairs=2, seed=4, triples=((0, 1, 2), (2, 3, 4)))
+    config = ProbeConfig(num_alphas=5, grid=4, max_batch_tokens=budget)
+    fast = measure(model, probes, config)
+    generic = measure(model, probes, config, decoder=GPT2)
+    assert fast.curves.keys() == generic.curves.keys()
+    for name, curves in fast.curves.items():
+        torch.testing.assert_close(generic.curves[name].distance, curves.distance)
+        torch.testing.assert_close(
+            generic.curves[name].logit_diff, curves.logit_diff, equal_nan=True
+        )
+        assert torch.equal(generic.curves[name].top_a, curves.top_a)
+    torch.testing.assert_close(generic.maps.distance, fast.maps.distance)
+    assert generic.summary.keys() == fast.summary.keys()
+
+
+def test_measuring_a_decoder_leaves_rng_and_weights_alone() -> None:
+    """Dropout's RNG stream and every weight are as before: zero observer effect."""
+    model = nanogpt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.random.get_rng_state()
+    measure(model, make_probes(), ProbeConfig(num_alphas=3, grid=3), decoder=NANOGPT)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("decoder", "match"),
+    [
+        (Decoder("transformer.blocks", "transformer.ln_f", "lm_head"), "no attribute 'blocks'.*h"),
+        (
+            Decoder("transformer.ln_f", "transformer.ln_f", "lm_head"),
+            "not a non-empty nn.ModuleList",
+        ),
+        (Decoder("transformer.h", "transformer.norm", "lm_head"), "final_norm.*does not exist"),
+        (Decoder("transformer.h", "transformer.ln_f", "head"), "head='head' does not exist"),
+        (
+            Decoder("transformer.h", "transformer.ln_f", "transformer.h.0"),
+            "no \\[vocab, d_model\\]",
+        ),
+        (
+            Decoder("transformer.h", "transformer.ln_f", "lm_head", d_model=8),
+            "does not fit the head",
+        ),
+        (Decoder("transformer.h", "transformer.ln_f", "lm_head", vocab_size=999), "does not fit"),
+        (Decoder("transformer.h", "lm_head", "lm_head"), "not \\[batch, tokens, d_model\\]"),
+        (Decoder("transformer.h", "transformer.h.2.attn.c_attn", "lm_head"), "width 96"),
+    ],
+)
+def test_bad_decoder_is_refused_before_any_measurement(decoder: Decoder, match: str) -> None:
+    """A wrong path, a non-block list, a misshapen readout or head fails in setup, with the fix."""
+    model = nanogpt()
+    with pytest.raises(UnsupportedModelError, match=match):
+        measure(model, make_probes(), ProbeConfig(num_alphas=3, grid=3), decoder=decoder)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"blocks": "transformer..h"}, "dotted module path"),
+        ({"final_norm": 3}, "dotted module path"),
+        ({"head": ""}, "dotted module path"),
+        ({"forward": "model"}, "callable"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"max_positions": True}, "max_positions"),
+    ],
+)
+def test_decoder_refuses_bad_values(kwargs: dict, match: str) -> None:
+    """Decoder checks each field at construction."""
+    fields = {"blocks": "h", "final_norm": "ln_f", "head": "lm_head", **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        Decoder(**fields)
+
+
+def test_block_path_and_decoder_are_exclusive() -> None:
+    """Both naming the blocks is a contradiction, refused."""
+    with pytest.raises(ConfigError, match="both given"):
+        resolve(tiny_model("gpt2"), block_path="transformer.h", decoder=GPT2)
+
+
+def test_module_dict_blocks_resolve_in_key_order() -> None:
+    """A ModuleDict of blocks works as the HF shortcut too: same numbers as the table's list."""
+    model = tiny_model("llama", dtype=torch.float64)
+    layers = model.model.layers
+    model.by_name = nn.ModuleDict({str(i): layers[i] for i in range(len(layers))})
+    site = resolve(model, block_path="by_name", write_layer=1)
+    assert site.blocks == tuple(layers)
+    ids = random_prompts(4, 5, seed=2)
+    table = interpolate(model, ids[:2], ids[2:], num_alphas=5, write_layer=1)
+    named = interpolate(model, ids[:2], ids[2:], num_alphas=5, write_layer=1, block_path="by_name")
+    torch.testing.assert_close(named.distance, table.distance, atol=0, rtol=0)
