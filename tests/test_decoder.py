@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ from regionwatch.access import resolve
 from regionwatch.decoder import Decoder
 from regionwatch.errors import ConfigError, UnsupportedModelError
 from regionwatch.measure import ProbeConfig, interpolate, measure, region_maps
+from regionwatch.results import Measurement
 from tests.conftest import random_prompts, tiny_model
 from tests.support.factories import make_probes
 from tests.support.nanogpt import NANOGPT, nanogpt
@@ -156,3 +159,66 @@ def test_module_dict_blocks_resolve_in_key_order() -> None:
     table = interpolate(model, ids[:2], ids[2:], num_alphas=5, write_layer=1)
     named = interpolate(model, ids[:2], ids[2:], num_alphas=5, write_layer=1, block_path="by_name")
     torch.testing.assert_close(named.distance, table.distance, atol=0, rtol=0)
+
+
+def _assert_same_measurement(got: Measurement, want: Measurement) -> None:
+    """Every curve, top token and map of two float64 measurements agree to round-off."""
+    assert got.curves.keys() == want.curves.keys()
+    for name, curves in want.curves.items():
+        for field in ("distance", "relative", "max_slope", "logit_diff"):
+            torch.testing.assert_close(
+                getattr(got.curves[name], field), getattr(curves, field), equal_nan=True
+            )
+        assert torch.equal(got.curves[name].top_a, curves.top_a)
+        assert torch.equal(got.curves[name].top_b, curves.top_b)
+    torch.testing.assert_close(got.maps.distance, want.maps.distance)
+
+
+@pytest.mark.slow
+def test_litgpt_equals_its_own_conversion_to_hf(tmp_path: Path) -> None:
+    """litgpt's GPT through a Decoder (full rows) equals the same weights converted to HF by
+    litgpt's `convert_lit_checkpoint` and loaded by transformers (KV-cached engine)."""
+    litgpt = pytest.importorskip("litgpt")
+    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
+    from litgpt.utils import save_config
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    config = litgpt.Config.from_name(
+        "pythia-14m", n_layer=3, n_embd=32, n_head=4, block_size=64, padded_vocab_size=128
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.default_generator.manual_seed(0)
+        lit = litgpt.GPT(config).double()
+    finally:
+        torch.random.set_rng_state(state)
+    torch.save(lit.state_dict(), tmp_path / "lit_model.pth")
+    save_config(config, tmp_path)
+    convert_lit_checkpoint(tmp_path, tmp_path / "hf")
+    converted = torch.load(tmp_path / "hf" / "model.pth")
+    save_file({k: v.contiguous() for k, v in converted.items()}, tmp_path / "hf/model.safetensors")
+    GPTNeoXConfig(
+        vocab_size=config.padded_vocab_size,
+        hidden_size=config.n_embd,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        intermediate_size=config.intermediate_size,
+        rotary_pct=config.rotary_percentage,
+        rotary_emb_base=config.rope_base,
+        max_position_embeddings=config.block_size,
+        use_parallel_residual=config.parallel_residual,
+        layer_norm_eps=config.norm_eps,
+        tie_word_embeddings=False,
+    ).save_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float64, attn_implementation="sdpa"
+    )
+    decoder = Decoder(blocks="transformer.h", final_norm="transformer.ln_f", head="lm_head")
+    assert resolve(lit, decoder=decoder).max_positions == config.block_size
+    probes = make_probes(prompts=6, pairs=2, seed=4, triples=((0, 1, 2), (3, 4, 5)))
+    for write_layer in (0, 1):
+        probe = ProbeConfig(num_alphas=5, grid=4, write_layer=write_layer)
+        got, want = measure(lit, probes, probe, decoder=decoder), measure(hf, probes, probe)
+        _assert_same_measurement(got, want)
+    assert want.curves["random"].distance.max() > 0.1  # a model whose patch moves the output
