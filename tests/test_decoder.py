@@ -260,3 +260,63 @@ def test_olmo_core_transformer_matches_reference() -> None:
     ref = reference.region_maps(model, ids[:2], ids[1:3], ids[2:4], grid=4, decoder=OLMO_CORE)
     torch.testing.assert_close(maps.distance, ref.distance, atol=1e-10, rtol=1e-10)
     assert model.training
+
+
+TORCHTITAN = Decoder(blocks="layers", final_norm="norm", head="lm_head")
+
+
+def _torchtitan_llama() -> nn.Module:
+    """A tiny torchtitan Llama3Model, built by torchtitan's own layer builder, in float64.
+
+    Its language-model attention is FlexAttention, which on the CPU compiles a kernel per input
+    shape (about a minute each here); the forward-only test swaps in torchtitan's own SDPA
+    attention, the same causal attention for prompts of one document.
+    """
+    llama3 = pytest.importorskip("torchtitan.models.llama3", reason="torchtitan needs triton")
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    dim, heads, vocab = 32, 4, 128
+    config = llama3.Llama3Model.Config(
+        dim=dim,
+        vocab_size=vocab,
+        tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=dim),
+        norm=RMSNorm.Config(normalized_shape=dim),
+        lm_head=Linear.Config(in_features=dim, out_features=vocab),
+        layers=llama3._build_llama3_layers(
+            n_layers=3,
+            dim=dim,
+            n_heads=heads,
+            n_kv_heads=2,
+            hidden_dim=2 * dim,
+            rope=ComplexRoPE.Config(dim=dim // heads, max_seq_len=64, theta=10000.0),
+            attn_backend="flex",
+        ),
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.default_generator.manual_seed(0)
+        model = config.build()
+        model.init_states(buffer_device=torch.device("cpu"))
+    finally:
+        torch.random.set_rng_state(state)
+    for layer in model.layers.values():
+        layer.attention.inner_attention = ScaledDotProductAttention(None)
+    return model.double().train()
+
+
+@pytest.mark.slow
+def test_torchtitan_llama_matches_reference() -> None:
+    """torchtitan's Llama3Model (ModuleDict layers, norm, lm_head) through a Decoder equals one
+    full forward per point, forward-only on the CPU."""
+    model = _torchtitan_llama()
+    site = resolve(model, decoder=TORCHTITAN)
+    assert site.blocks == tuple(model.layers.values())
+    assert site.max_positions == model.config.max_seq_len == 64
+    ids_a, ids_b = mixed_length_pairs(seed=4)
+    kwargs = {"num_alphas": 5, "write_layer": 1, "decoder": TORCHTITAN}
+    fast = interpolate(model, ids_a, ids_b, **kwargs)
+    slow = reference.interpolate(model, ids_a, ids_b, **kwargs)
+    assert_curves_close(fast, slow)
+    torch.testing.assert_close(fast.distance, slow.distance, atol=1e-10, rtol=1e-10)
+    assert slow.distance.max() > 0.01  # the patch moves the output
