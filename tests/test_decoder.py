@@ -320,3 +320,18 @@ def test_torchtitan_llama_matches_reference() -> None:
     assert_curves_close(fast, slow)
     torch.testing.assert_close(fast.distance, slow.distance, atol=1e-10, rtol=1e-10)
     assert slow.distance.max() > 0.01  # the patch moves the output
+
+
+def test_half_precision_decoder_measured_in_fp32_equals_an_fp32_copy() -> None:
+    """fp32 numerics of a bf16 Decoder model (upcast module by module, in place) equal measuring
+    an fp32 copy of its bf16 weights; the bf16 weights stay as they were."""
+    model = nanogpt(dtype=torch.bfloat16)
+    copy = nanogpt(dtype=torch.bfloat16).float()
+    probes, config = make_probes(), ProbeConfig(num_alphas=5, grid=3)
+    got = measure(model, probes, config, dtype=torch.float32, decoder=NANOGPT)
+    want = measure(copy, probes, config, decoder=NANOGPT)
+    for name, curves in want.curves.items():
+        torch.testing.assert_close(got.curves[name].distance, curves.distance)
+        assert torch.equal(got.curves[name].top_a, curves.top_a)
+    torch.testing.assert_close(got.maps.distance, want.maps.distance)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
