@@ -55,7 +55,7 @@ def run(
         ids = engine._stack(site, prompts, chunk)
         with capturing(site) as captured:
             hidden = decoder_readout(site, ids)[:, -1]
-        engine._scatter(chunk, captured[0], write)
+        engine._scatter(chunk, captured.vectors[0], write)
         engine._scatter(chunk, hidden, final)
         engine._scatter(chunk, logits(site, hidden).argmax(-1), top)
     vectors = build(torch.stack(write)) if phases else []
