@@ -50,6 +50,7 @@ from regionwatch import distributed, metrics
 from regionwatch.access import ResidualSite, resolve
 from regionwatch.background import BackgroundWriter, Failure
 from regionwatch.corpus import Source
+from regionwatch.decoder import Decoder
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
 from regionwatch.errors import ConfigError, check_int
 from regionwatch.measure import check_prompts, measure, merge_shards
@@ -158,6 +159,8 @@ class Monitor:
         source: text to draw the probe set from (see `regionwatch.corpus.documents`); None for
             the built-in corpus.
         run_dir: the run directory; None: `<log dir>/regionwatch` (given at `setup`).
+        decoder: where a model that is not a Hugging Face one keeps its blocks, final norm and
+            head (see `regionwatch.decoder.Decoder`).
 
     Raises:
         ConfigError: neither a tokenizer nor a probe set, or an argument of the wrong kind (a
@@ -173,6 +176,7 @@ class Monitor:
         probes: ProbeSet | None = None,
         source: Source = None,
         run_dir: str | Path | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
         if not isinstance(watch, WatchConfig):
             raise ConfigError(
@@ -187,6 +191,7 @@ class Monitor:
             )
         _check_arguments(tokenizer, probes, run_dir)
         self.watch = watch
+        self._decoder = decoder
         self._tokenizer, self._probes, self._source = tokenizer, probes, source
         self.run_dir: Path | None = None if run_dir is None else Path(run_dir)
         self._explicit_run_dir = run_dir is not None
@@ -271,7 +276,10 @@ class Monitor:
         """
         self._rank, self._world = rank, world
         site = resolve(
-            model, write_layer=self.watch.probe.write_layer, block_path=self.watch.probe.block_path
+            model,
+            write_layer=self.watch.probe.write_layer,
+            block_path=self.watch.probe.block_path,
+            decoder=self._decoder,
         )
         if self.run_dir is None and log_dir is None:
             raise ConfigError(

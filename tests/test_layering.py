@@ -22,6 +22,7 @@ RANK = {
     "corpus": 1,
     "palette": 1,
     "decoder": 1,
+    "dcp": 1,  # DCP folders read as data: torch only
     "access": 2,
     # DESIGN import order: errors → access · sampling · distributed → probes · engine
     "distributed": 2,
@@ -30,7 +31,8 @@ RANK = {
     "loading": 2,
     "engine": 3,
     "rows": 3.5,  # the generic engine path: uses engine's batching and FSDP split; plan uses it
-    "checkpoints": 3,
+    "stacks": 3,  # litgpt / OLMo-core / nanoGPT checkpoints: loading, dcp, decoder
+    "checkpoints": 4,
     "results": 3,
     "plan": 4,
     "measure": 5,
@@ -43,13 +45,18 @@ RANK = {
     "monitor": 9,
     "lightning": 10,
     "hf": 10,
+    "olmo_core": 10,
     "replay": 10,
     "demo": 11,
     "cli": 12,
     "__main__": 13,
 }
 # Host frameworks stay in their drivers (STYLE.md §2.1).
-HOST_IMPORTS = {"lightning": {"lightning", "demo"}, "pytorch_lightning": {"lightning"}}
+HOST_IMPORTS = {
+    "lightning": {"lightning", "demo"},
+    "pytorch_lightning": {"lightning"},
+    "olmo_core": {"olmo_core"},
+}
 # The HF Trainer's modules and names (Trainer, TrainerCallback, TrainingArguments, ...).
 TRAINER_NAMES = ("transformers.trainer", "transformers.Trainer", "transformers.Training")
 
