@@ -35,13 +35,17 @@ def token_file(tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
     return path
 
 
-def olmo_model(vocab: int, *, seed: int = 0) -> Any:
-    """A seeded `olmo2_1M`-sized Transformer (2 blocks, width 12), the global RNG restored."""
+def olmo_config(vocab: int) -> Any:
+    """An `olmo2_1M`-sized TransformerConfig: 2 blocks, width 12."""
     transformer = require("olmo_core.nn.transformer")
-    config = transformer.TransformerConfig.olmo2_1M(vocab_size=vocab, n_layers=LAYERS)
+    return transformer.TransformerConfig.olmo2_1M(vocab_size=vocab, n_layers=LAYERS)
+
+
+def olmo_model(vocab: int, *, seed: int = 0) -> Any:
+    """A seeded `olmo_config` Transformer, the global RNG restored."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
-        return config.build(init_device="cpu")
+        return olmo_config(vocab).build(init_device="cpu")
 
 
 def olmo_trainer(
@@ -55,8 +59,10 @@ def olmo_trainer(
 ) -> Any:
     """An OLMo-core `Trainer` on the CPU that saves to `folder/save` every `save_interval` steps.
 
-    Built afresh from the same seed, it starts from the same weights; if `folder/save` holds
-    checkpoints, `fit` resumes from the newest (OLMo-core's default load strategy).
+    Each checkpoint holds the `config.json` of OLMo-core's `ConfigSaverCallback`, with the model's
+    config under "model", as OLMo-core's training scripts record it. Built afresh from the same
+    seed, it starts from the same weights; if `folder/save` holds checkpoints, `fit` resumes from
+    the newest (OLMo-core's default load strategy).
     """
     data = require("olmo_core.data")
     train = require("olmo_core.train")
@@ -85,11 +91,17 @@ def olmo_trainer(
     checkpointer = callbacks_module.CheckpointerCallback(
         save_interval=save_interval, ephemeral_save_interval=None
     )
-    return train.TrainerConfig(
+    trainer = train.TrainerConfig(
         save_folder=str(folder / "save"),
         work_dir=str(work),
         max_duration=train.Duration.steps(steps),
         device="cpu",
         metrics_collect_interval=1,
-        callbacks={"checkpointer": checkpointer, **callbacks},
+        callbacks={
+            "checkpointer": checkpointer,
+            "config_saver": callbacks_module.ConfigSaverCallback(),
+            **callbacks,
+        },
     ).build(module, loader)
+    trainer.callbacks["config_saver"].config = {"model": olmo_config(vocab).as_config_dict()}
+    return trainer
