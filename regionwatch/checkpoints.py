@@ -38,13 +38,14 @@ from regionwatch.loading import (
     read_checkpoint,
 )
 from regionwatch.revisions import expand_revisions, parse_revision
-from regionwatch.stacks import NANOGPT_FILE, stack_kind
+from regionwatch.stacks import NANOGPT_FILE, is_nanogpt, stack_kind
 from regionwatch.stacks import position as stack_position
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"  # the HF Trainer's state in every checkpoint-N folder
 SCANNED_SUFFIXES = (".ckpt",)  # files picked up inside a SOURCE directory; others must be named
+NANOGPT_SUFFIXES = (".pt", ".pth")  # a torch.save file that may be nanoGPT's (`model_args` in it)
 # Where each stack checkpoint's step and tokens are recorded (regionwatch.stacks reads them).
 STACK_RECORDS = MappingProxyType(
     {
@@ -251,6 +252,10 @@ def _position(
     """Fill in step and tokens, each from the first source that has it."""
     steps: list[tuple[int | None, str]] = []
     tokens: list[tuple[int | None, str]] = []
+    if checkpoint.kind == "state_dict" and checkpoint.path.suffix in NANOGPT_SUFFIXES:
+        data = read_checkpoint(checkpoint.path, trust_pickle=trust_pickle)  # memory-mapped
+        if is_nanogpt(data):  # a nanoGPT checkpoint saved under another name than ckpt.pt
+            checkpoint = replace(checkpoint, kind="nanogpt")
     if checkpoint.kind in STACK_RECORDS:
         step, seen = stack_position(checkpoint.kind, checkpoint.path, trust_pickle)
         steps.append((step, STACK_RECORDS[checkpoint.kind]))

@@ -159,6 +159,12 @@ def test_replay_nanogpt_ckpt_through_the_named_builder(
     store = SnapshotStore(tmp_path / "run")
     assert [(r["step"], r["tokens"]) for r in store.records()] == [(3, 3 * 128)]
     assert_same_numbers(store.read(3), model.eval(), store, decoder=GPT_LAYOUT)
+    renamed = tmp_path / "iter3.pt"  # named by hand: known by its model_args, not its name
+    (tmp_path / "out" / "ckpt.pt").rename(renamed)
+    again = replay(
+        [renamed], into=tmp_path / "run", model_builder="tests.test_stacks:build_nanogpt"
+    )
+    assert [c.kind for c in again.skipped] == ["nanogpt"]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import pytest
 
 INSTALL = (
     'pip install -e ".[stacks]" && pip install --no-deps litgpt==0.5.13 ai2-olmo-core==3.0.0 '
-    "torchtitan==0.3.0"
+    "torchtitan==0.3.0 cached-path==1.8.10"
 )
 
 
