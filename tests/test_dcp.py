@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
 import warnings
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from regionwatch.dcp import METADATA_FILE, read_index
 from regionwatch.errors import CheckpointError
@@ -86,3 +89,31 @@ def test_dcp_unknown_tensor_is_refused(folder: Path) -> None:
     """A name the index does not hold as a tensor is named in the error."""
     with pytest.raises(CheckpointError, match=r"no tensor 'model\.missing'"):
         read_index(folder).read(["model.missing"])
+
+
+def test_dcp_shards_are_put_back_together(tmp_path: Path) -> None:
+    """A tensor saved as two row shards (as FSDP ranks write it) reads back whole."""
+    whole = torch.arange(24.0).reshape(6, 4)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    storage, chunks = {}, []
+    for rank, (start, rows) in enumerate([(0, 2), (2, 4)]):  # uneven, as FSDP pads the last
+        offsets, sizes = torch.Size([start, 0]), torch.Size([rows, 4])
+        buffer = io.BytesIO()
+        torch.save(whole[start : start + rows].clone(), buffer)
+        (folder / f"__{rank}_0.distcp").write_bytes(buffer.getvalue())
+        index = dcp_metadata.MetadataIndex("model.w", offsets)
+        storage[index] = _StorageInfo(f"__{rank}_0.distcp", 0, len(buffer.getvalue()))
+        chunks.append(dcp_metadata.ChunkStorageMetadata(offsets=offsets, sizes=sizes))
+    entry = dcp_metadata.TensorStorageMetadata(
+        properties=dcp_metadata.TensorProperties(dtype=torch.float32),
+        size=whole.shape,
+        chunks=chunks,
+    )
+    metadata = dcp_metadata.Metadata(state_dict_metadata={"model.w": entry}, storage_data=storage)
+    (folder / METADATA_FILE).write_bytes(pickle.dumps(metadata))
+    assert torch.equal(read_index(folder).read(["model.w"])["model.w"], whole)
+    metadata.state_dict_metadata["model.w"].chunks.pop()  # the second rank's shard went missing
+    (folder / METADATA_FILE).write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="hold 8 of its 24 values"):
+        read_index(folder).read(["model.w"])

@@ -179,3 +179,22 @@ def test_replay_bad_model_builder_is_refused_first(tmp_path: Path, spec: str, ma
     """A builder that cannot be imported is refused before any checkpoint is looked at."""
     with pytest.raises(ConfigError, match=match):
         replay([tmp_path / "nothing here"], out=tmp_path / "run", model_builder=spec)
+
+
+def test_replay_litgpt_config_claiming_a_huge_model_is_refused_unallocated(
+    tmp_path: Path, lm_probes
+) -> None:
+    """A config far larger than its weights fails on the meta device, before any allocation."""
+    litgpt = require("litgpt")
+    utils = require("litgpt.utils")
+    config = litgpt.Config(name="tiny", n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB)
+    folder = tmp_path / "step-00000001"
+    folder.mkdir()
+    torch.save({"model": litgpt.GPT(config).state_dict()}, folder / "lit_model.pth")
+    # ~4 TB of fp32 weights if built: the test would die of memory, not fail, were it allocated
+    utils.save_config(litgpt.Config(name="huge", n_layer=512, n_embd=32768, n_head=256), folder)
+    result = replay(
+        [folder], out=tmp_path / "run", probes=lm_probes, tokens_per_step=64, progress=False
+    )
+    assert not result.measured
+    assert "do not fit the GPT built for it" in result.failed[0][1]
