@@ -257,8 +257,14 @@ def _hf_site(model: nn.Module, write_layer: int, block_path: str | None) -> Resi
 
 # Where a model that is not a Hugging Face one records its context length: litgpt's `GPT`
 # (`max_seq_length`, which sizes its RoPE cache), nanoGPT-style configs (`config.block_size`)
-# and torchtitan's `model_args.max_seq_len`. Anything else: `Decoder(max_positions=...)`.
-CONTEXT_LENGTHS = ("max_seq_length", "config.block_size", "model_args.max_seq_len")
+# and torchtitan's (`config.max_seq_len` in 0.3, `model_args.max_seq_len` before). Anything
+# else (OLMo-core records none): `Decoder(max_positions=...)`.
+CONTEXT_LENGTHS = (
+    "max_seq_length",
+    "config.block_size",
+    "config.max_seq_len",
+    "model_args.max_seq_len",
+)
 
 
 HEAD_DIMS = 2  # an unembedding's weight is [vocab, d_model]
