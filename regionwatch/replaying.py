@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from regionwatch.checkpoints import Checkpoint, discover
+from regionwatch.decoder import Decoder
 from regionwatch.errors import ConfigError, RegionWatchError, StoreError
 from regionwatch.loading import (
     LoadOptions,
@@ -46,6 +47,7 @@ from regionwatch.monitor import Monitor, Precision, WatchConfig
 from regionwatch.onset import LIVE_RUN_KEY
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
+from regionwatch.stacks import DECODERS, load_stack_model, resolve_builder
 from regionwatch.store import CONFIG_FILE, PROBES_DIR, RUN_FORMAT, SnapshotStore
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ def replay(
     state_key: str | None = None,
     config_dir: str | Path | None = None,
     trust_pickle: bool = False,
+    model_builder: str | None = None,
     repo: str | None = None,
     revisions: str | Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
@@ -116,6 +119,9 @@ def replay(
         state_key: key prefix of the model in state-dict checkpoints (found if None).
         config_dir: directory with the model's config.json, for state-dict checkpoints.
         trust_pickle: allow full unpickling of pickled checkpoints (runs code from the file).
+        model_builder: `pkg.module:function` building the model of litgpt, OLMo-core or nanoGPT
+            checkpoints from their recorded settings (required for nanoGPT); the only code
+            replay imports, and only when named (see `regionwatch.stacks`).
         repo: hub repo id whose `revisions` to replay.
         revisions: revision names, globs (`step*`) or a schedule name ("pythia").
         dtype: dtype the weights are loaded in (their memory).
@@ -143,6 +149,7 @@ def replay(
     if (out is None) == (into is None):
         raise ConfigError("replay needs a run to write: --out RUN_DIR or --into RUN_DIR (one)")
     check_device(device)
+    builder = None if model_builder is None else resolve_builder(model_builder)
     run_dir = Path(out if into is None else into)
     if into is not None and not _is_run(run_dir):
         raise StoreError(f"--into {run_dir}: not a regionwatch run; pass --out to start one")
@@ -165,10 +172,11 @@ def replay(
         config_dir=None if config_dir is None else Path(config_dir),
         state_key=state_key,
         trust_pickle=trust_pickle,
+        model_builder=builder,
         dtype=dtype,
         device=device,
     )
-    monitor = Monitor(watch, probes=probes, run_dir=run_dir)
+    monitor = Monitor(watch, probes=probes, run_dir=run_dir, decoder=_decoder(checkpoints))
     live = live_run or next((p for p in paths if _is_run(p)), None)
     info = None if live is None else {LIVE_RUN_KEY: str(Path(live).resolve())}
     monitor.open(run_info=info)  # a run measured differently is refused here
@@ -235,13 +243,16 @@ def _measure(
     """Load, measure and release one checkpoint; (snapshot, "") or (None, the reason)."""
     model = None
     try:
-        model = load_checkpoint(
-            checkpoint.kind,
-            checkpoint.path,
-            options,
-            repo=checkpoint.repo,
-            revision=checkpoint.revision,
-        )
+        if checkpoint.kind in DECODERS:
+            model = load_stack_model(checkpoint.kind, checkpoint.path, options)
+        else:
+            model = load_checkpoint(
+                checkpoint.kind,
+                checkpoint.path,
+                options,
+                repo=checkpoint.repo,
+                revision=checkpoint.revision,
+            )
         monitor.setup(model, log_dir=None, info={"driver": DRIVER})  # checks the architecture
         # Region maps at every checkpoint (measure_now's default): a live run draws them at
         # fewer snapshots to bound its training overhead; a replay measures what it was given.
@@ -319,6 +330,22 @@ def _info(checkpoint: Checkpoint) -> dict[str, Any]:
         "checkpoint_kind": checkpoint.kind,
         "position_from": checkpoint.found,
     }
+
+
+def _decoder(checkpoints: list[Checkpoint]) -> Decoder | None:
+    """Where the checkpoints' models keep their blocks: one stack's layout, or HF's (None).
+
+    Raises:
+        ConfigError: checkpoints of stacks whose models differ (one monitor measures one kind).
+    """
+    decoders = {DECODERS.get(c.kind) for c in checkpoints}
+    if len(decoders) > 1:
+        kinds = sorted({c.kind for c in checkpoints})
+        raise ConfigError(
+            f"these checkpoints are of different stacks ({', '.join(kinds)}), whose models keep "
+            "their blocks in different places; replay one stack's checkpoints at a time"
+        )
+    return decoders.pop()
 
 
 def _conflict(checkpoint: Checkpoint, tokens: int) -> str:

@@ -27,6 +27,7 @@ RANK = {
     "background": 1,
     "counting": 1,
     "decoder": 1,
+    "dcp": 1,  # DCP folders read as data: torch only
     "access": 2,
     # DESIGN import order: errors → access · sampling · distributed → probes · engine
     "distributed": 2,
@@ -35,7 +36,8 @@ RANK = {
     "probes": 3,
     "engine": 3,
     "rows": 3.5,  # the generic engine path: uses engine's batching and FSDP split; plan uses it
-    "checkpoints": 3,
+    "stacks": 3,  # litgpt / OLMo-core / nanoGPT checkpoints: loading, dcp, decoder
+    "checkpoints": 4,
     "results": 3,
     "wrappers": 3,
     "plan": 4,
@@ -51,13 +53,18 @@ RANK = {
     "monitor": 10,
     "lightning": 11,
     "hf": 11,
+    "olmo_core": 11,
     "replaying": 11,
     "demo": 12,
     "cli": 13,
     "__main__": 14,
 }
 # Host frameworks stay in their drivers (STYLE.md §2.1).
-HOST_IMPORTS = {"lightning": {"lightning", "demo"}, "pytorch_lightning": {"lightning"}}
+HOST_IMPORTS = {
+    "lightning": {"lightning", "demo"},
+    "pytorch_lightning": {"lightning"},
+    "olmo_core": {"olmo_core"},
+}
 # The HF Trainer's modules and names (Trainer, TrainerCallback, TrainingArguments, ...).
 TRAINER_NAMES = ("transformers.trainer", "transformers.Trainer", "transformers.Training")
 

@@ -23,8 +23,9 @@ def add(verbs: argparse._SubParsersAction) -> None:
         nargs="*",
         type=Path,
         metavar="SOURCE",
-        help="save_pretrained / Trainer checkpoint-N dirs, Lightning .ckpt files, directories "
-        "holding them, or a regionwatch run dir (its probe set is used)",
+        help="save_pretrained / Trainer checkpoint-N dirs, Lightning .ckpt files, litgpt and "
+        "OLMo-core step folders, nanoGPT ckpt.pt files, directories holding them, or a "
+        "regionwatch run dir (its probe set is used)",
     )
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, metavar="RUN_DIR", help="run dir to write (or resume)")
@@ -63,6 +64,12 @@ def add(verbs: argparse._SubParsersAction) -> None:
         "--trust-pickle",
         action="store_true",
         help="fully unpickle checkpoints that hold Python objects (runs code from the file)",
+    )
+    p.add_argument(
+        "--model-builder",
+        metavar="PKG.MODULE:FUNCTION",
+        help="function building the model of litgpt, OLMo-core or nanoGPT checkpoints from their "
+        "recorded settings (required for nanoGPT ckpt.pt); the only code replay imports",
     )
     p.add_argument("--repo", metavar="NAME", help="hub repo id whose --revisions to replay")
     p.add_argument(
@@ -117,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         state_key=args.state_key,
         config_dir=args.config_dir,
         trust_pickle=args.trust_pickle,
+        model_builder=args.model_builder,
         repo=args.repo,
         revisions=args.revisions,
         dtype=parse_dtype(args.dtype),
