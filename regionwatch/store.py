@@ -303,6 +303,20 @@ class SnapshotStore:
                 raise
             return self._load(fresh)
 
+    def read_record(self, record: Mapping[str, Any]) -> Snapshot:
+        """Load the snapshot a `records()` row names, as `read` does, without re-reading the index.
+
+        Going through every record with `read` would parse the index once per snapshot; this
+        keeps a reader of the whole run (a report) linear in the run's length.
+
+        Raises:
+            StoreError: as `read`.
+        """
+        try:
+            return self._load(record)
+        except StoreError:
+            return self.read(record["step"])  # the writer may have replaced it since the listing
+
     def steps(self) -> list[int]:
         """The steps with a readable snapshot, ascending."""
         return sorted(row["step"] for row in self.records())
@@ -614,8 +628,14 @@ class SnapshotStore:
         try:
             data = read_bytes(path)
         except OSError as err:
+            why = (
+                "it is a symbolic link, which regionwatch never follows inside a run directory "
+                "(replace it with the file it points to)"
+                if err.errno == errno.ELOOP
+                else str(err)
+            )
             raise StoreError(
-                f"{path}: cannot read the snapshot of step {row['step']}: {err}"
+                f"{path}: cannot read the snapshot of step {row['step']}: {why}"
             ) from err
         # Hash the very bytes we load: a check on the file followed by a second read could pass
         # on one version and load another.

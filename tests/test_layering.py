@@ -27,6 +27,7 @@ RANK = {
     "sampling": 2,
     "probes": 3,
     "loading": 2,
+    "sizing": 1,
     "engine": 3,
     "checkpoints": 3,
     "results": 3,
