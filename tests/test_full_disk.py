@@ -7,6 +7,7 @@ snapshots of a real monitor measuring a real tiny model every step.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,23 +19,22 @@ from regionwatch.results import ProbeConfig
 from regionwatch.store import bytes_to_start
 from tests.support.disk import fill
 from tests.support.factories import make_monitor
-from tests.support.lm import tiny_gpt2
+from tests.support.lm import SMALL_PROBE, tiny_gpt2
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
+PROBE = replace(SMALL_PROBE, parts=("random",))  # no region maps: the disk is what is tested
 STEPS = range(11)  # every_steps(1) for 10 steps: the baseline and steps 1..10
 
 
 def run(
-    lm_probes, run_dir: Path, disk: Path, *, full_at: int, free_at: int | None
+    lm_probes, run_dir: Path, disk: Path, *, full_at: int, free_at: int | None, close: bool = True
 ) -> tuple[Monitor, list[int]]:
     """Measure STEPS; the disk is full from `full_at` until `free_at` (None: to the end).
 
-    Returns the closed monitor and the scheduled steps.
+    Returns the monitor (closed if `close`, else drained) and the scheduled steps.
     """
     model = tiny_gpt2(VOCAB)
-    monitor = make_monitor(
-        "monitor", lm_probes, run_dir, every=1, maps_schedule=None, tensorboard=False
-    )
+    monitor = make_monitor("monitor", lm_probes, run_dir, every=1, probe=PROBE, tensorboard=False)
     monitor.setup(model, log_dir=None)
     monitor.open()
     for step in STEPS:
@@ -45,7 +45,9 @@ def run(
         if step == free_at:
             (disk / "filler").unlink()
         monitor.maybe_measure(model, step=step, tokens=10 * step)
-    monitor.close()
+    monitor.drain()
+    if close:
+        monitor.close()
     return monitor, list(STEPS)
 
 
@@ -94,18 +96,7 @@ def test_a_disk_freed_mid_run_gets_every_lost_step_listed(
 def test_failure_rows_refused_to_the_end_are_written_at_close(small_disk: Path, lm_probes) -> None:
     """Full from step 8 to the end, freed only after the last write: close records 8-10."""
     run_dir = small_disk / "run"
-    model = tiny_gpt2(VOCAB)
-    monitor = make_monitor(
-        "monitor", lm_probes, run_dir, every=1, maps_schedule=None, tensorboard=False
-    )
-    monitor.setup(model, log_dir=None)
-    monitor.open()
-    for step in STEPS:
-        if step == 8:
-            monitor.drain()
-            fill(small_disk)
-        monitor.maybe_measure(model, step=step, tokens=10 * step)
-    monitor.drain()
+    monitor, _ = run(lm_probes, run_dir, small_disk, full_at=8, free_at=None, close=False)
     assert [f["step"] for f in monitor.store.pending_failures] == [8, 9, 10]
     (small_disk / "filler").unlink()
     monitor.close()
@@ -121,9 +112,7 @@ def test_a_full_disk_at_start_is_refused_naming_the_space_needed(
     run_dir = small_disk / "run"
     fill(small_disk)
     model = tiny_gpt2(VOCAB)
-    monitor = make_monitor(
-        "monitor", lm_probes, run_dir, every=1, maps_schedule=None, tensorboard=False
-    )
+    monitor = make_monitor("monitor", lm_probes, run_dir, every=1, probe=PROBE, tensorboard=False)
     monitor.setup(model, log_dir=None)
     needed = bytes_to_start(lm_probes, monitor.watch.probe) / 2**20
     with pytest.raises(ConfigError, match=rf"run dir {run_dir} has 0.00 MiB free") as err:
