@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -229,17 +229,29 @@ def _replace_hidden(output: Any, hidden: Tensor) -> Any:
     return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
 
 
-@contextmanager
-def capturing(site: ResidualSite) -> Iterator[list[Tensor]]:
-    """Collect the write-site residual at the last position of every forward while active.
+@dataclass
+class Capture:
+    """What `capturing` saw of the write block.
 
-    Yields:
-        A list that receives one [batch, d_model] tensor per forward pass.
+    Attributes:
+        vectors: the write-site residual at the last position, one [batch, d_model] per forward.
+        tuples: the block returned a tuple with the hidden states first, not a bare tensor
+            (transformers 4.x for most architectures, 5.x for none); a block that `skipping`
+            replaces must answer in the same form.
     """
-    captured: list[Tensor] = []
+
+    vectors: list[Tensor] = field(default_factory=list)
+    tuples: bool = False
+
+
+@contextmanager
+def capturing(site: ResidualSite) -> Iterator[Capture]:
+    """Collect the write-site residual at the last position of every forward while active."""
+    captured = Capture()
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        captured.append(_hidden(output)[:, -1].detach().clone())
+        captured.vectors.append(_hidden(output)[:, -1].detach().clone())
+        captured.tuples = not isinstance(output, Tensor)
 
     handle = site.blocks[site.write_layer].register_forward_hook(hook)
     try:
@@ -267,6 +279,60 @@ def patching(site: ResidualSite, vectors: Tensor) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def skipping(site: ResidualSite, vectors: Tensor, *, tuples: bool) -> Iterator[None]:
+    """Skip blocks 0..write_layer: the write site's output is `vectors`, whatever the inputs.
+
+    A query pass replaces the whole write-site output, so nothing the blocks up to it compute
+    for the queries reaches the readout: they are not run at all (their children's hooks, an
+    upcast's included, do not fire). The model's own forward still builds the positions and the
+    mask for the blocks after it. Those blocks' KV cache grows by the queries; the skipped blocks'
+    cache is left as it was (`drop_queries`). A block wrapped by FSDP1 keeps its wrapper's
+    forward, so every rank still gathers and frees each unit as it would in a full pass.
+
+    Args:
+        site: the resolved model.
+        vectors: [batch, positions, d_model], the write-site output of every input position.
+        tuples: answer as `(vectors,)`, the form of the blocks' output (`Capture.tuples`).
+    """
+    skipped = [getattr(b, "_fsdp_wrapped_module", b) for b in site.blocks[: site.write_layer + 1]]
+    own = [vars(block).get("forward") for block in skipped]  # a forward patched onto an instance
+    vectors = vectors.to(site.dtype)  # built in float32; the stream's dtype from here on
+    output: Any = (vectors,) if tuples else vectors
+
+    def answer(*_args: Any, **_kwargs: Any) -> Any:
+        return output
+
+    for block in skipped:
+        block.forward = answer
+    try:
+        yield
+    finally:
+        for block, forward in zip(skipped, own, strict=True):
+            if forward is None:
+                vars(block).pop("forward", None)
+            else:
+                block.forward = forward
+
+
+def drop_queries(site: ResidualSite, cache: Any, width: int) -> None:
+    """Remove the last `width` positions that a `skipping` pass added to the KV cache.
+
+    Only the blocks after the write site saw the queries; the skipped blocks still hold the
+    prefix alone, and the first of them keeps the cache's length (what the model reads as
+    the past) at the prefix throughout.
+    """
+    first = site.write_layer + 1
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56: a layer object per block
+        for layer in layers[first:]:
+            layer.crop(-width)
+        return
+    for store in (cache.key_cache, cache.value_cache):  # 4.52-4.55: a tensor list per block
+        for i in range(first, len(store)):
+            store[i] = store[i][..., :-width, :]
 
 
 class _StopForward(Exception):

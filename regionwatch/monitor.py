@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from regionwatch import distributed, metrics
+from regionwatch import distributed, onset
 from regionwatch.access import ResidualSite, resolve
 from regionwatch.background import BackgroundWriter, Failure
 from regionwatch.corpus import Source
@@ -193,6 +193,7 @@ class Monitor:
         self._rank, self._world = 0, 1
         self._context: ContextFactory = contextlib.nullcontext
         self._store: SnapshotStore | None = None
+        self._onset: onset.OnsetTracker | None = None  # the run's onset, rank zero
         self._sink: TensorBoardSink | None = None
         self._last: Mark | None = None
         self._last_maps: Mark | None = None
@@ -335,14 +336,21 @@ class Monitor:
         self._open(tokens=tokens, starting=(step, model))
         return self.maybe_measure(model, step=step, tokens=tokens)
 
-    def open(self) -> None:
+    def open(self, *, run_info: Mapping[str, Any] | None = None) -> None:
         """Create or reopen the run's store and sinks (rank zero) and share the newest mark.
 
         For adding points to a run (replay): nothing is cut back. Training runs call `start`.
+        `run_info` joins the run's info when the run is created (replay: `live_run`).
         """
-        self._open(tokens=None, starting=None)
+        self._open(tokens=None, starting=None, run_info=run_info)
 
-    def _open(self, *, tokens: int | None, starting: tuple[int, nn.Module] | None) -> None:
+    def _open(
+        self,
+        *,
+        tokens: int | None,
+        starting: tuple[int, nn.Module] | None,
+        run_info: Mapping[str, Any] | None = None,
+    ) -> None:
         last = last_maps = refusal = run_id = None
         if self.run_dir is None:  # `setup` made sure there is a log dir
             self.run_dir = self._log_dir / DEFAULT_RUN_NAME
@@ -354,11 +362,12 @@ class Monitor:
                 self.run_dir,
                 probes=self.probes,
                 config=self.watch.probe,
-                info={"schedule": self.watch.schedule.to_dict()},
+                info={"schedule": self.watch.schedule.to_dict(), **(run_info or {})},
             )
             refusal = None if starting is None else self._claim(*starting)
             if refusal is None:
                 run_id = self._store.run_id
+                self._onset = onset.tracker(self._store)  # read once; then kept per snapshot
                 newest = self._store.latest()
                 last = None if newest is None else Mark(*newest)
                 mapped = [r for r in self._store.records() if "maps" in r.get("parts", ())]
@@ -686,12 +695,14 @@ class Monitor:
                 "storing the snapshot at step %d failed; training continues", snapshot.step
             )
             self._store_failure(snapshot.step, snapshot.tokens, repr(err))
+        else:
+            self._onset.add(snapshot.record())  # the onset follows what the store holds
 
     def _sink_snapshot(
         self, sink: TensorBoardSink, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]
     ) -> None:
-        onset = metrics.record_onset(self._store.records())
-        run_scalars = {} if onset is None else {"onset/tokens": onset}
+        tokens = self._onset.onset
+        run_scalars = {} if tokens is None else {"onset/tokens": tokens}
         sink.write(snapshot, rendered=rendered, run_scalars=run_scalars)
 
     def _record_failure(self, step: int, tokens: int, error: str) -> None:

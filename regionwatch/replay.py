@@ -43,9 +43,10 @@ from regionwatch.loading import (
 )
 from regionwatch.measure import ProbeConfig
 from regionwatch.monitor import Monitor, Precision, WatchConfig
+from regionwatch.onset import LIVE_RUN_KEY
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
-from regionwatch.store import CONFIG_FILE, RUN_FORMAT, SnapshotStore
+from regionwatch.store import CONFIG_FILE, PROBES_DIR, RUN_FORMAT, SnapshotStore
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def replay(
     precision: Precision = "fp32",
     device: str = "cpu",
     progress: bool = True,
+    live_run: str | Path | None = None,
 ) -> ReplayResult:
     """Measure saved checkpoints (or hub revisions) in training order into a run directory.
 
@@ -121,6 +123,9 @@ def replay(
             module by module in place, no copy) or "weights" (the weights' own dtype).
         device: device to measure on.
         progress: show a progress bar over the checkpoints.
+        live_run: the live run the checkpoints came from (default: a run directory among the
+            SOURCEs); recorded in a new run's info as `live_run`, whose step-0 snapshot then
+            gives the onset's init band when no step-0 checkpoint is replayed.
 
     Returns:
         What was measured, skipped and failed.
@@ -164,7 +169,9 @@ def replay(
         device=device,
     )
     monitor = Monitor(watch, probes=probes, run_dir=run_dir)
-    monitor.open()  # a run measured differently is refused here
+    live = live_run or next((p for p in paths if _is_run(p)), None)
+    info = None if live is None else {LIVE_RUN_KEY: str(Path(live).resolve())}
+    monitor.open(run_info=info)  # a run measured differently is refused here
     try:
         return _replay_all(monitor, checkpoints, options, progress=progress)
     finally:
@@ -320,6 +327,12 @@ def _conflict(checkpoint: Checkpoint, tokens: int) -> str:
         f"says {checkpoint.tokens} ({checkpoint.found}): a different run, or a wrong "
         "--tokens-per-step; not measured"
     )
+
+
+def run_of_probes(probe_dir: str | Path) -> Path | None:
+    """The run directory a probe set was saved in (`RUN/probes`), or None for a loose one."""
+    parent = Path(probe_dir).parent
+    return parent if Path(probe_dir).name == PROBES_DIR and _is_run(parent) else None
 
 
 def _is_run(path: Path) -> bool:

@@ -236,6 +236,9 @@ class TensorBoardSink:
         the next write opens a new event file, so the sink recovers once the disk takes writes
         again instead of failing for the rest of the run.
 
+        A snapshot whose tokens seen are unknown (`Snapshot.position_unknown`) has no place on
+        the axis: it is not written (a warning says so), never drawn at 0 tokens.
+
         Args:
             snapshot: the snapshot; its tokens should exceed the last written ones.
             rendered: `images(snapshot)` when the caller already has them (they are shared
@@ -243,6 +246,13 @@ class TensorBoardSink:
             run_scalars: run-level scalars to log with it, as `write_scalars` does, under the
                 same flush (one flush per snapshot: each flush is a disk write).
         """
+        if not snapshot.on_tokens_axis:  # its stored 0 is a slot: never a point at 0 tokens
+            logger.warning(
+                "tensorboard: the snapshot of step slot %d has no known tokens seen (a one-off "
+                "measurement); it has no place on the tokens axis and is not written",
+                snapshot.step,
+            )
+            return
         started = time.perf_counter()
         step = int(snapshot.tokens)
         with self._discarding_on_error():

@@ -26,7 +26,7 @@ def test_write_site_and_readout_match_hidden_states(arch: str, write_layer: int)
         states = model(input_ids=ids, output_hidden_states=True)
         with access.capturing(site) as captured:
             readout = access.final_hidden(site, ids)
-    torch.testing.assert_close(captured[0], states.hidden_states[write_layer + 1][:, -1])
+    torch.testing.assert_close(captured.vectors[0], states.hidden_states[write_layer + 1][:, -1])
     torch.testing.assert_close(readout, states.hidden_states[-1])
     torch.testing.assert_close(access.logits(site, readout), states.logits, atol=1e-5, rtol=1e-5)
 
@@ -111,7 +111,7 @@ def test_block_path_reaches_other_architectures() -> None:
     ids = random_prompts(2, 5)
     with torch.no_grad(), access.capturing(site) as captured:
         states = model(input_ids=ids, output_hidden_states=True)
-    torch.testing.assert_close(captured[0], states.hidden_states[1][:, -1])
+    torch.testing.assert_close(captured.vectors[0], states.hidden_states[1][:, -1])
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ RANK = {
     "reference": 6,
     "snapshot": 6,
     "store": 7,
+    "onset": 7.5,  # a run's onset: reads its store and the live run's; read by report, monitor, cli
     "tensorboard": 8,
     "report": 8,
     "background": 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from regionwatch.cli.tables import tokens
 from regionwatch.errors import RegionWatchError
 
 # The library's names in its messages, and the flag that sets each (see `cli.main`).
@@ -68,9 +69,10 @@ def add(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tokens-per-step",
-        type=int,
+        type=tokens,
         metavar="N",
-        help="training tokens per optimizer step, for checkpoints that record no token count",
+        help="training tokens per optimizer step (e.g. 4096, 1M), for checkpoints that record no "
+        "token count",
     )
     p.add_argument(
         "--trust-pickle",
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from regionwatch.loading import parse_dtype
     from regionwatch.measure import ProbeConfig
     from regionwatch.probes import ProbeSet
-    from regionwatch.replay import replay
+    from regionwatch.replay import replay, run_of_probes
 
     if not args.sources and args.repo is None:
         raise RegionWatchError(
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=parse_dtype(args.dtype),
         precision=args.precision,
         device=args.device,
+        live_run=None if args.probe is None else run_of_probes(args.probe),
     )
     print(
         f"replay into {result.run_dir}: {len(result.measured)} measured, "
