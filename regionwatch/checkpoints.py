@@ -146,6 +146,7 @@ def discover(
     found: list[Checkpoint] = []
     for source in sources:
         found += _scan(Path(source))
+    found = _drop_inner_links(found, sources)
     if repo is not None:
         found += [
             Checkpoint(kind="hub", repo=repo, revision=name, tokens_per_step=default)
@@ -201,12 +202,43 @@ def _walk(directory: Path) -> Iterator[Checkpoint]:
     for child in sorted(directory.iterdir()):
         if child.name.startswith("."):
             continue  # .git, .cache, .no_exist: never checkpoints
-        if child.is_dir() and not child.is_symlink():
+        if child.is_symlink() and child.is_dir():
+            yield Checkpoint(kind="pretrained", path=child, error=_link_error(child))
+        elif child.is_dir():
             yield from _walk(child)
         elif child.is_file() and child.suffix in SCANNED_SUFFIXES:
             yield Checkpoint(kind="state_dict", path=child)
         elif child.is_file() and child.name == NANOGPT_FILE:
             yield Checkpoint(kind="nanogpt", path=child)
+
+
+def _link_error(link: Path) -> str:
+    return (
+        f"a symbolic link to {link.resolve()}, not followed (a link inside a SOURCE folder can "
+        "lead out of it or round in a loop): pass its target as a SOURCE to replay it"
+    )
+
+
+def _drop_inner_links(found: list[Checkpoint], sources: Sequence[str | Path]) -> list[Checkpoint]:
+    """Links are failed checkpoints, named; but one into a SOURCE being scanned loses nothing.
+
+    Such a link (a `latest` link to a checkpoint folder beside it) points at what the scan
+    measures anyway: it is named at INFO and dropped. Any other passes over its target: it stays,
+    failed, and was named at WARNING.
+    """
+    roots = [Path(s).resolve() for s in sources if Path(s).is_dir()]
+    kept = []
+    for checkpoint in found:
+        if checkpoint.path is not None and checkpoint.error == _link_error(checkpoint.path):
+            target = checkpoint.path.resolve()
+            if any(target == root or root in target.parents for root in roots):
+                logger.info(
+                    "%s: a link to %s, which this scan covers itself", checkpoint.path, target
+                )
+                continue
+            logger.warning("%s: skipped: %s", checkpoint.path, checkpoint.error)
+        kept.append(checkpoint)
+    return kept
 
 
 def _is_pretrained(directory: Path) -> bool:

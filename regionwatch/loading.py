@@ -42,6 +42,7 @@ from transformers import (
 
 from regionwatch.corpus import DEFAULT_VOCAB_SIZE, builtin_text, train_tokenizer
 from regionwatch.errors import CheckpointError, ConfigError
+from regionwatch.sizing import check_model_memory
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +156,17 @@ def load_model(
 
     Raises:
         CheckpointError: nothing loadable there, with the loader's reason.
+        ConfigError: its config implies weights larger than the memory available.
     """
     where = str(path) if revision is None else f"{path} (revision {revision})"
     local = _local_folder(path, revision)
     if local is not None:
         check_folder(*local, where=where)
+    try:
+        config = AutoConfig.from_pretrained(str(path), revision=revision, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot load a causal LM from {where}: {err}") from err
+    check_model_memory(config, dtype=dtype, device=device, where=where)  # before any allocation
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), revision=revision, output_loading_info=True, trust_remote_code=False
@@ -312,6 +319,7 @@ def load_state_dict_model(
     Raises:
         CheckpointError: unreadable, sharded, no architecture found, or weights that do not fit
             the architecture (the message names the keys).
+        ConfigError: its config implies weights larger than the memory available.
     """
     path = Path(path)
     if is_sharded_checkpoint(path):
@@ -319,6 +327,7 @@ def load_state_dict_model(
     checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
     state = _state_dict(checkpoint, path)
     config = _model_config(path, config_dir, checkpoint)
+    check_model_memory(config, dtype=dtype, device=device, where=str(path))
     # from_config initialises weights from the global RNG: draw them from a forked one, so that
     # loading a checkpoint inside someone's script leaves their random stream as it was.
     with torch.random.fork_rng(devices=[]):
@@ -406,12 +415,14 @@ def init_model(
 
     Raises:
         CheckpointError: no readable config there, or one that names custom code.
+        ConfigError: the config implies weights larger than the memory available.
     """
     check_folder(Path(config_dir), Path(config_dir), where=str(config_dir))
     try:
         config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read a model config from {config_dir}: {err}") from err
+    check_model_memory(config, dtype=dtype, device=device, where=f"--init-from {config_dir}")
     with seeded_init(seed):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     return model.to(device=device, dtype=dtype).eval()

@@ -153,7 +153,10 @@ def check_prompts(site: ResidualSite, prompts: Sequence[engine.Prompt]) -> None:
     longest = max(len(p) for p in prompts)
     limit = site.max_positions
     if limit is not None and longest > limit:
-        raise ConfigError(f"a prompt has {longest} tokens; the model takes at most {limit}")
+        raise ConfigError(
+            f"a prompt has {longest} tokens; the model takes at most {limit}: build the probe "
+            "set with a shorter seq_len"
+        )
     window = site.sliding_window
     if window is not None and longest > window:
         raise ConfigError(

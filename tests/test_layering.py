@@ -33,6 +33,7 @@ RANK = {
     "distributed": 2,
     "sampling": 2,
     "loading": 2,
+    "sizing": 1,
     "probes": 3,
     "engine": 3,
     "rows": 3.5,  # the generic engine path: uses engine's batching and FSDP split; plan uses it

@@ -12,6 +12,17 @@ from regionwatch.errors import ConfigError, RegionWatchError
 
 # Flags that only shape a probe set built here: with --probe they would be silently ignored.
 BUILD_FLAGS = (("text", "--text"), ("pairs", "--pairs"), ("seq_len", "--seq-len"))
+MIN_PAIRS = 2  # three consecutive prompts make the fewest a region-map triple needs
+# The library's names in its messages, and the flag that sets each (see `cli.main`).
+FLAGS = {
+    "write_layer": "--write-layer",
+    "num_alphas": "--alphas",
+    "grid": "--grid",
+    "seq_len": "--seq-len",
+    "seed": "--seed",
+    "n_prompts": "--pairs + 1",
+    "dtype": "--dtype",
+}
 
 
 def add(verbs: argparse._SubParsersAction) -> None:
@@ -70,7 +81,7 @@ def add(verbs: argparse._SubParsersAction) -> None:
         help="training tokens the model has seen, e.g. 2T, 4.2M (for --out; default: unknown, "
         "or 0 with --init-from)",
     )
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, flags=FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from regionwatch.measurement import ProbeConfig, measure
     from regionwatch.probes import ProbeSet
-    from regionwatch.sampling import DEFAULT_PROMPTS, DEFAULT_SEQ_LEN
+    from regionwatch.sampling import DEFAULT_PROMPTS, DEFAULT_SEQ_LEN, DEFAULT_TRIPLES, TRIPLE_SIZE
 
     if (args.model_dir is None) == (args.init_from is None):
         raise RegionWatchError("give a MODEL_DIR or --init-from CONFIG_DIR (exactly one)")
@@ -102,12 +113,15 @@ def run(args: argparse.Namespace) -> int:
     if args.probe is not None:
         probes = ProbeSet.load(args.probe, tokenizer=tokenizer)
     else:
+        prompts = DEFAULT_PROMPTS if args.pairs is None else args.pairs + 1
         probes = ProbeSet.build(
             tokenizer,
             args.text,
             seed=seed,
             seq_len=DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len,
-            n_prompts=DEFAULT_PROMPTS if args.pairs is None else args.pairs + 1,
+            n_prompts=prompts,
+            # Triples are consecutive prompts: fewer pairs than the default allow fewer.
+            n_triples=min(DEFAULT_TRIPLES, prompts - (TRIPLE_SIZE - 1)),
             progress=True,
         )
     position = _position(args)
@@ -181,6 +195,11 @@ def _check_flags(args: argparse.Namespace) -> None:
                 f"{flag} {path}: no such directory; pass the save_pretrained folder of a causal "
                 "LM (MODEL_DIR) or a folder with its config.json (--init-from CONFIG_DIR)"
             )
+    if args.pairs is not None and args.pairs < MIN_PAIRS:
+        raise ConfigError(
+            f"--pairs {args.pairs}: need an int >= {MIN_PAIRS} (the region maps need three "
+            "consecutive prompts, i.e. two chained pairs); the paper uses 99"
+        )
     if args.probe is None:
         return
     ignored = [flag for name, flag in BUILD_FLAGS if getattr(args, name) is not None]

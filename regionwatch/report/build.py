@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "index.html"
 DEFAULT_MAX_CURVES = 8  # Fig. 4a stays readable up to about eight lines per panel
 MIN_CURVES = 2  # the first and the last checkpoint
+# A run mapping every snapshot of a long schedule would make a GIF of thousands of frames (too
+# long to watch, and its time and size grow with the run): at most this many, log-spaced.
+MAX_FRAMES = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -310,8 +313,14 @@ def _map_images(
         title=f"{run.label}: region maps {what}",
     )  # fmt: skip
     save(strip, out / f"maps_{slug}.png")
+    frames = sorted(map_columns(mapped, MAX_FRAMES)[0])  # a GIF of thousands of frames: too long
     gif = region_animation(
-        axis, rgb, anchors, titles, [s.step for s in mapped], out / f"maps_{slug}.gif"
+        axis,
+        rgb[frames],
+        anchors[frames],
+        [titles[i] for i in frames],
+        [mapped[i].step for i in frames],
+        out / f"maps_{slug}.gif",
     )
     how = (
         "Colour = 1 - D/max per channel (A red, B green, C blue): a pixel is reddish where the "
@@ -326,5 +335,10 @@ def _map_images(
             f"log-spaced). {how}",
             wide=True,
         ),
-        Image(gif.name, "Region maps, animated", f"One frame per snapshot ({len(mapped)}). {how}"),
+        Image(
+            gif.name,
+            "Region maps, animated",
+            f"One frame per snapshot with maps ({len(frames)} of {len(mapped)}; at most "
+            f"{MAX_FRAMES}, log-spaced). {how}",
+        ),
     ]

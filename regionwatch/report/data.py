@@ -381,7 +381,7 @@ def load_run(path: str | Path, *, name: str | None = None, progress: bool = True
     named = [(pair.name, pair.kind) for pair in probes.named]
     snapshots = []
     for record in tqdm(records, desc=f"report {name}", unit="snapshot", disable=not progress):
-        latest = store.read(record["step"])
+        latest = store.read_record(record)  # not read(step): that re-reads the index
         snapshots.append(SnapshotData.from_snapshot(latest, named=named))
     info = {**store.info, **latest.info}  # the loop ran: records is not empty (checked above)
     return RunData(
