@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from regionwatch.errors import CheckpointError, ConfigError, check_int
+from regionwatch.gguf_file import GGUF_SUFFIX
 from regionwatch.loading import (
     CONFIG_FILE,
     STATE_DICT_SUFFIXES,
@@ -39,7 +40,8 @@ from regionwatch.revisions import expand_revisions, parse_revision
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"  # the HF Trainer's state in every checkpoint-N folder
-SCANNED_SUFFIXES = (".ckpt",)  # files picked up inside a SOURCE directory; others must be named
+# Files picked up inside a SOURCE directory, and their kind; others must be named.
+SCANNED_SUFFIXES: dict[str, Kind] = {".ckpt": "state_dict", GGUF_SUFFIX: "gguf"}
 # RegionMonitor's Lightning `state_key` (`monitor_state_key`): this name, then the run_dir it was
 # given in brackets, so that two monitors of one Trainer keep their states apart.
 REGION_MONITOR_STATE = "regionwatch.RegionMonitor"
@@ -52,7 +54,8 @@ class Checkpoint:
 
     Attributes:
         kind: "pretrained" (a save_pretrained dir), "state_dict" (one file), "sharded" (a
-            torch.distributed.checkpoint dir; refused at load) or "hub" (a repo revision).
+            torch.distributed.checkpoint dir; refused at load), "hub" (a repo revision) or
+            "gguf" (a GGUF file, placed by its name or `tokens_per_step`).
         path: the file or directory (None for hub revisions).
         repo: the hub repo id (hub revisions only).
         revision: the hub revision (hub revisions only).
@@ -84,7 +87,7 @@ class Checkpoint:
         if self.revision is not None:
             return self.revision
         name = self.path.name
-        for suffix in STATE_DICT_SUFFIXES:  # `epoch=0-step=4.ckpt.pt` (consolidated) too
+        for suffix in (*STATE_DICT_SUFFIXES, GGUF_SUFFIX):  # `epoch=0-step=4.ckpt.pt` too
             name = name.removesuffix(suffix)
         return name
 
@@ -148,10 +151,13 @@ def _scan(source: Path) -> list[Checkpoint]:
     if not source.exists():
         raise CheckpointError(f"SOURCE {source} does not exist")
     if source.is_file():
+        if source.suffix == GGUF_SUFFIX:
+            return [Checkpoint(kind="gguf", path=source)]
         if source.suffix not in STATE_DICT_SUFFIXES:
             raise CheckpointError(
                 f"SOURCE {source} is not a checkpoint file (known suffixes: "
-                f"{', '.join(STATE_DICT_SUFFIXES)}); for a save_pretrained model pass its directory"
+                f"{', '.join((*STATE_DICT_SUFFIXES, GGUF_SUFFIX))}); for a save_pretrained model "
+                "pass its directory"
             )
         return [Checkpoint(kind="state_dict", path=source)]
     found = list(_walk(source))
@@ -159,7 +165,7 @@ def _scan(source: Path) -> list[Checkpoint]:
         raise CheckpointError(
             f"no checkpoints in {source}: looked for save_pretrained directories ({CONFIG_FILE} "
             "with model.safetensors or pytorch_model.bin), Trainer checkpoint-N folders, "
-            f"Lightning {', '.join(SCANNED_SUFFIXES)} files and sharded checkpoint directories"
+            f"{', '.join(SCANNED_SUFFIXES)} files and sharded checkpoint directories"
         )
     return found
 
@@ -184,7 +190,7 @@ def _walk(directory: Path) -> Iterator[Checkpoint]:
         if child.is_dir() and not child.is_symlink():
             yield from _walk(child)
         elif child.is_file() and child.suffix in SCANNED_SUFFIXES:
-            yield Checkpoint(kind="state_dict", path=child)
+            yield Checkpoint(kind=SCANNED_SUFFIXES[child.suffix], path=child)
 
 
 def _is_pretrained(directory: Path) -> bool:

@@ -21,14 +21,15 @@ RANK = {
     "revisions": 1,
     "corpus": 1,
     "palette": 1,
-    "access": 2,
+    "access": 1,  # below gguf_file, which checks a GGUF's architecture against its table
     # DESIGN import order: errors → access · sampling · distributed → probes · engine
     "distributed": 2,
     "sampling": 2,
     "probes": 3,
-    "loading": 2,
+    "gguf_file": 2,
+    "loading": 3,
     "engine": 3,
-    "checkpoints": 3,
+    "checkpoints": 4,
     "results": 3,
     "plan": 4,
     "measure": 5,
