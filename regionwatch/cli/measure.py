@@ -133,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{label}: {type(model).__name__}, write layer {args.write_layer}, {args.alphas} alphas")
     print(probes.summary())
     print(slope_table(result.summary))
+    if "maps/solid_fraction" in result.summary:  # ~0.1: a smooth gradient; up to 1: solid
+        print(f"region maps: solid fraction {result.summary['maps/solid_fraction']:.3f}")
     print(f"probe time: {result.timing['total']:.2f} s")
     return 0
 
