@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     dtype = parse_dtype(args.dtype)
     source_dir = model_dir or init_from
+    print(f"loading {source_dir}" + (" (its config only)" if init_from else ""), flush=True)
     tokenizer = load_tokenizer(args.tokenizer or source_dir)
     config = ProbeConfig(write_layer=args.write_layer, num_alphas=args.alphas, grid=args.grid)
     seed = 0 if args.seed is None else args.seed
-    print(f"loading {source_dir}" + (" (its config only)" if init_from else ""), flush=True)
     if init_from is not None:
         model = init_model(init_from, seed=seed, dtype=dtype, device=args.device)
     else:
