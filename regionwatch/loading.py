@@ -4,7 +4,9 @@ Everything loads from local files (or a local Hugging Face cache): regionwatch n
 network to measure a model. Checkpoint kinds beyond `save_pretrained` (what replay meets):
 single-file state dicts (Lightning `.ckpt`, `torch.save` files, `.safetensors`), whose keys may
 carry a wrapper's prefix (`lm.`, `model.`) or torch.compile's `_orig_mod.`, and whose
-architecture comes from a `config.json` or the checkpoint's hyper-parameters. Weights load safely:
+architecture comes from a `config.json` or the checkpoint's hyper-parameters; and GGUF files
+(config, tokenizer and weights in one file; `gguf_file` checks the header before transformers
+dequantizes anything; `smollm2` names the bundled SmolLM2-135M file). Weights load safely:
 safetensors as such, pickles with `torch.load(weights_only=True)`, and full unpickling (which runs
 arbitrary code) only when the caller says it trusts the file. A repository's own code never runs
 (`trust_remote_code=False` on every load), and weights are read only from files inside the
