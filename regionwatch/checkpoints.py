@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -41,7 +42,9 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"  # the HF Trainer's state in every checkpoint-N folder
 # Files picked up inside a SOURCE directory, and their kind; others must be named.
-SCANNED_SUFFIXES: dict[str, Kind] = {".ckpt": "state_dict", GGUF_SUFFIX: "gguf"}
+SCANNED_SUFFIXES: Mapping[str, Kind] = MappingProxyType(
+    {".ckpt": "state_dict", GGUF_SUFFIX: "gguf"}
+)
 # RegionMonitor's Lightning `state_key` (`monitor_state_key`): this name, then the run_dir it was
 # given in brackets, so that two monitors of one Trainer keep their states apart.
 REGION_MONITOR_STATE = "regionwatch.RegionMonitor"
