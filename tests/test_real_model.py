@@ -116,7 +116,7 @@ def test_measure_cli_takes_the_word_smollm2(capsys: pytest.CaptureFixture[str]) 
     """`measure --init-from smollm2` finds the installed file and reads config and tokenizer."""
     path = require_smollm2()
     assert model_source("smollm2") == path
-    argv = ["measure", "--init-from", "smollm2", "--pairs", "3", "--alphas", "5", "--grid", "3"]
+    argv = ["measure", "--init-from", "smollm2", "--pairs", "5", "--alphas", "5", "--grid", "3"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"init from {path}: LlamaForCausalLM" in out
