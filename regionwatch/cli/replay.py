@@ -38,9 +38,9 @@ def add(verbs: argparse._SubParsersAction) -> None:
         nargs="*",
         type=Path,
         metavar="SOURCE",
-        help="save_pretrained / Trainer checkpoint-N dirs, Lightning .ckpt files, litgpt and "
-        "OLMo-core step folders, nanoGPT ckpt.pt files, directories holding them, or a "
-        "regionwatch run dir (its probe set is used)",
+        help="save_pretrained / Trainer checkpoint-N dirs, Lightning .ckpt files, .gguf files, "
+        "litgpt and OLMo-core step folders, nanoGPT ckpt.pt files, directories holding them, or "
+        "a regionwatch run dir (its probe set is used)",
     )
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, metavar="RUN_DIR", help="run dir to write (or resume)")
