@@ -11,7 +11,7 @@ tensorboardX's), and it opens lazily on the first write, so a sink that never wr
 
 What one snapshot writes, at global_step = tokens seen (tags are a file format, STYLE.md §2.2):
 
-- `regionwatch/<key>` for every key of `Snapshot.summary` (PAPER.md §8: `max_slope/median`,
+- `regionwatch/<key>` for every key of `Snapshot.summary` (docs/method.md §8: `max_slope/median`,
   `max_slope/q25`, `max_slope/q75`, `max_slope/similar_median`, `max_slope/frac_linear`,
   `dist/d1_median`, `pairs/excluded`, ...); NaN and infinite values are skipped.
 - `regionwatch/probe/seconds` (the probe's total time) and `regionwatch/probe/<part>_seconds`.
@@ -19,7 +19,7 @@ What one snapshot writes, at global_step = tokens seen (tags are a file format, 
 - `regionwatch/curves/random` and `regionwatch/curves/similar_dissimilar`: figures of the median
   r(a) over pairs with its q25..q75 band per alpha and the straight line r = a dashed for
   reference; random pairs on one, similar and dissimilar pairs together on the other.
-- `regionwatch/maps/triple_<i>`: the region map of triple i (PAPER.md §5), one tag per triple so
+- `regionwatch/maps/triple_<i>`: the region map of triple i (method.md §5), one tag per triple so
   that TensorBoard's image slider shows the regions forming over tokens.
 - Once per writer, a custom-scalars layout: max slope median with its q25/q75 margin for each pair
   set, and similar vs dissimilar medians on one chart.
@@ -81,7 +81,7 @@ MIN_IMAGE_SAMPLES = 100
 # Region maps are G x G cells (G = 37 by default); each cell becomes a square block of pixels, so
 # the image is G * ceil(MIN_MAP_PIXELS / G) pixels wide: at least this, and every cell equal.
 MIN_MAP_PIXELS = 256
-# Anchor dots (PAPER.md §5: fill = own channel 1, others .5; edge = own channel .5, others 0),
+# Anchor dots (docs/method.md §5: fill = own channel 1, others .5; edge = own channel .5, others 0),
 # drawn with numpy (a few ms per map): about a paper figure's marker relative to its panel.
 DOT_RADIUS_PX = 6.0
 DOT_EDGE_PX = 1.5
@@ -484,7 +484,7 @@ def curve_image(snapshot: Snapshot, name: str) -> np.ndarray:
 
 
 def map_image(snapshot: Snapshot, index: int) -> np.ndarray:
-    """The region map of one triple, upscaled (nearest) with its anchor dots (PAPER.md §5).
+    """The region map of one triple, upscaled (nearest) with its anchor dots (docs/method.md §5).
 
     Rows are beta from the axis's low end at the top, columns alpha left to right; each grid
     cell is a square of pixels whose centre sits on the grid value, so an anchor (alpha, beta)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-AGREEMENT_TOL = 1e-5  # PAPER.md §9: the fast path matches the reference to float32 round-off
+AGREEMENT_TOL = 1e-5  # docs/method.md §9: the fast path matches the reference to float32 round-off
 
 
 def run_quick(script: str, out: Path) -> dict:

@@ -197,7 +197,7 @@ def test_region_map_pixels_are_the_map_and_its_anchor_dots(
     step = float(axis[1] - axis[0])
     for index, name in enumerate(MAP_TAGS):
         image = png(read(tmp_path).Images(name)[0].encoded_image_string)
-        # PAPER.md §5: pixel centres on grid values, beta growing downward; so grid value g_j
+        # docs/method.md §5: pixel centres on grid values, beta growing downward; so grid value g_j
         # is the centre of cell j and (alpha, beta) lies (value - g_0) / step cells in.
         anchors = [
             ((a - float(axis[0])) / step + 0.5) * cell for a in maps.anchors[index].flatten()

@@ -206,7 +206,7 @@ def _slope_images(runs: Sequence[RunData], out: Path) -> tuple[list[Image], list
         notes.append(
             "These runs were measured with different numbers of alphas S "
             f"({', '.join(str(k) for k in groups)}). A max slope depends on S (a perfect step "
-            "gives S - 1; PAPER.md §4), so each S gets its own max-slope figure."
+            "gives S - 1; docs/method.md §4), so each S gets its own max-slope figure."
         )
         logger.warning("runs differ in num_alphas %s: one max-slope figure per S", list(groups))
     unplaced = [r.name for r in runs if not r.placed.all()]

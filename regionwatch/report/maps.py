@@ -1,6 +1,6 @@
 """Region-map figures (paper Fig. 1): strips of each triple's map over tokens, and a GIF.
 
-Every panel draws the stored colours as PAPER.md §5 renders them: columns are alpha left to
+Every panel draws the stored colours as docs/method.md §5 renders them: columns are alpha left to
 right, rows are beta top to bottom (beta = -0.25 at the top), the extent reaches half a pixel
 beyond the outer grid values so pixel centres sit on grid values, and A, B, C are marked by dots
 filled with their own channel at 1 and the others at 0.5, edged at 0.5 and 0.
@@ -20,7 +20,7 @@ from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL
 from regionwatch.report.style import MAP_PANEL, new_figure, styled
 from regionwatch.report.tokens import format_tokens
 
-ANCHOR_NAMES = ("A", "B", "C")  # coloured by palette.ANCHOR_FILL / ANCHOR_EDGE (PAPER.md §5)
+ANCHOR_NAMES = ("A", "B", "C")  # coloured by palette.ANCHOR_FILL / ANCHOR_EDGE (docs/method.md §5)
 ANCHOR_AREA = 40  # points^2, the paper figure's marker area
 ANCHOR_EDGE_WIDTH = 1.0
 HALF_PIXEL = 0.5
@@ -34,7 +34,7 @@ LEGEND_ROOM = 0.5  # inches below the panels for the anchor legend
 
 
 def map_extent(axis: np.ndarray) -> tuple[float, float, float, float]:
-    """The `imshow` extent (left, right, bottom, top) with beta growing downwards (PAPER.md §5).
+    """The `imshow` extent (left, right, bottom, top) with beta growing downwards (method.md §5).
 
     Half a pixel beyond the first and last grid values, so that pixel centres are grid values.
     """

@@ -4,7 +4,7 @@ Median max slope with quartile bars and the alignment score, one line per run on
 tokens axis.
 
 Runs of different model sizes compare on one axis, but only at equal grid size S: a max slope
-depends on S (PAPER.md §4), so `slope_over_tokens_figure` refuses a mix rather than draw it.
+depends on S (docs/method.md §4), so `slope_over_tokens_figure` refuses a mix rather than draw it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ WIDE = 1.35  # the trend figures are wider than a curve panel: tokens span many 
 ONSET_STYLE = {"linestyle": "--", "linewidth": 1.2, "alpha": 0.8}
 INIT_BAND_ALPHA = 0.08  # the init band is background for the onset, not a datum
 NO_INFORMATION = 0.5  # an AUC of 0.5: max slope says nothing about the next token
-STRAIGHT_LINE = 1.0  # max slope of a straight line, its lower bound (PAPER.md §4)
+STRAIGHT_LINE = 1.0  # max slope of a straight line, its lower bound (docs/method.md §4)
 SLOPE_LABEL = "median max slope of d($\\alpha$)/d(1)  (per unit $\\alpha$)"
 # Beyond this many snapshots a run's bars and markers merge into a block (a long every_steps
 # run has thousands): the quartiles become a shaded band, with bars and markers at this many
@@ -67,7 +67,7 @@ def slope_over_tokens_figure(
     if len(sizes) != 1:
         raise ConfigError(
             f"max slopes of grids with different numbers of alphas {sizes} cannot share an axis "
-            "(a perfect step gives S - 1; PAPER.md §4): draw one figure per num_alphas"
+            "(a perfect step gives S - 1; docs/method.md §4): draw one figure per num_alphas"
         )
     axis = TokenAxis.spanning(np.concatenate([s.tokens for s in series]))
     colours = colormaps[RUN_COLOURS]
@@ -185,7 +185,7 @@ def alignment_over_tokens_figure(
 
     The AUC is the probability that a pair whose prompts predict different next tokens has a
     larger max slope than a pair whose predictions agree (`metrics.alignment`): it rises
-    above 0.5 as region boundaries come to separate predictions (PAPER.md §7.2 claim 7).
+    above 0.5 as region boundaries come to separate predictions (docs/method.md §7.2 claim 7).
 
     Args:
         series: one per run (the AUC is rank-based, so it compares across grid sizes).
