@@ -185,10 +185,12 @@ def load_model(
         local = _local_folder(path, revision)
         if local is not None:
             check_folder(*local, where=where)
-    try:
-        config = AutoConfig.from_pretrained(str(path), revision=revision, trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load a causal LM from {where}: {err}") from err
+        try:
+            config = AutoConfig.from_pretrained(
+                str(path), revision=revision, trust_remote_code=False
+            )
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot load a causal LM from {where}: {err}") from err
     check_model_memory(config, dtype=dtype, device=device, where=where)  # before any allocation
     try:
         model, info = AutoModelForCausalLM.from_pretrained(

@@ -84,24 +84,20 @@ def test_save_pretrained_dirs_replay_with_the_tokenizer_they_hold(
     assert [e.step for e in events.Scalars("regionwatch/max_slope/median")] == [1000, 2000]
 
 
-def test_a_snapshot_the_store_could_not_write_is_a_failed_checkpoint(
+def test_a_replay_onto_a_full_disk_is_refused_before_measuring(
     tmp_path: Path, small_disk: Path, text_tokenizer
 ) -> None:
-    """The run's disk is full when step 2 is stored: step 2 is reported failed, not measured,
-    and the run keeps step 1."""
+    """The run's disk is full before step 2 is replayed into it: refused at the start, naming the
+    space needed, nothing measured, and the run keeps step 1 (a disk that fills mid-run:
+    tests/test_full_disk.py)."""
     for step in (1, 2):
         path = tmp_path / "src" / f"step{step}-tokens{step}000"
         save_model(path, seed=step, tokenizer=text_tokenizer)
         if step == 1:
             replay([path], out=small_disk / "run", config=SMALL_PROBE, progress=False)
     fill(small_disk)
-    result = replay([tmp_path / "src"], out=small_disk / "run", progress=False)
-    assert [c.step for c in result.skipped] == [1]
-    assert result.measured == []
-    assert [(c.step, why) for c, why in result.failed] == [
-        (2, "measured, but storing the snapshot failed (the log has the error)")
-    ]
-    assert not result.ok
+    with pytest.raises(ConfigError, match=r"MiB free on its filesystem; a run needs about"):
+        replay([tmp_path / "src"], out=small_disk / "run", progress=False)
     assert SnapshotStore(small_disk / "run").steps() == [1]
 
 
