@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
     Strategy,
 )
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
@@ -38,7 +39,7 @@ from regionwatch.monitor import (
 )
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
-from regionwatch.tensorboard import TAG_ROOT
+from regionwatch.tensorboard import STEP_ROOT, step_tag
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,13 @@ class RegionMonitor(Callback):
     """Measures stable regions during `Trainer.fit` and logs their emergence over tokens seen.
 
     Snapshots go to a `SnapshotStore` in `run_dir` and to TensorBoard (`<run_dir>/tensorboard`,
-    step axis = training tokens). Every logger in `trainer.loggers` (CSV, TensorBoard, W&B,
-    MLflow, ...) also gets the headline scalars, named as the TensorBoard tags, with
-    `regionwatch/tokens` in the same call, at the trainer's global step; loggers that take images
-    also get the curve figures and region maps. W&B charts `regionwatch/*` over tokens.
+    step axis = training tokens), with the loss `training_step` returns copied there onto tokens
+    (`regionwatch/train/loss`, every `log_every_n_steps` optimizer steps). Every logger in
+    `trainer.loggers` (CSV, TensorBoard, W&B, MLflow, ...) also gets the headline scalars as
+    `regionwatch_step/<key>`, with `regionwatch_step/tokens` in the same call, at the trainer's
+    global step; W&B, MLflow (and TensorBoardLogger when regionwatch's own TensorBoard run is
+    off) also get the curve figures and region maps. W&B charts `regionwatch_step/*` over
+    tokens. The setup line and one line per snapshot go through Lightning's `rank_zero_info`.
     Everything but the probe itself is written on a background thread.
 
     Measured: the LightningModule itself if it is a causal LM, else its one `PreTrainedModel`
@@ -125,6 +129,7 @@ class RegionMonitor(Callback):
         self.tokens = 0  # tokens seen at the last optimizer step, over all ranks
         self._pending = 0  # this rank's tokens since then
         self._step = 0
+        self._loss: Tensor | None = None  # this optimizer step's loss so far (micro-batches)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -132,7 +137,9 @@ class RegionMonitor(Callback):
             return
         check_strategy(trainer.strategy)  # a model sharded later is checked at train start
         self._model = find_model(pl_module, self._model_attr)  # a bad model fails here
-        copies = LoggerCopies(trainer.loggers)
+        # regionwatch's own TensorBoard run has the images on tokens: each image appears once.
+        skip = (TensorBoardLogger,) if self.monitor.watch.tensorboard else ()
+        copies = LoggerCopies(trainer.loggers, images_skip=skip)
         self.monitor.setup(
             self._model,
             log_dir=trainer.log_dir,
@@ -142,6 +149,7 @@ class RegionMonitor(Callback):
             info={"driver": "lightning"},
             log_scalars=copies.scalars,
             log_images=copies.images,
+            announce=rank_zero_info,  # printed by Lightning's own handler, as its other lines
         )
 
     @override
@@ -165,11 +173,18 @@ class RegionMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        loss = _loss(outputs)
+        if loss is not None:  # per micro-batch, scaled by 1/accumulation: their sum is the mean
+            self._loss = loss if self._loss is None else self._loss + loss
         if trainer.global_step == self._step:
             return  # a gradient-accumulation micro-batch: no optimizer step yet
         self._step = trainer.global_step
         self.tokens += self._reduce(trainer, self._pending)
         self._pending = 0
+        if self._loss is not None and self._step % trainer.log_every_n_steps == 0:
+            # At the trainer's own logging cadence: one host sync per logged step.
+            self.monitor.log_training({"loss": float(self._loss)}, tokens=self.tokens)
+        self._loss = None
         last = 0 < trainer.max_steps <= self._step  # known here: measure it with its maps now
         self.monitor.maybe_measure(self._model, step=self._step, tokens=self.tokens, final=last)
 
@@ -220,6 +235,15 @@ class RegionMonitor(Callback):
             torch.tensor(count, device=trainer.strategy.root_device), reduce_op="sum"
         )
         return int(total.item())
+
+
+def _loss(outputs: Any) -> Tensor | None:
+    """The loss `training_step` returned (a tensor, or a mapping's "loss"), detached; else None."""
+    if isinstance(outputs, Mapping):
+        outputs = outputs.get("loss")
+    if isinstance(outputs, Tensor) and outputs.numel() == 1:
+        return outputs.detach()
+    return None
 
 
 def _token_count(value: Any) -> int:
@@ -305,10 +329,15 @@ class LoggerCopies:
 
     Args:
         loggers: the trainer's loggers (`trainer.loggers`).
+        images_skip: kinds of logger that get no images (TensorBoardLogger while regionwatch's
+            own TensorBoard run has them on tokens: each image once in a TensorBoard view).
     """
 
-    def __init__(self, loggers: Sequence[Logger]) -> None:
+    def __init__(
+        self, loggers: Sequence[Logger], *, images_skip: tuple[type[Logger], ...] = ()
+    ) -> None:
         self._loggers = list(loggers)
+        self._images_skip = images_skip
         self._axes_defined = False
 
     def scalars(self, snapshot: Snapshot) -> None:
@@ -323,16 +352,16 @@ class LoggerCopies:
         """Log one snapshot's images to the loggers that take them."""
         for logger_ in self._loggers:
             write_image = _image_writer(logger_)
-            if write_image is not None:
+            if write_image is not None and not isinstance(logger_, self._images_skip):
                 for name, pixels in rendered.items():
-                    write_image(logger_, name, pixels, snapshot)
+                    write_image(logger_, step_tag(name), pixels, snapshot)
 
     def _define_axes(self) -> None:
         # W&B draws a chart over its step metric; tokens, not steps, are regionwatch's axis.
         for logger_ in self._loggers:
             if isinstance(logger_, WandbLogger):
                 logger_.experiment.define_metric(TOKENS_TAG)
-                logger_.experiment.define_metric(f"{TAG_ROOT}/*", step_metric=TOKENS_TAG)
+                logger_.experiment.define_metric(f"{STEP_ROOT}/*", step_metric=TOKENS_TAG)
         self._axes_defined = True
 
 

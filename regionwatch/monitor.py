@@ -58,7 +58,16 @@ from regionwatch.results import Measurement, ProbeConfig
 from regionwatch.schedule import Mark, Schedule
 from regionwatch.snapshot import Snapshot, weights_fingerprint
 from regionwatch.store import DEFAULT_RUN_NAME, SnapshotStore
-from regionwatch.tensorboard import TB_SUBDIR, TensorBoardSink, images, scalars, tensorboard_command
+from regionwatch.tensorboard import (
+    STEP_ROOT,
+    TB_SUBDIR,
+    TRAIN_GROUP,
+    TensorBoardSink,
+    images,
+    scalars,
+    step_tag,
+    view_hint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +85,10 @@ ContextFactory = Callable[[], AbstractContextManager[Any]]
 # training thread), and its images by tag (on the background writer).
 LogScalars = Callable[[Snapshot], object]
 LogImages = Callable[[Snapshot, Mapping[str, np.ndarray]], object]
-TOKENS_TAG = "regionwatch/tokens"  # tokens seen, beside the headline scalars in every logger
+TOKENS_TAG = f"{STEP_ROOT}/tokens"  # tokens seen, beside the headline scalars in every logger
+# How a driver shows its one line per snapshot: the host's own channel (Lightning's rank-zero
+# info, the HF Trainer's logger), which the user sees without configuring anything.
+Announce = Callable[[str], object]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,6 +217,7 @@ class Monitor:
         self._writer = BackgroundWriter("regionwatch-writer")
         self._log_scalars: LogScalars | None = None
         self._log_images: LogImages | None = None
+        self._announce: Announce = logger.info
         self.failures = 0
 
     @property
@@ -245,6 +258,7 @@ class Monitor:
         info: Mapping[str, Any] | None = None,
         log_scalars: LogScalars | None = None,
         log_images: LogImages | None = None,
+        announce: Announce | None = None,
     ) -> None:
         """Check everything that can be checked before training: raises here, never mid-run.
 
@@ -265,6 +279,8 @@ class Monitor:
                 on the training thread right after each snapshot (rank zero only).
             log_images: sends a snapshot's images to the trainer's loggers that take them; run
                 on the background writer. Both are ignored when `copy_to_loggers` is off.
+            announce: shows the run's setup line and one line per snapshot through the host's
+                own channel; None: this module's logger at INFO.
 
         Raises:
             ConfigError, UnsupportedModelError: with a message saying how to fix it.
@@ -295,6 +311,7 @@ class Monitor:
         copying = self.watch.copy_to_loggers
         self._log_scalars = log_scalars if copying else None
         self._log_images = log_images if copying else None
+        self._announce = announce or logger.info
 
     def start(
         self, model: nn.Module, *, step: int, tokens: int, root: nn.Module | None = None
@@ -364,12 +381,10 @@ class Monitor:
                 if self.watch.tensorboard:
                     purge = None if newest is None else tokens
                     self._sink = TensorBoardSink(self.run_dir / TB_SUBDIR, purge_after_tokens=purge)
-                logger.info(
-                    "regionwatch: storing the run in %s%s",
-                    self.run_dir,
-                    f"; view it with: {tensorboard_command(self.run_dir, snapshots=0)}"
-                    if self.watch.tensorboard
-                    else "",
+                view = view_hint(self.run_dir, snapshots=0) if self.watch.tensorboard else ""
+                self._announce(
+                    f"regionwatch: storing the run in {self.run_dir}"
+                    + (f"; view it with: {view}" if view else "")
                 )
             else:
                 self._store.close()  # refused: the store stays exactly as it was
@@ -508,15 +523,32 @@ class Monitor:
             log_scalars = self._log_scalars
             self._writer.run_now(f"trainer loggers, step {step}", lambda: log_scalars(snapshot))
         self._submit_writes(snapshot)
-        logger.info(
-            "regionwatch: step %d, %s tokens: max slope median %.3f, %s (%.1f s)",
-            step,
-            f"{tokens:,}",
-            snapshot.summary.get("max_slope/median", math.nan),
-            "region maps drawn" if merged.maps is not None else "no maps",
-            merged.timing.get("total", math.nan),
+        self._announce(
+            f"regionwatch: step {step}, {tokens:,} tokens: max slope median "
+            f"{snapshot.summary.get('max_slope/median', math.nan):.3f}, "
+            f"{'region maps drawn' if merged.maps is not None else 'no maps'} "
+            f"({merged.timing.get('total', math.nan):.1f} s)"
         )
         return snapshot
+
+    def log_training(self, values: Mapping[str, float], *, tokens: int) -> None:
+        """Copy the trainer's own scalars (its loss) onto the token axis: `regionwatch/train/<key>`.
+
+        So that the loss and the max slope can be read on one axis in regionwatch's TensorBoard
+        run. Written on the background writer, by the writing rank only.
+
+        Args:
+            values: scalars by the trainer's name (e.g. {"loss": 2.31}).
+            tokens: training tokens seen when they were logged.
+        """
+        sink = self._sink
+        if sink is None:
+            return
+        named = {f"{TRAIN_GROUP}/{key}": float(value) for key, value in values.items()}
+        self._writer.submit(
+            f"tensorboard, trainer scalars at {tokens:,} tokens",
+            lambda: sink.write_scalars(named, tokens=tokens),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able resume state: the run directory, the run's id and the newest scheduled mark."""
@@ -687,10 +719,12 @@ class Monitor:
 def headline(snapshot: Snapshot) -> dict[str, float]:
     """The scalars copied to the trainer's loggers: TensorBoard's tags, plus tokens seen.
 
-    The same names as in regionwatch's own TensorBoard run (`tensorboard.scalars`), and
-    `regionwatch/tokens` in the same call, so that a dashboard can chart them against tokens.
+    Named `regionwatch_step/<key>` (`tensorboard.step_tag`): they sit at the trainer's step, and
+    must never share a name with the token-axis run. `regionwatch_step/tokens` comes in the same
+    call, so that a dashboard can chart them against tokens.
     """
-    return {**scalars(snapshot), TOKENS_TAG: float(snapshot.tokens)}
+    copies = {step_tag(name): value for name, value in scalars(snapshot).items()}
+    return {**copies, TOKENS_TAG: float(snapshot.tokens)}
 
 
 def _non_finite(model: nn.Module, measured: Measurement) -> str | None:
