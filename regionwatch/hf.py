@@ -35,6 +35,7 @@ from transformers import (
 )
 from typing_extensions import override
 
+from regionwatch.checkpoints import HF_MONITOR_STATE
 from regionwatch.corpus import Source
 from regionwatch.distributed import fsdp1_root
 from regionwatch.errors import ConfigError
@@ -57,7 +58,7 @@ COUNTING = ("all", "non_padding", True)  # include_num_input_tokens_seen values 
 # Not a callback class name: `restore_callback_states_from_checkpoint` rebuilds callbacks from
 # entries named after their class, and this callback cannot be rebuilt from JSON (it holds a
 # tokenizer); the Trainer only warns that it ignores an entry it cannot match.
-STATE_KEY = "regionwatch"
+STATE_KEY = HF_MONITOR_STATE
 
 
 class RegionMonitorCallback(TrainerCallback):

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
+import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -40,6 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from regionwatch.atomic import write_atomic
 from regionwatch.corpus import DEFAULT_VOCAB_SIZE, builtin_text, train_tokenizer
 from regionwatch.errors import CheckpointError, ConfigError
 
@@ -50,6 +53,7 @@ logger = logging.getLogger(__name__)
 Kind = Literal["pretrained", "state_dict", "sharded", "hub"]
 BUILTIN_TOKENIZER = "builtin"  # --tokenizer value: byte-level BPE trained on the built-in corpus
 CONFIG_FILE = "config.json"  # a model's architecture, as save_pretrained writes it
+MODEL_FILES_DIR = "model"  # in a live run dir: config.json and tokenizer files, for replay
 # What save_pretrained writes, whole or sharded; transformers itself prefers the safetensors ones.
 WEIGHT_FILES = (
     "model.safetensors",
@@ -444,6 +448,31 @@ def load_tokenizer(path: str | Path, *, revision: str | None = None) -> PreTrain
             f"no tokenizer in {path}: {err}; "
             f"pass --tokenizer DIR (or --tokenizer {BUILTIN_TOKENIZER})"
         ) from err
+
+
+def keep_model_files(
+    folder: str | Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Path:
+    """Save what replay needs besides the weights: the model's config.json and its tokenizer.
+
+    A live run keeps them in its run directory (`MODEL_FILES_DIR`), so that its checkpoints
+    replay with no other flag: a Lightning `.ckpt` holds weights, not the architecture. Each file
+    is written atomically; a model without a `PretrainedConfig` gets no config.json.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = getattr(model, "config", None)
+    if isinstance(config, PretrainedConfig):
+        write_atomic(folder / CONFIG_FILE, config.to_json_string().encode())
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            for written in tokenizer.save_pretrained(scratch):
+                if Path(written).is_file():
+                    os.replace(written, folder / Path(written).name)
+    return folder
 
 
 def has_tokenizer(path: Path) -> bool:

@@ -52,6 +52,7 @@ from regionwatch.background import BackgroundWriter, Failure
 from regionwatch.corpus import Source
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
 from regionwatch.errors import ConfigError, check_int
+from regionwatch.loading import MODEL_FILES_DIR, keep_model_files
 from regionwatch.measure import check_prompts, measure, merge_shards
 from regionwatch.probes import ProbeSet
 from regionwatch.results import Measurement, ProbeConfig
@@ -349,16 +350,30 @@ class Monitor:
         self._info["layout"] = distributed.layout(model, root)  # how it was measured
         self._root = root
         self._open(tokens=tokens, starting=(step, model))
+        if self._store is not None:  # the writing rank: keep what replay needs beside the probes
+            try:
+                keep_model_files(self.run_dir / MODEL_FILES_DIR, model, self._tokenizer)
+            except OSError as err:  # replay then needs --config / --tokenizer; training goes on
+                logger.warning("regionwatch: could not keep the model's config for replay: %s", err)
         return self.maybe_measure(model, step=step, tokens=tokens)
 
-    def open(self) -> None:
+    def open(self, *, info: Mapping[str, Any] | None = None) -> None:
         """Create or reopen the run's store and sinks (rank zero) and share the newest mark.
 
         For adding points to a run (replay): nothing is cut back. Training runs call `start`.
-        """
-        self._open(tokens=None, starting=None)
 
-    def _open(self, *, tokens: int | None, starting: tuple[int, nn.Module] | None) -> None:
+        Args:
+            info: facts recorded in a new run's config.json (replay: `live_run`).
+        """
+        self._open(tokens=None, starting=None, info=info)
+
+    def _open(
+        self,
+        *,
+        tokens: int | None,
+        starting: tuple[int, nn.Module] | None,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
         last = last_maps = refusal = run_id = None
         if self.run_dir is None:  # `setup` made sure there is a log dir
             self.run_dir = self._log_dir / DEFAULT_RUN_NAME
@@ -369,7 +384,7 @@ class Monitor:
                 self.run_dir,
                 probes=self.probes,
                 config=self.watch.probe,
-                info={"schedule": self.watch.schedule.to_dict()},
+                info={"schedule": self.watch.schedule.to_dict(), **(info or {})},
             )
             refusal = None if starting is None else self._claim(*starting)
             if refusal is None:

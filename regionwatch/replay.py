@@ -35,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 from regionwatch.checkpoints import Checkpoint, discover
 from regionwatch.errors import ConfigError, RegionWatchError, StoreError
 from regionwatch.loading import (
+    MODEL_FILES_DIR,
     LoadOptions,
     check_device,
     has_tokenizer,
@@ -50,6 +51,9 @@ from regionwatch.store import CONFIG_FILE, RUN_FORMAT, SnapshotStore
 logger = logging.getLogger(__name__)
 
 DRIVER = "replay"  # recorded as info["driver"] in every replayed snapshot
+# A replay run's config.json info names the live run its checkpoints came from (a path string);
+# the onset's init baseline is read from there when the replay has no step-0 checkpoint.
+LIVE_RUN_KEY = "live_run"
 
 
 @dataclass
@@ -152,10 +156,15 @@ def replay(
     )
     if not checkpoints:
         raise ConfigError("nothing to replay: give SOURCE paths, or --repo NAME --revisions ...")
+    live, named = _live_run(checkpoints)
+    if live is not None and probes is None and tokenizer is None and not runs:
+        runs = [live]  # its probe set and settings: what the live run measured
+    if live is not None and config_dir is None and (live.path / MODEL_FILES_DIR).is_dir():
+        config_dir = live.path / MODEL_FILES_DIR  # the architecture a .ckpt does not hold
     watch = WatchConfig(
         probe=config or (runs[0].config if runs else ProbeConfig()), precision=precision
     )
-    probes = _probes(probes, runs, tokenizer, checkpoints, watch.seed)
+    probes = _probes(probes, runs, tokenizer, checkpoints, watch.seed, gone=named)
     options = LoadOptions(
         config_dir=None if config_dir is None else Path(config_dir),
         state_key=state_key,
@@ -164,7 +173,9 @@ def replay(
         device=device,
     )
     monitor = Monitor(watch, probes=probes, run_dir=run_dir)
-    monitor.open()  # a run measured differently is refused here
+    # A run measured differently is refused here. The live run is named in a new run's config
+    # (its info), where the onset's init baseline is looked up.
+    monitor.open(info=None if live is None else {LIVE_RUN_KEY: str(live.path)})
     try:
         return _replay_all(monitor, checkpoints, options, progress=progress)
     finally:
@@ -257,12 +268,35 @@ def _measure(
     return snapshot, ""
 
 
+def _live_run(checkpoints: list[Checkpoint]) -> tuple[SnapshotStore | None, str | None]:
+    """The live run the checkpoints name (their regionwatch state), if it is still there.
+
+    Returns:
+        (its store, its directory) when the named directory holds that very run (same id);
+        (None, the named directory) when it is gone or holds another run; (None, None) when no
+        checkpoint names one, or they name several.
+    """
+    named = {(c.run_dir, c.run_id) for c in checkpoints if c.run_dir}
+    if len(named) != 1:
+        return None, None
+    ((where, run_id),) = named
+    if not _is_run(Path(where)):
+        return None, where
+    store = SnapshotStore(where)
+    if run_id is not None and store.run_id != run_id:
+        return None, where
+    logger.info("the checkpoints name the live run %s: its probe set and model config", where)
+    return store, where
+
+
 def _probes(
     probes: ProbeSet | None,
     runs: list[SnapshotStore],
     tokenizer: PreTrainedTokenizerBase | str | Path | None,
     checkpoints: list[Checkpoint],
     seed: int,
+    *,
+    gone: str | None = None,
 ) -> ProbeSet:
     """The probe set: given, the run's own, or built from the (found) tokenizer."""
     sets = [run.probes() for run in runs]
@@ -280,11 +314,14 @@ def _probes(
         return probes
     # Built as a live Monitor builds its default: the built-in corpus with the watch's seed, so
     # a live run and its replay with default settings measure the same prompts.
-    return ProbeSet.build(_tokenizer(tokenizer, checkpoints), seed=seed)
+    return ProbeSet.build(_tokenizer(tokenizer, checkpoints, gone=gone), seed=seed)
 
 
 def _tokenizer(
-    tokenizer: PreTrainedTokenizerBase | str | Path | None, checkpoints: list[Checkpoint]
+    tokenizer: PreTrainedTokenizerBase | str | Path | None,
+    checkpoints: list[Checkpoint],
+    *,
+    gone: str | None = None,
 ) -> PreTrainedTokenizerBase:
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer
@@ -298,10 +335,16 @@ def _tokenizer(
         if has_tokenizer(where):
             logger.info("tokenizer: %s", where)
             return load_tokenizer(where)
+    live = (
+        ""
+        if gone is None
+        else f"the checkpoints name the live run {gone}, which is gone (or holds another run), and "
+    )
     raise ConfigError(
-        "replay builds its probe set from the model's tokenizer, and none of the checkpoints "
-        "has tokenizer files: pass --tokenizer DIR (tokenizer=...), or a ready probe set with "
-        "--probe PROBE_DIR (probes=...)"
+        f"replay builds its probe set from the model's tokenizer, and {live}none of the "
+        "checkpoints has tokenizer files: pass the live run's probe set with --probe "
+        "PROBE_DIR (probes=...) and, for Lightning .ckpt files, the model's config with --config "
+        "DIR (config_dir=...); or a tokenizer with --tokenizer DIR (tokenizer=...)"
     )
 
 
