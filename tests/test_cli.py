@@ -14,6 +14,7 @@ from transformers import GPT2Config
 from regionwatch import SnapshotStore
 from regionwatch.cli import VERBS, main
 from tests.conftest import file_states
+from tests.support.report_runs import log_tokens, synthetic_run
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
@@ -206,3 +207,15 @@ def test_show_and_report_find_the_one_run_below_a_folder(
     assert "holds 2 regionwatch runs" in err
     assert str(run) in err
     assert str(other) in err
+
+
+def test_show_json_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`show --json | head`: the reader leaves early; no BrokenPipeError traceback, exit 1."""
+    run = tmp_path / "run"
+    synthetic_run(run, log_tokens(10))
+    # `true` exits at once, long before Python has imported regionwatch: every write hits a
+    # closed pipe, as the lines after the first do with `head -1`.
+    shell = f"{sys.executable} -m regionwatch show --json {run} | true; echo ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert done.stderr == ""
+    assert done.stdout.strip() == "1"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RegionWatchError as err:  # a user error: the message says how to fix it
         print(f"regionwatch {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`show --json | head`): nothing more to say
+        # Python would report the failed flush of stdout at exit; point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def configure_logging(level: str) -> None:
