@@ -35,6 +35,7 @@ RANK = {
     "reference": 6,
     "snapshot": 6,
     "store": 7,
+    "mapfigure": 7,  # one region-map panel, drawn alike by TensorBoard and the report
     "tensorboard": 8,
     "report": 8,
     "background": 1,
