@@ -17,6 +17,7 @@ import numpy as np
 from regionwatch.errors import ConfigError
 from regionwatch.report.curves import CurvePanel, pairs_figure, relative_curves_figure
 from regionwatch.report.data import (
+    MIN_ALIGN_GROUP,
     RunData,
     SnapshotData,
     curve_subset,
@@ -130,7 +131,7 @@ def _overview(runs: Sequence[RunData], out: Path, max_curves: int) -> tuple[list
     """The figures that put all runs on one axis: max slope, alignment, relative curves."""
     images, notes = _slope_images(runs, out)
     save(
-        alignment_over_tokens_figure([r.scalar_series("align/auc") for r in runs]),
+        alignment_over_tokens_figure([r.alignment_series() for r in runs]),
         out / "alignment.png",
     )
     images.append(
@@ -139,7 +140,9 @@ def _overview(runs: Sequence[RunData], out: Path, max_curves: int) -> tuple[list
             "Semantic alignment over training (align/auc)",
             "Beyond the paper: the probability that a random pair whose prompts predict different "
             "next tokens has a larger max slope than a pair whose predictions agree. 0.5 = no "
-            "information.",
+            f"information. Drawn from the first snapshot where both groups hold {MIN_ALIGN_GROUP} "
+            "pairs or more: early in training nearly every pair predicts the same next token, "
+            "and an AUC over a handful of pairs is noise.",
         )
     )
     panels = [p for p in (curve_panel(r, max_curves) for r in runs) if p is not None]
