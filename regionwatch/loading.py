@@ -87,18 +87,24 @@ UNREADABLE = (
     AttributeError,
     ImportError,
 )
+# One precision vocabulary for every entry point: `--dtype` names a dtype as `precision="fp32"`
+# and the drivers do. The torch spellings replay and measure used to take are still read.
 DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
+    "fp32": torch.float32,
+    "fp64": torch.float64,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
 }
+OLD_DTYPE_NAMES = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """A dtype from its name (`float32`, `bfloat16`, ...); ConfigError listing the choices."""
+    """A dtype from its name (`fp32`, `bf16`, ..., or `float32`, ...); ConfigError otherwise."""
+    name = OLD_DTYPE_NAMES.get(name, name)
     if name not in DTYPES:
-        raise ConfigError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+        raise ConfigError(
+            f"dtype {name!r} is not one of {', '.join(DTYPES)} (or {', '.join(OLD_DTYPE_NAMES)})"
+        )
     return DTYPES[name]
 
 

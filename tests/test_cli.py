@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import GPT2Config
 
 from regionwatch import SnapshotStore
 from regionwatch.cli import VERBS, main
+from regionwatch.errors import ConfigError
+from regionwatch.loading import parse_dtype
 from tests.conftest import file_states
 from tests.support.report_runs import log_tokens, synthetic_run
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
@@ -219,3 +222,31 @@ def test_show_json_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
     assert done.stderr == ""
     assert done.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("fp32", torch.float32),
+        ("bf16", torch.bfloat16),
+        ("fp16", torch.float16),
+        ("float32", torch.float32),  # the old spellings are still read
+        ("bfloat16", torch.bfloat16),
+    ],
+)
+def test_one_precision_vocabulary_old_spellings_read(name: str, dtype: torch.dtype) -> None:
+    """`--dtype` takes precision='s names (fp32, bf16, fp16), and the torch names it took before."""
+    assert parse_dtype(name) == dtype
+
+
+def test_dtype_help_names_the_new_spelling_and_the_old(capsys) -> None:
+    """Both verbs' help give fp32 as the default and say the old spellings are read."""
+    for verb in ("replay", "measure"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "fp32 (default), bf16, fp16" in text
+        assert "float32, bfloat16, float16" in text
+        assert "are read too" in text
+    with pytest.raises(ConfigError, match="not one of fp32, fp64, bf16, fp16"):
+        parse_dtype("half")
