@@ -14,6 +14,7 @@ from regionwatch import ConfigError, ProbeConfig, RegionMonitorCallback, Snapsho
 from regionwatch.errors import UnsupportedModelError
 from tests.conftest import file_states
 from tests.support.factories import make_monitor
+from tests.support.lines import Lines
 from tests.support.lm import BATCH, SEQ, Windows, hf_args, tiny_gpt2
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
@@ -150,15 +151,6 @@ class Packed(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = self.windows[i]
         return row if self.mask else {k: v for k, v in row.items() if k != "attention_mask"}
-
-
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from transformers import Trainer
 
 from regionwatch import RegionMonitor, SnapshotStore
 from tests.support.factories import make_monitor
+from tests.support.lines import Lines
 from tests.support.lm import TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
@@ -29,17 +30,6 @@ MEDIAN = "regionwatch_step/max_slope/median"
 TOKENS = "regionwatch_step/tokens"
 MAP_TAG = "regionwatch_step/maps/triple_0"
 STEPS = 4  # snapshots at 0, 2, 4 with every_steps(2)
-
-
-class Lines(logging.Handler):
-    """The messages a logger's records carry, as a handler of that logger sees them."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def fit(
