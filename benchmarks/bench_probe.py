@@ -11,7 +11,9 @@ The physical floor of any probe implementation is one batched clean forward of e
 Against them, in the same process and on the same model and prompts: `regionwatch.interpolate`
 (chained pairs i, i + 1 of random token ids), `regionwatch.reference.interpolate`, and
 `regionwatch.region_maps` on consecutive triples. Variants run interleaved, one call each per
-round, so that a load change on a shared machine hits all of them alike.
+round, so that a load change on a shared machine hits all of them alike. `paths` sets the fast
+engine against the generic full-row path (the same model named by a `Decoder`, as a model that is
+not a Hugging Face one is measured) at `--paths-pairs` pairs (`probe_paths.py`).
 
 The reference runs one full forward per point and pair after pair, so its time is linear in the
 pair count; where its estimated cost exceeds `--reference-max-gflop`, only the first k pairs (or
@@ -57,6 +59,7 @@ from harness import (
     write,
 )
 from probe_models import GPT2_VOCAB, build_model, parse_size
+from probe_paths import bench_paths
 from probe_precision import bench_precision
 from probe_report import markdown, print_tables, targets
 from probe_speed import bench_maps, bench_pairs
@@ -78,6 +81,7 @@ QUICK = {
     "warmup": 1,
     "quiet_wait_s": 0,
     "precision_sizes": "2x64,3x64",
+    "paths_pairs": 3,
 }
 FULL = {
     "arch": "gpt2,llama",
@@ -94,6 +98,7 @@ FULL = {
     "warmup": 1,
     "quiet_wait_s": 60,
     "precision_sizes": "8x512,24x512",
+    "paths_pairs": 16,
 }
 
 
@@ -146,6 +151,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-reference", action="store_true", help="skip the slow reference")
     parser.add_argument(
+        "--paths-pairs",
+        type=int,
+        help="chained pairs at which the fast and the generic (Decoder) paths meet; 0: skip",
+    )
+    parser.add_argument(
         "--precision-sizes",
         type=csv(parse_size),
         help="GPT-2 sizes at which fp32 and bf16 models are measured with fp32 numerics",
@@ -194,11 +204,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "complete": False,
         "interpolate": [],
         "maps": [],
+        "paths": [],
     }
     stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H%M")
     out = args.out or RESULTS / f"bench_probe-{device_tag(device)}-{stamp}.json"
     gen = torch.Generator().manual_seed(args.seed)
-    rows = max(max(args.pairs) + 1, args.triples + 2)
+    rows = max(max(args.pairs) + 1, args.triples + 2, args.paths_pairs + 1)
     result["precision"] = bench_precision(setup, device, gen)
     progress(result, setup, started, out, "precision")
     for arch in [] if args.only_precision else args.arch:
@@ -221,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         out,
                         f"{arch} {layers}x{d_model} P={pairs} T={length}",
                     )
+                if args.paths_pairs:
+                    result["paths"].append(bench_paths(setup, model, shape, ids, args.paths_pairs))
+                    progress(result, setup, started, out, f"paths {arch} {layers}x{d_model}")
                 if args.triples:
                     result["maps"].append(bench_maps(setup, model, shape, ids))
                     progress(
@@ -232,6 +246,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write(result, out)
     print()
     print_tables(result)
+    for record in result["paths"]:
+        print(
+            f"paths {record['arch']} {record['size']} T={record['length']} "
+            f"P={record['pairs']}: generic / fast = {record['ratios']['generic_vs_fast']:.1f}x"
+        )
     print(f"\nwrote {out} ({result['wall_s']:.0f} s)")
     return result
 

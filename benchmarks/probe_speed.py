@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from regionwatch import reference
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
-from regionwatch.measure import Curves, RegionMaps, interpolate, region_maps
+from regionwatch.measurement import Curves, RegionMaps, interpolate, region_maps
 
 
 def max_abs_diff(fast: Tensor, slow: Tensor) -> float:
@@ -114,11 +114,12 @@ def bench_pairs(
     flops = {
         "floor_forward": floor_flops(shape, pairs + 1, length, all_logits=True),
         "floor_min": floor_flops(shape, pairs + 1, length, all_logits=False),
-        "interpolate": interpolate_flops(shape, pairs + 1, length, pairs * alphas),
+        "interpolate": interpolate_flops(shape, pairs + 1, length, pairs * (alphas - 1)),
     }
     record: dict[str, Any] = {
         "arch": shape.arch,
         "size": f"{shape.layers}x{shape.d_model}",
+        "vocab": shape.vocab,
         "pairs": pairs,
         "length": length,
         "alphas": alphas,
@@ -143,8 +144,10 @@ def bench_pairs(
             "interpolate_vs_floor_min_paired": paired_ratio(
                 samples["interpolate"], samples["floor_min"]
             ),
-            # the S query tokens per pair are work the floor does not have
-            "expected_vs_floor_min": (length + alphas) / length,
+            # the S - 1 query tokens per pair (alpha = 0 is the clean readout) are work the
+            # floor does not have, through the blocks after the write site only
+            "expected_vs_floor_min": 1
+            + (alphas - 1) / length * (shape.layers - 1) / shape.layers,  # write layer 0
         },
     }
     record["variants"]["interpolate"]["points_per_s"] = pairs * alphas / med["interpolate"]

@@ -7,20 +7,19 @@ The public contract is `__all__`. Everything but the errors loads lazily (PEP 56
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 from regionwatch.errors import ConfigError, RegionWatchError
 from regionwatch.version import VERSION
 
 if TYPE_CHECKING:
+    from regionwatch.decoder import Decoder
     from regionwatch.hf import RegionMonitorCallback
     from regionwatch.lightning import RegionMonitor
-    from regionwatch.measure import ProbeConfig, measure
-    from regionwatch.monitor import WatchConfig
+    from regionwatch.measurement import ProbeConfig, measure
+    from regionwatch.monitor import Monitor, WatchConfig
     from regionwatch.probes import ProbeSet
-    from regionwatch.replay import replay
+    from regionwatch.replaying import replay
     from regionwatch.schedule import Schedule
     from regionwatch.snapshot import Snapshot
     from regionwatch.store import SnapshotStore
@@ -32,11 +31,13 @@ __version__ = VERSION
 # HF Trainer load only for their driver's users. Everything else (result types, the other
 # errors, helpers) stays importable from its own module, without the promise of `__all__`.
 _LAZY = {
-    "ProbeConfig": "regionwatch.measure",
-    "measure": "regionwatch.measure",
+    "Decoder": "regionwatch.decoder",
+    "ProbeConfig": "regionwatch.measurement",
+    "measure": "regionwatch.measurement",
+    "Monitor": "regionwatch.monitor",
     "WatchConfig": "regionwatch.monitor",
     "ProbeSet": "regionwatch.probes",
-    "replay": "regionwatch.replay",
+    "replay": "regionwatch.replaying",
     "Schedule": "regionwatch.schedule",
     "Snapshot": "regionwatch.snapshot",
     "SnapshotStore": "regionwatch.store",
@@ -46,6 +47,8 @@ _LAZY = {
 
 __all__ = [
     "ConfigError",
+    "Decoder",
+    "Monitor",
     "ProbeConfig",
     "ProbeSet",
     "RegionMonitor",
@@ -59,23 +62,6 @@ __all__ = [
     "measure",
     "replay",
 ]
-
-
-# `measure` and `replay` are functions named like their modules. Importing a submodule sets the
-# package attribute of that name to the module; the eager `from ... import` this package used to
-# do then overwrote it with the function. Lazily, the package itself must prefer the function.
-_SHADOWED = frozenset(name for name, module in _LAZY.items() if module == f"{__name__}.{name}")
-
-
-class _Package(types.ModuleType):
-    def __getattribute__(self, name: str) -> object:
-        value = super().__getattribute__(name)
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            return getattr(value, name)
-        return value
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> object:

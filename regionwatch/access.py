@@ -1,7 +1,9 @@
 """Where the decoder blocks of a causal LM live; reading and overwriting the residual stream.
 
-One table keyed by `config.model_type` says where each supported architecture keeps its block
-list; anything else is reached through a user-given dotted `block_path`. The write site is the
+One table keyed by `config.model_type` says where each supported Hugging Face architecture keeps
+its block list; another HF model is reached through a user-given dotted `block_path`, and any other
+decoder through a `Decoder` naming its blocks, final norm and head. Both resolve into one
+`ResidualSite`. The write site is the
 raw output of block `write_layer` (PAPER.md §2: `hidden_states[write_layer + 1]`); the readout is
 the base model's last hidden state, which every supported architecture takes after its final norm
 (`hidden_states[-1]`). Decoder blocks return a tuple in transformers 4.x and a bare tensor in 5.x;
@@ -13,14 +15,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from regionwatch.errors import UnsupportedModelError, check_int
+from regionwatch.decoder import Decoder
+from regionwatch.errors import ConfigError, UnsupportedModelError, check_int
 
 BLOCK_PATHS: Mapping[str, str] = MappingProxyType(
     {
@@ -62,56 +65,58 @@ VOCAB_CHUNK = 8192
 
 @dataclass(frozen=True)
 class ResidualSite:
-    """A causal LM resolved for probing: its blocks, the write site and the readout.
+    """A causal LM resolved for probing: its blocks, the write site, the readout and the head.
+
+    Hugging Face models (through `BLOCK_PATHS` or `block_path`) and any other decoder (through a
+    `Decoder`) resolve into this one object; the engine, `measure` and the probe checks see
+    nothing else of the model.
 
     Attributes:
         model: the causal LM (with its unembedding).
-        base: the decoder stack whose `last_hidden_state` is the readout (after the final norm).
-        blocks: the decoder blocks, in order.
+        blocks: the decoder blocks, in order (a ModuleDict's in key order).
         write_layer: 0-based block whose output is patched (PAPER.md's L_w).
         block_path: dotted path of `blocks` inside `model`.
+        head: the unembedding, [vocab, d_model] `weight` and optional `bias`.
+        vocab_size: token ids a prompt may hold.
+        d_model: width of the residual stream.
+        max_positions: longest prompt the model takes; None when it does not say.
+        sliding_window: attention window of sliding-window layers; None when all see everything.
+        softcap: Gemma-2-style final logit soft-capping; None for none.
+        base: a Hugging Face model's decoder stack, whose `last_hidden_state` is the readout:
+            the fast engine drives it with a KV cache, positions and a 4D mask. None for a
+            `Decoder` model, run as a whole by the generic full-row path (`rows`).
+        embed: the input embedding, when known (a plain lookup is widened, not upcast).
+        decoder: how to call a `Decoder` model; None for a Hugging Face one.
+        final_norm: the module whose output is a `Decoder` model's readout.
         numerics: dtype the forward computes in when it differs from the weights' (see
             `upcasting`); None: the weights' own.
     """
 
     model: nn.Module
-    base: nn.Module
-    blocks: nn.ModuleList
+    blocks: tuple[nn.Module, ...]
     write_layer: int
     block_path: str
+    head: nn.Module
+    vocab_size: int
+    d_model: int
+    max_positions: int | None = None
+    sliding_window: int | None = None
+    softcap: float | None = None
+    base: nn.Module | None = None
+    embed: nn.Module | None = None
+    decoder: Decoder | None = None
+    final_norm: nn.Module | None = None
     numerics: torch.dtype | None = None
 
     @property
-    def config(self) -> Any:
-        """The model's `PretrainedConfig`."""
-        return self.model.config
+    def fast(self) -> bool:
+        """Whether the KV-cached engine can drive the model (else the generic full-row path)."""
+        return self.base is not None
 
     @property
     def num_blocks(self) -> int:
         """Number of decoder blocks N."""
         return len(self.blocks)
-
-    @property
-    def vocab_size(self) -> int:
-        """Rows of the input embedding: the largest token id a prompt may hold, plus one."""
-        return int(self.model.get_input_embeddings().num_embeddings)
-
-    @property
-    def max_positions(self) -> int | None:
-        """Longest prompt the position embeddings allow, or None when the config does not say."""
-        for name in ("max_position_embeddings", "n_positions"):
-            value = getattr(self.config, name, None)
-            if isinstance(value, int):
-                return value
-        return None
-
-    @property
-    def sliding_window(self) -> int | None:
-        """Attention window of sliding-window layers, or None when every layer sees everything."""
-        if getattr(self.config, "use_sliding_window", True) is False:
-            return None
-        window = getattr(self.config, "sliding_window", None)
-        return window if isinstance(window, int) else None
 
     @property
     def device(self) -> torch.device:
@@ -120,30 +125,75 @@ class ResidualSite:
 
     @property
     def dtype(self) -> torch.dtype:
-        """Floating dtype of the residual stream (`numerics`, else the input embedding's)."""
-        return self.numerics or self.model.get_input_embeddings().weight.dtype
+        """Floating dtype of the residual stream (`numerics`, else the embedding's or head's)."""
+        return self.numerics or (self.embed if self.embed is not None else self.head).weight.dtype
 
 
 def resolve(
-    model: nn.Module, *, write_layer: int = 0, block_path: str | None = None
+    model: nn.Module,
+    *,
+    write_layer: int = 0,
+    block_path: str | None = None,
+    decoder: Decoder | None = None,
 ) -> ResidualSite:
-    """Find the blocks of `model` and check that `write_layer` can be patched.
+    """Find the blocks, readout and head of `model` and check that `write_layer` can be patched.
 
     Args:
-        model: a Hugging Face causal LM (`...ForCausalLM`).
+        model: a Hugging Face causal LM (`...ForCausalLM`), or any decoder named by `decoder`.
         write_layer: block whose output is patched; 0..N-2, because the last block's output
             only reaches the readout through the final norm (PAPER.md §2).
-        block_path: dotted path to the block list, for architectures not in `BLOCK_PATHS`.
+        block_path: dotted path to the block list of a Hugging Face model whose architecture
+            `BLOCK_PATHS` does not know (a ModuleList, or a ModuleDict in key order).
+        decoder: where a non-Hugging-Face model keeps its blocks, final norm and head.
 
     Returns:
         The resolved site.
 
     Raises:
         UnsupportedModelError: an architecture the probe cannot drive (`REFUSED_MODELS`, ALiBi),
-            unknown architecture without `block_path`, no LM head, a path that does not lead to a
-            block list, an attention implementation that ignores custom masks, weights on the
-            meta device, or `write_layer` out of range. Raised before any forward pass.
+            unknown architecture without `block_path` or `decoder`, no LM head, a path that does
+            not exist or does not lead to a block list, a head without a [vocab, d_model]
+            weight, an attention implementation that ignores custom masks, weights on the meta
+            device, or `write_layer` out of range. Raised before any forward pass.
+        ConfigError: both `block_path` and `decoder` given.
     """
+    check_materialized(model)
+    if decoder is None:
+        site = _hf_site(model, write_layer, block_path)
+    elif block_path is not None:
+        raise ConfigError(
+            f"block_path={block_path!r} and decoder={decoder!r} both given: a Decoder names "
+            "its blocks itself; pass only decoder= (or block_path= for a Hugging Face model)"
+        )
+    else:
+        site = _decoder_site(model, write_layer, decoder)
+    check_int(
+        "write_layer",
+        write_layer,
+        maximum=site.num_blocks - 2,
+        hint=f"the model has {site.num_blocks} blocks; the last block's output is only read "
+        "after the final norm",
+        error=UnsupportedModelError,
+    )
+    return site
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model with parameters on the meta device: they hold no values to measure.
+
+    Raises:
+        UnsupportedModelError: naming a meta parameter and how to load the weights.
+    """
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has parameters on the meta device (e.g. {meta}): they hold "
+            "no values to measure; load the weights first (from_pretrained without "
+            "device_map='meta', or model.to_empty(...) then load_state_dict)"
+        )
+
+
+def _hf_site(model: nn.Module, write_layer: int, block_path: str | None) -> ResidualSite:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     supported = ", ".join(BLOCK_PATHS)
@@ -160,29 +210,21 @@ def resolve(
         raise UnsupportedModelError(
             f"{type(model).__name__} has no LM head (get_output_embeddings() gives none): the "
             "probe reads next-token outputs; pass the causal LM, e.g. load it with "
-            "AutoModelForCausalLM (GPT2LMHeadModel, not GPT2Model)"
-        )
-    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
-    if meta is not None:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has parameters on the meta device (e.g. {meta}): they hold "
-            "no values to measure; load the weights first (from_pretrained without "
-            "device_map='meta', or model.to_empty(...) then load_state_dict)"
+            "AutoModelForCausalLM (GPT2LMHeadModel, not GPT2Model); for a model that is not a "
+            "Hugging Face one, pass decoder=Decoder(blocks=..., final_norm=..., head=...)"
         )
     if block_path is None:
         if model_type not in BLOCK_PATHS:
             raise UnsupportedModelError(
                 f"model_type {model_type!r} has no known block path; supported: {supported}; "
                 'for another causal LM pass block_path="<dotted path to its block list>", '
-                'e.g. block_path="model.layers"'
+                'e.g. block_path="model.layers"; for a model that is not a Hugging Face one, '
+                "pass decoder=Decoder(blocks=..., final_norm=..., head=...)"
             )
         block_path = BLOCK_PATHS[model_type]
-    blocks = _follow(model, block_path)
-    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise UnsupportedModelError(
-            f"block_path={block_path!r} leads to {type(blocks).__name__} in "
-            f"{type(model).__name__}, not a non-empty nn.ModuleList of decoder blocks"
-        )
+    blocks = _block_list(
+        model, "block_path", block_path, f"supported model types need no path: {supported}"
+    )
     base = getattr(model, "base_model", model)
     if base is model:
         raise UnsupportedModelError(
@@ -196,27 +238,134 @@ def resolve(
             f"needs; supported: {', '.join(MASKED_ATTENTION)}; load the model with "
             'attn_implementation="sdpa"'
         )
-    last = len(blocks) - 2
-    check_int(
-        "write_layer",
+    embed = model.get_input_embeddings()
+    max_positions = None
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            max_positions = value
+            break
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False or not isinstance(window, int):
+        window = None
+    return ResidualSite(
+        model,
+        blocks,
         write_layer,
-        maximum=last,
-        hint=f"the model has {len(blocks)} blocks; the last block's output is only read after "
-        "the final norm",
-        error=UnsupportedModelError,
+        block_path,
+        head=get_head(),
+        vocab_size=int(embed.num_embeddings),
+        d_model=int(embed.embedding_dim),
+        max_positions=max_positions,
+        sliding_window=window,
+        softcap=getattr(config, "final_logit_softcapping", None),
+        base=base,
+        embed=embed,
     )
-    return ResidualSite(model, base, blocks, write_layer, block_path)
 
 
-def _follow(model: nn.Module, path: str) -> Any:
-    obj: Any = model
-    for name in path.split("."):
-        if not hasattr(obj, name):
+# Where a model that is not a Hugging Face one records its context length: litgpt's `GPT`
+# (`max_seq_length`, which sizes its RoPE cache), nanoGPT-style configs (`config.block_size`)
+# and torchtitan's (`config.max_seq_len` in 0.3, `model_args.max_seq_len` before). Anything
+# else (OLMo-core records none): `Decoder(max_positions=...)`.
+CONTEXT_LENGTHS = (
+    "max_seq_length",
+    "config.block_size",
+    "config.max_seq_len",
+    "model_args.max_seq_len",
+)
+
+
+HEAD_DIMS = 2  # an unembedding's weight is [vocab, d_model]
+
+
+def _decoder_site(model: nn.Module, write_layer: int, decoder: Decoder) -> ResidualSite:
+    blocks = _block_list(model, "Decoder.blocks", decoder.blocks)
+    norm = _follow(model, "Decoder.final_norm", decoder.final_norm)
+    head = _follow(model, "Decoder.head", decoder.head)
+    for name, module in (("final_norm", norm), ("head", head)):
+        if not isinstance(module, nn.Module):
             raise UnsupportedModelError(
-                f"block_path={path!r} does not exist in {type(model).__name__}: no attribute "
-                f"{name!r}; supported model types need no path: {', '.join(BLOCK_PATHS)}"
+                f"Decoder.{name}={getattr(decoder, name)!r} leads to {type(module).__name__} in "
+                f"{type(model).__name__}, not a module; name the {_ROLES[name]}"
             )
-        obj = getattr(obj, name)
+    weight = getattr(head, "weight", None)
+    shape = (
+        tuple(weight.shape) if isinstance(weight, Tensor) and weight.dim() == HEAD_DIMS else None
+    )
+    vocab = decoder.vocab_size or (shape[0] if shape else None)
+    width = decoder.d_model or (shape[1] if shape else None)
+    if vocab is None or width is None:
+        raise UnsupportedModelError(
+            f"Decoder.head={decoder.head!r} ({type(head).__name__}) has no [vocab, d_model] "
+            "weight to read the vocabulary size and width from: name the unembedding (the "
+            "linear layer from the residual stream to the vocabulary), or pass "
+            "Decoder(vocab_size=..., d_model=...) for a head whose weight is sharded"
+        )
+    if shape is not None and (vocab > shape[0] or width != shape[1]):
+        raise UnsupportedModelError(
+            f"Decoder(vocab_size={decoder.vocab_size}, d_model={decoder.d_model}) does not "
+            f"fit the head {decoder.head!r}, whose weight is [vocab, d_model] = {list(shape)}: "
+            "a token id needs a row, and the width must be the residual stream's; leave them "
+            "None to read them from the head"
+        )
+    max_positions = decoder.max_positions
+    for path in CONTEXT_LENGTHS if max_positions is None else ():
+        value = _attribute(model, path)
+        if isinstance(value, int) and not isinstance(value, bool):
+            max_positions = value
+            break
+    return ResidualSite(
+        model,
+        blocks,
+        write_layer,
+        decoder.blocks,
+        head=head,
+        vocab_size=vocab,
+        d_model=width,
+        max_positions=max_positions,
+        softcap=_attribute(model, "config.final_logit_softcapping"),
+        decoder=decoder,
+        final_norm=norm,
+    )
+
+
+_ROLES = {
+    "final_norm": "final norm, whose output [batch, tokens, d_model] is the readout",
+    "head": "unembedding, a module with a [vocab, d_model] weight",
+}
+
+
+def _block_list(model: nn.Module, name: str, path: str, hint: str = "") -> tuple[nn.Module, ...]:
+    """The blocks at `path`: a ModuleList in order, or a ModuleDict in key order."""
+    blocks = _follow(model, name, path, hint)
+    if not isinstance(blocks, nn.ModuleList | nn.ModuleDict) or len(blocks) == 0:
+        raise UnsupportedModelError(
+            f"{name}={path!r} leads to {type(blocks).__name__} in {type(model).__name__}, not a "
+            "non-empty nn.ModuleList or nn.ModuleDict of decoder blocks; name the block list"
+        )
+    return tuple(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
+
+
+def _follow(model: nn.Module, name: str, path: str, hint: str = "") -> Any:
+    obj: Any = model
+    for depth, part in enumerate(path.split(".")):
+        if not hasattr(obj, part):
+            where = ".".join(path.split(".")[:depth]) or type(model).__name__
+            children = [n for n, _ in obj.named_children()] if isinstance(obj, nn.Module) else []
+            raise UnsupportedModelError(
+                f"{name}={path!r} does not exist in {type(model).__name__}: no attribute "
+                f"{part!r} in {where}, whose modules are: {', '.join(children) or 'none'}"
+                + (f"; {hint}" if hint else "")
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def _attribute(model: nn.Module, path: str) -> Any:
+    obj: Any = model
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
     return obj
 
 
@@ -229,17 +378,29 @@ def _replace_hidden(output: Any, hidden: Tensor) -> Any:
     return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
 
 
-@contextmanager
-def capturing(site: ResidualSite) -> Iterator[list[Tensor]]:
-    """Collect the write-site residual at the last position of every forward while active.
+@dataclass
+class Capture:
+    """What `capturing` saw of the write block.
 
-    Yields:
-        A list that receives one [batch, d_model] tensor per forward pass.
+    Attributes:
+        vectors: the write-site residual at the last position, one [batch, d_model] per forward.
+        tuples: the block returned a tuple with the hidden states first, not a bare tensor
+            (transformers 4.x for most architectures, 5.x for none); a block that `skipping`
+            replaces must answer in the same form.
     """
-    captured: list[Tensor] = []
+
+    vectors: list[Tensor] = field(default_factory=list)
+    tuples: bool = False
+
+
+@contextmanager
+def capturing(site: ResidualSite) -> Iterator[Capture]:
+    """Collect the write-site residual at the last position of every forward while active."""
+    captured = Capture()
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        captured.append(_hidden(output)[:, -1].detach().clone())
+        captured.vectors.append(_hidden(output)[:, -1].detach().clone())
+        captured.tuples = not isinstance(output, Tensor)
 
     handle = site.blocks[site.write_layer].register_forward_hook(hook)
     try:
@@ -267,6 +428,60 @@ def patching(site: ResidualSite, vectors: Tensor) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def skipping(site: ResidualSite, vectors: Tensor, *, tuples: bool) -> Iterator[None]:
+    """Skip blocks 0..write_layer: the write site's output is `vectors`, whatever the inputs.
+
+    A query pass replaces the whole write-site output, so nothing the blocks up to it compute
+    for the queries reaches the readout: they are not run at all (their children's hooks, an
+    upcast's included, do not fire). The model's own forward still builds the positions and the
+    mask for the blocks after it. Those blocks' KV cache grows by the queries; the skipped blocks'
+    cache is left as it was (`drop_queries`). A block wrapped by FSDP1 keeps its wrapper's
+    forward, so every rank still gathers and frees each unit as it would in a full pass.
+
+    Args:
+        site: the resolved model.
+        vectors: [batch, positions, d_model], the write-site output of every input position.
+        tuples: answer as `(vectors,)`, the form of the blocks' output (`Capture.tuples`).
+    """
+    skipped = [getattr(b, "_fsdp_wrapped_module", b) for b in site.blocks[: site.write_layer + 1]]
+    own = [vars(block).get("forward") for block in skipped]  # a forward patched onto an instance
+    vectors = vectors.to(site.dtype)  # built in float32; the stream's dtype from here on
+    output: Any = (vectors,) if tuples else vectors
+
+    def answer(*_args: Any, **_kwargs: Any) -> Any:
+        return output
+
+    for block in skipped:
+        block.forward = answer
+    try:
+        yield
+    finally:
+        for block, forward in zip(skipped, own, strict=True):
+            if forward is None:
+                vars(block).pop("forward", None)
+            else:
+                block.forward = forward
+
+
+def drop_queries(site: ResidualSite, cache: Any, width: int) -> None:
+    """Remove the last `width` positions that a `skipping` pass added to the KV cache.
+
+    Only the blocks after the write site saw the queries; the skipped blocks still hold the
+    prefix alone, and the first of them keeps the cache's length (what the model reads as
+    the past) at the prefix throughout.
+    """
+    first = site.write_layer + 1
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.56: a layer object per block
+        for layer in layers[first:]:
+            layer.crop(-width)
+        return
+    for store in (cache.key_cache, cache.value_cache):  # 4.52-4.55: a tensor list per block
+        for i in range(first, len(store)):
+            store[i] = store[i][..., :-width, :]
 
 
 class _StopForward(Exception):
@@ -301,6 +516,108 @@ def write_vectors(site: ResidualSite, input_ids: Tensor) -> Tensor:
     return captured[0]
 
 
+def decoder_readout(site: ResidualSite, input_ids: Tensor) -> Tensor:
+    """A `Decoder` model's readout: its final norm's output, [batch, tokens, d_model].
+
+    The model runs through `Decoder.forward` and stops once the final norm has run, so the head
+    (a full-vocabulary product at every position) and whatever follows it never run.
+
+    Raises:
+        UnsupportedModelError: the forward never ran the final norm.
+    """
+    assert site.decoder is not None  # a Decoder site
+    assert site.final_norm is not None
+    captured: list[Any] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured.append(output)
+        raise _StopForward
+
+    handle = site.final_norm.register_forward_hook(hook)
+    try:
+        site.decoder.call(site.model, input_ids)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise UnsupportedModelError(
+            f"Decoder.final_norm={site.decoder.final_norm!r} did not run in the forward of "
+            f"{type(site.model).__name__}: name the module whose output is the final hidden "
+            "state, or pass Decoder(forward=...) that runs it"
+        )
+    return captured[0]
+
+
+@contextmanager
+def patching_last(site: ResidualSite, vectors: Tensor) -> Iterator[None]:
+    """Overwrite the write-site residual at the last position only while active.
+
+    Args:
+        site: the resolved model.
+        vectors: [batch, d_model], one per row of the forward.
+    """
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+        hidden = _hidden(output).clone()
+        hidden[:, -1] = vectors.to(hidden.dtype)
+        return _replace_hidden(output, hidden)
+
+    handle = site.blocks[site.write_layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def check_readout(site: ResidualSite, input_ids: Tensor) -> None:
+    """Run a `Decoder` model once and check what its named modules give, before any measurement.
+
+    The caller holds the model in eval mode without grad (`plan.measuring`).
+
+    Args:
+        site: the resolved model (a Hugging Face one needs no check: its layout is known).
+        input_ids: one prompt, [1, tokens].
+
+    Raises:
+        UnsupportedModelError: the write block's output or the final norm's is not a
+            [batch, tokens, d_model] tensor, or its width is not the head's.
+    """
+    if site.decoder is None:
+        return
+    written: list[Any] = []
+    block = site.blocks[site.write_layer]
+    handle = block.register_forward_hook(lambda _m, _a, output: written.append(_hidden(output)))
+    try:
+        final = decoder_readout(site, input_ids)
+    finally:
+        handle.remove()
+    expected = [*input_ids.shape, site.d_model]
+    named = site.decoder
+    for name, path, value in (
+        ("final_norm", named.final_norm, final),
+        ("blocks", f"{named.blocks}[{site.write_layer}]", written[0] if written else None),
+    ):
+        shape = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        if shape == expected:
+            continue
+        if isinstance(shape, list) and shape[:2] == expected[:2] and len(shape) == len(expected):
+            raise UnsupportedModelError(
+                f"Decoder.{name}: {path!r} gives width {shape[-1]} but the head "
+                f"{named.head!r} takes d_model={site.d_model}: name the head that unembeds "
+                "this residual stream (or the final norm that feeds it)"
+            )
+        raise UnsupportedModelError(
+            f"Decoder.{name}: {path!r} gives {shape} for input_ids of shape "
+            f"{list(input_ids.shape)}, not [batch, tokens, d_model] = {expected}: name the "
+            + (
+                "final norm, whose output is the final hidden state"
+                if name == "final_norm"
+                else "decoder block list, each block mapping [batch, tokens, d_model] to the same"
+            )
+        )
+
+
 def cache_keyword(site: ResidualSite) -> str:
     """The base model's KV-cache argument: `cache` (transformers 5.x) or `past_key_values`."""
     params = inspect.signature(site.base.forward).parameters
@@ -318,7 +635,7 @@ def logits(site: ResidualSite, hidden: Tensor) -> Tensor:
     Readouts in a wider dtype than the head (fp32 numerics of a bf16 model) meet the head's rows
     upcast `VOCAB_CHUNK` at a time: never a full fp32 copy of the unembedding.
     """
-    head = site.model.get_output_embeddings()
+    head = site.head
     if head.weight.dtype == hidden.dtype:
         return _softcap(site, head(hidden))
     rows = [
@@ -343,7 +660,7 @@ def token_logits(site: ResidualSite, hidden: Tensor, tokens: Tensor) -> Tensor:
     Returns:
         Shape [rows, points, k]; equal to `logits(site, hidden)` gathered at `tokens`.
     """
-    head = site.model.get_output_embeddings()
+    head = site.head
     weight = head.weight[tokens].to(hidden.dtype)  # [rows, k, d_model]; exact upcast if any
     out = torch.einsum("rpd,rkd->rpk", hidden, weight)
     if head.bias is not None:
@@ -352,7 +669,7 @@ def token_logits(site: ResidualSite, hidden: Tensor, tokens: Tensor) -> Tensor:
 
 
 def _softcap(site: ResidualSite, values: Tensor) -> Tensor:
-    cap = getattr(site.config, "final_logit_softcapping", None)
+    cap = site.softcap
     return values if cap is None else cap * torch.tanh(values / cap)
 
 
@@ -383,7 +700,7 @@ def upcasting(
     if not gathered and not any(_narrower(t, dtype) for t in tensors):
         yield site  # already that wide: nothing to upcast, no hooks
         return
-    embed, head = site.model.get_input_embeddings(), site.model.get_output_embeddings()
+    embed, head = site.embed, site.head
     swapped: dict[int, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
 
     def upcast(module: nn.Module, _args: Any) -> None:
@@ -406,7 +723,7 @@ def upcasting(
 
     # A plain lookup commutes with the cast: widen its output instead of copying the table. A
     # subclass may compute on the rows (Gemma scales them in the weights' dtype): upcast it.
-    plain = type(embed) is nn.Embedding
+    plain = embed is not None and type(embed) is nn.Embedding
     handles = [embed.register_forward_hook(widen)] if plain else []
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1  # 0.5 s: only if needed
 

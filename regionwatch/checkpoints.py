@@ -3,11 +3,13 @@
 What replay measures. `discover` turns SOURCE paths and hub revisions into `Checkpoint`s ordered
 by (tokens, step): `save_pretrained` directories (HF Trainer `checkpoint-N` folders among them),
 single-file state dicts (Lightning `.ckpt`, `torch.save` files), sharded directories (refused at
-load with the command that consolidates them) and hub revisions (Pythia's `step1000`, OLMo's
-`step1000-tokens4B`). The step and tokens of each come from the first that applies: the Trainer's
-`trainer_state.json`; a `.ckpt`'s `global_step` (and the tokens a `RegionMonitor` recorded in its
-callback state); the name (`revisions.parse_revision`, the one reader of checkpoint names); tokens
-as step x `tokens_per_step`. A checkpoint whose tokens stay unknown is refused, never guessed.
+load with the command that consolidates them), hub revisions (Pythia's `step1000`, OLMo's
+`step1000-tokens4B`) and other stacks' checkpoints (litgpt and OLMo-core step folders, nanoGPT
+`ckpt.pt`; stacks.py). The step and tokens of each come from the first that applies: a stack
+checkpoint's own records; the Trainer's `trainer_state.json`; a `.ckpt`'s `global_step` (and the
+tokens a `RegionMonitor` recorded in its callback state); the name (`revisions.parse_revision`, the
+one reader of checkpoint names); tokens as step x `tokens_per_step`. A checkpoint whose tokens stay
+unknown is refused, never guessed.
 A checkpoint that cannot be read while it is placed (garbage bytes, a `trainer_state.json` whose
 step is no number, a model folder without `config.json`) carries the reason in `error`: replay
 reports it as failed and goes on with the others. Names and hub revisions are read in
@@ -21,6 +23,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -35,11 +38,22 @@ from regionwatch.loading import (
     read_checkpoint,
 )
 from regionwatch.revisions import expand_revisions, parse_revision
+from regionwatch.stacks import NANOGPT_FILE, is_nanogpt, stack_kind
+from regionwatch.stacks import position as stack_position
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"  # the HF Trainer's state in every checkpoint-N folder
 SCANNED_SUFFIXES = (".ckpt",)  # files picked up inside a SOURCE directory; others must be named
+NANOGPT_SUFFIXES = (".pt", ".pth")  # a torch.save file that may be nanoGPT's (`model_args` in it)
+# Where each stack checkpoint's step and tokens are recorded (regionwatch.stacks reads them).
+STACK_RECORDS = MappingProxyType(
+    {
+        "litgpt": "lit_model.pth's step_count",
+        "olmo_core": "train/rank0.pt",
+        "nanogpt": "the checkpoint's iter_num and config",
+    }
+)
 # RegionMonitor's Lightning `state_key` (`monitor_state_key`): this name, then the run_dir it was
 # given in brackets, so that two monitors of one Trainer keep their states apart.
 REGION_MONITOR_STATE = "regionwatch.RegionMonitor"
@@ -54,7 +68,8 @@ class Checkpoint:
 
     Attributes:
         kind: "pretrained" (a save_pretrained dir), "state_dict" (one file), "sharded" (a
-            torch.distributed.checkpoint dir; refused at load) or "hub" (a repo revision).
+            torch.distributed.checkpoint dir; refused at load), "hub" (a repo revision), or
+            another stack's checkpoint: "litgpt", "olmo_core", "nanogpt" (see stacks.py).
         path: the file or directory (None for hub revisions).
         repo: the hub repo id (hub revisions only).
         revision: the hub revision (hub revisions only).
@@ -159,18 +174,23 @@ def _scan(source: Path) -> list[Checkpoint]:
                 f"SOURCE {source} is not a checkpoint file (known suffixes: "
                 f"{', '.join(STATE_DICT_SUFFIXES)}); for a save_pretrained model pass its directory"
             )
-        return [Checkpoint(kind="state_dict", path=source)]
+        return [Checkpoint(kind=stack_kind(source) or "state_dict", path=source)]
     found = list(_walk(source))
     if not found:
         raise CheckpointError(
             f"no checkpoints in {source}: looked for save_pretrained directories ({CONFIG_FILE} "
             "with model.safetensors or pytorch_model.bin), Trainer checkpoint-N folders, "
-            f"Lightning {', '.join(SCANNED_SUFFIXES)} files and sharded checkpoint directories"
+            f"Lightning {', '.join(SCANNED_SUFFIXES)} files, sharded checkpoint directories, "
+            f"litgpt and OLMo-core step folders and nanoGPT {NANOGPT_FILE} files"
         )
     return found
 
 
 def _walk(directory: Path) -> Iterator[Checkpoint]:
+    stack = stack_kind(directory)
+    if stack is not None:  # an OLMo-core folder's DCP subfolder is part of it, not a checkpoint
+        yield Checkpoint(kind=stack, path=directory)
+        return
     if is_sharded_checkpoint(directory):
         yield Checkpoint(kind="sharded", path=directory)
         return
@@ -191,6 +211,8 @@ def _walk(directory: Path) -> Iterator[Checkpoint]:
             yield from _walk(child)
         elif child.is_file() and child.suffix in SCANNED_SUFFIXES:
             yield Checkpoint(kind="state_dict", path=child)
+        elif child.is_file() and child.name == NANOGPT_FILE:
+            yield Checkpoint(kind="nanogpt", path=child)
 
 
 def _is_pretrained(directory: Path) -> bool:
@@ -237,6 +259,14 @@ def _position(
     steps: list[tuple[int | None, str]] = []
     tokens: list[tuple[int | None, str]] = []
     run: Mapping[str, Any] = {}
+    if checkpoint.kind == "state_dict" and checkpoint.path.suffix in NANOGPT_SUFFIXES:
+        data = read_checkpoint(checkpoint.path, trust_pickle=trust_pickle)  # memory-mapped
+        if is_nanogpt(data):  # a nanoGPT checkpoint saved under another name than ckpt.pt
+            checkpoint = replace(checkpoint, kind="nanogpt")
+    if checkpoint.kind in STACK_RECORDS:
+        step, seen = stack_position(checkpoint.kind, checkpoint.path, trust_pickle)
+        steps.append((step, STACK_RECORDS[checkpoint.kind]))
+        tokens.append((seen, STACK_RECORDS[checkpoint.kind]))
     if checkpoint.kind == "pretrained" and (checkpoint.path / TRAINER_STATE).is_file():
         state = _read_json(checkpoint.path / TRAINER_STATE)
         callbacks = state.get("stateful_callbacks")

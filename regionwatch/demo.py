@@ -42,7 +42,7 @@ from regionwatch.errors import ConfigError, check_int, check_keys
 from regionwatch.hf import RegionMonitorCallback
 from regionwatch.lightning import RegionMonitor
 from regionwatch.loading import seeded_init
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
 from regionwatch.monitor import MAPS_PER_DECADE, WatchConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import DEFAULT_PER_DECADE, Mark, Schedule

@@ -290,6 +290,13 @@ def local_shard(tensor: Tensor) -> Tensor:
     return tensor if to_local is None else to_local()
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's global rank and the number of processes: (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def broadcast_object(obj: Any, world: int) -> Any:
     """Rank zero's `obj` on every rank."""
     if world == 1 or not (dist.is_available() and dist.is_initialized()):

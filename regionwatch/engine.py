@@ -5,8 +5,11 @@ a context prompt (all but its last token) computes the same keys and values in e
 The engine therefore runs each context once, clean, keeping its KV cache, and then evaluates all of
 that context's patch vectors as extra query tokens in chunks: every query sits at position T-1,
 attends to the cached prefix and to itself only (a custom 4D mask), and its write-site output is
-replaced by its vector. Queries are never replicated against a copied prefix; the cache is
-cropped back after each chunk. Contexts of equal length share one batch, so nothing is padded.
+its vector. Blocks 0..L_w are not run for the queries at all, since the patch replaces all they
+compute (`access.skipping`): a query costs (N-1-L_w)/N of a token's forward. Queries are never
+replicated against a copied prefix; the cache is cropped back after each chunk. Contexts of equal
+length share one batch, so nothing is padded. The alpha = 0 point of a pair is A's clean readout
+(`plan.PairPart`), not a query.
 
 Callers (interpolation, region maps, `measure`) describe work as prompts, phases of query counts
 per context, and a function that builds those vectors from all prompts' write vectors. Phases
@@ -22,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,9 +36,10 @@ from regionwatch.access import (
     ResidualSite,
     cache_keyword,
     capturing,
+    drop_queries,
     final_hidden,
     logits,
-    patching,
+    skipping,
     write_vectors,
 )
 from regionwatch.distributed import gather_rows
@@ -121,7 +126,7 @@ def run(
         ids = _stack(site, prompts, chunk)
         with capturing(site) as captured:
             hidden = final_hidden(site, ids, use_cache=False)[:, -1]
-        _scatter(chunk, captured[0], write)
+        _scatter(chunk, captured.vectors[0], write)
         _scatter(chunk, hidden, final)
         _scatter(chunk, logits(site, hidden).argmax(-1), top)
 
@@ -141,7 +146,7 @@ def run(
         with capturing(site) as captured:
             hidden = final_hidden(site, ids, use_cache=True, **{keyword: cache})[:, -1]
         if vectors is None:
-            _scatter(group, captured[0], write)
+            _scatter(group, captured.vectors[0], write)
         _scatter(group, hidden, final)
         _scatter(group, logits(site, hidden).argmax(-1), top)
         cache.crop(-1)  # queries replace the last token: they must not see its clean keys
@@ -168,7 +173,7 @@ def run(
                 members,
                 vectors[k] if split is None else _shares(vectors[k], members, split),
                 phase_cache,
-                keyword,
+                _Form(keyword, captured.tuples),
                 max_batch_tokens,
                 patched[k],
             )
@@ -180,13 +185,20 @@ def run(
     return EngineResult(clean, patched, clock.seconds["clean"], clock.seconds["queries"])
 
 
+class _Form(NamedTuple):
+    """How a query pass drives the model: its cache argument and its blocks' output form."""
+
+    keyword: str  # `cache_keyword`
+    tuples: bool  # `Capture.tuples`
+
+
 def _queries(
     site: ResidualSite,
     ids: Tensor,
     group: list[int],
     vectors: Mapping[int, Tensor],
     cache: DynamicCache,
-    keyword: str,
+    form: _Form,
     max_batch_tokens: int,
     out: dict[int, Tensor],
 ) -> None:
@@ -206,7 +218,7 @@ def _queries(
             cache.batch_select_indices(torch.arange(active, device=ids.device))
         width = min(QUERY_CHUNK, max(1, max_batch_tokens // active), counts[0] - start)
         rows = torch.stack([_window(vectors[c], start, width) for c in group[:active]])
-        hidden = _query_pass(site, ids[:active, -1], prefix, rows, cache, keyword)
+        hidden = _query_pass(site, ids[:active, -1], prefix, rows, cache, form)
         for r in range(active):
             parts[r].append(hidden[r, : min(width, counts[r] - start)])
         start += width
@@ -220,7 +232,7 @@ def _query_pass(
     prefix: int,
     vectors: Tensor,
     cache: DynamicCache,
-    keyword: str,
+    form: _Form,
 ) -> Tensor:
     """One batched pass of patched last-token queries; leaves the cache as it found it.
 
@@ -230,7 +242,7 @@ def _query_pass(
         prefix: cached prefix length T-1 (equal for all rows).
         vectors: patch vectors, [rows, width, d_model].
         cache: the rows' KV cache, holding exactly their prefixes; cropped back afterwards.
-        keyword: the base model's name for the cache argument.
+        form: how the model takes the cache and how its blocks answer.
 
     Returns:
         Readouts, [rows, width, d_model].
@@ -246,16 +258,16 @@ def _query_pass(
     mask = mask[None, None].expand(rows, 1, width, prefix + width)
     tokens = last_tokens[:, None].expand(rows, width)
     positions = torch.full((rows, width), prefix, dtype=torch.long, device=device)
-    with patching(site, vectors):
+    with skipping(site, vectors, tuples=form.tuples):
         hidden = final_hidden(
             site,
             tokens,
             position_ids=positions,
             attention_mask=mask,
             use_cache=True,
-            **{keyword: cache},
+            **{form.keyword: cache},
         )
-    cache.crop(-width)
+    drop_queries(site, cache, width)
     return hidden
 
 

@@ -8,9 +8,9 @@ and the run's id and directory, which the callback records there under `STATE_KE
 `restore_callback_states_from_checkpoint`.
 
 The Trainer's loggers (`report_to`: TensorBoard, W&B, MLflow, ...) get the headline scalars, as
-`regionwatch_step/<key>`, through the Trainer's own logging path, `Trainer.log`, called on the
-training thread right after each snapshot (at the step it measured). The other way round, the
-Trainer's logged loss is copied onto regionwatch's token axis (`regionwatch/train/loss`). The
+`regionwatch_step/<key>`, through the Trainer's own logging path, `Trainer.log`, right after each
+snapshot (at the step it measured), on the training thread (`TrainerLog`). The other way round,
+the Trainer's logged loss is copied onto regionwatch's token axis (`regionwatch/train/loss`). The
 setup line and one line per snapshot go to the Trainer's own logger, shown at
 `TrainingArguments(log_level="info")`. A callback is never handed its Trainer, so the callback
 needs `attach(trainer)` for that; without it, only regionwatch's own store and TensorBoard run
@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     PreTrainedTokenizerBase,
@@ -35,16 +37,14 @@ from transformers import (
 )
 from typing_extensions import override
 
+from regionwatch.access import check_materialized
 from regionwatch.checkpoints import HF_MONITOR_STATE
 from regionwatch.corpus import Source
 from regionwatch.distributed import fsdp1_root
 from regionwatch.errors import ConfigError
-from regionwatch.monitor import (
-    Monitor,
-    WatchConfig,
-    headline,
-)
+from regionwatch.monitor import Monitor, WatchConfig
 from regionwatch.probes import ProbeSet
+from regionwatch.sinks import headline
 from regionwatch.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,21 @@ class RegionMonitorCallback(TrainerCallback):
         return self
 
     @override
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        # Passed in `callbacks=`, the earliest hook: before `train()` places or wraps the model
+        # (which fails on meta weights in its own words). A Trainer that places the model on its
+        # device does so in its constructor, before any callback runs.
+        if model is not None:
+            check_materialized(model)
+
+    @override
     def on_train_begin(
         self,
         args: TrainingArguments,
@@ -151,25 +166,28 @@ class RegionMonitorCallback(TrainerCallback):
             world=args.world_size,
             trainer_precision=lambda: _autocast(args, model),
             info={"driver": "hf"},
-            log_scalars=None if self._trainer is None else self._to_trainer,
+            sinks=() if self._trainer is None else [TrainerLog(self._trainer)],
             announce=host_logger.info,
         )
         saved = state.stateful_callbacks.get(STATE_KEY)
         if isinstance(saved, dict):  # restored from the checkpoint's trainer_state.json
             self.monitor.load_state_dict(saved)
-        if self._trainer is None and args.report_to and self.monitor.watch.copy_to_loggers:
-            logger.info(
-                "regionwatch: report_to=%s gets no regionwatch scalars: call "
-                "callback.attach(trainer) to log them through the Trainer",
-                args.report_to,
+        integrations = [name for name in args.report_to or () if name != "none"]
+        if self._trainer is None and integrations and self.monitor.watch.copy_to_loggers:
+            logger.warning(
+                "regionwatch: report_to=%s gets no regionwatch scalars, as a callback passed in "
+                "callbacks=[...] never sees its Trainer; to log them through the Trainer, attach "
+                "it instead: RegionMonitorCallback(...).attach(trainer)",
+                integrations,
             )
         # HF hands callbacks the unwrapped model; an FSDP1 root is reached through the Trainer.
         root = None if self._trainer is None else fsdp1_root(self._trainer.model_wrapped, model)
         self.monitor.start(
             model, step=state.global_step, tokens=state.num_input_tokens_seen, root=root
         )
-        identity = self.monitor.state_dict()  # the mark in it would go stale: not saved
-        state.stateful_callbacks[STATE_KEY] = {k: identity[k] for k in ("run_id", "run_dir")}
+        # The run's identity only: a mark saved here would go stale.
+        run_dir = None if self.monitor.run_dir is None else str(self.monitor.run_dir)
+        state.stateful_callbacks[STATE_KEY] = {"run_id": self.monitor.run_id, "run_dir": run_dir}
 
     @override
     def on_step_end(
@@ -181,9 +199,7 @@ class RegionMonitorCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         last = 0 < state.max_steps <= state.global_step  # known here: measure it with its maps now
-        self.monitor.maybe_measure(
-            model, step=state.global_step, tokens=state.num_input_tokens_seen, final=last
-        )
+        self.monitor.step(state.global_step, tokens=state.num_input_tokens_seen, final=last)
         if control.should_save:  # decided before us: snapshots up to a checkpoint are written
             self.monitor.drain()  # before it, as a resume from it never retakes them
 
@@ -208,14 +224,34 @@ class RegionMonitorCallback(TrainerCallback):
         model: Any = None,
         **kwargs: Any,
     ) -> None:
-        self.monitor.maybe_measure(
-            model, step=state.global_step, tokens=state.num_input_tokens_seen, final=True
-        )
+        self.monitor.step(state.global_step, tokens=state.num_input_tokens_seen, final=True)
         self.monitor.close()
 
-    def _to_trainer(self, snapshot: Snapshot) -> None:
-        """Send a snapshot's headline scalars down the Trainer's own logging path."""
+
+class TrainerLog:
+    """Sends each snapshot's headline scalars down the Trainer's own logging path.
+
+    `Trainer.log` reaches every `report_to` integration, on the training thread, as the
+    Trainer's own logging does.
+
+    Args:
+        trainer: the Trainer the callback is attached to.
+    """
+
+    name = "report_to integrations (Trainer.log)"
+    # On the training thread itself, unbounded: the integrations keep state per thread (MLflow's
+    # active run), so a write from a helper thread would open a second MLflow run.
+    placement = "training"
+
+    def __init__(self, trainer: Trainer) -> None:
+        self._trainer = trainer
+
+    def write(self, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]) -> None:
+        """Log one snapshot's headline scalars (the integrations take no images)."""
         self._trainer.log(headline(snapshot))
+
+    def close(self) -> None:
+        """Nothing to release: the Trainer finalizes its own integrations."""
 
 
 def _autocast(args: TrainingArguments, model: Any) -> contextlib.AbstractContextManager[Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -27,23 +26,20 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
+from regionwatch.access import check_materialized
 from regionwatch.checkpoints import LEGACY_MONITOR_STATE, monitor_state_key
 from regionwatch.corpus import Source
+from regionwatch.counting import CountTokens, count_batch_tokens, token_count
 from regionwatch.distributed import SUPPORTED, fsdp1_root
 from regionwatch.errors import ConfigError, UnsupportedModelError
-from regionwatch.monitor import (
-    TOKENS_TAG,
-    Monitor,
-    WatchConfig,
-    headline,
-)
+from regionwatch.monitor import Monitor, WatchConfig
 from regionwatch.probes import ProbeSet
+from regionwatch.sinks import TOKENS_TAG, Sink, headline
 from regionwatch.snapshot import Snapshot
 from regionwatch.tensorboard import STEP_ROOT, step_tag
 
 logger = logging.getLogger(__name__)
 
-CountTokens = Callable[[Any], int]
 ZERO_PARTITIONED_PARAMS = 3  # the ZeRO stage that shards the parameters themselves
 
 
@@ -58,7 +54,9 @@ class RegionMonitor(Callback):
     global step; W&B, MLflow (and TensorBoardLogger when regionwatch's own TensorBoard run is
     off) also get the curve figures and region maps. W&B charts `regionwatch_step/*` over
     tokens. The setup line and one line per snapshot go through Lightning's `rank_zero_info`.
-    Everything but the probe itself is written on a background thread.
+    Everything but the probe and the scalar copies is written on a background thread; the
+    scalars go to each logger while the training thread waits, at most
+    `WatchConfig.logger_timeout_s` (a logger that hangs longer is dropped for the run).
 
     Measured: the LightningModule itself if it is a causal LM, else its one `PreTrainedModel`
     attribute (or `model_attr`). Tokens seen are the non-padding
@@ -126,6 +124,7 @@ class RegionMonitor(Callback):
         self._model_attr = model_attr
         self._count = count_tokens or count_batch_tokens
         self._model: nn.Module | None = None
+        self._refusal: UnsupportedModelError | None = None  # see `on_exception`
         self.tokens = 0  # tokens seen at the last optimizer step, over all ranks
         self._pending = 0  # this rank's tokens since then
         self._step = 0
@@ -137,9 +136,11 @@ class RegionMonitor(Callback):
             return
         check_strategy(trainer.strategy)  # a model sharded later is checked at train start
         self._model = find_model(pl_module, self._model_attr)  # a bad model fails here
-        # regionwatch's own TensorBoard run has the images on tokens: each image appears once.
-        skip = (TensorBoardLogger,) if self.monitor.watch.tensorboard else ()
-        copies = LoggerCopies(trainer.loggers, images_skip=skip)
+        try:
+            check_materialized(self._model)
+        except UnsupportedModelError as err:
+            self._refusal = err
+            raise
         self.monitor.setup(
             self._model,
             log_dir=trainer.log_dir,
@@ -147,10 +148,23 @@ class RegionMonitor(Callback):
             world=trainer.world_size,
             trainer_precision=trainer.precision_plugin.forward_context,
             info={"driver": "lightning"},
-            log_scalars=copies.scalars,
-            log_images=copies.images,
+            # regionwatch's own TensorBoard run has the images on tokens: each image appears once.
+            sinks=logger_sinks(
+                trainer.loggers,
+                images_skip=(TensorBoardLogger,) if self.monitor.watch.tensorboard else (),
+            ),
             announce=rank_zero_info,  # printed by Lightning's own handler, as its other lines
         )
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning's teardown after an exception moves the module to the CPU, which fails on
+        # meta weights and would replace our refusal by "Cannot copy out of meta tensor".
+        # Raised from here, the refusal reaches the user before that teardown runs.
+        if exception is self._refusal:
+            raise exception
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -162,7 +176,7 @@ class RegionMonitor(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._pending += _token_count(self._count(batch))
+        self._pending += token_count(self._count(batch), what="count_tokens returned")
 
     @override
     def on_train_batch_end(
@@ -186,13 +200,11 @@ class RegionMonitor(Callback):
             self.monitor.log_training({"loss": float(self._loss)}, tokens=self.tokens)
         self._loss = None
         last = 0 < trainer.max_steps <= self._step  # known here: measure it with its maps now
-        self.monitor.maybe_measure(self._model, step=self._step, tokens=self.tokens, final=last)
+        self.monitor.step(self._step, tokens=self.tokens, final=last)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.monitor.maybe_measure(
-            self._model, step=trainer.global_step, tokens=self.tokens, final=True
-        )
+        self.monitor.step(trainer.global_step, tokens=self.tokens, final=True)
         self.monitor.drain()  # the loggers get every copy before the trainer finalizes them
 
     @override
@@ -207,10 +219,7 @@ class RegionMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # A checkpoint is being saved: every snapshot up to it must be on disk first (store and
-        # TensorBoard), since a resume from it never retakes them.
-        self.monitor.drain()
-        return {"tokens": self.tokens, **self.monitor.state_dict()}  # JSON-able
+        return {"tokens": self.tokens, **self.monitor.state_dict()}  # JSON-able, drained
 
     @override
     def on_load_checkpoint(
@@ -246,23 +255,6 @@ def _loss(outputs: Any) -> Tensor | None:
     return None
 
 
-def _token_count(value: Any) -> int:
-    """A token count as an int: an integer >= 0 (NumPy and 1-element integer tensors too)."""
-    try:
-        count = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:  # a float, a float tensor, None, ...
-        count = None
-    if isinstance(value, Tensor) and value.dtype == torch.bool:
-        count = None
-    if count is None or count < 0:
-        raise ConfigError(
-            f"count_tokens returned {value!r} for a batch; it must return the number of training "
-            "tokens in the batch, an int >= 0, e.g. count_tokens=lambda batch: "
-            "int(batch['attention_mask'].sum())"
-        )
-    return count
-
-
 def check_strategy(strategy: Strategy) -> None:
     """Refuse, before the model is even configured, a strategy the probe cannot measure.
 
@@ -296,8 +288,8 @@ def _tensorboard_image(logger: Logger, name: str, pixels: np.ndarray, snapshot: 
 def _wandb_image(logger: Logger, name: str, pixels: np.ndarray, snapshot: Snapshot) -> None:
     import wandb  # present: a WandbLogger exists
 
-    # Not `log_image`, which gives the row the step alone: W&B charts `regionwatch/*` over
-    # tokens (see `LoggerCopies`), so an image's row must hold them too.
+    # Not `log_image`, which gives the row the step alone: W&B charts `regionwatch_step/*` over
+    # tokens (see `LoggerCopy`), so an image's row must hold them too.
     row = {name: [wandb.Image(pixels)], TOKENS_TAG: snapshot.tokens}
     logger.log_metrics(row, step=snapshot.step)
 
@@ -318,75 +310,97 @@ def _image_writer(logger: Logger) -> Callable[[Logger, str, np.ndarray, Snapshot
     return next(kinds, None)
 
 
-class LoggerCopies:
-    """Copies each snapshot to the trainer's loggers: headline scalars, and images where taken.
+class LoggerCopy:
+    """Copies each snapshot's headline scalars to one of the trainer's loggers.
 
-    Scalars go through `Logger.log_metrics` at the snapshot's global step (the trainer's own
-    axis: loggers refuse steps that go back), with `regionwatch/tokens` in the same call, on the
-    training thread (the trainer writes to the same loggers from it). Images go on the monitor's
-    background writer, only to loggers that take them (`IMAGE_WRITERS`, all thread-safe). W&B
-    additionally charts `regionwatch/*` over tokens.
+    Through `Logger.log_metrics` at the snapshot's global step (the trainer's own axis: loggers
+    refuse steps that go back), named `regionwatch_step/<key>` (`sinks.headline`) with
+    `regionwatch_step/tokens` in the same call. Written while the training thread waits, for at
+    most `WatchConfig.logger_timeout_s` (`sinks.Fanout`): the trainer writes to the same logger
+    from that thread, and CSVLogger loses rows written from two threads at once. W&B
+    additionally charts `regionwatch_step/*` over tokens.
+
+    Args:
+        logger: one of `trainer.loggers`.
+        name: names it in warnings and failures (see `logger_sinks`).
+    """
+
+    placement = "bounded"
+
+    def __init__(self, logger: Logger, name: str) -> None:
+        self.name = name
+        self._logger = logger
+        self._axes_defined = False
+
+    def write(self, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]) -> None:
+        """Log one snapshot's headline scalars (`rendered` is not read: no images here)."""
+        if not self._axes_defined:
+            self._define_axes()
+        self._logger.log_metrics(headline(snapshot), step=snapshot.step)
+
+    def close(self) -> None:
+        """Nothing to release: the trainer finalizes its own loggers."""
+
+    def _define_axes(self) -> None:
+        # W&B draws a chart over its step metric; tokens, not steps, are regionwatch's axis.
+        if isinstance(self._logger, WandbLogger):
+            self._logger.experiment.define_metric(TOKENS_TAG)
+            self._logger.experiment.define_metric(f"{STEP_ROOT}/*", step_metric=TOKENS_TAG)
+        self._axes_defined = True
+
+
+class LoggerImages:
+    """Copies each snapshot's images to one of the trainer's loggers that takes them.
+
+    Named `regionwatch_step/...` (`tensorboard.step_tag`), at the trainer's global step. On the
+    monitor's background writer: the loggers in `IMAGE_WRITERS` take images from any
+    thread. Named as its logger's `LoggerCopy`, so that dropping a hung logger drops both.
+
+    Args:
+        logger: one of `trainer.loggers`, of a kind in `IMAGE_WRITERS`.
+        name: its `LoggerCopy`'s name.
+        write_image: how that logger takes one image.
+    """
+
+    placement = "background"
+
+    def __init__(
+        self,
+        logger: Logger,
+        name: str,
+        write_image: Callable[[Logger, str, np.ndarray, Snapshot], None],
+    ) -> None:
+        self.name = name
+        self._logger = logger
+        self._write_image = write_image
+
+    def write(self, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]) -> None:
+        """Log every image of one snapshot at its global step."""
+        for tag, pixels in rendered.items():
+            self._write_image(self._logger, step_tag(tag), pixels, snapshot)
+
+    def close(self) -> None:
+        """Nothing to release: the trainer finalizes its own loggers."""
+
+
+def logger_sinks(
+    loggers: Sequence[Logger], *, images_skip: tuple[type[Logger], ...] = ()
+) -> list[Sink]:
+    """The sinks that copy every snapshot to the trainer's loggers: scalars, and images where taken.
 
     Args:
         loggers: the trainer's loggers (`trainer.loggers`).
         images_skip: kinds of logger that get no images (TensorBoardLogger while regionwatch's
             own TensorBoard run has them on tokens: each image once in a TensorBoard view).
     """
-
-    def __init__(
-        self, loggers: Sequence[Logger], *, images_skip: tuple[type[Logger], ...] = ()
-    ) -> None:
-        self._loggers = list(loggers)
-        self._images_skip = images_skip
-        self._axes_defined = False
-
-    def scalars(self, snapshot: Snapshot) -> None:
-        """Log one snapshot's headline scalars to every logger."""
-        if not self._axes_defined:
-            self._define_axes()
-        values = headline(snapshot)
-        for logger_ in self._loggers:
-            logger_.log_metrics(values, step=snapshot.step)
-
-    def images(self, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]) -> None:
-        """Log one snapshot's images to the loggers that take them."""
-        for logger_ in self._loggers:
-            write_image = _image_writer(logger_)
-            if write_image is not None and not isinstance(logger_, self._images_skip):
-                for name, pixels in rendered.items():
-                    write_image(logger_, step_tag(name), pixels, snapshot)
-
-    def _define_axes(self) -> None:
-        # W&B draws a chart over its step metric; tokens, not steps, are regionwatch's axis.
-        for logger_ in self._loggers:
-            if isinstance(logger_, WandbLogger):
-                logger_.experiment.define_metric(TOKENS_TAG)
-                logger_.experiment.define_metric(f"{STEP_ROOT}/*", step_metric=TOKENS_TAG)
-        self._axes_defined = True
-
-
-def count_batch_tokens(batch: Any) -> int:
-    """Non-padding tokens of a batch: its attention mask's sum, else the size of its input ids.
-
-    Understands dicts (`attention_mask`, `input_ids`), a bare id tensor, and a tuple/list whose
-    first item is the id tensor.
-
-    Raises:
-        ConfigError: a batch it cannot read, with the fix (pass `count_tokens=`).
-    """
-    if isinstance(batch, Mapping):
-        if isinstance(batch.get("attention_mask"), Tensor):
-            return int(batch["attention_mask"].sum())
-        if isinstance(batch.get("input_ids"), Tensor):
-            return batch["input_ids"].numel()
-    if isinstance(batch, Tensor) and not batch.is_floating_point():
-        return batch.numel()
-    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
-        return batch[0].numel()
-    raise ConfigError(
-        f"RegionMonitor cannot count the tokens of a {type(batch).__name__} batch; pass "
-        "count_tokens=lambda batch: <number of training tokens in it>"
-    )
+    sinks: list[Sink] = []
+    for index, logger_ in enumerate(loggers):
+        name = f"trainer logger {index} ({type(logger_).__name__})"
+        sinks.append(LoggerCopy(logger_, name))
+        write_image = _image_writer(logger_)
+        if write_image is not None and not isinstance(logger_, images_skip):
+            sinks.append(LoggerImages(logger_, name, write_image))
+    return sinks
 
 
 def find_model(pl_module: nn.Module, attr: str | None) -> nn.Module:

@@ -22,7 +22,7 @@ import re
 import tempfile
 import zipfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +49,10 @@ from regionwatch.errors import CheckpointError, ConfigError
 logger = logging.getLogger(__name__)
 
 # What replay meets: a save_pretrained dir, a single-file state dict, a sharded
-# torch.distributed.checkpoint dir (refused, with the command that consolidates it), a hub revision.
-Kind = Literal["pretrained", "state_dict", "sharded", "hub"]
+# torch.distributed.checkpoint dir (refused, with the command that consolidates it), a hub revision,
+# and the checkpoints of other training stacks (loaded by regionwatch.stacks).
+StackKind = Literal["litgpt", "olmo_core", "nanogpt"]
+Kind = Literal["pretrained", "state_dict", "sharded", "hub", "litgpt", "olmo_core", "nanogpt"]
 BUILTIN_TOKENIZER = "builtin"  # --tokenizer value: byte-level BPE trained on the built-in corpus
 CONFIG_FILE = "config.json"  # a model's architecture, as save_pretrained writes it
 MODEL_FILES_DIR = "model"  # in a live run dir: config.json and tokenizer files, for replay
@@ -350,9 +352,14 @@ def sharded_message(path: Path) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class LoadOptions:
-    """How to load checkpoints: the options of `load_state_dict_model` and the measuring dtype."""
+    """How to load checkpoints: the options of `load_state_dict_model` and the measuring dtype.
+
+    `model_builder` builds the model of a stack checkpoint from its recorded settings (see
+    `regionwatch.stacks`); None: the stack's own model class.
+    """
 
     config_dir: Path | None = None
+    model_builder: Callable[[dict[str, Any]], torch.nn.Module] | None = None
     state_key: str | None = None
     trust_pickle: bool = False
     dtype: torch.dtype = torch.float32

@@ -1,4 +1,4 @@
-"""One region-map panel (PAPER.md §5), drawn the same way in TensorBoard and in the report.
+"""One region-map panel (docs/method.md §5), drawn the same way in TensorBoard and in the report.
 
 Columns are alpha left to right, rows are beta top to bottom (beta = the axis's low end at the
 top); the extent reaches half a cell beyond the outer grid values so that cell centres sit on
@@ -20,7 +20,7 @@ from matplotlib.markers import MarkerStyle
 
 from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL
 
-ANCHOR_NAMES = ("A", "B", "C")  # coloured by palette.ANCHOR_FILL / ANCHOR_EDGE (PAPER.md §5)
+ANCHOR_NAMES = ("A", "B", "C")  # coloured by palette.ANCHOR_FILL / ANCHOR_EDGE (docs/method.md §5)
 ANCHOR_AREA = 40  # points^2, the paper figure's marker area
 EDGE_MARKER_AREA = 70  # a triangle reads as small as a dot at a larger area
 ANCHOR_EDGE_WIDTH = 1.0
@@ -33,7 +33,7 @@ OUTSIDE = "outside the frame"
 
 
 def map_extent(axis: np.ndarray) -> tuple[float, float, float, float]:
-    """The `imshow` extent (left, right, bottom, top) with beta growing downwards (PAPER.md §5).
+    """The `imshow` extent (left, right, bottom, top), beta growing downwards (docs/method.md §5).
 
     Half a cell beyond the first and last grid values, so that cell centres are grid values.
     """

@@ -7,8 +7,7 @@ the slow reference, reports and sinks all compute each number the same way.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -338,8 +337,8 @@ def emergence_onset(
     step-0 snapshot); the onset is the earliest snapshot whose median exceeds the band's top
     (`init_q75`) and after which every later median does too, so a single noisy point does not
     count. Snapshots without a median (NaN: every pair excluded) carry no information and are
-    skipped. The live monitor (TensorBoard `onset/tokens`) and the report both use it through
-    `record_onset`.
+    skipped. Which snapshot is the initialization, and keeping the onset as a run grows, is
+    `regionwatch.onset`'s: the monitor, the report and `show` all go through it.
 
     Args:
         tokens: tokens seen of each snapshot, ascending.
@@ -362,31 +361,3 @@ def emergence_onset(
         elif onset is None:
             onset = t
     return onset
-
-
-def record_onset(records: Sequence[Mapping[str, Any]]) -> float | None:
-    """`emergence_onset` over a run's snapshot records (`SnapshotStore.records()` rows).
-
-    The init band is that of the first snapshot with a median max slope (step 0 on a run that
-    starts at initialization). The one computation behind TensorBoard's `onset/tokens` and the
-    report's onset, so that the two always agree.
-
-    Args:
-        records: rows with `tokens`, `max_slope/median` and `max_slope/q75`, ascending in
-            tokens; a missing, null or NaN median marks a snapshot without information.
-
-    Returns:
-        The tokens of the onset snapshot, or None (see `emergence_onset`).
-    """
-    measured = [r for r in records if _finite(r.get("max_slope/median"))]
-    if not measured or not _finite(measured[0].get("max_slope/q75")):
-        return None
-    return emergence_onset(
-        [r["tokens"] for r in measured],
-        [r["max_slope/median"] for r in measured],
-        measured[0]["max_slope/q75"],
-    )
-
-
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)

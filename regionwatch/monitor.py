@@ -1,8 +1,11 @@
-"""`Monitor`: what every driver shares: schedule, measure, sinks, failure guard, resume state.
+"""`Monitor`: schedule, measure, record: the one object every host drives, a plain loop included.
 
-Drivers (Lightning, the HF Trainer, replay) only say WHEN (a step and the tokens seen) and hand
-over the model; the Monitor decides whether a snapshot is due, measures, stamps, and writes it to
-the run's `SnapshotStore` and TensorBoard. Its guarantees:
+A plain training loop uses it directly (`with Monitor(watch, model, ...) as monitor:` and
+`monitor.step(step, tokens=...)` after each optimizer step); the drivers (Lightning, the HF
+Trainer, replay) host the same object and only say WHEN (a step and the tokens seen). The Monitor
+decides whether a snapshot is due, measures, stamps, and writes it to the run's `SnapshotStore`
+and its sinks (`sinks`: TensorBoard, the trainer's loggers). The run claim and resume proof live
+in `claim`. Its guarantees:
 
 - a probe never stops training: an exception inside a measurement is logged with its traceback
   and recorded as a failed snapshot; an out-of-memory error first retries with half the memory
@@ -10,9 +13,10 @@ the run's `SnapshotStore` and TensorBoard. Its guarantees:
 - no stalls: only the probe runs on the training thread. Storing the snapshot, TensorBoard events
   and figures, and the images sent to the trainer's loggers are jobs for a bounded
   `BackgroundWriter`, drained by `drain` (end of training) and `close` (teardown). The headline
-  scalars reach the trainer's loggers on the training thread, right after the probe: a few
-  numbers, and the trainer logs to the same loggers from that thread (Lightning's CSVLogger, for
-  one, would lose or refuse rows written from another). A failed job is logged, kept in
+  scalars reach the trainer's loggers while the training thread waits, right after the probe
+  (their writes never overlap the trainer's own: Lightning's CSVLogger, for one, loses rows
+  written from two threads at once); the wait is bounded by `WatchConfig.logger_timeout_s`, after
+  which that logger is dropped for the run (`sinks.Fanout`). A failed job is logged, kept in
   `sink_failures` and never reaches training; a failed store write is recorded in failures.jsonl
   (which so lists exactly the snapshots that are not stored), a failed sink write is not;
 - resume is exact: the store is the record. On a proven resume (the restored driver state names
@@ -20,7 +24,7 @@ the run's `SnapshotStore` and TensorBoard. Its guarantees:
   newest snapshot at or before it, so every scheduled snapshot exists exactly once, whatever the
   crash point;
 - nothing is lost or mixed: a training run that starts without such proof into a run directory
-  already holding another run's snapshots is refused before its first step (see `start`); only a
+  already holding another run's snapshots is refused before its first step (`claim`); only a
   proven resume ever deletes a snapshot;
 - a diverged model (non-finite outputs) is a failed snapshot with that reason, never a snapshot;
 - distributed: every rank measures its shard of the probe set (the probe is a collective: no
@@ -31,44 +35,39 @@ the run's `SnapshotStore` and TensorBoard. Its guarantees:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from os import PathLike
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from regionwatch import distributed, metrics
+from regionwatch import distributed, onset
 from regionwatch.access import ResidualSite, resolve
 from regionwatch.background import BackgroundWriter, Failure
+from regionwatch.claim import check_writable, claim
 from regionwatch.corpus import Source
+from regionwatch.counting import token_count
+from regionwatch.decoder import Decoder
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
 from regionwatch.errors import ConfigError, check_int
 from regionwatch.loading import MODEL_FILES_DIR, keep_model_files
-from regionwatch.measure import check_prompts, measure, merge_shards
+from regionwatch.measurement import check_prompts, measure, merge_shards
 from regionwatch.probes import ProbeSet
 from regionwatch.results import Measurement, ProbeConfig
 from regionwatch.schedule import Mark, Schedule
-from regionwatch.snapshot import Snapshot, weights_fingerprint
+from regionwatch.sinks import Fanout, Sink
+from regionwatch.snapshot import Snapshot
 from regionwatch.store import DEFAULT_RUN_NAME, SnapshotStore
-from regionwatch.tensorboard import (
-    STEP_ROOT,
-    TB_SUBDIR,
-    TRAIN_GROUP,
-    TensorBoardSink,
-    images,
-    scalars,
-    step_tag,
-    view_hint,
-)
+from regionwatch.tensorboard import TB_SUBDIR, TRAIN_GROUP, TensorBoardSink, view_hint
+from regionwatch.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +81,9 @@ DEFAULT_MAPS_SCHEDULE = Schedule.log_tokens(per_decade=MAPS_PER_DECADE)
 PRECISIONS = ("fp32", "trainer", "weights")
 Precision = Literal["fp32", "trainer", "weights"]
 ContextFactory = Callable[[], AbstractContextManager[Any]]
-# A driver's copies of each snapshot to the trainer's own loggers: its headline scalars (on the
-# training thread), and its images by tag (on the background writer).
-LogScalars = Callable[[Snapshot], object]
-LogImages = Callable[[Snapshot, Mapping[str, np.ndarray]], object]
-TOKENS_TAG = f"{STEP_ROOT}/tokens"  # tokens seen, beside the headline scalars in every logger
+# A logger that has not taken a few numbers in a minute hangs (a dead connection, a full pipe):
+# long enough for a slow network logger, short enough that a stalled run shows in its progress.
+DEFAULT_LOGGER_TIMEOUT_S = 60.0
 # How a driver shows its one line per snapshot: the host's own channel (Lightning's rank-zero
 # info, the HF Trainer's logger), which the user sees without configuring anything.
 Announce = Callable[[str], object]
@@ -111,6 +108,9 @@ class WatchConfig:
             images) to the trainer's own loggers (Lightning's `trainer.loggers`, the HF
             Trainer's `report_to` integrations). regionwatch's own TensorBoard run stays.
         seed: seed of the probe set built from a tokenizer.
+        logger_timeout_s: the longest the training thread waits for one copy to one of the
+            trainer's loggers; a logger that takes longer is dropped for the rest of the run
+            (named in a warning), and training goes on.
     """
 
     probe: ProbeConfig = field(default_factory=ProbeConfig)
@@ -120,6 +120,7 @@ class WatchConfig:
     tensorboard: bool = True
     copy_to_loggers: bool = True
     seed: int = 0
+    logger_timeout_s: float = DEFAULT_LOGGER_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.probe, ProbeConfig):
@@ -139,6 +140,15 @@ class WatchConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"WatchConfig.{name}={getattr(self, name)!r}: need True or False")
         check_int("WatchConfig.seed", self.seed)
+        timeout = self.logger_timeout_s
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout < math.inf
+        ):
+            raise ConfigError(
+                f"WatchConfig.logger_timeout_s={timeout!r}: need seconds > 0, e.g. 60.0"
+            )
 
 
 def _check_arguments(tokenizer: Any, probes: Any, run_dir: Any) -> None:
@@ -164,28 +174,50 @@ def _check_arguments(tokenizer: Any, probes: Any, run_dir: Any) -> None:
 class Monitor:
     """Schedule, measure and record stable-region snapshots of one training run.
 
+    In a plain training loop, give it the model and use it as a context manager: entering sets
+    it up (every refusal comes here, before the first step) and opens the run, taking the
+    step-0 baseline of a new run; `step` after each optimizer step measures when the schedule
+    says so; leaving takes the final snapshot (with region maps) and closes the run. Under DDP
+    or FSDP every rank runs the same loop and calls `step` (rank zero writes). For an exact
+    resume, save `state_dict()` in the training checkpoint and give it to `load_state_dict`
+    before entering. Drivers host the same object through `setup`, `start` and `step`.
+
     Args:
         watch: what to measure and when.
+        model: the model being trained, for a plain loop (wrapped or not: DDP, FSDP,
+            `torch.compile`, Lightning Fabric); hosts that get it later pass it to `setup`.
         tokenizer: the model's tokenizer, to build the probe set (or to check a given one).
         probes: a ready probe set (instead of, or checked against, the tokenizer).
         source: text to draw the probe set from (see `regionwatch.corpus.documents`); None for
             the built-in corpus.
         run_dir: the run directory; None: `<log dir>/regionwatch` (given at `setup`).
+        decoder: where a model that is not a Hugging Face one keeps its blocks, final norm and
+            head (`Decoder`); None for Hugging Face models.
 
     Raises:
         ConfigError: neither a tokenizer nor a probe set, or an argument of the wrong kind (a
             tokenizer where the watch config goes, a tokenizer's name instead of the tokenizer,
-            a probe folder instead of the set).
+            a probe folder instead of the set, a model wrapper regionwatch cannot unwrap, a
+            decoder that is not a `Decoder`).
+
+    Example:
+        >>> with Monitor(WatchConfig(schedule=Schedule.every_steps(50)), model, tokenizer=tok,
+        ...              run_dir="runs/x") as monitor:  # a new run: the step-0 baseline here
+        ...     for step, batch in enumerate(loader, start=1):
+        ...         ...  # forward, backward, optimizer.step()
+        ...         monitor.step(step, tokens=tokens_seen)
     """
 
     def __init__(
         self,
         watch: WatchConfig,
+        model: nn.Module | None = None,
         *,
         tokenizer: PreTrainedTokenizerBase | None = None,
         probes: ProbeSet | None = None,
         source: Source = None,
         run_dir: str | Path | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
         if not isinstance(watch, WatchConfig):
             raise ConfigError(
@@ -199,27 +231,113 @@ class Monitor:
                 "or a ready probe set (probes=ProbeSet.build(tokenizer) or ProbeSet.load(dir))"
             )
         _check_arguments(tokenizer, probes, run_dir)
+        if decoder is not None and not isinstance(decoder, Decoder):
+            raise ConfigError(
+                f"decoder={decoder!r}: need a regionwatch.Decoder naming the model's modules, "
+                'e.g. Decoder(blocks="layers", final_norm="norm", head="lm_head")'
+            )
         self.watch = watch
+        self._decoder = decoder
+        # The causal LM to measure (wrappers peeled) and an FSDP1 wrapper's root, if any.
+        self._model, self._root = (None, None) if model is None else unwrap(model)
         self._tokenizer, self._probes, self._source = tokenizer, probes, source
         self.run_dir: Path | None = None if run_dir is None else Path(run_dir)
         self._explicit_run_dir = run_dir is not None
         self._rank, self._world = 0, 1
         self._context: ContextFactory = contextlib.nullcontext
         self._store: SnapshotStore | None = None
-        self._sink: TensorBoardSink | None = None
+        self._onset: onset.OnsetTracker | None = None  # the run's onset, rank zero
         self._last: Mark | None = None
         self._last_maps: Mark | None = None
         self._site: ResidualSite | None = None  # the model as resolved and checked by `setup`
         self._info: dict[str, Any] = {}
         self._log_dir: Path | None = None
         self._restored: dict[str, Any] | None = None  # the driver's restored `state_dict()`
-        self._root: nn.Module | None = None  # an FSDP1 model's root, from `start`
         self._run_id: str | None = None  # the store's, known on every rank once opened
         self._writer = BackgroundWriter("regionwatch-writer")
-        self._log_scalars: LogScalars | None = None
-        self._log_images: LogImages | None = None
+        self._host_sinks: list[Sink] = []  # the driver's, from `setup`
+        self._fanout: Fanout | None = None  # every sink, from `start` (rank zero)
+        self._tensorboard: TensorBoardSink | None = None  # in the fan-out; the loss copy too
+        self._position: Mark | None = None  # the newest (step, tokens) seen, from `start`
         self._announce: Announce = logger.info
         self.failures = 0
+
+    def __enter__(self) -> Monitor:
+        """Set up and open the run (a plain loop): refusals here, then the step-0 baseline.
+
+        Resumes at the step and tokens of a state given to `load_state_dict` before.
+
+        Raises:
+            ConfigError, UnsupportedModelError, StoreError: as `setup` and `start` do.
+        """
+        if self._model is None:
+            raise ConfigError(
+                "`with Monitor(...)` needs the model: Monitor(watch, model, tokenizer=..., "
+                "run_dir=...)"
+            )
+        rank, world = distributed.rank_and_world()
+        self.setup(self._model, log_dir=None, rank=rank, world=world, info={"driver": "loop"})
+        restored = self._restored or {}
+        self.start(
+            self._model,
+            step=int(restored.get("step", 0)),
+            tokens=int(restored.get("tokens", 0)),
+            root=self._root,
+        )
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Take the final snapshot (with region maps) if training ended normally; then close."""
+        try:
+            if error is None and self._position is not None:
+                self.step(self._position.step, tokens=self._position.tokens, final=True)
+        finally:
+            self.close()
+
+    def step(self, step: int, *, tokens: int, final: bool = False) -> Snapshot | None:
+        """Measure if a snapshot is due after optimizer step `step`; every rank must call it.
+
+        Costs a comparison when nothing is due. Call it after each optimizer step with the
+        global step and the training tokens seen so far (summed over ranks and micro-batches,
+        the same on every rank).
+
+        Args:
+            step: the global optimizer step just taken (>= the previous call's).
+            tokens: training tokens seen, over all ranks (>= the previous call's).
+            final: the last step of training: measure it (with region maps) even if the
+                schedule does not pick it.
+
+        Returns:
+            The snapshot on rank zero when one was taken, else None.
+
+        Raises:
+            ConfigError: the run is not open (`with monitor:` or `start` first), or a step or
+                token count that is not an int >= 0 or goes back; each with the fix.
+        """
+        if self._position is None:
+            raise ConfigError(
+                "Monitor.step before the run is open: use `with Monitor(watch, model, ...) as "
+                "monitor:` around the training loop (a driver calls start first)"
+            )
+        step = check_int("Monitor.step: step", step, hint="the global step", integral=True)
+        tokens = token_count(tokens, what="Monitor.step got tokens")
+        previous = self._position
+        if step < previous.step or tokens < previous.tokens:
+            went = "step" if step < previous.step else "tokens"
+            raise ConfigError(
+                f"Monitor.step(step={step}, tokens={tokens}) after step={previous.step}, "
+                f"tokens={previous.tokens}: the {went} went back. Pass the global optimizer "
+                "step and the tokens seen so far, both counted from the start of training; on "
+                "a resume, give the checkpoint's monitor.state_dict() to monitor.load_state_dict "
+                "before `with monitor:`"
+            )
+        self._position = Mark(step, tokens)
+        return self.maybe_measure(self._model, step=step, tokens=tokens, final=final)
 
     @property
     def probes(self) -> ProbeSet:
@@ -248,6 +366,11 @@ class Monitor:
         """(step, tokens) of the newest scheduled snapshot, taken or failed."""
         return self._last
 
+    @property
+    def run_id(self) -> str | None:
+        """The run's id, known on every rank once the run is open (the proof of a resume)."""
+        return self._run_id
+
     def setup(
         self,
         model: nn.Module,
@@ -257,8 +380,7 @@ class Monitor:
         world: int = 1,
         trainer_precision: ContextFactory | None = None,
         info: Mapping[str, Any] | None = None,
-        log_scalars: LogScalars | None = None,
-        log_images: LogImages | None = None,
+        sinks: Sequence[Sink] = (),
         announce: Announce | None = None,
     ) -> None:
         """Check everything that can be checked before training: raises here, never mid-run.
@@ -270,16 +392,16 @@ class Monitor:
         checking it here would create a stray directory for every resume.
 
         Args:
-            model: the causal LM to measure.
+            model: the causal LM to measure, or a wrapper of it (see `wrappers.unwrap`); the
+                same one every later call measures.
             log_dir: the trainer's log directory (the default run dir's parent).
             rank: this process's global rank.
             world: number of processes.
             trainer_precision: the trainer's precision context (for precision="trainer").
             info: facts recorded in every snapshot (e.g. {"driver": "lightning"}).
-            log_scalars: sends a snapshot's headline scalars to the trainer's loggers; called
-                on the training thread right after each snapshot (rank zero only).
-            log_images: sends a snapshot's images to the trainer's loggers that take them; run
-                on the background writer. Both are ignored when `copy_to_loggers` is off.
+            sinks: the driver's copies to the trainer's loggers (rank zero writes them); left
+                out when `copy_to_loggers` is off. regionwatch's TensorBoard run is added at
+                `start`.
             announce: shows the run's setup line and one line per snapshot through the host's
                 own channel; None: this module's logger at INFO.
 
@@ -287,13 +409,16 @@ class Monitor:
             ConfigError, UnsupportedModelError: with a message saying how to fix it.
         """
         self._rank, self._world = rank, world
+        model, root = unwrap(model)
+        self._model, self._root = model, root or self._root
         site = resolve(
-            model, write_layer=self.watch.probe.write_layer, block_path=self.watch.probe.block_path
+            model,
+            write_layer=self.watch.probe.write_layer,
+            block_path=self.watch.probe.block_path,
+            decoder=self._decoder,
         )
         if self.run_dir is None and log_dir is None:
-            raise ConfigError(
-                "no run_dir given and the trainer has no log directory: pass run_dir=..."
-            )
+            raise ConfigError("no run_dir given and no trainer log directory: pass run_dir=...")
         self._log_dir = None if log_dir is None else Path(log_dir)
         if self._probes is None:
             built = self._build_probes() if rank == 0 else None
@@ -309,9 +434,7 @@ class Monitor:
                 )
             self._context = trainer_precision
         self._info = {"precision": self.watch.precision, "world_size": world, **(info or {})}
-        copying = self.watch.copy_to_loggers
-        self._log_scalars = log_scalars if copying else None
-        self._log_images = log_images if copying else None
+        self._host_sinks = list(sinks) if self.watch.copy_to_loggers else []
         self._announce = announce or logger.info
 
     def start(
@@ -327,75 +450,84 @@ class Monitor:
         sharded after `setup` (Lightning's `configure_model`) is checked here too.
 
         A run directory that already holds snapshots of a run this one did not resume is
-        refused: continuing would splice two models under one run id, and cutting back would
-        delete the earlier run's snapshots. Two restarts need no proof, as they lose and mix
-        nothing: into an empty run, and at step 0 into a run holding only a step-0 baseline of
-        these very weights (the same seeded script, restarted before its first checkpoint).
+        refused (`claim.claim` says when a start needs no proof).
 
         How the model is spread over the ranks is checked here, once the driver has wrapped or
         sharded it (Lightning's `configure_model` and strategy run after `setup`).
 
         Args:
-            model: the causal LM given to `setup`.
+            model: the causal LM given to `setup` (or a wrapper of it).
             step: the global step the run starts or resumes at.
             tokens: training tokens seen by then.
             root: the FSDP1 module wrapping `model` (see `measure`), for every measurement.
 
         Raises:
+            ConfigError: a model other than the one given to `setup`.
             UnsupportedModelError: a layout that cannot be measured (`distributed.layout`).
             ConfigError: the run directory is not writable, or holds another run's snapshots
                 (the message says how to resume that run or start a new one).
             StoreError: the run directory holds a run measured differently, or a live writer.
         """
-        self._info["layout"] = distributed.layout(model, root)  # how it was measured
-        self._root = root
+        model = self._resolved(model).model  # before the first step: a changed model raises
+        self._root = root or self._root
+        self._info["layout"] = distributed.layout(model, self._root)  # how it was measured
         self._open(tokens=tokens, starting=(step, model))
         if self._store is not None:  # the writing rank: keep what replay needs beside the probes
             try:
                 keep_model_files(self.run_dir / MODEL_FILES_DIR, model, self._tokenizer)
             except OSError as err:  # replay then needs --config / --tokenizer; training goes on
                 logger.warning("regionwatch: could not keep the model's config for replay: %s", err)
+        self._position = Mark(step, tokens)
         return self.maybe_measure(model, step=step, tokens=tokens)
 
-    def open(self, *, info: Mapping[str, Any] | None = None) -> None:
+    def open(self, *, run_info: Mapping[str, Any] | None = None) -> None:
         """Create or reopen the run's store and sinks (rank zero) and share the newest mark.
 
         For adding points to a run (replay): nothing is cut back. Training runs call `start`.
-
-        Args:
-            info: facts recorded in a new run's config.json (replay: `live_run`).
+        `run_info` joins the run's info when the run is created (replay: `live_run`).
         """
-        self._open(tokens=None, starting=None, info=info)
+        self._open(tokens=None, starting=None, run_info=run_info)
 
     def _open(
         self,
         *,
         tokens: int | None,
         starting: tuple[int, nn.Module] | None,
-        info: Mapping[str, Any] | None = None,
+        run_info: Mapping[str, Any] | None = None,
     ) -> None:
         last = last_maps = refusal = run_id = None
         if self.run_dir is None:  # `setup` made sure there is a log dir
             self.run_dir = self._log_dir / DEFAULT_RUN_NAME
         self._writer.drain()  # the store is the writer thread's while jobs are queued
         if self._rank == 0:
-            _check_writable(self.run_dir)
+            check_writable(self.run_dir)
             self._store = SnapshotStore.create(
                 self.run_dir,
                 probes=self.probes,
                 config=self.watch.probe,
-                info={"schedule": self.watch.schedule.to_dict(), **(info or {})},
+                info={"schedule": self.watch.schedule.to_dict(), **(run_info or {})},
             )
-            refusal = None if starting is None else self._claim(*starting)
+            if starting is not None:
+                step, model = starting
+                refusal = claim(self._store, self._restored, step=step, model=model)
             if refusal is None:
                 run_id = self._store.run_id
+                self._onset = onset.tracker(self._store)  # read once; then kept per snapshot
                 newest = self._store.latest()
                 last = None if newest is None else Mark(*newest)
                 mapped = [r for r in self._store.records() if "maps" in r.get("parts", ())]
                 last_maps = Mark(mapped[-1]["step"], mapped[-1]["tokens"]) if mapped else None
+                sinks = list(self._host_sinks)
                 if self.watch.tensorboard:
                     purge = None if newest is None else tokens
-                    self._sink = TensorBoardSink(self.run_dir / TB_SUBDIR, purge_after_tokens=purge)
+                    self._tensorboard = TensorBoardSink(
+                        self.run_dir / TB_SUBDIR,
+                        purge_after_tokens=purge,
+                        run_scalars=self._run_scalars,
+                    )
+                    sinks.append(self._tensorboard)
+                timeout = self.watch.logger_timeout_s
+                self._fanout = Fanout(self._writer, sinks, timeout_s=timeout)
                 view = view_hint(self.run_dir, snapshots=0) if self.watch.tensorboard else ""
                 self._announce(
                     f"regionwatch: storing the run in {self.run_dir}"
@@ -409,60 +541,6 @@ class Monitor:
         self._last, self._last_maps, refusal, self._run_id = shared
         if refusal is not None:
             raise ConfigError(refusal)
-
-    def _claim(self, step: int, model: nn.Module) -> str | None:
-        """Make the store this training run's: cut it back on a proven resume; else say why not."""
-        store = self._store
-        if self._resumes(store):
-            dropped = store.truncate_after(step)
-            if dropped:
-                logger.warning(
-                    "resumed run %s at step %d: dropped later snapshots %s from %s",
-                    store.run_id,
-                    step,
-                    dropped,
-                    self.run_dir,
-                )
-            return None
-        records, failures = store.records(), store.failures()
-        if not records and not failures:
-            return None  # an empty run: nothing to lose or to mix
-        if (
-            step == 0
-            and not failures
-            and [r["step"] for r in records] == [0]
-            and records[0]["weights_fingerprint"] == weights_fingerprint(model)
-        ):
-            return None  # its own baseline: the same initial weights, bit for bit
-        steps = sorted(r["step"] for r in records)
-        held = f"{len(steps)} snapshots, steps {steps[0]}..{steps[-1]}" if steps else "no snapshots"
-        restored = self._restored or {}
-        if restored.get("run_id"):
-            why = f"the checkpoint this run resumed from belongs to run {restored['run_id']}"
-        elif step > 0:  # a checkpoint was restored, but it names no run (older regionwatch)
-            why = f"the checkpoint this run resumed from (step {step}) does not name that run"
-        else:
-            why = "this training run did not resume from a checkpoint of it"
-        return (
-            f"run_dir {self.run_dir} already holds run {store.run_id} ({held}, "
-            f"{len(failures)} failed), and {why}. regionwatch never mixes two runs in one "
-            "directory nor deletes an earlier run's snapshots: to continue that run, resume "
-            "from its checkpoint (Lightning: trainer.fit(..., ckpt_path=...); HF: "
-            "trainer.train(resume_from_checkpoint=...)); to start a new run, pass a new "
-            f"run_dir, or delete {self.run_dir} to discard the old one"
-        )
-
-    def _resumes(self, store: SnapshotStore) -> bool:
-        """Whether the restored driver state proves this run resumes `store`'s run."""
-        state = self._restored
-        if not state:
-            return False
-        if state.get("run_id") is not None:
-            return state["run_id"] == store.run_id
-        # Resume state saved before it held the run id names only the run directory.
-        return bool(state.get("run_dir")) and Path(state["run_dir"]).resolve() == (
-            store.path.resolve()
-        )
 
     def maybe_measure(
         self, model: nn.Module, *, step: int, tokens: int, final: bool = False
@@ -527,17 +605,16 @@ class Monitor:
                 step=step,
                 tokens=tokens,
                 probes=self.probes,
-                model=model,
+                model=self._site.model,
                 info={**self._info, **(info or {})},
             )
         except Exception as err:  # guarantee: a failed snapshot never stops training
             logger.exception("stamping the snapshot at step %d failed; training continues", step)
             self._record_failure(step, tokens, repr(err))
             return None
-        if self._log_scalars is not None:  # first: a logger sees the scalars before the images
-            log_scalars = self._log_scalars
-            self._writer.run_now(f"trainer loggers, step {step}", lambda: log_scalars(snapshot))
-        self._submit_writes(snapshot)
+        # The store first: a hanging logger copy then holds back no stored snapshot.
+        self._writer.submit(f"store, step {step}", lambda: self._store_snapshot(snapshot))
+        self._fanout.write(snapshot)
         self._announce(
             f"regionwatch: step {step}, {tokens:,} tokens: max slope median "
             f"{snapshot.summary.get('max_slope/median', math.nan):.3f}, "
@@ -556,7 +633,7 @@ class Monitor:
             values: scalars by the trainer's name (e.g. {"loss": 2.31}).
             tokens: training tokens seen when they were logged.
         """
-        sink = self._sink
+        sink = self._tensorboard
         if sink is None:
             return
         named = {f"{TRAIN_GROUP}/{key}": float(value) for key, value in values.items()}
@@ -566,19 +643,42 @@ class Monitor:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able resume state: the run directory, the run's id and the newest scheduled mark."""
+        """JSON-able resume state: run directory and id, newest scheduled mark, step and tokens.
+
+        The step and tokens are those of the newest `step` call: where a plain loop resumes.
+        Waits until every snapshot up to now is written (store and sinks): a checkpoint is
+        being saved, and a resume from it never retakes them.
+        """
+        self.drain()
         last = None if self._last is None else [self._last.step, self._last.tokens]
+        position = self._position
+        position = {} if position is None else {"step": position.step, "tokens": position.tokens}
         return {
             "run_dir": None if self.run_dir is None else str(self.run_dir),
             "run_id": self._run_id,
             "last": last,
+            **position,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore `state_dict()` before `start`: a resumed run keeps writing to the same run.
+        """Restore `state_dict()` before `start` (`with monitor:`): the run continues.
 
         The state's run id is the proof of a resume that lets `start` cut the store back.
+
+        Raises:
+            ConfigError: the run is already open (a resume must restore before it starts), or
+                `state` is not a mapping.
         """
+        if self._position is not None:
+            raise ConfigError(
+                "Monitor.load_state_dict after the run started: restore the checkpoint's "
+                "monitor state before `with monitor:` (or a driver's start)"
+            )
+        if not isinstance(state, Mapping):
+            raise ConfigError(
+                f"Monitor.load_state_dict({type(state).__name__}): need the dict that "
+                "monitor.state_dict() returned, as saved in the training checkpoint"
+            )
         self._restored = dict(state)
         if not self._explicit_run_dir and state.get("run_dir"):
             self.run_dir = Path(state["run_dir"])
@@ -593,9 +693,10 @@ class Monitor:
         Never raises for a failed write: those were logged as they happened; one warning here
         sums them up.
         """
-        if self._sink is not None:
-            self._writer.submit("closing tensorboard", self._sink.close)
-            self._sink = None
+        if self._fanout is not None:
+            self._fanout.close()
+            self._fanout = None
+        self._tensorboard = None  # closed with the fan-out
         self._writer.close()
         if self._writer.failures:
             logger.warning(
@@ -619,13 +720,15 @@ class Monitor:
         config = self.watch.probe
         for attempt in range(2):
             try:
+                site = self._resolved(model)  # the model set up, its wrappers peeled
+                model = site.model
                 with self._precision(model):
                     measured = measure(
                         model,
                         self.probes,
                         config,
                         maps=maps,
-                        site=self._resolved(model),
+                        site=site,
                         shard=shard,
                         dtype=self._numerics,
                         root=self._root,
@@ -655,11 +758,22 @@ class Monitor:
         raise AssertionError("unreachable: the second attempt returns")  # for type checkers
 
     def _resolved(self, model: nn.Module) -> ResidualSite:
-        """The site `setup` resolved, which must be of the model being measured."""
-        if self._site is None or self._site.model is not model:
+        """The site `setup` resolved, which must be of `model` (unwrapped): checked every call.
+
+        Raises:
+            ConfigError: not set up yet, or another model object (a rebuilt or reloaded model
+                would leave the run measuring weights that no longer train).
+        """
+        inner, _ = unwrap(model)
+        if self._site is None:
+            raise ConfigError("the monitor is not set up yet: call setup(model, ...) first")
+        if inner is not self._site.model:
             raise ConfigError(
-                "Monitor.measure_now: measure the model given to Monitor.setup (call setup "
-                "again for another model)"
+                f"got a different model object ({type(inner).__name__} at {id(inner):#x}) from "
+                f"the one given to Monitor.setup ({type(self._site.model).__name__} at "
+                f"{id(self._site.model):#x}); keep training the same model object (load weights "
+                "into it with load_state_dict rather than building a new one), or call setup "
+                "again for another model"
             )
         return self._site
 
@@ -679,27 +793,6 @@ class Monitor:
         with torch.autocast(device_type=device, enabled=False):
             yield
 
-    def _submit_writes(self, snapshot: Snapshot) -> None:
-        """Queue the snapshot's writes: the store first, then each sink, each job on its own.
-
-        Separate jobs, so that a failing sink (a full disk, a dead logger) neither hides the
-        snapshot from the store nor stops the other sinks. Images are rendered once, by the
-        first job that needs them, and shared.
-        """
-        rendered = functools.cache(lambda: images(snapshot))
-        where = f"step {snapshot.step}"
-        self._writer.submit(f"store, {where}", lambda: self._store_snapshot(snapshot))
-        sink = self._sink
-        if sink is not None:
-            self._writer.submit(
-                f"tensorboard, {where}", lambda: self._sink_snapshot(sink, snapshot, rendered())
-            )
-        log_images = self._log_images
-        if log_images is not None:
-            self._writer.submit(
-                f"trainer logger images, {where}", lambda: log_images(snapshot, rendered())
-            )
-
     def _store_snapshot(self, snapshot: Snapshot) -> None:
         """Store one snapshot (on the writer thread); a failed write is a failed snapshot."""
         try:
@@ -709,13 +802,13 @@ class Monitor:
                 "storing the snapshot at step %d failed; training continues", snapshot.step
             )
             self._store_failure(snapshot.step, snapshot.tokens, repr(err))
+        else:
+            self._onset.add(snapshot.record())  # the onset follows what the store holds
 
-    def _sink_snapshot(
-        self, sink: TensorBoardSink, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]
-    ) -> None:
-        onset = metrics.record_onset(self._store.records())
-        run_scalars = {} if onset is None else {"onset/tokens": onset}
-        sink.write(snapshot, rendered=rendered, run_scalars=run_scalars)
+    def _run_scalars(self) -> dict[str, float]:
+        """Run-level scalars for the TensorBoard run, after each snapshot (on the writer)."""
+        tokens = self._onset.onset
+        return {} if tokens is None else {"onset/tokens": tokens}
 
     def _record_failure(self, step: int, tokens: int, error: str) -> None:
         """Record a failed snapshot, in order with the queued writes (the store is theirs)."""
@@ -729,17 +822,6 @@ class Monitor:
             self._store.record_failure(step=step, tokens=tokens, error=error)
         except Exception:  # the failure record itself must not stop training either
             logger.exception("could not record the failed snapshot at step %d", step)
-
-
-def headline(snapshot: Snapshot) -> dict[str, float]:
-    """The scalars copied to the trainer's loggers: TensorBoard's tags, plus tokens seen.
-
-    Named `regionwatch_step/<key>` (`tensorboard.step_tag`): they sit at the trainer's step, and
-    must never share a name with the token-axis run. `regionwatch_step/tokens` comes in the same
-    call, so that a dashboard can chart them against tokens.
-    """
-    copies = {step_tag(name): value for name, value in scalars(snapshot).items()}
-    return {**copies, TOKENS_TAG: float(snapshot.tokens)}
 
 
 def _non_finite(model: nn.Module, measured: Measurement) -> str | None:
@@ -772,18 +854,6 @@ def _non_finite(model: nn.Module, measured: Measurement) -> str | None:
         f"{cause}; the model has diverged (lower the learning rate, clip gradients, or check "
         "the precision); no snapshot stored for this step"
     )
-
-
-def _check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".regionwatch-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"run dir {run_dir} is not writable ({err}); pass a writable run_dir=..."
-        ) from err
 
 
 def _check_fits(site: ResidualSite, probes: ProbeSet) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from regionwatch import engine, metrics
+from regionwatch import engine, metrics, rows
 from regionwatch.access import ResidualSite, token_logits
 from regionwatch.results import Curves, RegionMaps
 
@@ -85,7 +85,9 @@ class Plan:
     ) -> engine.EngineResult:
         """Run every slot through the engine (the model must be under `measuring`).
 
-        `split`: share the queries among the ranks of an FSDP2 model (see `engine.run`).
+        The KV-cached engine where the site can take it (`ResidualSite.fast`), else the generic
+        full-row path (`rows.run`). `split`: share the queries among the ranks of an FSDP2
+        model (see `engine.run`).
         """
 
         def build(write: Tensor) -> list[dict[int, Tensor]]:
@@ -95,7 +97,7 @@ class Plan:
             ]
 
         budget = engine.DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
-        return engine.run(
+        return (engine.run if site.fast else rows.run)(
             site, self.prompts, self._counts, build, max_batch_tokens=budget, split=split
         )
 
@@ -119,23 +121,24 @@ class PairPart:
         self.alphas = metrics.alpha_grid(num_alphas)
         self.a = [plan.prompt(p) for p in pairs_a]
         self.b = [plan.prompt(p) for p in pairs_b]
+        # x(0) = x_A: its readout is A's clean one, h(0) = h_A by definition, not a query.
         self.slots = [
-            plan.slot(PAIR_PHASE, ia, num_alphas, self._points(ia, ib))
+            plan.slot(PAIR_PHASE, ia, num_alphas - 1, self._points(ia, ib))
             for ia, ib in zip(self.a, self.b, strict=True)
         ]
-        self.points = len(self.slots) * num_alphas
+        self.points = len(self.slots) * (num_alphas - 1)
         self.prompt_ids = set(self.a) | set(self.b)
 
     def _points(self, ia: int, ib: int) -> Callable[[Tensor], Tensor]:
         return lambda write: metrics.interpolation_points(
-            write[ia : ia + 1], write[ib : ib + 1], self.alphas
+            write[ia : ia + 1], write[ib : ib + 1], self.alphas[1:]
         )[0]
 
     def curves(self, site: ResidualSite, result: engine.EngineResult) -> Curves:
         """Distances, relative curves, slopes and logit differences from an engine result."""
-        k = len(self.alphas)
-        hidden = torch.stack([readout(result, s, k) for s in self.slots])  # [P, K, d_model]
         clean = result.clean
+        patched = torch.stack([readout(result, s, len(self.alphas) - 1) for s in self.slots])
+        hidden = torch.cat([clean.final[self.a][:, None], patched], dim=1)  # [P, K, d_model]
         dist = metrics.distance(hidden, clean.final[self.a][:, None, :])
         rel = metrics.relative(dist)
         tops = torch.stack([clean.top[self.a], clean.top[self.b]], dim=1)  # [P, 2]

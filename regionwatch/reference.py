@@ -1,7 +1,8 @@
 """The slow, obviously correct probe: one full forward pass per patched point, as the authors did.
 
 Write vectors are read from `hidden_states[write_layer + 1]`, readouts from `hidden_states[-1]`
-and logits from the model's own head, all of one unmodified forward per prompt; every patched
+and logits from the model's own head, all of one unmodified forward per prompt (a `Decoder`
+model: from hooks on its write block and final norm, logits from its head); every patched
 point is a full forward of its context with a hook that overwrites the last position after block
 `write_layer` (PAPER.md §2). Points of equal-length contexts share a batch, nothing else is shared.
 Same signatures as `measure.interpolate` / `measure.region_maps`; tests and benchmarks
@@ -14,12 +15,36 @@ import torch
 from torch import Tensor, nn
 
 from regionwatch import metrics
-from regionwatch.access import ResidualSite, patching, resolve
+from regionwatch.access import ResidualSite, decoder_readout, logits, patching, resolve
+from regionwatch.decoder import Decoder
 from regionwatch.engine import Prompt
-from regionwatch.measure import check_prompts
+from regionwatch.measurement import check_prompts
 from regionwatch.plan import measuring
 from regionwatch.probes import PromptIds, prompt_list
 from regionwatch.results import DEFAULT_SPAN, Curves, RegionMaps, check_alphas, check_grid
+
+
+def _forward(site: ResidualSite, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Write-site states, readouts and logits of one full forward, each [batch, tokens, ...].
+
+    A Hugging Face model gives all three itself; a `Decoder` model's are read by hooks on its
+    named modules (the write block and the final norm), its logits from its head.
+    """
+    if site.decoder is None:
+        out = site.model(input_ids=ids, output_hidden_states=True)
+        states = out.hidden_states
+        return states[site.write_layer + 1], states[-1], out.logits
+    written: list[Tensor] = []
+
+    def hook(_module: nn.Module, _args: object, output: Tensor | tuple[Tensor, ...]) -> None:
+        written.append(output if isinstance(output, Tensor) else output[0])
+
+    handle = site.blocks[site.write_layer].register_forward_hook(hook)
+    try:
+        final = decoder_readout(site, ids)
+    finally:
+        handle.remove()
+    return written[0], final, logits(site, final)
 
 
 def _clean(site: ResidualSite, prompt: Prompt) -> tuple[Tensor, Tensor, Tensor]:
@@ -27,10 +52,8 @@ def _clean(site: ResidualSite, prompt: Prompt) -> tuple[Tensor, Tensor, Tensor]:
 
     The write vector is the states' last row.
     """
-    ids = torch.tensor([prompt], device=site.device)
-    out = site.model(input_ids=ids, output_hidden_states=True)
-    states = out.hidden_states
-    return states[site.write_layer + 1][0], states[-1][0, -1], out.logits[0, -1]
+    states, final, out = _forward(site, torch.tensor([prompt], device=site.device))
+    return states[0], final[0, -1], out[0, -1]
 
 
 def _patched(
@@ -45,8 +68,8 @@ def _patched(
     written[:, -1] = vectors
     ids = torch.tensor([prompt], device=site.device).expand(len(vectors), -1)
     with patching(site, written):
-        out = site.model(input_ids=ids, output_hidden_states=True)
-    return out.hidden_states[-1][:, -1], out.logits[:, -1]
+        _, final, out = _forward(site, ids)
+    return final[:, -1], out[:, -1]
 
 
 def interpolate(
@@ -58,9 +81,10 @@ def interpolate(
     write_layer: int = 0,
     max_batch_tokens: int | None = None,  # unused: same signature as the fast path
     block_path: str | None = None,
+    decoder: Decoder | None = None,
 ) -> Curves:
-    """Reference for `regionwatch.measure.interpolate`: a full forward per (pair, alpha)."""
-    site = resolve(model, write_layer=write_layer, block_path=block_path)
+    """Reference for `measurement.interpolate`: a full forward per (pair, alpha)."""
+    site = resolve(model, write_layer=write_layer, block_path=block_path, decoder=decoder)
     pairs_a, pairs_b = prompt_list(ids_a, "ids_a"), prompt_list(ids_b, "ids_b")
     check_prompts(site, pairs_a + pairs_b)
     check_alphas(num_alphas)
@@ -101,9 +125,10 @@ def region_maps(
     write_layer: int = 0,
     max_batch_tokens: int | None = None,  # unused: same signature as the fast path
     block_path: str | None = None,
+    decoder: Decoder | None = None,
 ) -> RegionMaps:
-    """Reference for `regionwatch.measure.region_maps`: a full forward per (grid point, context)."""
-    site = resolve(model, write_layer=write_layer, block_path=block_path)
+    """Reference for `measurement.region_maps`: a full forward per (grid point, context)."""
+    site = resolve(model, write_layer=write_layer, block_path=block_path, decoder=decoder)
     triples = list(zip(*(prompt_list(ids, "ids") for ids in (ids_a, ids_b, ids_c)), strict=True))
     check_prompts(site, [p for triple in triples for p in triple])
     check_grid(grid, span)

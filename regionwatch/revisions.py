@@ -29,6 +29,7 @@ LISTED_REVISIONS = 8  # revision names quoted in an error message
 TOKEN_UNITS = MappingProxyType({"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12})
 _TRAINER_NAME = re.compile(r"checkpoint-(?P<step>\d+)")  # HF Trainer: checkpoint-500
 _LIGHTNING_NAME = re.compile(r"(?:^|-)step=(?P<step>\d+)(?=[-.]|$)")  # epoch=0-step=500(-v1)
+_LITGPT_NAME = re.compile(r"step-(?P<step>\d+)")  # litgpt's pretrain: step-00001000
 # Pythia `step1000`; OLMo `step1000-tokens4B`, OLMo 2 `stage1-step1000-tokens5B`; ours plain.
 _STEP_NAME = re.compile(r"(?:^|[-_])step(?P<step>\d+)(?:-tokens(?P<tokens>\d+)(?P<unit>[KMBT]?))?$")
 
@@ -66,7 +67,7 @@ def parse_revision(name: str) -> tuple[int, int | None] | None:
 
     The one reader of checkpoint names. Understood: `checkpoint-N` (HF Trainer), `stepN`
     (Pythia), `stepN-tokensT` with T plain or in K/M/B/T units (OLMo; a `stage1-` prefix too),
-    `epoch=E-step=N` (Lightning, with any `-metric=...` or `-vN` after it).
+    `epoch=E-step=N` (Lightning, with any `-metric=...` or `-vN` after it), `step-N` (litgpt).
 
     Args:
         name: a directory, file (without suffix) or revision name.
@@ -81,7 +82,7 @@ def parse_revision(name: str) -> tuple[int, int | None] | None:
     trainer = _TRAINER_NAME.fullmatch(name)
     if trainer:
         return int(trainer["step"]), None
-    lightning = _LIGHTNING_NAME.search(name)
+    lightning = _LIGHTNING_NAME.search(name) or _LITGPT_NAME.fullmatch(name)
     if lightning:
         return int(lightning["step"]), None
     plain = _STEP_NAME.search(name)

@@ -28,6 +28,14 @@ from regionwatch.probes import ProbeSet
 from regionwatch.results import Curves, Measurement, ProbeConfig, RegionMaps
 
 SNAPSHOT_FORMAT = "regionwatch.snapshot"
+# Where a snapshot lies in training: a one-off measurement (`regionwatch measure` of a saved model
+# without --step/--tokens) knows neither; it is stored in the step-0, 0-token slot with the parts it
+# does not know listed under POSITION_KEY, and is never drawn at 0 tokens nor taken for an init.
+POSITION_PARTS = ("step", "tokens")
+POSITION_KEY = "position_unknown"
+# The run info `regionwatch measure` wrote before positions were recorded: its step-0, 0-token
+# snapshots were the flags' defaults, not facts, so they are read as of unknown position.
+LEGACY_ONE_OFF_INFO = frozenset({"source"})
 SNAPSHOT_VERSION = 1  # bump, and keep a reader for the old one, whenever the stored arrays change
 FINGERPRINT_CHARS = 16  # hex digits, as ProbeSet.fingerprint and ProbeConfig.fingerprint
 # Raw arrays stored per pair part; relative, max_slope and alphas are derived on load.
@@ -49,6 +57,8 @@ class Snapshot:
         config_fingerprint: `ProbeConfig.fingerprint` of the settings.
         weights_fingerprint: hash of the model's parameters and buffers (see `weights_fingerprint`).
         info: free-form JSON-able facts: model class, dtype, device, checkpoint path, precision.
+        position_unknown: which of "step" and "tokens" are not known (a one-off measurement);
+            an unknown one is stored as 0, a slot, not a position.
     """
 
     measurement: Measurement
@@ -60,6 +70,7 @@ class Snapshot:
     config_fingerprint: str
     weights_fingerprint: str
     info: Mapping[str, Any] = field(default_factory=dict)
+    position_unknown: tuple[str, ...] = ()
 
     @classmethod
     def stamp(
@@ -67,13 +78,13 @@ class Snapshot:
         measurement: Measurement,
         *,
         run_id: str,
-        step: int,
-        tokens: int,
+        step: int | None,
+        tokens: int | None,
         probes: ProbeSet,
         model: nn.Module,
         info: Mapping[str, Any] | None = None,
     ) -> Snapshot:
-        """Stamp a fresh measurement of `model` on `probes` at (step, tokens)."""
+        """Stamp a fresh measurement of `model` on `probes` at (step, tokens); None: not known."""
         facts = {
             "model_class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -83,14 +94,24 @@ class Snapshot:
         return cls(
             measurement=measurement,
             run_id=run_id,
-            step=int(step),
-            tokens=int(tokens),
+            step=0 if step is None else int(step),
+            tokens=0 if tokens is None else int(tokens),
             wall_time=time.time(),
             probe_fingerprint=probes.fingerprint,
             config_fingerprint=measurement.config.fingerprint,
             weights_fingerprint=weights_fingerprint(model),
             info={**facts, **(info or {})},
+            position_unknown=tuple(
+                part
+                for part, value in zip(POSITION_PARTS, (step, tokens), strict=True)
+                if value is None
+            ),
         )
+
+    @property
+    def on_tokens_axis(self) -> bool:
+        """Whether the tokens seen are known, so that the snapshot has a place over tokens."""
+        return "tokens" not in self.position_unknown
 
     @property
     def summary(self) -> Mapping[str, float]:
@@ -100,7 +121,8 @@ class Snapshot:
     def record(self) -> dict[str, Any]:
         """One flat strict-JSON dict (NaN as null): the index row and `show --json` line.
 
-        Keys: `step`, `tokens`, `wall_time`, `run_id`, the fingerprints, every summary scalar
+        Keys: `step`, `tokens`, `position_unknown` (the parts of the position not known, [] for a
+        snapshot taken in training), `wall_time`, `run_id`, the fingerprints, every summary scalar
         under its PAPER.md §8 name (`max_slope/median`, ...), `probe_seconds`, the settings
         that make max slopes comparable (`num_alphas`, `grid`, `write_layer`), and `parts`
         (the parts measured, e.g. ["dissimilar", "maps", "named", "random", "similar"]).
@@ -109,6 +131,7 @@ class Snapshot:
         return {
             "step": self.step,
             "tokens": self.tokens,
+            POSITION_KEY: list(self.position_unknown),
             "wall_time": self.wall_time,
             "run_id": self.run_id,
             "probe_fingerprint": self.probe_fingerprint,
@@ -133,6 +156,7 @@ class Snapshot:
             "run_id": self.run_id,
             "step": self.step,
             "tokens": self.tokens,
+            POSITION_KEY: list(self.position_unknown),
             "wall_time": self.wall_time,
             "probe_fingerprint": self.probe_fingerprint,
             "config_fingerprint": self.config_fingerprint,
@@ -157,8 +181,17 @@ class Snapshot:
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
-    def from_parts(cls, header: Mapping[str, Any], arrays: Mapping[str, Tensor]) -> Snapshot:
+    def from_parts(
+        cls,
+        header: Mapping[str, Any],
+        arrays: Mapping[str, Tensor],
+        *,
+        run_info: Mapping[str, Any] | None = None,
+    ) -> Snapshot:
         """Rebuild a snapshot from `header()` and `arrays()`; derived numbers are recomputed.
+
+        `run_info` (the store's run info) tells a header written before positions were recorded
+        by `regionwatch measure` (see `position_unknown`).
 
         Raises:
             StoreError: another format, a newer version, or missing arrays.
@@ -190,7 +223,39 @@ class Snapshot:
             config_fingerprint=header["config_fingerprint"],
             weights_fingerprint=header["weights_fingerprint"],
             info=header.get("info", {}),
+            position_unknown=position_unknown(header, run_info or {}),
         )
+
+
+def position_unknown(stored: Mapping[str, Any], run_info: Mapping[str, Any]) -> tuple[str, ...]:
+    """The parts of a stored row's or header's position that are not known.
+
+    Rows and headers written since positions are recorded say it under POSITION_KEY. Older ones
+    do not: a snapshot at step 0 and 0 tokens in a run `regionwatch measure` made (its run info
+    is exactly LEGACY_ONE_OFF_INFO) got them as the defaults of --step and --tokens, so its
+    position is unknown; every other old snapshot was placed by a training run or a replay.
+
+    Args:
+        stored: an index row or snapshot header (`step`, `tokens`, maybe POSITION_KEY).
+        run_info: the run's info (`SnapshotStore.info`).
+
+    Returns:
+        A sub-tuple of POSITION_PARTS; () for a snapshot placed in training.
+    """
+    if POSITION_KEY in stored:
+        return tuple(part for part in POSITION_PARTS if part in stored[POSITION_KEY])
+    legacy = set(run_info) == LEGACY_ONE_OFF_INFO and stored["step"] == stored["tokens"] == 0
+    return POSITION_PARTS if legacy else ()
+
+
+def is_init(row: Mapping[str, Any]) -> bool:
+    """Whether an index row is a snapshot at initialization: step 0, and its position known."""
+    return row["step"] == 0 and not row.get(POSITION_KEY)
+
+
+def on_tokens_axis(row: Mapping[str, Any]) -> bool:
+    """Whether an index row's tokens seen are known (see `Snapshot.on_tokens_axis`)."""
+    return "tokens" not in row.get(POSITION_KEY, ())
 
 
 def _curves(config: ProbeConfig, arrays: Mapping[str, Tensor], part: str) -> Curves:

@@ -82,7 +82,7 @@ from regionwatch.atomic import (
 from regionwatch.errors import ConfigError, StoreError
 from regionwatch.probes import ProbeSet
 from regionwatch.results import ProbeConfig
-from regionwatch.snapshot import Snapshot
+from regionwatch.snapshot import POSITION_KEY, Snapshot, position_unknown
 from regionwatch.version import VERSION
 
 if TYPE_CHECKING:
@@ -291,7 +291,11 @@ class SnapshotStore:
             logger.warning("%s: %s; skipped", self.path / INDEX_FILE, problem)
         for name, problem in problems.items():
             logger.warning("skipping %s: %s", self._snapshots / name, problem)
-        return [row for row in rows if row["file"] not in problems]
+        return [
+            {**row, POSITION_KEY: list(position_unknown(row, self.info))}  # older rows lack it
+            for row in rows
+            if row["file"] not in problems
+        ]
 
     def verify(self) -> list[Damage]:
         """Check every indexed file's size and sha256, and its sidecar, against the index.
@@ -521,7 +525,7 @@ class SnapshotStore:
                 f"{(self.run_id, row['step'], row['tokens'])}"
             )
         try:
-            return Snapshot.from_parts(header, arrays)
+            return Snapshot.from_parts(header, arrays, run_info=self.info)
         except (StoreError, KeyError, TypeError, ValueError) as err:
             raise StoreError(f"{path}: not a readable snapshot ({err})") from err
 

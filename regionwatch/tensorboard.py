@@ -23,7 +23,7 @@ What one snapshot writes, at global_step = tokens seen (tags are a file format, 
 - `regionwatch/curves/random` and `regionwatch/curves/similar_dissimilar`: figures of the median
   r(a) over pairs with its q25..q75 band per alpha and the straight line r = a dashed for
   reference; random pairs on one, similar and dissimilar pairs together on the other.
-- `regionwatch/maps/triple_<i>`: the region map of triple i (PAPER.md §5) with its axes and
+- `regionwatch/maps/triple_<i>`: the region map of triple i (docs/method.md §5) with its axes and
   anchor legend, one tag per triple so that TensorBoard's image slider shows the regions forming
   over tokens.
 - `regionwatch/train/loss` (`write_scalars`, from the drivers at the trainer's logging steps): the
@@ -54,7 +54,7 @@ import logging
 import math
 import shlex
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TypeVar
@@ -219,6 +219,8 @@ class TensorBoardSink:
             missing. Keep it apart from the trainer's own event files.
         purge_after_tokens: on resume, the token count restored from the checkpoint: TensorBoard
             then hides every earlier event with a step (tokens) above it. None for a fresh run.
+        run_scalars: run-level scalars (e.g. `onset/tokens`) to log with every snapshot, asked
+            for at each write; None: none.
 
     Raises:
         ConfigError: `purge_after_tokens` is not an int >= 0 or None.
@@ -230,12 +232,22 @@ class TensorBoardSink:
         >>> sink.close()
     """
 
-    def __init__(self, log_dir: str | Path, *, purge_after_tokens: int | None = None) -> None:
+    name = "tensorboard"  # a `sinks.Sink`, written on the background writer
+    placement = "background"
+
+    def __init__(
+        self,
+        log_dir: str | Path,
+        *,
+        purge_after_tokens: int | None = None,
+        run_scalars: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
         if purge_after_tokens is not None:
             hint = "the restored token count, or None for a fresh run"
             check_int("purge_after_tokens", purge_after_tokens, hint=hint)
         self.log_dir = Path(log_dir)
         self.purge_after_tokens = purge_after_tokens
+        self._run_scalars = run_scalars
         self._writer: SummaryWriter | None = None
         self._purge_pending = purge_after_tokens is not None
         self._last_tokens: int | None = None
@@ -256,8 +268,8 @@ class TensorBoardSink:
     def write(
         self,
         snapshot: Snapshot,
-        *,
         rendered: Mapping[str, np.ndarray] | None = None,
+        *,
         run_scalars: Mapping[str, float] | None = None,
     ) -> None:
         """Log everything of one snapshot at global_step = `snapshot.tokens`, then flush once.
@@ -269,15 +281,28 @@ class TensorBoardSink:
         the next write opens a new event file, so the sink recovers once the disk takes writes
         again instead of failing for the rest of the run.
 
+        A snapshot whose tokens seen are unknown (`Snapshot.position_unknown`) has no place on
+        the axis: it is not written (a warning says so), never drawn at 0 tokens.
+
         Args:
             snapshot: the snapshot; its tokens should exceed the last written ones.
             rendered: `images(snapshot)` when the caller already has them (they are shared
                 with the trainer's loggers); None renders them here.
             run_scalars: run-level scalars to log with it, as `write_scalars` does, under the
-                same flush (one flush per snapshot: each flush is a disk write).
+                same flush (one flush per snapshot: each flush is a disk write); None: the
+                sink's own `run_scalars`, if any.
         """
+        if not snapshot.on_tokens_axis:  # its stored 0 is a slot: never a point at 0 tokens
+            logger.warning(
+                "tensorboard: the snapshot of step slot %d has no known tokens seen (a one-off "
+                "measurement); it has no place on the tokens axis and is not written",
+                snapshot.step,
+            )
+            return
         started = time.perf_counter()
         step = int(snapshot.tokens)
+        if run_scalars is None and self._run_scalars is not None:
+            run_scalars = self._run_scalars()
         with self._discarding_on_error():
             writer = self._open()
             self._check_order(step)
@@ -497,7 +522,7 @@ def _draw_curves(snapshot: Snapshot, name: str) -> np.ndarray:
 
 
 def map_image(snapshot: Snapshot, index: int) -> np.ndarray:
-    """The region map of one triple as a figure: axes, anchors and their legend (PAPER.md §5).
+    """The region map of one triple as a figure: axes, anchors and their legend (docs/method.md §5).
 
     Drawn by `mapfigure.draw_map`, as the report draws it: an anchor outside the frame is an
     edge marker pointing to where it lies, named in the legend.

@@ -3,7 +3,8 @@
 `python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.fsdp_measure OUT`.
 Measures a seeded tiny GPT-2, all with fp32 numerics (upcast in place):
 - sharded with FSDP2 (`fully_shard`) per block and at the root, in fp32, in bf16 and in fp32
-  gathered as bf16 (a MixedPrecisionPolicy);
+  gathered as bf16 (a MixedPrecisionPolicy), and in fp32 named by a `Decoder` (the generic
+  full-row path, which calls the FSDP root's forward);
 - wrapped with FSDP1 (`FullyShardedDataParallel`) per block and at the root: fp32 measured
   through the root, bf16 with `use_orig_params=False` given as the inner model and its `root=`,
   fp32 gathered as bf16 with inputs cast (MixedPrecision), and only the blocks wrapped (no root);
@@ -32,10 +33,13 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from regionwatch import ProbeSet, measure
+from regionwatch.decoder import Decoder
 from regionwatch.errors import UnsupportedModelError
 from tests.conftest import tiny_model
 from tests.support.lm import SMALL_PROBE, tiny_gpt2
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
+
+GPT2 = Decoder(blocks="transformer.h", final_norm="transformer.ln_f", head="lm_head")
 
 
 def numbers(measurement: object) -> dict[str, torch.Tensor]:
@@ -78,6 +82,13 @@ def measured(mesh: object, probes: ProbeSet) -> dict[str, dict[str, torch.Tensor
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
         saved[name] = numbers(measure(model, probes, SMALL_PROBE, dtype=torch.float32))
+    # The generic full-row path: the model called as a whole through a Decoder, its queries
+    # split among the ranks as the fast engine's are.
+    model = tiny_gpt2(VOCAB, layers=3).eval()
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    saved["fsdp2-decoder:fp32"] = numbers(measure(model, probes, SMALL_PROBE, decoder=GPT2))
 
     root = fsdp1(torch.float32, use_orig_params=True)
     saved["fsdp1-root:fp32"] = numbers(measure(root, probes, SMALL_PROBE, dtype=torch.float32))

@@ -26,7 +26,7 @@ def test_write_site_and_readout_match_hidden_states(arch: str, write_layer: int)
         states = model(input_ids=ids, output_hidden_states=True)
         with access.capturing(site) as captured:
             readout = access.final_hidden(site, ids)
-    torch.testing.assert_close(captured[0], states.hidden_states[write_layer + 1][:, -1])
+    torch.testing.assert_close(captured.vectors[0], states.hidden_states[write_layer + 1][:, -1])
     torch.testing.assert_close(readout, states.hidden_states[-1])
     torch.testing.assert_close(access.logits(site, readout), states.logits, atol=1e-5, rtol=1e-5)
 
@@ -80,7 +80,9 @@ class _TupleBlock(nn.Module):
 def test_patching_a_tuple_block_patches_every_row() -> None:
     """With a 4.x-style tuple output, the patch writes every batch row, not row 0 of output[0]."""
     block = _TupleBlock()
-    site = access.ResidualSite(block, block, nn.ModuleList([block]), 0, "x")
+    site = access.ResidualSite(
+        block, (block,), 0, "x", head=nn.Linear(2, 4), vocab_size=4, d_model=2
+    )
     hidden = torch.zeros(3, 4, 2)
     vectors = torch.arange(6.0).reshape(3, 2)
     written = torch.zeros(3, 4, 2)
@@ -111,7 +113,7 @@ def test_block_path_reaches_other_architectures() -> None:
     ids = random_prompts(2, 5)
     with torch.no_grad(), access.capturing(site) as captured:
         states = model(input_ids=ids, output_hidden_states=True)
-    torch.testing.assert_close(captured[0], states.hidden_states[1][:, -1])
+    torch.testing.assert_close(captured.vectors[0], states.hidden_states[1][:, -1])
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,12 @@ def test_bench_probe_quick_writes_its_json(tmp_path: Path) -> None:
         assert record["region_maps"]["median_s"] > 0
         assert record["reference"]["speedup_vs_reference"] > 0
         assert record["agreement"]["distance_max_rel_diff"] < AGREEMENT_TOL
+    assert [r["arch"] for r in result["paths"]] == ["gpt2", "llama"]
+    for record in result["paths"]:
+        assert record["variants"]["generic"]["median_s"] > 0
+        assert record["ratios"]["generic_vs_fast"] > 0
+        for key in ("relative_max_abs_diff", "max_slope_max_rel_diff", "distance_max_rel_diff"):
+            assert record["agreement"][key] < AGREEMENT_TOL, (record["arch"], key)
     assert [r["size"] for r in result["precision"]] == ["2x64", "3x64"]
     for record in result["precision"]:
         for name in ("fp32", "bf16", "bf16_copy"):
@@ -126,3 +132,12 @@ def test_gpu_checks_refuses_an_unknown_step(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "unknown step 'probe'; the steps are env,tests,probe-fp32" in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_loop_quick_writes_its_json(tmp_path: Path) -> None:
+    """bench_loop --quick times monitor.step between snapshots and a bounded logger copy."""
+    result = run_quick("bench_loop.py", tmp_path / "loop.json")
+    assert result["params"]["quick"] is True
+    assert len(result["step_not_due_us"]) == len(result["bounded_copy_us"]) == 1
+    assert result["median"]["step_not_due_us"] > 0
+    assert result["median"]["bounded_copy_us"] > 0

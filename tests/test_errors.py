@@ -14,7 +14,7 @@ from regionwatch.checkpoints import discover
 from regionwatch.corpus import train_tokenizer
 from regionwatch.demo import DemoConfig
 from regionwatch.errors import ConfigError, UnsupportedModelError, check_int
-from regionwatch.measure import ProbeConfig, check_budget
+from regionwatch.measurement import ProbeConfig, check_budget
 from regionwatch.monitor import WatchConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import Mark, Schedule

@@ -164,7 +164,7 @@ def test_raw_fsdp_measure_under_torchrun_equals_one_process(tmp_path: Path, text
     assert "tensor parallelism" in done.stdout
     assert "pass the root" in done.stdout
     sharded = torch.load(out / "sharded.pt", weights_only=True)
-    assert len(sharded) == 7
+    assert len(sharded) == 8
     probes = small_probes(text_tokenizer)
     model = tiny_gpt2(VOCAB, layers=3).eval()
     singles = {

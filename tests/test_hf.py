@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from regionwatch import ConfigError, ProbeConfig, RegionMonitorCallback, SnapshotStore
 from regionwatch.errors import UnsupportedModelError
@@ -177,3 +177,38 @@ def test_readme_recipe_counts_packed_batches_exactly_and_quietly(
     assert not [m for m in lines.messages if "Could not determine" in m]
     assert len([m for m in lines.messages if "max slope median" in m]) == len(records)
     assert sum("view it with: tensorboard --logdir" in m for m in lines.messages) == 1
+
+
+def test_a_callback_passed_without_attach_warns_when_report_to_has_integrations(
+    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture
+) -> None:
+    """callbacks=[cb] never sees its Trainer: report_to's integrations get nothing, and a
+    WARNING says so with the one-line fix (attach)."""
+    with caplog.at_level(logging.WARNING, logger="regionwatch"):
+        train(tmp_path, lm_probes, lm_data, max_steps=1, report_to=["tensorboard"])
+    [warning] = [r for r in caplog.records if "report_to" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert "['tensorboard']" in warning.getMessage()
+    assert "RegionMonitorCallback(...).attach(trainer)" in warning.getMessage()
+
+
+class KeepOnHost(TrainingArguments):
+    """Arguments of a Trainer that leaves device placement to `train()` (as FSDP, DeepSpeed and
+    model parallelism do): HF's documented way is to override this property."""
+
+    @property
+    def place_model_on_device(self) -> bool:
+        return False
+
+
+def test_meta_weights_are_refused_when_the_trainer_is_built(tmp_path: Path, lm_probes) -> None:
+    """A model on the meta device is refused at the Trainer's construction (on_init_end), in
+    regionwatch's words, before train() would place it and fail in torch's."""
+    with torch.device("meta"):
+        model = tiny_gpt2(VOCAB)
+    values = hf_args(tmp_path).to_dict()
+    args = KeepOnHost(**{k: v for k, v in values.items() if k in KeepOnHost.__dataclass_fields__})
+    callback = make_monitor("hf", lm_probes, tmp_path / "run")
+    with pytest.raises(UnsupportedModelError, match=r"meta device.*load the weights first"):
+        Trainer(model, args, callbacks=[callback])
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "regionwatch"
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 
 # A module may import only from modules of a lower rank (rows above it in STYLE.md §2.1).
 RANK = {
@@ -21,34 +24,48 @@ RANK = {
     "revisions": 1,
     "corpus": 1,
     "palette": 1,
+    "background": 1,
+    "counting": 1,
+    "decoder": 1,
+    "dcp": 1,  # DCP folders read as data: torch only
     "access": 2,
     # DESIGN import order: errors → access · sampling · distributed → probes · engine
     "distributed": 2,
     "sampling": 2,
-    "probes": 3,
     "loading": 2,
+    "probes": 3,
     "engine": 3,
-    "checkpoints": 3,
+    "rows": 3.5,  # the generic engine path: uses engine's batching and FSDP split; plan uses it
+    "stacks": 3,  # litgpt / OLMo-core / nanoGPT checkpoints: loading, dcp, decoder
+    "checkpoints": 4,
     "results": 3,
+    "wrappers": 3,
     "plan": 4,
-    "measure": 5,
+    "measurement": 5,
     "reference": 6,
     "snapshot": 6,
     "store": 7,
     "mapfigure": 7,  # one region-map panel, drawn alike by TensorBoard and the report
+    "onset": 7.5,  # a run's onset: reads its store and the live run's; read by report, monitor, cli
     "tensorboard": 8,
     "report": 8,
-    "background": 1,
-    "monitor": 9,
-    "lightning": 10,
-    "hf": 10,
-    "replay": 10,
-    "demo": 11,
-    "cli": 12,
-    "__main__": 13,
+    "claim": 8,
+    "sinks": 9,
+    "monitor": 10,
+    "lightning": 11,
+    "hf": 11,
+    "olmo_core": 11,
+    "replaying": 11,
+    "demo": 12,
+    "cli": 13,
+    "__main__": 14,
 }
 # Host frameworks stay in their drivers (STYLE.md §2.1).
-HOST_IMPORTS = {"lightning": {"lightning", "demo"}, "pytorch_lightning": {"lightning"}}
+HOST_IMPORTS = {
+    "lightning": {"lightning", "demo"},
+    "pytorch_lightning": {"lightning"},
+    "olmo_core": {"olmo_core"},
+}
 # The HF Trainer's modules and names (Trainer, TrainerCallback, TrainingArguments, ...).
 TRAINER_NAMES = ("transformers.trainer", "transformers.Trainer", "transformers.Training")
 
@@ -165,3 +182,40 @@ def test_import_regionwatch_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def documented() -> dict[str, float]:
+    """docs/architecture.md's table: module label -> rank."""
+    row = r"^\|\s*(\d+(?:\.\d+)?)\s*\|\s*`([\w/]+)`\s*\|"
+    rows = re.findall(row, ARCHITECTURE.read_text(), re.M)
+    labels = [label for _, label in rows]
+    assert len(labels) == len(set(labels)), "a module is listed twice"
+    return {label: float(rank) for rank, label in rows}
+
+
+def test_architecture_doc_lists_every_module_with_its_rank() -> None:
+    """docs/architecture.md names every module once, at the rank this test enforces."""
+    listed = documented()
+    assert sorted(listed) == sorted(label(p) for p in modules())
+    wrong = {label(p): (listed[label(p)], RANK[concept(p)]) for p in modules()}
+    assert {k: v for k, v in wrong.items() if v[0] != v[1]} == {}
+
+
+def test_architecture_doc_is_in_import_order() -> None:
+    """The table reads top to bottom in import order: ranks never decrease."""
+    ranks = list(documented().values())
+    assert ranks == sorted(ranks)
+
+
+def test_public_functions_are_not_shadowed_by_modules() -> None:
+    """No module shares a name with a public name: `regionwatch.measure` stays the function."""
+    import regionwatch
+
+    for path in modules():
+        if path.stem != "__main__":  # importing it runs the command line
+            importlib.import_module(f"regionwatch.{label(path).replace('/', '.')}")
+    assert not set(regionwatch.__all__) & {p.stem for p in PACKAGE.glob("*.py")}
+    assert callable(regionwatch.measure)
+    assert callable(regionwatch.replay)
+    assert regionwatch.measure.__module__ == "regionwatch.measurement"
+    assert regionwatch.replay.__module__ == "regionwatch.replaying"

@@ -13,8 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from regionwatch import ConfigError, ProbeConfig, RegionMonitor, SnapshotStore
 from regionwatch.checkpoints import discover
+from regionwatch.counting import count_batch_tokens
 from regionwatch.errors import UnsupportedModelError
-from regionwatch.lightning import count_batch_tokens, find_model
+from regionwatch.lightning import find_model
 from tests.conftest import file_states
 from tests.support.factories import make_monitor
 from tests.support.lm import BATCH, SMALL_PROBE, TinyLM, Windows, loader, trainer
@@ -356,3 +357,23 @@ def test_training_loss_is_copied_onto_the_token_axis(
     tokens = {s: lm_data.non_padding(range(s * BATCH)) for s in (2, 4, 6)}
     assert [e.step for e in loss] == list(tokens.values())
     assert [e.value for e in loss] == pytest.approx([recorder.losses[s] for s in tokens])
+
+
+class MetaLM(TinyLM):
+    """A LightningModule whose GPT-2 was built on the meta device and never loaded."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__(vocab)
+        with torch.device("meta"):
+            self.lm = type(self.lm)(self.lm.config)
+
+
+def test_meta_weights_are_refused_in_setup_in_regionwatchs_words(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
+    """A meta-device model is refused in the callback's setup, and that refusal is what the
+    user gets: not Lightning's teardown failing to move the meta model to the CPU."""
+    callback = make_monitor("lightning", lm_probes, tmp_path / "run")
+    with pytest.raises(UnsupportedModelError, match=r"meta device.*load the weights first"):
+        trainer(tmp_path, [callback], max_steps=1).fit(MetaLM(VOCAB), loader(lm_data))
+    assert not (tmp_path / "run").exists()

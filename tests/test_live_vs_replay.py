@@ -17,15 +17,18 @@ from regionwatch import (
     SnapshotStore,
     measure,
 )
+from regionwatch.decoder import Decoder
 from regionwatch.snapshot import weights_fingerprint
 from tests.support.factories import make_monitor
 from tests.support.lm import TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
-def assert_same_numbers(live: Snapshot, model: torch.nn.Module, store: SnapshotStore) -> None:
+def assert_same_numbers(
+    live: Snapshot, model: torch.nn.Module, store: SnapshotStore, *, decoder: Decoder | None = None
+) -> None:
     """Bitwise equal curves, maps and headline scalars, and the same weights."""
-    replayed = measure(model, store.probes(), store.config)
+    replayed = measure(model, store.probes(), store.config, decoder=decoder)
     assert weights_fingerprint(model) == live.weights_fingerprint
     for part, curves in live.measurement.curves.items():
         again = replayed.curves[part]

@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from regionwatch import SnapshotStore
 from regionwatch.errors import CheckpointError
 from regionwatch.loading import init_model, load_state_dict_model
-from regionwatch.replay import replay
+from regionwatch.replaying import replay
 from regionwatch.snapshot import weights_fingerprint
 from tests.support.lm import SMALL_PROBE, Windows, tiny_gpt2
 from tests.support.replay_runs import ConfigLM, lightning_run, same_weights

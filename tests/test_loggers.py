@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -221,3 +222,68 @@ def test_hf_report_to_tensorboard_and_mlflow_get_the_scalars(
     (mlflow_run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     history = client.get_metric_history(mlflow_run.info.run_id, MEDIAN)
     assert {m.step: m.value for m in history} == {s: m for s, (_, m) in want.items()}
+
+
+class LossLM(TinyLM):
+    """TinyLM that logs its own loss at every step, as the trainer's own rows in the CSV."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> object:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_csv_logger_keeps_every_row_of_the_trainer_and_of_regionwatch(
+    tmp_path: Path, lm_probes, lm_data: Windows
+) -> None:
+    """The copies run on a helper thread while the training thread waits: CSVLogger, which loses
+    rows written from two threads at once, holds every trainer row and every snapshot's row."""
+    csv_logger = CSVLogger(tmp_path / "logs", name="csv")
+    callback = make_monitor("lightning", lm_probes, tmp_path / "run", every=1, maps_schedule=None)
+    steps = 6
+    fit_trainer = trainer(
+        tmp_path, [callback], max_steps=steps, logger=csv_logger, log_every_n_steps=1
+    )
+    fit_trainer.fit(LossLM(VOCAB), loader(lm_data))
+    with open(Path(csv_logger.log_dir) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["step"]) for r in rows if r.get("train_loss")) == list(range(steps))
+    got = {int(r["step"]): float(r[MEDIAN]) for r in rows if r.get(MEDIAN)}
+    assert got == {step: median for step, (_, median) in stored(tmp_path).items()}
+    assert sorted(got) == list(range(steps + 1))
+
+
+class HangingLogger(CSVLogger):
+    """A real CSVLogger whose regionwatch rows never come back (a dead connection), until the
+    test lets them go."""
+
+    def __init__(self, *args: object, release: threading.Event, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = release
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if MEDIAN in metrics:
+            self.release.wait()
+        super().log_metrics(metrics, step)
+
+
+def test_a_hanging_logger_is_dropped_and_named_and_training_goes_on(
+    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A logger that never returns holds training up for logger_timeout_s once, then gets no
+    more copies (a warning names it); every snapshot is still stored."""
+    release = threading.Event()
+    hanging = HangingLogger(tmp_path / "logs", name="csv", release=release)
+    try:
+        with caplog.at_level(logging.WARNING, logger="regionwatch"):
+            callback = fit(
+                tmp_path, lm_probes, lm_data, hanging, device="cpu", logger_timeout_s=0.5
+            )
+    finally:
+        release.set()
+    assert sorted(stored(tmp_path)) == [0, 2, 4]
+    [warning] = [r.getMessage() for r in caplog.records if "did not return" in r.getMessage()]
+    assert "trainer logger 0 (HangingLogger), step 0 did not return within 0.5 s" in warning
+    assert [f.what for f in callback.monitor.sink_failures] == [
+        "trainer logger 0 (HangingLogger), step 0"
+    ]

@@ -13,7 +13,14 @@ from torch import nn
 from regionwatch import metrics, reference
 from regionwatch.access import resolve
 from regionwatch.errors import ConfigError, UnsupportedModelError
-from regionwatch.measure import Curves, ProbeConfig, interpolate, measure, merge_shards, region_maps
+from regionwatch.measurement import (
+    Curves,
+    ProbeConfig,
+    interpolate,
+    measure,
+    merge_shards,
+    region_maps,
+)
 from regionwatch.probes import ProbeSet
 from regionwatch.sampling import NamedPair
 from tests.conftest import random_prompts, tiny_model

@@ -194,20 +194,6 @@ def test_emergence_onset_needs_the_curve_to_stay_above_the_band() -> None:
     assert metrics.emergence_onset(tokens, [1.1, 1.3, 1.4, 1.5, 1.6], float("nan")) is None
 
 
-def test_record_onset_takes_the_band_of_the_first_measured_record() -> None:
-    """Records without a median are skipped, the band included; too few records: no onset."""
-
-    def row(tokens: int, median: float | None, q75: float | None = None) -> dict:
-        return {"tokens": tokens, "max_slope/median": median, "max_slope/q75": q75}
-
-    rows = [row(0, None, 9.0), row(10, 1.0, 1.2), row(100, 1.1), row(1000, 1.3), row(10**4, 1.4)]
-    assert metrics.record_onset(rows) == 1000  # band 1.2 from tokens=10, not 9.0 from tokens=0
-    assert metrics.record_onset([*rows[:3], row(1000, float("nan")), rows[4]]) == 10**4
-    assert metrics.record_onset([row(10, 1.0, None), row(100, 2.0)]) is None  # no band
-    assert metrics.record_onset(rows[:2]) is None
-    assert metrics.record_onset([]) is None
-
-
 def test_solid_fraction_of_a_gradient_and_of_solid_regions() -> None:
     """Solid patches in the anchors' colours count fully; a smooth gradient barely counts."""
     grid = 13

@@ -64,6 +64,8 @@ def test_reopened_monitor_continues_both_schedules(tmp_path: Path, lm_probes) ->
         "run_dir": str(tmp_path / "run"),
         "run_id": run_id,
         "last": [4, 400],
+        "step": 4,
+        "tokens": 400,
     }
     again.close()
 
@@ -167,4 +169,4 @@ def test_a_snapshot_measures_the_model_set_up_and_no_other(tmp_path: Path, lm_pr
     assert [r["step"] for r in store.records()] == [0, 2]
     [failure] = store.failures()
     assert failure["step"] == 1
-    assert "measure the model given to Monitor.setup" in failure["error"]
+    assert "the one given to Monitor.setup" in failure["error"]

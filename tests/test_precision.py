@@ -10,7 +10,7 @@ import torch
 
 from regionwatch import SnapshotStore, measure
 from regionwatch.access import resolve, upcasting
-from regionwatch.replay import replay
+from regionwatch.replaying import replay
 from tests.conftest import tiny_model
 from tests.support.factories import make_monitor
 from tests.support.lm import (

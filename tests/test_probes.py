@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from regionwatch.corpus import tokenizer_hash, train_tokenizer
 from regionwatch.errors import ConfigError, StoreError
-from regionwatch.measure import ProbeConfig, measure
+from regionwatch.measurement import ProbeConfig, measure
 from regionwatch.probes import MANIFEST_FILE, TENSORS_FILE, ProbeSet
 from regionwatch.sampling import HANDPICKED
 

@@ -43,7 +43,7 @@ from regionwatch.cli import main
 from regionwatch.errors import CheckpointError, UnsupportedModelError
 from regionwatch.loading import load_model, load_tokenizer
 from regionwatch.monitor import Monitor, WatchConfig
-from regionwatch.replay import replay
+from regionwatch.replaying import replay
 from tests.support.lm import SMALL_PROBE, small_probes, tiny_gpt2
 from tests.support.replay_runs import add_hub_revision, save_model
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB

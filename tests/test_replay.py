@@ -24,7 +24,8 @@ from regionwatch.checkpoints import discover
 from regionwatch.cli import main
 from regionwatch.errors import StoreError
 from regionwatch.loading import MODEL_FILES_DIR
-from regionwatch.replay import LIVE_RUN_KEY, replay
+from regionwatch.onset import LIVE_RUN_KEY
+from regionwatch.replaying import replay
 from regionwatch.snapshot import weights_fingerprint
 from tests.support.disk import fill
 from tests.support.lm import SMALL_PROBE

@@ -22,7 +22,8 @@ from regionwatch import metrics
 from regionwatch.cli import main
 from regionwatch.errors import ConfigError, StoreError
 from regionwatch.mapfigure import ANCHOR_AREA
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
+from regionwatch.onset import record_onset
 from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL
 from regionwatch.report import (
     TokenAxis,
@@ -173,7 +174,7 @@ def test_onset_leaves_the_init_band(runs: dict[str, Path]) -> None:
     assert rows[1]["max_slope/median"] <= run.init_q75 < rows[2]["max_slope/median"]
     assert run.onset == SMALL_TOKENS[2]
     # The page's onset is the one the live monitor logs to TensorBoard (onset/tokens).
-    assert metrics.record_onset(rows) == run.onset
+    assert record_onset(rows).tokens == run.onset
 
 
 def test_runs_with_different_alphas_never_share_a_slope_axis(

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load, save
 
 from regionwatch.errors import StoreError
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.sampling import NamedPair
 from regionwatch.snapshot import Snapshot, weights_fingerprint

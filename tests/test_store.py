@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from regionwatch import store as store_module
 from regionwatch.atomic import TEMP_MARK
 from regionwatch.errors import ConfigError, StoreError
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.sampling import NamedPair
 from regionwatch.snapshot import Snapshot

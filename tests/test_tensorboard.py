@@ -27,7 +27,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from regionwatch.errors import ConfigError
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
 from regionwatch.tensorboard import (

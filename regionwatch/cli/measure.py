@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from regionwatch.cli.tables import slope_table
+from regionwatch.cli.tables import slope_table, tokens
 from regionwatch.errors import ConfigError, RegionWatchError
 
 # Flags that only shape a probe set built here: with --probe they would be silently ignored.
@@ -42,7 +44,7 @@ def add(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pairs",
         type=int,
-        help="random pairs (chained: pairs + 1 prompts; default 99, PAPER.md §3.1)",
+        help="random pairs (chained: pairs + 1 prompts; default 99, docs/method.md §3.1)",
     )
     p.add_argument("--seq-len", type=int, help="tokens per prompt (default 10)")
     p.add_argument("--seed", type=int, help="seed of the probe set (and of --init-from; default 0)")
@@ -60,8 +62,17 @@ def add(verbs: argparse._SubParsersAction) -> None:
         "--out", type=Path, metavar="RUN_DIR", help="also store the snapshot as a run there"
     )
     p.add_argument("--probe", type=Path, metavar="PROBE_DIR", help="reuse this saved probe set")
-    p.add_argument("--step", type=int, default=0, help="training step of the model (for --out)")
-    p.add_argument("--tokens", type=int, default=0, help="training tokens seen (for --out)")
+    p.add_argument(
+        "--step",
+        type=int,
+        help="training step of the model (for --out; default: unknown, or 0 with --init-from)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=tokens,
+        help="training tokens the model has seen, e.g. 2T, 4.2M (for --out; default: unknown, "
+        "or 0 with --init-from)",
+    )
     p.set_defaults(run=run)
 
 
@@ -74,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         load_tokenizer,
         parse_dtype,
     )
-    from regionwatch.measure import ProbeConfig, measure
+    from regionwatch.measurement import ProbeConfig, measure
     from regionwatch.probes import ProbeSet
     from regionwatch.sampling import DEFAULT_PROMPTS, DEFAULT_SEQ_LEN
 
@@ -102,22 +113,23 @@ def run(args: argparse.Namespace) -> int:
             n_prompts=DEFAULT_PROMPTS if args.pairs is None else args.pairs + 1,
             progress=True,
         )
+    position = _position(args)
+    if args.out is not None:
+        _check_slot(args.out, position)
     result = measure(model, probes, config)
     if args.out is not None:
         from regionwatch.snapshot import Snapshot
         from regionwatch.store import SnapshotStore
 
-        with SnapshotStore.create(
-            args.out, probes=probes, config=config, info={"source": str(source_dir)}
-        ) as store:
+        info = {"driver": "measure", "source": str(source_dir)}
+        with SnapshotStore.create(args.out, probes=probes, config=config, info=info) as store:
             snapshot = Snapshot.stamp(
                 result,
                 run_id=store.run_id,
-                step=args.step,
-                tokens=args.tokens,
+                **position,
                 probes=probes,
                 model=model,
-                info={"driver": "measure", "source": str(source_dir)},
+                info=info,
             )
             print(f"stored: {store.write(snapshot)}")
     label = f"init from {args.init_from}" if args.init_from else str(args.model_dir)
@@ -126,6 +138,42 @@ def run(args: argparse.Namespace) -> int:
     print(slope_table(result.summary))
     print(f"probe time: {result.timing['total']:.2f} s")
     return 0
+
+
+def _position(args: argparse.Namespace) -> dict[str, int | None]:
+    """Step and tokens as given; a fresh init is at 0, a saved model's position unknown (None)."""
+    if args.init_from is not None and args.step is None and args.tokens is None:
+        return {"step": 0, "tokens": 0}  # initialization, by construction
+    return {"step": args.step, "tokens": args.tokens}
+
+
+def _check_slot(out: Path, position: Mapping[str, int | None]) -> None:
+    """Refuse to replace a snapshot of another kind of position in the step's slot of `out`.
+
+    A snapshot of unknown step is kept in step 0's slot: over an initialization (or the other
+    way round) it would silently replace a different kind of point. Checked before measuring.
+    """
+    from regionwatch.snapshot import POSITION_KEY
+    from regionwatch.store import CONFIG_FILE, SnapshotStore
+
+    if not (out / CONFIG_FILE).is_file():
+        return  # a new run (the store refuses anything else that is not one)
+    step = position["step"] or 0
+    unknown = [part for part, value in position.items() if value is None]
+    held = next((r for r in SnapshotStore(out).records() if r["step"] == step), None)
+    if held is None or held[POSITION_KEY] == unknown:
+        return
+    new = {"step": step, "tokens": position["tokens"] or 0, POSITION_KEY: unknown}
+    raise ConfigError(
+        f"--out {out} already holds a snapshot in the slot of step {step} ({_where(held)}), "
+        f"which this one ({_where(new)}) would replace: pass a new --out, or give this model's "
+        "--step and --tokens"
+    )
+
+
+def _where(row: Mapping[str, Any]) -> str:
+    unknown = row["position_unknown"]
+    return f"position unknown: {' and '.join(unknown)}" if unknown else f"{row['tokens']:,} tokens"
 
 
 def _check_flags(args: argparse.Namespace) -> None:

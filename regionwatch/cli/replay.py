@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from regionwatch.cli.tables import tokens
 from regionwatch.errors import RegionWatchError
 
 
@@ -22,8 +23,9 @@ def add(verbs: argparse._SubParsersAction) -> None:
         nargs="*",
         type=Path,
         metavar="SOURCE",
-        help="save_pretrained / Trainer checkpoint-N dirs, Lightning .ckpt files, directories "
-        "holding them, or a regionwatch run dir (its probe set is used)",
+        help="save_pretrained / Trainer checkpoint-N dirs, Lightning .ckpt files, litgpt and "
+        "OLMo-core step folders, nanoGPT ckpt.pt files, directories holding them, or a "
+        "regionwatch run dir (its probe set is used)",
     )
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, metavar="RUN_DIR", help="run dir to write (or resume)")
@@ -53,14 +55,21 @@ def add(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tokens-per-step",
-        type=int,
+        type=tokens,
         metavar="N",
-        help="training tokens per optimizer step, for checkpoints that record no token count",
+        help="training tokens per optimizer step (e.g. 4096, 1M), for checkpoints that record no "
+        "token count",
     )
     p.add_argument(
         "--trust-pickle",
         action="store_true",
         help="fully unpickle checkpoints that hold Python objects (runs code from the file)",
+    )
+    p.add_argument(
+        "--model-builder",
+        metavar="PKG.MODULE:FUNCTION",
+        help="function building the model of litgpt, OLMo-core or nanoGPT checkpoints from their "
+        "recorded settings (required for nanoGPT ckpt.pt); the only code replay imports",
     )
     p.add_argument("--repo", metavar="NAME", help="hub repo id whose --revisions to replay")
     p.add_argument(
@@ -88,9 +97,9 @@ def add(verbs: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the verb; the exit status."""
     from regionwatch.loading import parse_dtype
-    from regionwatch.measure import ProbeConfig
+    from regionwatch.measurement import ProbeConfig
     from regionwatch.probes import ProbeSet
-    from regionwatch.replay import replay
+    from regionwatch.replaying import replay, run_of_probes
 
     if not args.sources and args.repo is None:
         raise RegionWatchError(
@@ -116,11 +125,13 @@ def run(args: argparse.Namespace) -> int:
         state_key=args.state_key,
         config_dir=args.config_dir,
         trust_pickle=args.trust_pickle,
+        model_builder=args.model_builder,
         repo=args.repo,
         revisions=args.revisions,
         dtype=parse_dtype(args.dtype),
         precision=args.precision,
         device=args.device,
+        live_run=None if args.probe is None else run_of_probes(args.probe),
     )
     print(
         f"replay into {result.run_dir}: {len(result.measured)} measured, "

@@ -6,16 +6,11 @@ import argparse
 from pathlib import Path
 
 from regionwatch.cli.runs import find_run
+from regionwatch.cli.tables import tokens
 
 
 def add(verbs: argparse._SubParsersAction) -> None:
     """Register the verb."""
-
-    def tokens(text: str) -> int:  # argparse names it in errors: "invalid tokens value"
-        from regionwatch.report.tokens import parse_tokens  # lazy: the package loads matplotlib
-
-        return parse_tokens(text)
-
     p = verbs.add_parser(
         "report",
         help="draw paper-style figures and an HTML page from stored runs",

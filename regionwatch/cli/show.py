@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from regionwatch.cli.runs import find_run
-from regionwatch.cli.tables import tokens_table
+from regionwatch.cli.tables import onset_line, tokens_table
 
 
 def add(verbs: argparse._SubParsersAction) -> None:
@@ -27,6 +27,7 @@ def add(verbs: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the verb; the exit status."""
+    from regionwatch.onset import tracker
     from regionwatch.store import SnapshotStore
 
     store = SnapshotStore(find_run(args.run_dir))
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         f"{len(records)} snapshots, {len(store.failures())} failed"
     )
     print(tokens_table(records, damaged))
+    print(onset_line(tracker(store, records).result()))
     for d in damage:
         print(f"damaged: {d.file}: {d.reason}")
     for failure in store.failures():

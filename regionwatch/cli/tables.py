@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from regionwatch.onset import Onset
 
 
 def slope_table(summary: Mapping[str, float]) -> str:
@@ -27,14 +30,15 @@ def tokens_table(records: list[Mapping[str, Any]], damaged: Mapping[str, str] | 
     """One row per snapshot: tokens, step, max-slope quartiles, similar vs dissimilar medians.
 
     With `damaged` (file -> reason, from `SnapshotStore.verify`), a last column says each file's
-    state.
+    state. A one-off measurement's unknown step and tokens print as "unknown", never as 0.
     """
     header = ("tokens", "step", "q25", "median", "q75", "similar", "dissimilar", "maps")
     rows = [header + (("file",) if damaged is not None else ())]
     for r in records:
+        unknown = r.get("position_unknown", ())
         row = (
-            f"{r['tokens']:,}",
-            str(r["step"]),
+            "unknown" if "tokens" in unknown else f"{r['tokens']:,}",
+            "unknown" if "step" in unknown else str(r["step"]),
             *(num(r.get(f"max_slope/{q}")) for q in ("q25", "median", "q75")),
             num(r.get("max_slope/similar_median")),
             num(r.get("max_slope/dissimilar_median")),
@@ -42,6 +46,16 @@ def tokens_table(records: list[Mapping[str, Any]], damaged: Mapping[str, str] | 
         )
         rows.append(row + ((damaged.get(r.get("file", ""), "ok"),) if damaged is not None else ()))
     return aligned(rows)
+
+
+def onset_line(onset: Onset) -> str:
+    """The run's emergence onset and the init band it was measured against, or why there is none."""
+    text = onset.describe(lambda tokens: f"{int(tokens):,}")
+    baseline = onset.baseline
+    if baseline is None:
+        return f"emergence onset: {text}"
+    band = f"init band {num(baseline.q25)}-{num(baseline.q75)} from {baseline.origin}"
+    return f"emergence onset: {text} ({band})"
 
 
 def aligned(rows: list[tuple[str, ...]]) -> str:
@@ -53,6 +67,17 @@ def aligned(rows: list[tuple[str, ...]]) -> str:
         ).rstrip()
         for r in rows
     )
+
+
+def tokens(text: str) -> int:
+    """The argparse type of a token count: "2T", "4.2M", "1e9", 1000 (argparse names it "tokens").
+
+    Raises:
+        ConfigError: not a count (a ValueError: argparse says "invalid tokens value").
+    """
+    from regionwatch.report.tokens import parse_tokens  # lazy: the package loads matplotlib
+
+    return parse_tokens(text)
 
 
 def num(value: float | None) -> str:

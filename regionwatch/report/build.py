@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from regionwatch.errors import ConfigError
-from regionwatch.report.curves import CurvePanel, pairs_figure, relative_curves_figure
+from regionwatch.report.curves import (
+    CurvePanel,
+    model_curves_figure,
+    pairs_figure,
+    relative_curves_figure,
+)
 from regionwatch.report.data import (
     MIN_ALIGN_GROUP,
     RunData,
@@ -23,13 +28,18 @@ from regionwatch.report.data import (
     curve_subset,
     group_by_alphas,
     load_run,
+    one_off_label,
     run_name,
 )
 from regionwatch.report.maps import region_animation, region_strip_figure
 from regionwatch.report.page import Image, RunSection, render_page
 from regionwatch.report.style import save
 from regionwatch.report.tokens import format_tokens
-from regionwatch.report.trends import alignment_over_tokens_figure, slope_over_tokens_figure
+from regionwatch.report.trends import (
+    alignment_over_tokens_figure,
+    slope_by_model_figure,
+    slope_over_tokens_figure,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +124,11 @@ def load_runs(run_dirs: Sequence[str | Path], *, progress: bool = True) -> list[
 
 
 def curve_panel(run: RunData, max_curves: int) -> CurvePanel | None:
-    """The Fig. 4a panel of a run: its readable subset of median curves; None without them."""
-    snapshots = [s for s in run.snapshots if s.median_curve is not None]
+    """The Fig. 4a panel of a run: its readable subset of median curves over tokens, or None.
+
+    Only snapshots with a place over tokens: one-off measurements go to `model_curves_figure`.
+    """
+    snapshots = [s for s in run.snapshots if s.median_curve is not None and s.placed]
     if not snapshots:
         return None
     chosen = [snapshots[i] for i in curve_subset([s.tokens for s in snapshots], max_curves)]
@@ -130,21 +143,44 @@ def curve_panel(run: RunData, max_curves: int) -> CurvePanel | None:
 def _overview(runs: Sequence[RunData], out: Path, max_curves: int) -> tuple[list[Image], list[str]]:
     """The figures that put all runs on one axis: max slope, alignment, relative curves."""
     images, notes = _slope_images(runs, out)
-    save(
-        alignment_over_tokens_figure([r.alignment_series() for r in runs]),
-        out / "alignment.png",
-    )
-    images.append(
-        Image(
-            "alignment.png",
-            "Semantic alignment over training (align/auc)",
-            "Beyond the paper: the probability that a random pair whose prompts predict different "
-            "next tokens has a larger max slope than a pair whose predictions agree. 0.5 = no "
-            f"information. Drawn from the first snapshot where both groups hold {MIN_ALIGN_GROUP} "
-            "pairs or more: early in training nearly every pair predicts the same next token, "
-            "and an AUC over a handful of pairs is noise.",
+    placed = [r for r in runs if r.placed.any()]
+    if placed:
+        save(
+            alignment_over_tokens_figure([r.alignment_series() for r in placed]),
+            out / "alignment.png",
         )
-    )
+        images.append(
+            Image(
+                "alignment.png",
+                "Semantic alignment over training (align/auc)",
+                "Beyond the paper: the probability that a random pair whose prompts predict "
+                "different next tokens has a larger max slope than a pair whose predictions "
+                "agree. 0.5 = no information. Drawn from the first snapshot where both groups "
+                f"hold {MIN_ALIGN_GROUP} pairs or more: early in training nearly every pair "
+                "predicts the same next token, and an AUC over a handful of pairs is noise.",
+            )
+        )
+    one_offs = [
+        (r, s) for r in runs for s in r.snapshots if not s.placed and s.median_curve is not None
+    ]
+    if one_offs:
+        save(
+            model_curves_figure(
+                [one_off_label(r.label, s.position_unknown, s.step) for r, s in one_offs],
+                one_offs[0][1].alphas,
+                np.stack([s.median_curve for _, s in one_offs]),
+            ),
+            out / "curves_models.png",
+        )
+        images.append(
+            Image(
+                "curves_models.png",
+                "Median relative distance d(&alpha;)/d(1) per model",
+                "Snapshots without a place in training (one-off measurements of saved models): "
+                "one line per model. A straight line follows the diagonal; stable regions bend "
+                "it into an S.",
+            )
+        )
     panels = [p for p in (curve_panel(r, max_curves) for r in runs) if p is not None]
     if panels:
         save(relative_curves_figure(panels), out / "curves.png")
@@ -173,8 +209,32 @@ def _slope_images(runs: Sequence[RunData], out: Path) -> tuple[list[Image], list
             "gives S - 1; PAPER.md §4), so each S gets its own max-slope figure."
         )
         logger.warning("runs differ in num_alphas %s: one max-slope figure per S", list(groups))
+    unplaced = [r.name for r in runs if not r.placed.all()]
+    if unplaced:
+        notes.append(
+            f"{', '.join(unplaced)}: snapshots without a known place in training (one-off "
+            "measurements of saved models, measured without --step/--tokens) are drawn apart, "
+            "one point per model, never over tokens, and take no part in an init band or onset."
+        )
     for size, members in groups.items():
-        file = "max_slope.png" if len(groups) == 1 else f"max_slope_S{size}.png"
+        suffix = "" if len(groups) == 1 else f"_S{size}"
+        points = [p for r in members for p in r.model_points()]
+        if points:
+            file = f"max_slope_models{suffix}.png"
+            save(slope_by_model_figure(points, num_alphas=size), out / file)
+            images.append(
+                Image(
+                    file,
+                    f"Median max slope per model (S = {size})",
+                    "A model comparison, like the paper's model-size figure: one point per "
+                    "snapshot whose place in training is unknown, with bars from q25 to q75, "
+                    "ordered by parameter count where recorded.",
+                )
+            )
+        members = [r for r in members if r.placed.any()]
+        if not members:
+            continue
+        file = f"max_slope{suffix}.png"
         save(slope_over_tokens_figure([r.slope_series() for r in members]), out / file)
         images.append(
             Image(
@@ -193,8 +253,8 @@ def _run_section(run: RunData, out: Path, *, at_tokens: int | None, max_curves: 
     slug = _UNSAFE.sub("_", run.name)
     images: list[Image] = []
     chosen = [("latest", run.snapshots[-1])]
-    if at_tokens is not None:  # named by the snapshot found, which may differ from the one asked
-        picked = run.at(at_tokens)
+    picked = None if at_tokens is None else run.at(at_tokens)
+    if picked is not None and picked.placed:  # named by the snapshot found, maybe not the asked
         chosen.append((f"at_{format_tokens(picked.tokens)}", picked))
     mapped = [s for s in run.snapshots if s.maps is not None]
     if mapped:  # first: the paper's Figure 1 is what a reader looks for
@@ -209,11 +269,11 @@ def _run_section(run: RunData, out: Path, *, at_tokens: int | None, max_curves: 
 def _pairs_image(run: RunData, snapshot: SnapshotData, path: Path) -> Image | None:
     if not {"similar", "dissimilar"} & set(snapshot.pairs):
         return None  # the run measured no labelled pairs
-    when = f"{format_tokens(snapshot.tokens)} tokens (step {snapshot.step})"
-    save(pairs_figure(snapshot.alphas, snapshot.pairs, title=f"{run.label} at {when}"), path)
+    when = snapshot.when
+    save(pairs_figure(snapshot.alphas, snapshot.pairs, title=f"{run.label}, {when}"), path)
     return Image(
         path.name,
-        f"Similar vs dissimilar pairs at {when}",
+        f"Similar vs dissimilar pairs, {when}",
         "Paper Fig. 2. Left: d(&alpha;)/d(1) of every similar (blue) and dissimilar (orange) "
         "pair, medians bold. Middle: the normalized logit difference 1 - n(&alpha;) of the "
         "dissimilar pairs (0 = A's top token wins, 1 = B's) beside their median d(&alpha;)/d(1). "
@@ -222,24 +282,39 @@ def _pairs_image(run: RunData, snapshot: SnapshotData, path: Path) -> Image | No
     )
 
 
+def map_columns(
+    mapped: Sequence[SnapshotData], max_curves: int
+) -> tuple[list[int], list[float | str]]:
+    """The region-map strip's columns: which snapshots, and every snapshot's title.
+
+    A readable subset of the snapshots placed over tokens (titled by their tokens), then each
+    one-off measurement, titled by what it is ("position in training unknown"), never "0".
+
+    Returns:
+        (indices into `mapped` of the strip's columns, title per snapshot of `mapped`).
+    """
+    placed = [i for i, s in enumerate(mapped) if s.placed]
+    subset = [placed[i] for i in curve_subset([mapped[i].tokens for i in placed], max_curves)]
+    subset += [i for i, s in enumerate(mapped) if not s.placed]
+    return subset, [s.tokens if s.placed else s.when for s in mapped]
+
+
 def _map_images(
     run: RunData, mapped: Sequence[SnapshotData], out: Path, slug: str, max_curves: int
 ) -> list[Image]:
     axis = mapped[0].maps.axis
     rgb = np.stack([s.maps.rgb for s in mapped])
     anchors = np.stack([s.maps.anchors for s in mapped])
-    tokens = [s.tokens for s in mapped]
-    subset = curve_subset(tokens, max_curves)
+    subset, titles = map_columns(mapped, max_curves)
+    placed = any(s.placed for s in mapped)
+    what = "over training (columns: tokens seen)" if placed else "(position in training unknown)"
     strip = region_strip_figure(
-        axis,
-        rgb[subset],
-        anchors[subset],
-        [tokens[i] for i in subset],
-        title=f"{run.label}: region maps over training (columns: tokens seen)",
-    )
+        axis, rgb[subset], anchors[subset], [titles[i] for i in subset],
+        title=f"{run.label}: region maps {what}",
+    )  # fmt: skip
     save(strip, out / f"maps_{slug}.png")
     gif = region_animation(
-        axis, rgb, anchors, tokens, [s.step for s in mapped], out / f"maps_{slug}.gif"
+        axis, rgb, anchors, titles, [s.step for s in mapped], out / f"maps_{slug}.gif"
     )
     how = (
         "Colour = 1 - D/max per channel (A red, B green, C blue): a pixel is reddish where the "

@@ -100,6 +100,43 @@ def relative_curves_figure(
     return fig
 
 
+def model_curves_figure(
+    labels: Sequence[str],
+    alphas: np.ndarray,
+    curves: np.ndarray,
+    *,
+    title: str = "Median relative distance along the path from A to B, per model",
+) -> Figure:
+    """Median relative curves of snapshots of unknown place in training, one line per model.
+
+    The model-comparison side of Fig. 4a: lines are named by model, not coloured by tokens
+    seen, since a one-off measurement has no tokens seen to colour by.
+
+    Args:
+        labels: one per curve: the model (run name and model).
+        alphas: the grid, [K].
+        curves: median d(a)/d(1) per model, [n, K] (`metrics.median_curve`).
+        title: the figure's title.
+
+    Returns:
+        The figure: its lines are the curves (in order) and then the diagonal.
+    """
+    colours = colormaps[NAMED_COLOURS]
+    width, height = PANEL_SIZE
+    with styled():
+        fig = new_figure(width, height)
+        ax = fig.subplots()
+        for i, (label, curve) in enumerate(zip(labels, curves, strict=True)):
+            ax.plot(alphas, curve, color=colours(i % colours.N), linewidth=CURVE_WIDTH, label=label)
+        ax.plot([0, 1], [0, 1], **DIAGONAL, label="$\\alpha$ (straight line)")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(ALPHA_LABEL)
+        ax.set_ylabel("median d($\\alpha$) / d(1) over random pairs")
+        ax.legend(title="model (position unknown)", loc="upper left")
+        ax.set_title(title)
+    return fig
+
+
 def pairs_figure(
     alphas: np.ndarray,
     pairs: Mapping[str, PairCurves],

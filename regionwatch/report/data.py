@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from regionwatch import metrics
 from regionwatch.atomic import float_from_json
 from regionwatch.errors import StoreError
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
+from regionwatch.onset import Onset, tracker
 from regionwatch.report.tokens import TokenAxis, format_tokens
-from regionwatch.snapshot import Snapshot
+from regionwatch.snapshot import POSITION_KEY, Snapshot, on_tokens_axis
 from regionwatch.store import DEFAULT_RUN_NAME, SnapshotStore
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class SnapshotData:
         median_curve: `metrics.median_curve` of the random pairs, [K]; None if not measured.
         pairs: per labelled part ("similar", "dissimilar", "named") its curves.
         maps: the region maps, or None if not measured.
+        position_unknown: which of "step" and "tokens" are not known (a one-off measurement;
+            the number stored for it is a slot, not a position).
     """
 
     step: int
@@ -88,6 +91,22 @@ class SnapshotData:
     median_curve: np.ndarray | None
     pairs: Mapping[str, PairCurves] = field(default_factory=dict)
     maps: MapData | None = None
+    position_unknown: tuple[str, ...] = ()
+
+    @property
+    def placed(self) -> bool:
+        """Whether the tokens seen are known: the snapshot has a place on the tokens axis."""
+        return "tokens" not in self.position_unknown
+
+    @property
+    def when(self) -> str:
+        """Where in training, in words: "4.2M tokens (step 30)", or "position unknown"."""
+        if self.position_unknown == ("step",):
+            return f"{format_tokens(self.tokens)} tokens (step unknown)"
+        if not self.placed:
+            known = "" if "step" in self.position_unknown else f" (step {self.step})"
+            return f"position in training unknown{known}"
+        return f"{format_tokens(self.tokens)} tokens (step {self.step})"
 
     @classmethod
     def from_snapshot(
@@ -123,7 +142,27 @@ class SnapshotData:
             median_curve=None if random is None else _median(random.relative),
             pairs=pairs,
             maps=maps,
+            position_unknown=snapshot.position_unknown,
         )
+
+
+@dataclass(frozen=True)
+class ModelPoint:
+    """The max slope of one snapshot of unknown place in training: a point of a model comparison.
+
+    Attributes:
+        label: the model (run name and model), and the step where one is known.
+        q25: lower quartile of the max slopes.
+        median: median max slope.
+        q75: upper quartile.
+        parameters: the model's parameter count, if recorded (orders the comparison).
+    """
+
+    label: str
+    q25: float
+    median: float
+    q75: float
+    parameters: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -192,6 +231,7 @@ class RunData:
         failures: failed measurements the store recorded.
         records: the store's flat records (one per snapshot), ascending in tokens.
         snapshots: per snapshot arrays, same order as `records`.
+        emergence: the onset with its init band, or why there is none (`regionwatch.onset`).
     """
 
     name: str
@@ -206,88 +246,110 @@ class RunData:
     failures: tuple[Mapping[str, Any], ...]
     records: tuple[Mapping[str, Any], ...]
     snapshots: tuple[SnapshotData, ...]
+    emergence: Onset
+
+    @property
+    def placed(self) -> np.ndarray:
+        """Mask [N] of snapshots with a known place over tokens (not one-off measurements)."""
+        return np.array([on_tokens_axis(r) for r in self.records], dtype=bool)
 
     @property
     def tokens(self) -> np.ndarray:
-        """Tokens seen per snapshot, ascending, [N]."""
-        return np.array([s.tokens for s in self.snapshots], dtype=np.float64)
+        """Tokens seen per placed snapshot, ascending, [placed N]."""
+        return np.array([s.tokens for s in self.snapshots if s.placed], dtype=np.float64)
 
     def values(self, key: str) -> np.ndarray:
         """A record key per snapshot as floats, [N]; missing or null values are NaN."""
         return np.array([float_from_json(r.get(key)) for r in self.records], dtype=np.float64)
 
     @property
-    def measured(self) -> np.ndarray:
-        """Mask [N] of snapshots with a median max slope (a part may have measured no pairs)."""
-        return np.isfinite(self.values("max_slope/median"))
-
-    @property
     def init_q25(self) -> float:
-        """Bottom of the init band: `max_slope/q25` of the first measured snapshot (step 0)."""
-        return self._first("max_slope/q25")
+        """Bottom of the init band (the onset's baseline: step 0 here or in the live run)."""
+        baseline = self.emergence.baseline
+        return math.nan if baseline is None else baseline.q25
 
     @property
     def init_q75(self) -> float:
-        """Top of the init band: `max_slope/q75` of the first measured snapshot (step 0)."""
-        return self._first("max_slope/q75")
+        """Top of the init band, the onset's threshold; NaN without a true initialization."""
+        baseline = self.emergence.baseline
+        return math.nan if baseline is None else baseline.q75
 
     @property
     def onset(self) -> float | None:
-        """The emergence onset (`metrics.record_onset`), or None before it is defined.
+        """The emergence onset in tokens (`emergence.tokens`), or None.
 
-        The very computation the live monitor logs to TensorBoard (`onset/tokens`), so that the
-        page and TensorBoard agree.
+        The run's `onset.tracker`, as the live monitor's, which logs it to TensorBoard
+        (`onset/tokens`), and `show`'s, so that all three agree.
         """
-        return metrics.record_onset(self.records)
-
-    def _first(self, key: str) -> float:
-        values = self.values(key)[self.measured]
-        return float(values[0]) if values.size else math.nan
+        return self.emergence.tokens
 
     def slope_series(self) -> SlopeSeries:
-        """The run's median max slope and quartiles over tokens."""
+        """The run's median max slope and quartiles over tokens (placed snapshots only)."""
+        placed = self.placed
         return SlopeSeries(
             label=self.label,
             tokens=self.tokens,
-            q25=self.values("max_slope/q25"),
-            median=self.values("max_slope/median"),
-            q75=self.values("max_slope/q75"),
+            q25=self.values("max_slope/q25")[placed],
+            median=self.values("max_slope/median")[placed],
+            q75=self.values("max_slope/q75")[placed],
             num_alphas=self.config.num_alphas,
             onset=self.onset,
             init_q25=self.init_q25,
             init_q75=self.init_q75,
         )
 
+    def model_points(self) -> list[ModelPoint]:
+        """One point per snapshot of unknown place in training, for the model comparison."""
+        size = next((self.info[k] for k in MODEL_SIZE_KEYS if self.info.get(k)), math.nan)
+        points = []
+        for record in self.records:
+            if on_tokens_axis(record):
+                continue
+            label = one_off_label(self.label, record[POSITION_KEY], record["step"])
+            q25, median, q75 = (
+                float_from_json(record.get(f"max_slope/{q}")) for q in ("q25", "median", "q75")
+            )
+            points.append(ModelPoint(label, q25, median, q75, float(size)))
+        return points
+
     def scalar_series(self, key: str) -> ScalarSeries:
-        """One record key over tokens (e.g. `align/auc`)."""
-        return ScalarSeries(label=self.label, tokens=self.tokens, values=self.values(key))
+        """One record key over tokens (e.g. `align/auc`), placed snapshots only."""
+        return ScalarSeries(
+            label=self.label, tokens=self.tokens, values=self.values(key)[self.placed]
+        )
 
     def alignment_series(self) -> ScalarSeries:
-        """`align/auc` from the first snapshot where it means something, NaN before it.
+        """`align/auc` over tokens from the first snapshot where it means something, NaN before.
 
         Early in training almost every pair predicts the same next token (the most frequent
         one), so one of the AUC's two groups holds a handful of pairs and the AUC is noise. It
         counts from the first snapshot whose groups both hold `MIN_ALIGN_GROUP` pairs (runs
         stored before the group sizes were recorded keep every point).
         """
-        values = self.values("align/auc")
-        groups = np.minimum(self.values("align/differ_pairs"), self.values("align/agree_pairs"))
+        auc = self.scalar_series("align/auc")
+        differ = self.scalar_series("align/differ_pairs").values
+        groups = np.minimum(differ, self.scalar_series("align/agree_pairs").values)
+        if not np.isfinite(groups).any():
+            return auc
         enough = np.flatnonzero(groups >= MIN_ALIGN_GROUP)
-        recorded = np.isfinite(groups)
-        if recorded.any():
-            start = enough[0] if enough.size else len(values)
-            values = np.where(np.arange(len(values)) >= start, values, np.nan)
+        start = enough[0] if enough.size else len(groups)
+        values = np.where(np.arange(len(groups)) >= start, auc.values, np.nan)
         return ScalarSeries(label=self.label, tokens=self.tokens, values=values)
 
     def at(self, tokens: float) -> SnapshotData:
-        """The snapshot nearest to `tokens` on the report's log token axis (0 = initialization).
+        """The placed snapshot nearest to `tokens` on the report's log token axis.
 
         Nearest in log tokens, because snapshots are log-spaced: asking for 1e9 between 0 and
-        1e10 means the 1e10 one. Ties go to the earlier snapshot.
+        1e10 means the 1e10 one. Ties go to the earlier snapshot. A run of one-off measurements
+        only has no tokens axis: its latest snapshot.
         """
+        placed = [s for s in self.snapshots if s.placed]
+        if not placed:
+            logger.info("%s: no snapshot has a known place in training; --at is ignored", self.name)
+            return self.snapshots[-1]
         axis = TokenAxis.spanning([*self.tokens, tokens])
         gaps = np.abs(np.log10(axis.x(self.tokens)) - np.log10(axis.x([tokens])[0]))
-        chosen = self.snapshots[int(np.argmin(gaps))]
+        chosen = placed[int(np.argmin(gaps))]
         if chosen.tokens != tokens:
             logger.info(
                 "%s: no snapshot at %s tokens; using the nearest, at %s",
@@ -296,6 +358,11 @@ class RunData:
                 format_tokens(chosen.tokens),
             )
         return chosen
+
+
+def one_off_label(label: str, position_unknown: Sequence[str], step: int) -> str:
+    """A one-off snapshot's name in a model comparison: its run's label, and its step if known."""
+    return label if "step" in position_unknown else f"{label} at step {step}"
 
 
 def run_name(path: str | Path) -> str:
@@ -357,6 +424,7 @@ def load_run(path: str | Path, *, name: str | None = None, progress: bool = True
         failures=tuple(store.failures()),
         records=tuple(dict(r) for r in records),
         snapshots=tuple(snapshots),
+        emergence=tracker(store, records).result(),
     )
 
 

@@ -1,6 +1,6 @@
 """Region-map figures (paper Fig. 1): strips of each triple's map over tokens, and a GIF.
 
-Every panel is `mapfigure.draw_map`: the stored colours as PAPER.md §5 renders them, with the
+Every panel is `mapfigure.draw_map`: the stored colours as docs/method.md §5 renders them, with the
 anchors A, B, C as dots, or as edge markers where a fixed span leaves one outside the frame.
 """
 
@@ -30,7 +30,7 @@ def region_strip_figure(
     axis: np.ndarray,
     rgb: np.ndarray,
     anchors: np.ndarray,
-    tokens: Sequence[float],
+    tokens: Sequence[float | str],
     *,
     title: str,
 ) -> Figure:
@@ -42,7 +42,8 @@ def region_strip_figure(
         axis: grid values, [G].
         rgb: stored colours per checkpoint and triple, [n, T, G, G, 3].
         anchors: (alpha, beta) of A, B, C per checkpoint and triple, [n, T, 3, 2].
-        tokens: tokens seen per checkpoint, [n].
+        tokens: tokens seen per checkpoint, [n]; words instead for a snapshot of unknown
+            position (e.g. "position unknown"), its column's title as given.
         title: the figure's title.
 
     Returns:
@@ -57,7 +58,7 @@ def region_strip_figure(
                 ax = axes[row, col]
                 draw_map(ax, axis, rgb[col, row], anchors[col, row])
                 if row == 0:
-                    ax.set_title(format_tokens(tokens[col]))
+                    ax.set_title(_column_title(tokens[col]))
                 if row == triples - 1:
                     ax.set_xlabel("$\\alpha$")
             axes[row, 0].set_ylabel(f"triple {row + 1}\n$\\beta$")
@@ -105,7 +106,7 @@ def region_animation(
     axis: np.ndarray,
     rgb: np.ndarray,
     anchors: np.ndarray,
-    tokens: Sequence[float],
+    tokens: Sequence[float | str],
     steps: Sequence[int],
     path: str | Path,
     *,
@@ -118,7 +119,7 @@ def region_animation(
         axis: grid values, [G].
         rgb: colours per snapshot and triple, [n, T, G, G, 3].
         anchors: anchor positions per snapshot and triple, [n, T, 3, 2].
-        tokens: tokens seen per snapshot, [n].
+        tokens: tokens seen per snapshot, [n]; words for one of unknown position (its title).
         steps: global step per snapshot, [n].
         path: the GIF file to write.
         frame_ms: how long each frame shows.
@@ -151,8 +152,14 @@ def region_animation(
     return path
 
 
-def _frame_title(tokens: float, step: int) -> str:
+def _frame_title(tokens: float | str, step: int) -> str:
+    if isinstance(tokens, str):  # a snapshot of unknown position: no place in training
+        return f"Region maps, {tokens}"
     return f"Region maps at {format_tokens(tokens)} tokens seen (step {step})"
+
+
+def _column_title(tokens: float | str) -> str:
+    return tokens if isinstance(tokens, str) else format_tokens(tokens)
 
 
 def _anchor_legend(fig: Figure, axes: Sequence[Axes]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from regionwatch.report.data import RunData
 from regionwatch.report.tokens import format_tokens
+from regionwatch.snapshot import POSITION_KEY, on_tokens_axis
 from regionwatch.version import VERSION
 
 DIGITS = 3  # decimals of the headline numbers: max slopes and AUCs differ in the second
@@ -42,10 +43,16 @@ NAMED_KEYS = ("named_kept", "named_dropped")  # shown as their own table, not as
 ONSET_DEFINITION = (
     "<b>Emergence onset</b>: the first token count from which the median max slope stays above "
     "the init band for good. The init band is the interquartile range (q25 to q75) of the "
-    "pairs' max slopes at the lowest-tokens snapshot (step 0, initialization); the onset is the "
-    "earliest snapshot whose median exceeds that q75 and after which every later median does "
-    "too, so one noisy point does not count. Computed by <code>metrics.emergence_onset(tokens, "
-    "medians, init_q75)</code>; \u201cnot yet\u201d while the curve has not left the band."
+    "pairs' max slopes at initialization: the run's step-0 snapshot or, for a run that starts "
+    "later (a replay without the step-0 checkpoint), the step-0 snapshot of the live run it "
+    "names (<code>live_run</code>; same probe set and settings). Without either there is no "
+    "onset, and the page says why: a later snapshot is never taken for the initialization. The "
+    "onset is the earliest snapshot whose median exceeds that q75 and after which every later "
+    "median does too, so one noisy point does not count. Snapshots of unknown position "
+    "(one-off measurements) take no part. Computed by <code>metrics.emergence_onset(tokens, "
+    "medians, init_q75)</code> through <code>regionwatch.onset</code>, as TensorBoard's "
+    "<code>onset/tokens</code> and <code>regionwatch show</code>; \u201cnot yet\u201d while the "
+    "curve has not left the band."
 )
 ALIGNMENT_DEFINITION = (
     "<b>Semantic alignment</b> (<code>align/auc</code>): how strongly a pair's max slope "
@@ -53,13 +60,13 @@ ALIGNMENT_DEFINITION = (
     "Mann-Whitney U) of the random pairs' max slopes, pairs whose clean top tokens differ "
     "against pairs whose top tokens agree: the probability that a differing pair has the "
     "larger slope (ties count half). 0.5 = the slope carries no information, 1 = every "
-    "boundary crossing changes the prediction (PAPER.md §7.2 claim 7). Computed by "
+    "boundary crossing changes the prediction (docs/method.md §7.2 claim 7). Computed by "
     "<code>metrics.alignment</code>."
 )
 MAX_SLOPE_DEFINITION = (
     "<b>Max slope</b>: s = (S - 1) max<sub>k</sub> (r<sub>k+1</sub> - r<sub>k</sub>) of "
-    "r = d(&alpha;)/d(1) on a grid of S alphas (PAPER.md §4): 1 for a straight line (random init), "
-    "S - 1 for a perfect one-step jump. Comparable only at equal S."
+    "r = d(&alpha;)/d(1) on a grid of S alphas (docs/method.md §4): 1 for a straight line "
+    "(random init), S - 1 for a perfect one-step jump. Comparable only at equal S."
 )
 SOLID_DEFINITION = (
     "<b>Solid fraction</b> (<code>maps/solid_fraction</code>): the share of region-map cells "
@@ -183,16 +190,15 @@ def _runs_table(runs: Sequence[RunData]) -> str:
     rows = []
     for run in runs:
         last = run.records[-1]
-        onset = run.onset
         rows.append(
             (
                 f'<a href="#run-{escape(run.name)}">{escape(run.label)}</a>',
                 str(len(run.records)),
-                f"{format_tokens(run.records[0]['tokens'])} - {format_tokens(last['tokens'])}",
+                escape(_tokens_range(run)),
                 str(run.config.num_alphas),
                 f"{_num(last.get('max_slope/median'))} ({_num(last.get('max_slope/q25'))}"
                 f" - {_num(last.get('max_slope/q75'))})",
-                "not yet" if onset is None else f"{format_tokens(onset)} tokens",
+                escape(run.emergence.describe(format_tokens)),
                 _num(last.get("align/auc")),
                 _num(last.get("maps/solid_fraction")),
                 str(len(run.failures)),
@@ -204,26 +210,23 @@ def _runs_table(runs: Sequence[RunData]) -> str:
 def _section(section: RunSection) -> str:
     run = section.run
     onset = run.onset
-    measured = [r for r, ok in zip(run.records, run.measured, strict=True) if ok]
-    first = measured[0] if measured else run.records[0]  # where the init band comes from
+    emergence, baseline = run.emergence, run.emergence.baseline
     band = (
-        f"init band (max slope q25-q75 at {format_tokens(first['tokens'])} tokens, step "
-        f"{first['step']}): {_num(run.init_q25)} - {_num(run.init_q75)}"
+        f"init band (max slope q25-q75 at {baseline.origin}): {_num(baseline.q25)} - "
+        f"{_num(baseline.q75)}"
+        if baseline is not None
+        else "no init band"
     )
+    what = emergence.describe(format_tokens) if baseline is not None else "none"
     parts = [
         f'<h2 id="run-{escape(run.name)}">Run {escape(run.label)}</h2>',
         f'<p class="muted">{escape(str(run.path))}; run id {escape(run.run_id)}</p>',
-        "<p>Emergence onset: <b>"
-        + ("not yet" if onset is None else f"{format_tokens(onset)} tokens")
-        + f"</b> ({escape(band)}). Latest semantic alignment: <b>"
-        + f"{_num(run.records[-1].get('align/auc'))}</b> (align/auc; 0.5 = no information)."
-        + ' See <a href="#definitions">definitions</a>.</p>',
+        f"<p>Emergence onset: <b>{escape(what)}</b> ({escape(band)}). Latest semantic "
+        f"alignment: <b>{_num(run.records[-1].get('align/auc'))}</b> (align/auc; 0.5 = no "
+        'information). See <a href="#definitions">definitions</a>.</p>',
     ]
-    if first["tokens"] > 0:
-        parts.append(
-            '<p class="note">The earliest snapshot is not at 0 tokens: the init band comes from '
-            f"the snapshot at {escape(format_tokens(first['tokens']))} tokens instead.</p>"
-        )
+    if baseline is None:
+        parts.append(f'<p class="note">No emergence onset: {escape(emergence.why_none)}.</p>')
     parts.append(_figures(section.images))
     parts += [
         "<h3>Headline numbers over tokens</h3>",
@@ -245,7 +248,7 @@ def _section(section: RunSection) -> str:
 def _headline_table(run: RunData, onset: float | None) -> str:
     columns: tuple[Column, ...] = (
         ("tokens", "tokens seen", format_tokens),
-        ("step", "step", str),
+        ("step", "step", str),  # both "unknown" where the position is (see below)
         ("max_slope/q25", "max slope q25", _num),
         ("max_slope/median", "max slope median", _num),
         ("max_slope/q75", "max slope q75", _num),
@@ -258,9 +261,12 @@ def _headline_table(run: RunData, onset: float | None) -> str:
     head = "".join(f"<th>{escape(title)}</th>" for _, title, _ in columns)
     rows = []
     for record in run.records:
-        is_onset = onset is not None and record["tokens"] == onset
+        placed = on_tokens_axis(record)
+        is_onset = onset is not None and placed and record["tokens"] == onset
         cells = "".join(
-            f"<td>{escape(fmt(record.get(key)))}</td>"
+            "<td>unknown</td>"
+            if key in record[POSITION_KEY]
+            else f"<td>{escape(fmt(record.get(key)))}</td>"
             if record.get(key) is not None
             else "<td>-</td>"
             for key, _, fmt in columns
@@ -271,6 +277,15 @@ def _headline_table(run: RunData, onset: float | None) -> str:
         )
     note = '<p class="muted">Highlighted: the emergence onset.</p>' if onset is not None else ""
     return f'<table class="headline"><tr>{head}</tr>' + "".join(rows) + "</table>" + note
+
+
+def _tokens_range(run: RunData) -> str:
+    """The tokens seen a run spans, and how many of its snapshots have no place in training."""
+    placed = run.tokens
+    span = f"{format_tokens(placed[0])} - {format_tokens(placed[-1])}" if placed.size else ""
+    unknown = len(run.records) - placed.size
+    rest = f"{unknown} of unknown position" if unknown else ""
+    return "; ".join(part for part in (span, rest) if part)
 
 
 def _provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 
 from regionwatch.errors import ConfigError
-from regionwatch.report.data import ScalarSeries, SlopeSeries
+from regionwatch.report.data import ModelPoint, ScalarSeries, SlopeSeries
 from regionwatch.report.style import PANEL_SIZE, RUN_COLOURS, new_figure, styled
 from regionwatch.report.tokens import TokenAxis, format_tokens
 
@@ -31,6 +31,7 @@ ONSET_STYLE = {"linestyle": "--", "linewidth": 1.2, "alpha": 0.8}
 INIT_BAND_ALPHA = 0.08  # the init band is background for the onset, not a datum
 NO_INFORMATION = 0.5  # an AUC of 0.5: max slope says nothing about the next token
 STRAIGHT_LINE = 1.0  # max slope of a straight line, its lower bound (PAPER.md §4)
+SLOPE_LABEL = "median max slope of d($\\alpha$)/d(1)  (per unit $\\alpha$)"
 
 
 def slope_over_tokens_figure(
@@ -96,15 +97,58 @@ def slope_over_tokens_figure(
                 )
         ax.axhline(STRAIGHT_LINE, color="0.5", linestyle=":", label="straight line (s = 1)")
         axis.apply(ax)
-        ax.set_ylabel("median max slope of d($\\alpha$)/d(1)  (per unit $\\alpha$)")
+        ax.set_ylabel(SLOPE_LABEL)
         ax.set_title(
             title
-            or f"Max slope over training (S = {sizes[0]} alphas)\n"
-            "bars: q25-q75 over pairs; shaded: init band; dashed: emergence onset",
+            or f"Max slope over training (S = {sizes[0]} alphas)\nbars: q25-q75 over pairs; "
+            + ("shaded: init band; " if any(np.isfinite(s.init_q75) for s in series) else "")
+            + "dashed: emergence onset",
         )
         handles, labels = ax.get_legend_handles_labels()
         order = sorted(range(len(handles)), key=lambda i: _legend_rank(handles[i], onsets))
         ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left")
+    return fig
+
+
+def slope_by_model_figure(points: Sequence[ModelPoint], *, num_alphas: int) -> Figure:
+    """Median max slope per model, for snapshots of unknown place in training (one-off runs).
+
+    A model comparison, like the paper's model-size figure: one labelled point per model with
+    its q25..q75 bar, ordered by parameter count where recorded. No tokens axis, no init band,
+    no onset: these snapshots have no place in a training run.
+
+    Args:
+        points: one per model, all measured with `num_alphas` alphas.
+        num_alphas: the grid size S (named in the title; slopes compare only at equal S).
+
+    Returns:
+        The figure. Its axes hold one errorbar container per point (in the drawn order), whose
+        data line is (position, median), and x tick labels naming the models.
+    """
+    ordered = sorted(points, key=lambda p: (not np.isfinite(p.parameters), p.parameters))
+    colours = colormaps[RUN_COLOURS]
+    width, height = PANEL_SIZE
+    with styled():
+        fig = new_figure(max(width, 1.2 * len(ordered) + 2), height)
+        ax = fig.subplots()
+        for i, p in enumerate(ordered):
+            ax.errorbar(
+                [i],
+                [p.median],
+                yerr=[[p.median - p.q25], [p.q75 - p.median]],
+                color=colours(i % colours.N),
+                marker="o",
+                markersize=MARKER_SIZE,
+                elinewidth=BAR_WIDTH,
+                capsize=CAPSIZE,
+                label=p.label,
+            )
+        ax.axhline(STRAIGHT_LINE, color="0.5", linestyle=":", label="straight line (s = 1)")
+        ax.set_xticks(range(len(ordered)), [p.label for p in ordered], rotation=15, ha="right")
+        ax.set_xlim(-0.6, len(ordered) - 0.4)
+        ax.set_xlabel("model (position in training unknown)")
+        ax.set_ylabel(SLOPE_LABEL)
+        ax.set_title(f"Max slope per model (S = {num_alphas} alphas)\nbars: q25-q75 over pairs")
     return fig
 
 

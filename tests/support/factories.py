@@ -15,7 +15,7 @@ import torch
 
 from regionwatch.hf import RegionMonitorCallback
 from regionwatch.lightning import RegionMonitor
-from regionwatch.measure import ProbeConfig, measure
+from regionwatch.measurement import ProbeConfig, measure
 from regionwatch.monitor import Monitor, WatchConfig
 from regionwatch.probes import NamedPair, ProbeSet
 from regionwatch.schedule import Schedule

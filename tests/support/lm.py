@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase, TrainingArguments
 
 from regionwatch.corpus import token_stream
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
 from regionwatch.probes import ProbeSet
 
 SEQ = 16  # training sequence length

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from regionwatch.checkpoints import Checkpoint, discover
+from regionwatch.decoder import Decoder
 from regionwatch.errors import ConfigError, RegionWatchError, StoreError
 from regionwatch.loading import (
     MODEL_FILES_DIR,
@@ -42,18 +43,17 @@ from regionwatch.loading import (
     load_checkpoint,
     load_tokenizer,
 )
-from regionwatch.measure import ProbeConfig
+from regionwatch.measurement import ProbeConfig
 from regionwatch.monitor import Monitor, Precision, WatchConfig
+from regionwatch.onset import LIVE_RUN_KEY
 from regionwatch.probes import ProbeSet
 from regionwatch.snapshot import Snapshot
-from regionwatch.store import CONFIG_FILE, RUN_FORMAT, SnapshotStore
+from regionwatch.stacks import DECODERS, load_stack_model, resolve_builder
+from regionwatch.store import CONFIG_FILE, PROBES_DIR, RUN_FORMAT, SnapshotStore
 
 logger = logging.getLogger(__name__)
 
 DRIVER = "replay"  # recorded as info["driver"] in every replayed snapshot
-# A replay run's config.json info names the live run its checkpoints came from (a path string);
-# the onset's init baseline is read from there when the replay has no step-0 checkpoint.
-LIVE_RUN_KEY = "live_run"
 
 
 @dataclass
@@ -93,12 +93,14 @@ def replay(
     state_key: str | None = None,
     config_dir: str | Path | None = None,
     trust_pickle: bool = False,
+    model_builder: str | None = None,
     repo: str | None = None,
     revisions: str | Sequence[str] | None = None,
     dtype: torch.dtype = torch.float32,
     precision: Precision = "fp32",
     device: str = "cpu",
     progress: bool = True,
+    live_run: str | Path | None = None,
 ) -> ReplayResult:
     """Measure saved checkpoints (or hub revisions) in training order into a run directory.
 
@@ -118,6 +120,9 @@ def replay(
         state_key: key prefix of the model in state-dict checkpoints (found if None).
         config_dir: directory with the model's config.json, for state-dict checkpoints.
         trust_pickle: allow full unpickling of pickled checkpoints (runs code from the file).
+        model_builder: `pkg.module:function` building the model of litgpt, OLMo-core or nanoGPT
+            checkpoints from their recorded settings (required for nanoGPT); the only code
+            replay imports, and only when named (see `regionwatch.stacks`).
         repo: hub repo id whose `revisions` to replay.
         revisions: revision names, globs (`step*`) or a schedule name ("pythia").
         dtype: dtype the weights are loaded in (their memory).
@@ -125,6 +130,10 @@ def replay(
             module by module in place, no copy) or "weights" (the weights' own dtype).
         device: device to measure on.
         progress: show a progress bar over the checkpoints.
+        live_run: the live run the checkpoints came from (default: a run directory among the
+            SOURCEs, else the run the checkpoints name while it is there); recorded in a new
+            run's info as `live_run`, whose step-0 snapshot then gives the onset's init band
+            when no step-0 checkpoint is replayed.
 
     Returns:
         What was measured, skipped and failed.
@@ -142,6 +151,7 @@ def replay(
     if (out is None) == (into is None):
         raise ConfigError("replay needs a run to write: --out RUN_DIR or --into RUN_DIR (one)")
     check_device(device)
+    builder = None if model_builder is None else resolve_builder(model_builder)
     run_dir = Path(out if into is None else into)
     if into is not None and not _is_run(run_dir):
         raise StoreError(f"--into {run_dir}: not a regionwatch run; pass --out to start one")
@@ -156,11 +166,11 @@ def replay(
     )
     if not checkpoints:
         raise ConfigError("nothing to replay: give SOURCE paths, or --repo NAME --revisions ...")
-    live, named = _live_run(checkpoints)
-    if live is not None and probes is None and tokenizer is None and not runs:
-        runs = [live]  # its probe set and settings: what the live run measured
-    if live is not None and config_dir is None and (live.path / MODEL_FILES_DIR).is_dir():
-        config_dir = live.path / MODEL_FILES_DIR  # the architecture a .ckpt does not hold
+    found, named = _live_run(checkpoints)
+    if found is not None and probes is None and tokenizer is None and not runs:
+        runs = [found]  # its probe set and settings: what the live run measured
+    if found is not None and config_dir is None and (found.path / MODEL_FILES_DIR).is_dir():
+        config_dir = found.path / MODEL_FILES_DIR  # the architecture a .ckpt does not hold
     watch = WatchConfig(
         probe=config or (runs[0].config if runs else ProbeConfig()), precision=precision
     )
@@ -169,13 +179,18 @@ def replay(
         config_dir=None if config_dir is None else Path(config_dir),
         state_key=state_key,
         trust_pickle=trust_pickle,
+        model_builder=builder,
         dtype=dtype,
         device=device,
     )
-    monitor = Monitor(watch, probes=probes, run_dir=run_dir)
-    # A run measured differently is refused here. The live run is named in a new run's config
-    # (its info), where the onset's init baseline is looked up.
-    monitor.open(info=None if live is None else {LIVE_RUN_KEY: str(live.path)})
+    monitor = Monitor(watch, probes=probes, run_dir=run_dir, decoder=_decoder(checkpoints))
+    # The live run, first that applies: given, a run directory among the SOURCEs, the run the
+    # checkpoints name. A new run's info records it, where the onset's init baseline is looked up.
+    live = live_run or next((p for p in paths if _is_run(p)), None)
+    if live is None and found is not None:
+        live = found.path
+    info = None if live is None else {LIVE_RUN_KEY: str(Path(live).resolve())}
+    monitor.open(run_info=info)  # a run measured differently is refused here
     try:
         return _replay_all(monitor, checkpoints, options, progress=progress)
     finally:
@@ -239,13 +254,16 @@ def _measure(
     """Load, measure and release one checkpoint; (snapshot, "") or (None, the reason)."""
     model = None
     try:
-        model = load_checkpoint(
-            checkpoint.kind,
-            checkpoint.path,
-            options,
-            repo=checkpoint.repo,
-            revision=checkpoint.revision,
-        )
+        if checkpoint.kind in DECODERS:
+            model = load_stack_model(checkpoint.kind, checkpoint.path, options)
+        else:
+            model = load_checkpoint(
+                checkpoint.kind,
+                checkpoint.path,
+                options,
+                repo=checkpoint.repo,
+                revision=checkpoint.revision,
+            )
         monitor.setup(model, log_dir=None, info={"driver": DRIVER})  # checks the architecture
         # Region maps at every checkpoint (measure_now's default): a live run draws them at
         # fewer snapshots to bound its training overhead; a replay measures what it was given.
@@ -357,12 +375,34 @@ def _info(checkpoint: Checkpoint) -> dict[str, Any]:
     }
 
 
+def _decoder(checkpoints: list[Checkpoint]) -> Decoder | None:
+    """Where the checkpoints' models keep their blocks: one stack's layout, or HF's (None).
+
+    Raises:
+        ConfigError: checkpoints of stacks whose models differ (one monitor measures one kind).
+    """
+    decoders = {DECODERS.get(c.kind) for c in checkpoints}
+    if len(decoders) > 1:
+        kinds = sorted({c.kind for c in checkpoints})
+        raise ConfigError(
+            f"these checkpoints are of different stacks ({', '.join(kinds)}), whose models keep "
+            "their blocks in different places; replay one stack's checkpoints at a time"
+        )
+    return decoders.pop()
+
+
 def _conflict(checkpoint: Checkpoint, tokens: int) -> str:
     return (
         f"the run already holds step {checkpoint.step} at {tokens} tokens, and this checkpoint "
         f"says {checkpoint.tokens} ({checkpoint.found}): a different run, or a wrong "
         "--tokens-per-step; not measured"
     )
+
+
+def run_of_probes(probe_dir: str | Path) -> Path | None:
+    """The run directory a probe set was saved in (`RUN/probes`), or None for a loose one."""
+    parent = Path(probe_dir).parent
+    return parent if Path(probe_dir).name == PROBES_DIR and _is_run(parent) else None
 
 
 def _is_run(path: Path) -> bool:

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from regionwatch import distributed, engine, metrics
-from regionwatch.access import ResidualSite, resolve, upcasting
+from regionwatch.access import ResidualSite, check_readout, resolve, upcasting
+from regionwatch.decoder import Decoder
 from regionwatch.errors import ConfigError, check_int
 from regionwatch.plan import MapPart, PairPart, Plan, measuring
 from regionwatch.probes import ProbeSet, PromptIds, prompt_list
@@ -45,6 +46,7 @@ def interpolate(
     write_layer: int = 0,
     max_batch_tokens: int | None = None,
     block_path: str | None = None,
+    decoder: Decoder | None = None,
 ) -> Curves:
     """Patch (1 - a) x_A + a x_B into each A's forward pass and measure how far the output moves.
 
@@ -57,6 +59,8 @@ def interpolate(
         write_layer: block whose output is patched (0 = after the first block).
         max_batch_tokens: most tokens per forward pass (memory budget); None for the default.
         block_path: dotted path to the block list, for architectures without a table entry.
+        decoder: where a model that is not a Hugging Face one keeps its blocks, final norm
+            and head (measured on the generic full-row path).
 
     Returns:
         The curves of every pair.
@@ -68,7 +72,7 @@ def interpolate(
         >>> curves = interpolate(model, [[5, 6, 7], [8, 9]], [[1, 2, 3], [4, 4]])
         >>> curves.max_slope  # tensor([...]) one value per pair
     """
-    site = resolve(model, write_layer=write_layer, block_path=block_path)
+    site = resolve(model, write_layer=write_layer, block_path=block_path, decoder=decoder)
     pairs_a, pairs_b = prompt_list(ids_a, "ids_a"), prompt_list(ids_b, "ids_b")
     _same_count(("ids_a", pairs_a), ("ids_b", pairs_b))
     check_prompts(site, pairs_a + pairs_b)
@@ -92,6 +96,7 @@ def region_maps(
     write_layer: int = 0,
     max_batch_tokens: int | None = None,
     block_path: str | None = None,
+    decoder: Decoder | None = None,
 ) -> RegionMaps:
     """Colour the plane through three prompts' write vectors by where each context's output moves.
 
@@ -108,6 +113,7 @@ def region_maps(
         write_layer: block whose output is patched.
         max_batch_tokens: most tokens per forward pass; None for the default.
         block_path: dotted path to the block list, for architectures without a table entry.
+        decoder: where a model that is not a Hugging Face one keeps its modules.
 
     Returns:
         The maps of every triple.
@@ -115,7 +121,7 @@ def region_maps(
     Raises:
         ConfigError: bad prompts or settings. UnsupportedModelError: see `access.resolve`.
     """
-    site = resolve(model, write_layer=write_layer, block_path=block_path)
+    site = resolve(model, write_layer=write_layer, block_path=block_path, decoder=decoder)
     lists = [
         prompt_list(ids, name)
         for ids, name in ((ids_a, "ids_a"), (ids_b, "ids_b"), (ids_c, "ids_c"))
@@ -131,7 +137,11 @@ def region_maps(
 
 
 def check_prompts(site: ResidualSite, prompts: Sequence[engine.Prompt]) -> None:
-    """Refuse token ids the model cannot embed and prompts longer than it can attend over."""
+    """Refuse token ids the model cannot embed and prompts longer than it can attend over.
+
+    A `Decoder` model also runs the first prompt once (`access.check_readout`): its modules are
+    named by hand, and a wrong name must fail here, before the first step.
+    """
     vocab = site.vocab_size
     for i, p in enumerate(prompts):
         bad = [t for t in p if not 0 <= t < vocab]
@@ -150,6 +160,9 @@ def check_prompts(site: ResidualSite, prompts: Sequence[engine.Prompt]) -> None:
             f"a prompt has {longest} tokens, more than the model's sliding attention "
             f"window of {window}; use prompts of at most {window} tokens"
         )
+    if site.decoder is not None:
+        with measuring(site.model):
+            check_readout(site, torch.tensor([prompts[0]], device=site.device))
 
 
 def _same_count(*named: tuple[str, list[engine.Prompt]]) -> None:
@@ -170,6 +183,7 @@ def measure(
     shard: tuple[int, int] | None = None,
     dtype: torch.dtype | None = None,
     root: nn.Module | None = None,
+    decoder: Decoder | None = None,
 ) -> Measurement:
     """Measure every part of a probe set in one engine run; contexts shared by parts run once.
 
@@ -196,6 +210,8 @@ def measure(
         root: the FSDP1 module that wraps `model` from further out (Lightning's FSDPStrategy
             wraps the LightningModule: `trainer.strategy.model`); the measurement runs inside
             its forward, where FSDP1 gathers the parameters outside the blocks.
+        decoder: where a model that is not a Hugging Face one keeps its blocks, final norm and
+            head; it is measured on the generic full-row path (`rows`).
 
     Returns:
         The measurement (of the shard).
@@ -231,7 +247,9 @@ def measure(
     if maps and "maps" in config.parts and triples:
         map_part = MapPart(plan, triples, config.grid, config.span)
     if site is None:
-        site = resolve(model, write_layer=config.write_layer, block_path=config.block_path)
+        site = resolve(
+            model, write_layer=config.write_layer, block_path=config.block_path, decoder=decoder
+        )
         check_prompts(site, plan.prompts or [a for a, _ in prompts["random"]])
 
     def run(site: ResidualSite) -> tuple[engine.EngineResult | None, dict[str, Curves], Maps]:
