@@ -105,7 +105,8 @@ def replay(
     """Measure saved checkpoints (or hub revisions) in training order into a run directory.
 
     Probe set, first that applies: `probes`; the run's own (`into`, an `out` that already holds
-    a run, or a run directory given as a SOURCE); built from `tokenizer`, else from the first
+    a run, or a run directory given as a SOURCE); the live run the checkpoints name, while it is
+    there (then its kept model config too); built from `tokenizer`, else from the first
     checkpoint that has tokenizer files (seed 0 and the built-in corpus, as a live run's default).
     Measurement settings: `config`, else the run's, else `ProbeConfig()`.
 

@@ -163,7 +163,7 @@ def test_wandb_offline_run_holds_scalars_over_tokens(
     tmp_path: Path, lm_probes, lm_data: Windows, monkeypatch: pytest.MonkeyPatch, device: str
 ) -> None:
     """WandbLogger offline: each snapshot's median with its tokens, and the region-map images
-    with their tokens (W&B charts regionwatch/* over tokens)."""
+    with their tokens (W&B charts regionwatch_step/* over tokens)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     wandb_logger = WandbLogger(project="regionwatch", save_dir=str(tmp_path), offline=True)
