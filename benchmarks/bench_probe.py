@@ -31,6 +31,7 @@ Usage:
     python benchmarks/bench_probe.py                      # full matrix, ~20 min on 2 CPU cores
     python benchmarks/bench_probe.py --quick --out /tmp/q.json   # smoke run, a few seconds
     python benchmarks/bench_probe.py --arch gpt2 --sizes 12x768 --pairs 16 --lengths 128
+    python benchmarks/bench_probe.py --smollm2 only --repeats 3   # the real model, ~15 min
 """
 
 from __future__ import annotations
@@ -62,9 +63,12 @@ from probe_models import GPT2_VOCAB, build_model, parse_size
 from probe_paths import bench_paths
 from probe_precision import bench_precision
 from probe_report import markdown, print_tables, targets
-from probe_speed import bench_maps, bench_pairs
+from probe_speed import bench_maps, bench_pairs, bench_snapshot
 
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
+from regionwatch.loading import load_smollm2
+from regionwatch.measurement import ProbeConfig
+from regionwatch.probes import ProbeSet
 
 QUICK = {
     "arch": "gpt2,llama",
@@ -163,6 +167,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only-precision", action="store_true", help="run the precision section only"
     )
+    parser.add_argument(
+        "--smollm2",
+        choices=["off", "also", "only"],
+        default="off",
+        help="the real model (SmolLM2-135M from its GGUF file, the built-in probe set): seconds "
+        "per snapshot without and with maps, against one batched clean forward of its prompts",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -207,12 +218,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "paths": [],
     }
     stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H%M")
-    out = args.out or RESULTS / f"bench_probe-{device_tag(device)}-{stamp}.json"
+    case = "-smollm2" if args.smollm2 == "only" else ""
+    out = args.out or RESULTS / f"bench_probe{case}-{device_tag(device)}-{stamp}.json"
     gen = torch.Generator().manual_seed(args.seed)
     rows = max(max(args.pairs) + 1, args.triples + 2, args.paths_pairs + 1)
-    result["precision"] = bench_precision(setup, device, gen)
-    progress(result, setup, started, out, "precision")
-    for arch in [] if args.only_precision else args.arch:
+    if args.smollm2 != "off":
+        result["smollm2"] = bench_smollm2(setup, dtype, device)
+        progress(result, setup, started, out, "smollm2")
+    only = args.only_precision or args.smollm2 == "only"
+    if args.smollm2 != "only":
+        result["precision"] = bench_precision(setup, device, gen)
+        progress(result, setup, started, out, "precision")
+    for arch in [] if only else args.arch:
         for layers, d_model in args.sizes:
             model, shape = build_model(arch, layers, d_model, args.vocab, dtype, device)
             result.setdefault("models", {})[f"{arch}-{layers}x{d_model}"] = {
@@ -253,6 +270,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     print(f"\nwrote {out} ({result['wall_s']:.0f} s)")
     return result
+
+
+def bench_smollm2(setup: Setup, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """The real model: SmolLM2-135M dequantized from its GGUF file, the built-in probe set."""
+    model, tokenizer = load_smollm2(dtype=dtype, device=str(device))
+    probes = ProbeSet.build(tokenizer, seed=0)
+    config = ProbeConfig(num_alphas=setup.args.alphas, grid=setup.args.grid)
+    record = bench_snapshot(setup, model, probes, config)
+    record["model"] = {
+        "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
+        "params": sum(p.numel() for p in model.parameters()),
+        "layers": model.config.num_hidden_layers,
+        "d_model": model.config.hidden_size,
+        "bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
+    return record
 
 
 def progress(result: dict[str, Any], setup: Setup, started: float, out: Path, done: str) -> None:

@@ -107,6 +107,16 @@ def print_tables(result: dict[str, Any]) -> None:
                 f"{rm['median_s']:7.3f} {rm['points_per_s']:9.0f} "
                 f"{_mib(rm['peak_extra_bytes']):>5} | {tail}"
             )
+    if "smollm2" in result:
+        real, names = result["smollm2"], ("floor_forward", "snapshot", "snapshot_maps")
+        v, ratios = real["variants"], real["ratios"]
+        print(
+            f"\nsmollm2 ({real['prompts']} prompts, {real['alphas']} alphas, grid {real['grid']}): "
+            + ", ".join(f"{n} {v[n]['median_s']:.2f} s" for n in names)
+            + f"; x floor {ratios['snapshot_vs_floor_forward']:.1f} (no maps), "
+            f"{ratios['snapshot_maps_vs_floor_forward']:.1f} (maps); peak MiB beyond the model "
+            + " / ".join(_mib(v[n]["peak_extra_bytes"]) for n in names)
+        )
     for t in result["targets"]:
         print(
             f"target {t['arch']} {t['size']} T={t['length']}: <= {t['limit']}x -> "

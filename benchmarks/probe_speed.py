@@ -13,7 +13,15 @@ from torch import Tensor, nn
 
 from regionwatch import reference
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
-from regionwatch.measurement import Curves, RegionMaps, interpolate, region_maps
+from regionwatch.measurement import (
+    Curves,
+    ProbeConfig,
+    RegionMaps,
+    interpolate,
+    measure,
+    region_maps,
+)
+from regionwatch.probes import ProbeSet
 
 
 def max_abs_diff(fast: Tensor, slow: Tensor) -> float:
@@ -240,3 +248,55 @@ def bench_maps(setup: Setup, model: nn.Module, shape: Shape, ids: Tensor) -> dic
         **map_agreement(last["region_maps"], slow),
     }
     return record
+
+
+def bench_snapshot(
+    setup: Setup, model: nn.Module, probes: ProbeSet, config: ProbeConfig
+) -> dict[str, Any]:
+    """Seconds per snapshot of a whole probe set, without and with maps, against the floor.
+
+    The floor is one batched clean forward of every distinct probe prompt (chunked to the
+    engine's token budget): no probe can do less. Peak memory is beyond the resident model.
+    """
+    rows = sorted({p for part in probes.prompts().values() for group in part for p in group})
+    chunks = [torch.tensor(list(c)) for c in _equal_length_chunks(rows, DEFAULT_MAX_BATCH_TOKENS)]
+
+    def floor() -> None:
+        with torch.no_grad():
+            for chunk in chunks:
+                model(input_ids=chunk)
+
+    variants = {
+        "floor_forward": floor,
+        "snapshot": lambda: measure(model, probes, config, maps=False),
+        "snapshot_maps": lambda: measure(model, probes, config, maps=True),
+    }
+    samples, peaks, last = run_rounds(setup, variants)
+    med = {name: s.median for name, s in samples.items()}
+    return {
+        "prompts": len(rows),
+        "alphas": config.num_alphas,
+        "grid": config.grid,
+        "rounds": len(samples["snapshot"].seconds),
+        "variants": {
+            name: {**samples[name].summary(), "peak_extra_bytes": peaks[name]} for name in variants
+        },
+        "ratios": {
+            "snapshot_vs_floor_forward": med["snapshot"] / med["floor_forward"],
+            "snapshot_maps_vs_floor_forward": med["snapshot_maps"] / med["floor_forward"],
+            "snapshot_vs_floor_forward_paired": paired_ratio(
+                samples["snapshot"], samples["floor_forward"]
+            ),
+        },
+        "summary": dict(last["snapshot_maps"].summary),
+    }
+
+
+def _equal_length_chunks(rows: list[tuple[int, ...]], budget: int) -> list[list[tuple[int, ...]]]:
+    """Prompts grouped by length, each group cut to at most `budget` tokens per batch."""
+    chunks: list[list[tuple[int, ...]]] = []
+    for length in sorted({len(r) for r in rows}):
+        same = [r for r in rows if len(r) == length]
+        step = max(1, budget // length)
+        chunks += [same[i : i + step] for i in range(0, len(same), step)]
+    return chunks

@@ -5,7 +5,7 @@
 
 Each config (configs/emergence-*.yaml) is pretrained from scratch on the built-in corpus with
 RegionMonitor attached (`regionwatch.demo.run_demo`). Then the final and the initial model of
-every run are measured once more with the paper's own settings (PAPER.md §7.3: S = 30 alphas,
+every run are measured once more with the paper's own settings (docs/method.md §7.3: S = 30 alphas,
 10-token prompts, write layer 0), one report draws all runs on shared axes, and every finding
 is written as a number to <out>/findings.json:
 
@@ -32,7 +32,7 @@ from regionwatch.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = ("2l-128", "4l-256", "6l-384")
-PAPER_ALPHAS = 30  # PAPER.md §7.3: the setting of the one number we have (Qwen2-0.5B: ~4.9)
+PAPER_ALPHAS = 30  # docs/method.md §7.3: the setting of the one number we have (Qwen2-0.5B: ~4.9)
 QWEN2_05B_MEDIAN = 4.9
 
 

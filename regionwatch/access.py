@@ -4,7 +4,7 @@ One table keyed by `config.model_type` says where each supported Hugging Face ar
 its block list; another HF model is reached through a user-given dotted `block_path`, and any other
 decoder through a `Decoder` naming its blocks, final norm and head. Both resolve into one
 `ResidualSite`. The write site is the
-raw output of block `write_layer` (PAPER.md §2: `hidden_states[write_layer + 1]`); the readout is
+raw output of block `write_layer` (method.md §2: `hidden_states[write_layer + 1]`); the readout is
 the base model's last hidden state, which every supported architecture takes after its final norm
 (`hidden_states[-1]`). Decoder blocks return a tuple in transformers 4.x and a bare tensor in 5.x;
 `_hidden` and `_replace_hidden` are the only places that know.
@@ -74,7 +74,7 @@ class ResidualSite:
     Attributes:
         model: the causal LM (with its unembedding).
         blocks: the decoder blocks, in order (a ModuleDict's in key order).
-        write_layer: 0-based block whose output is patched (PAPER.md's L_w).
+        write_layer: 0-based block whose output is patched (docs/method.md's L_w).
         block_path: dotted path of `blocks` inside `model`.
         head: the unembedding, [vocab, d_model] `weight` and optional `bias`.
         vocab_size: token ids a prompt may hold.
@@ -141,7 +141,7 @@ def resolve(
     Args:
         model: a Hugging Face causal LM (`...ForCausalLM`), or any decoder named by `decoder`.
         write_layer: block whose output is patched; 0..N-2, because the last block's output
-            only reaches the readout through the final norm (PAPER.md §2).
+            only reaches the readout through the final norm (docs/method.md §2).
         block_path: dotted path to the block list of a Hugging Face model whose architecture
             `BLOCK_PATHS` does not know (a ModuleList, or a ModuleDict in key order).
         decoder: where a non-Hugging-Face model keeps its blocks, final norm and head.

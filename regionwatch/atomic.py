@@ -14,6 +14,7 @@ that makes it also the home of the JSON form of a float (`json_float`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -86,6 +87,46 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
         raise StoreError(
             f"cannot write {path}: {err}; check free space and permissions of {path.parent}"
         ) from err
+    return path
+
+
+def append_whole(path: str | Path, data: bytes) -> Path:
+    """Append `data` to an existing file so that it ends with all of `data` or none of it.
+
+    For append-only logs (a run's index): one `write` at the end, then fsync. A short write (a
+    disk that filled meanwhile) or an error cuts the file back to its old length, so the next
+    append never lands after half a line. A reader racing the write may see part of `data`: give
+    each record a terminator (a newline) and treat an unterminated tail as not yet written; a
+    crash mid-write can leave such a tail, which the log's owner removes before appending again.
+
+    Args:
+        path: the file; never followed if it is a symbolic link (`O_NOFOLLOW`).
+        data: the bytes to add.
+
+    Returns:
+        `path`.
+
+    Raises:
+        StoreError: the file cannot be written (disk full, permissions); it keeps its old length.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    except OSError as err:
+        raise StoreError(f"cannot append to {path}: {err}") from err
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        except OSError as err:
+            os.ftruncate(fd, end)  # frees space, so it succeeds on a full disk
+            raise StoreError(
+                f"cannot append to {path}: {err}; check free space and permissions of {path.parent}"
+            ) from err
+    finally:
+        os.close(fd)
     return path
 
 

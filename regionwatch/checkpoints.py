@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from regionwatch.errors import CheckpointError, ConfigError, check_int
+from regionwatch.gguf_file import GGUF_SUFFIX
 from regionwatch.loading import (
     CONFIG_FILE,
     STATE_DICT_SUFFIXES,
@@ -44,7 +45,10 @@ from regionwatch.stacks import position as stack_position
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"  # the HF Trainer's state in every checkpoint-N folder
-SCANNED_SUFFIXES = (".ckpt",)  # files picked up inside a SOURCE directory; others must be named
+# Files picked up inside a SOURCE directory, and their kind; others must be named.
+SCANNED_SUFFIXES: Mapping[str, Kind] = MappingProxyType(
+    {".ckpt": "state_dict", GGUF_SUFFIX: "gguf"}
+)
 NANOGPT_SUFFIXES = (".pt", ".pth")  # a torch.save file that may be nanoGPT's (`model_args` in it)
 # Where each stack checkpoint's step and tokens are recorded (regionwatch.stacks reads them).
 STACK_RECORDS = MappingProxyType(
@@ -68,8 +72,9 @@ class Checkpoint:
 
     Attributes:
         kind: "pretrained" (a save_pretrained dir), "state_dict" (one file), "sharded" (a
-            torch.distributed.checkpoint dir; refused at load), "hub" (a repo revision), or
-            another stack's checkpoint: "litgpt", "olmo_core", "nanogpt" (see stacks.py).
+            torch.distributed.checkpoint dir; refused at load), "hub" (a repo revision), a GGUF
+            file ("gguf", placed by its name or `tokens_per_step`), or another stack's checkpoint:
+            "litgpt", "olmo_core", "nanogpt" (see stacks.py).
         path: the file or directory (None for hub revisions).
         repo: the hub repo id (hub revisions only).
         revision: the hub revision (hub revisions only).
@@ -105,7 +110,7 @@ class Checkpoint:
         if self.revision is not None:
             return self.revision
         name = self.path.name
-        for suffix in STATE_DICT_SUFFIXES:  # `epoch=0-step=4.ckpt.pt` (consolidated) too
+        for suffix in (*STATE_DICT_SUFFIXES, GGUF_SUFFIX):  # `epoch=0-step=4.ckpt.pt` too
             name = name.removesuffix(suffix)
         return name
 
@@ -152,6 +157,7 @@ def discover(
     found: list[Checkpoint] = []
     for source in sources:
         found += _scan(Path(source))
+    found = _drop_inner_links(found, sources)
     if repo is not None:
         found += [
             Checkpoint(kind="hub", repo=repo, revision=name, tokens_per_step=default)
@@ -169,10 +175,13 @@ def _scan(source: Path) -> list[Checkpoint]:
     if not source.exists():
         raise CheckpointError(f"SOURCE {source} does not exist")
     if source.is_file():
+        if source.suffix == GGUF_SUFFIX:
+            return [Checkpoint(kind="gguf", path=source)]
         if source.suffix not in STATE_DICT_SUFFIXES:
             raise CheckpointError(
                 f"SOURCE {source} is not a checkpoint file (known suffixes: "
-                f"{', '.join(STATE_DICT_SUFFIXES)}); for a save_pretrained model pass its directory"
+                f"{', '.join((*STATE_DICT_SUFFIXES, GGUF_SUFFIX))}); for a save_pretrained model "
+                "pass its directory"
             )
         return [Checkpoint(kind=stack_kind(source) or "state_dict", path=source)]
     found = list(_walk(source))
@@ -180,7 +189,7 @@ def _scan(source: Path) -> list[Checkpoint]:
         raise CheckpointError(
             f"no checkpoints in {source}: looked for save_pretrained directories ({CONFIG_FILE} "
             "with model.safetensors or pytorch_model.bin), Trainer checkpoint-N folders, "
-            f"Lightning {', '.join(SCANNED_SUFFIXES)} files, sharded checkpoint directories, "
+            f"Lightning .ckpt and .gguf files, sharded checkpoint directories, "
             f"litgpt and OLMo-core step folders and nanoGPT {NANOGPT_FILE} files"
         )
     return found
@@ -207,12 +216,43 @@ def _walk(directory: Path) -> Iterator[Checkpoint]:
     for child in sorted(directory.iterdir()):
         if child.name.startswith("."):
             continue  # .git, .cache, .no_exist: never checkpoints
-        if child.is_dir() and not child.is_symlink():
+        if child.is_symlink() and child.is_dir():
+            yield Checkpoint(kind="pretrained", path=child, error=_link_error(child))
+        elif child.is_dir():
             yield from _walk(child)
         elif child.is_file() and child.suffix in SCANNED_SUFFIXES:
-            yield Checkpoint(kind="state_dict", path=child)
+            yield Checkpoint(kind=SCANNED_SUFFIXES[child.suffix], path=child)
         elif child.is_file() and child.name == NANOGPT_FILE:
             yield Checkpoint(kind="nanogpt", path=child)
+
+
+def _link_error(link: Path) -> str:
+    return (
+        f"a symbolic link to {link.resolve()}, not followed (a link inside a SOURCE folder can "
+        "lead out of it or round in a loop): pass its target as a SOURCE to replay it"
+    )
+
+
+def _drop_inner_links(found: list[Checkpoint], sources: Sequence[str | Path]) -> list[Checkpoint]:
+    """Links are failed checkpoints, named; but one into a SOURCE being scanned loses nothing.
+
+    Such a link (a `latest` link to a checkpoint folder beside it) points at what the scan
+    measures anyway: it is named at INFO and dropped. Any other passes over its target: it stays,
+    failed, and was named at WARNING.
+    """
+    roots = [Path(s).resolve() for s in sources if Path(s).is_dir()]
+    kept = []
+    for checkpoint in found:
+        if checkpoint.path is not None and checkpoint.error == _link_error(checkpoint.path):
+            target = checkpoint.path.resolve()
+            if any(target == root or root in target.parents for root in roots):
+                logger.info(
+                    "%s: a link to %s, which this scan covers itself", checkpoint.path, target
+                )
+                continue
+            logger.warning("%s: skipped: %s", checkpoint.path, checkpoint.error)
+        kept.append(checkpoint)
+    return kept
 
 
 def _is_pretrained(directory: Path) -> bool:

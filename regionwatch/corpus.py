@@ -1,6 +1,6 @@
 """Token sources for probe sets and the demo: the built-in corpus, text files, datasets, lists.
 
-A probe set is drawn from text (PAPER.md §3.1); this module turns whatever the user has into
+A probe set is drawn from text (docs/method.md §3.1); this module turns whatever the user has into
 documents and then into one token stream, describes the source and the tokenizer for
 provenance, and trains the small local tokenizer the demo and the tests use. Nothing here
 downloads: the built-in corpus ships in the package.
@@ -148,7 +148,7 @@ def train_tokenizer(
     Special tokens: EOS is "<|endoftext|>" (id 0), used to join documents into one stream. The
     pad token is the same EOS token, as for GPT-2: HF data collators need a pad token, and
     padding is masked out, so it never needs an id of its own. No BOS is defined or added
-    (PAPER.md §3.1: probe prompts carry no BOS).
+    (docs/method.md §3.1: probe prompts carry no BOS).
 
     Args:
         texts: training documents, e.g. `documents(source)`; a bare string is refused (it would
@@ -211,7 +211,7 @@ def train_tokenizer(
 
 @dataclass(frozen=True)
 class TokenStream:
-    """A token source encoded as one stream, the way PAPER.md §3.1 cuts prompts from it.
+    """A token source encoded as one stream, the way docs/method.md §3.1 cuts prompts from it.
 
     Attributes:
         ids: the token ids, [tokens] int64.
@@ -235,7 +235,7 @@ def token_stream(
     """Encode a token source without special tokens and join its documents into one stream.
 
     Documents are joined with the EOS token as TransformerLens's `tokenize_and_concatenate` does
-    (PAPER.md §3.1); a tokenizer without EOS joins them with a blank line. No BOS is added.
+    (docs/method.md §3.1); a tokenizer without EOS joins them with a blank line. No BOS is added.
     Blank documents are skipped: they would only add separators. Documents are encoded in
     batches, which a fast tokenizer runs in parallel.
 

@@ -26,7 +26,7 @@ class Decoder:
     """A decoder named by module paths, for models that `access.BLOCK_PATHS` does not know.
 
     The probe patches the output of block `write_layer` at the last position and reads the output
-    of `final_norm` at the last position (PAPER.md §2); `head` gives the logits of the readout
+    of `final_norm` at the last position (docs/method.md §2); `head` gives the logits of the readout
     (top tokens, logit differences). Vocabulary size, width and context length are read from the
     modules where they can be; the arguments supply them where they cannot (a sharded head) or
     set the context length of a model that does not record it.

@@ -46,6 +46,7 @@ from regionwatch.measurement import ProbeConfig
 from regionwatch.monitor import MAPS_PER_DECADE, WatchConfig
 from regionwatch.probes import ProbeSet
 from regionwatch.schedule import DEFAULT_PER_DECADE, Mark, Schedule
+from regionwatch.sizing import check_model_memory
 from regionwatch.store import DEFAULT_RUN_NAME
 
 logger = logging.getLogger(__name__)
@@ -254,10 +255,12 @@ def run_demo(
         progress: show progress bars.
 
     Raises:
-        ConfigError: a bad trainer name, or an output directory that is not empty.
+        ConfigError: a bad trainer name, an output directory that is not empty, or a model
+            too large for the memory available.
     """
     if trainer not in TRAINERS:
         raise ConfigError(f"trainer={trainer!r}: need one of {TRAINERS}")
+    check_model_memory(model_config(config), dtype=config.param_dtype, where="the demo config")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty: pass another --out (each demo run needs its own)")

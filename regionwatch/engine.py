@@ -1,4 +1,4 @@
-"""The batched, KV-cached patched-forward engine that every measurement runs on (PAPER.md §9).
+"""The batched, KV-cached patched-forward engine that every measurement runs on (docs/method.md §9).
 
 A patch touches only the last position after block L_w, and attention is causal, so the prefix of
 a context prompt (all but its last token) computes the same keys and values in every patched run.

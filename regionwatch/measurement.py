@@ -2,7 +2,7 @@
 
 `interpolate` and `region_maps` validate their input, describe their patched points as query
 slots on context prompts, run them all in one pass of the KV-cached engine, and turn the readouts
-into the numbers of PAPER.md §4-§5 with `metrics`. The model is measured in eval mode without
+into the numbers of docs/method.md §4-§5 with `metrics`. The model is measured in eval mode without
 gradients and left exactly as found.
 """
 
@@ -100,7 +100,7 @@ def region_maps(
 ) -> RegionMaps:
     """Colour the plane through three prompts' write vectors by where each context's output moves.
 
-    Every grid point p(alpha, beta) of the plane through x_A, x_B, x_C (PAPER.md §5) is patched
+    Every grid point p(alpha, beta) of the plane through x_A, x_B, x_C (method.md §5) is patched
     into each of the three contexts; the map's channels are 1 - D/max of the output distances.
 
     Args:
@@ -153,7 +153,10 @@ def check_prompts(site: ResidualSite, prompts: Sequence[engine.Prompt]) -> None:
     longest = max(len(p) for p in prompts)
     limit = site.max_positions
     if limit is not None and longest > limit:
-        raise ConfigError(f"a prompt has {longest} tokens; the model takes at most {limit}")
+        raise ConfigError(
+            f"a prompt has {longest} tokens; the model takes at most {limit}: build the probe "
+            "set with a shorter seq_len"
+        )
     window = site.sliding_window
     if window is not None and longest > window:
         raise ConfigError(

@@ -1,4 +1,4 @@
-"""Pure maths of the probe: every formula of PAPER.md §4-§5 and §8 has its one home here.
+"""Pure maths of the probe: every formula of docs/method.md §4-§5 and §8 has its one home here.
 
 Functions take and return tensors (or floats) and know nothing about models, so the fast engine,
 the slow reference, reports and sinks all compute each number the same way.
@@ -12,12 +12,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-# PAPER.md §4: the reference plots drop pairs whose d(1) <= 0.01 (outputs that barely move);
+# docs/method.md §4: the reference plots drop pairs whose d(1) <= 0.01 (outputs that barely move);
 # dividing by such a d(1) amplifies round-off into nonsense slopes.
 MIN_END_DISTANCE = 0.01
-# PAPER.md §6.4: a pair whose steepest increment is < 1.5x its mean increment lies in one region.
+# method.md §6.4: a pair whose steepest increment is < 1.5x its mean increment lies in one region.
 LINEAR_LAMBDA = 1.5
-# PAPER.md §6.4 averages the first ten increments (all of them at the reference's S = 11).
+# docs/method.md §6.4 averages the first ten increments (all of them at the reference's S = 11).
 LAMBDA_INCREMENTS = 10
 QUARTILES = (0.25, 0.5, 0.75)
 
@@ -33,7 +33,7 @@ def alpha_grid(num_alphas: int) -> Tensor:
 
 
 def interpolation_points(x_a: Tensor, x_b: Tensor, alphas: Tensor) -> Tensor:
-    """Points x(a) = (1 - a) x_A + a x_B on the segment, computed in this form (PAPER.md §4).
+    """Points x(a) = (1 - a) x_A + a x_B on the segment, computed in this form (docs/method.md §4).
 
     Args:
         x_a: write vectors of the contexts, shape [pairs, d_model].
@@ -57,7 +57,7 @@ def relative(dist: Tensor) -> Tensor:
     """d(a) / d(1) per pair; a pair whose d(1) <= MIN_END_DISTANCE gets a row of NaN.
 
     Such pairs (identical prompts, or outputs that barely move) are counted by `excluded`, never
-    divided by: their "curve" would be round-off over round-off (PAPER.md §4, our deviation).
+    divided by: their "curve" would be round-off over round-off (docs/method.md §4, our deviation).
 
     Args:
         dist: d(a) per pair, shape [..., alphas].
@@ -75,7 +75,7 @@ def excluded(dist: Tensor) -> Tensor:
 
 
 def max_slope(rel: Tensor) -> Tensor:
-    """The reference's max slope s = (S - 1) * max_k (r_{k+1} - r_k) (PAPER.md §4).
+    """The reference's max slope s = (S - 1) * max_k (r_{k+1} - r_k) (docs/method.md §4).
 
     A straight line gives 1, a perfect one-interval step gives S - 1; s depends on S, so never
     compare slopes measured with different numbers of alphas.
@@ -91,13 +91,13 @@ def max_slope(rel: Tensor) -> Tensor:
 
 
 def lipschitz_ratio(rel: Tensor) -> Tensor:
-    """Lambda = max_k dr_k / mean(dr_0..dr_9) per pair (PAPER.md §6.4); ~1 for a straight line."""
+    """Lambda = max_k dr_k / mean(dr_0..dr_9) per pair (method.md §6.4); ~1 for a straight line."""
     increments = torch.diff(rel, dim=-1)
     return increments.amax(dim=-1) / increments[..., :LAMBDA_INCREMENTS].mean(dim=-1)
 
 
 def logit_diff(diffs: Tensor) -> Tensor:
-    """1 - n_k with n_k = (L_k - L_{S-1}) / (L_0 - L_{S-1}) (PAPER.md §4.1): 0 at a = 0, 1 at a = 1.
+    """1 - n_k, n_k = (L_k - L_{S-1}) / (L_0 - L_{S-1}) (method.md §4.1): 0 at a = 0, 1 at a = 1.
 
     Args:
         diffs: L_k = logit[t_A] - logit[t_B] along the path, shape [..., alphas].
@@ -148,7 +148,7 @@ def quartiles(values: Tensor) -> tuple[float, float, float]:
 
 
 def plane(a: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """The plane through three write vectors (PAPER.md §5).
+    """The plane through three write vectors (docs/method.md §5).
 
     Args:
         a: write vector of A, shape [..., d_model].
@@ -184,7 +184,7 @@ def plane_points(a: Tensor, b: Tensor, u: Tensor, axis: Tensor) -> Tensor:
     Returns:
         Shape [grid (beta, top to bottom), grid (alpha, left to right), d_model], float32 (or
         float64): the
-        reference's orientation (PAPER.md §5), row-major like the image it becomes.
+        reference's orientation (docs/method.md §5), row-major like the image it becomes.
     """
     a, b, u = wide(a), wide(b), wide(u)
     alpha = axis.to(a.dtype)[None, :, None]
@@ -193,7 +193,7 @@ def plane_points(a: Tensor, b: Tensor, u: Tensor, axis: Tensor) -> Tensor:
 
 
 def region_rgb(dist: Tensor) -> Tensor:
-    """RGB = 1 - D / max(D) per channel over the whole grid (PAPER.md §5, Figure 1's colours).
+    """RGB = 1 - D / max(D) per channel over the whole grid (docs/method.md §5, Figure 1's colours).
 
     Args:
         dist: D_A, D_B, D_C, shape [..., 3, grid, grid].
@@ -207,7 +207,7 @@ def region_rgb(dist: Tensor) -> Tensor:
 
 
 def frac_linear(rel: Tensor) -> float:
-    """Fraction of kept pairs with Lambda < LINEAR_LAMBDA: inside one region (PAPER.md §6.4)."""
+    """Fraction of kept pairs with Lambda < LINEAR_LAMBDA: inside one region (method.md §6.4)."""
     ratios = lipschitz_ratio(rel)
     kept = ratios[torch.isfinite(ratios)]
     return float((kept < LINEAR_LAMBDA).float().mean()) if kept.numel() else math.nan
@@ -219,7 +219,7 @@ def summary(
     dissimilar: Tensor | None = None,
     maps: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> dict[str, float]:
-    """The headline scalars of one snapshot, under PAPER.md §8's names (the TensorBoard tags).
+    """The headline scalars of one snapshot, under docs/method.md §8's names (the TensorBoard tags).
 
     Args:
         random: (distance [P, K], relative [P, K], top_a [P], top_b [P]) of the random pairs,
@@ -282,7 +282,7 @@ def solid_fraction(
 
     A smooth gradient (random init) has only discs round the anchors near an anchor's colour (a
     map whose distances grow linearly from each anchor scores about 0.1 at the default margin);
-    solid regions (PAPER.md §7.2 claim 6) fill large patches with it (up to 1). An anchor's colour
+    solid regions (method.md §7.2 claim 6) fill large patches with it (up to 1). An anchor's colour
     is the map's colour at the pixel nearest to it (A and B sit on pixel centres at grid 37).
 
     Args:
@@ -307,7 +307,7 @@ def alignment(slopes: Tensor, top_a: Tensor, top_b: Tensor) -> float:
 
     The probability that a random pair whose clean top tokens differ has a larger max slope than a
     random pair whose top tokens agree (ties count half): 0.5 means slopes carry no information,
-    1 means every crossing of a boundary changes the prediction (PAPER.md §7.2 claim 7). The
+    1 means every crossing of a boundary changes the prediction (docs/method.md §7.2 claim 7). The
     Mann-Whitney U statistic normalized by the number of (differ, agree) comparisons.
 
     Args:

@@ -65,7 +65,7 @@ from regionwatch.results import Measurement, ProbeConfig
 from regionwatch.schedule import Mark, Schedule
 from regionwatch.sinks import Fanout, Sink
 from regionwatch.snapshot import Snapshot
-from regionwatch.store import DEFAULT_RUN_NAME, SnapshotStore
+from regionwatch.store import DEFAULT_RUN_NAME, FAILURES_FILE, SnapshotStore, check_free_space
 from regionwatch.tensorboard import TB_SUBDIR, TRAIN_GROUP, TensorBoardSink, view_hint
 from regionwatch.wrappers import unwrap
 
@@ -261,6 +261,7 @@ class Monitor:
         self._position: Mark | None = None  # the newest (step, tokens) seen, from `start`
         self._announce: Announce = logger.info
         self.failures = 0
+        self._unstored: set[int] = set()  # scheduled steps with no stored snapshot (so far)
 
     def __enter__(self) -> Monitor:
         """Set up and open the run (a plain loop): refusals here, then the step-0 baseline.
@@ -501,6 +502,7 @@ class Monitor:
         self._writer.drain()  # the store is the writer thread's while jobs are queued
         if self._rank == 0:
             check_writable(self.run_dir)
+            check_free_space(self.run_dir, probes=self.probes, config=self.watch.probe)
             self._store = SnapshotStore.create(
                 self.run_dir,
                 probes=self.probes,
@@ -698,18 +700,39 @@ class Monitor:
             self._fanout = None
         self._tensorboard = None  # closed with the fan-out
         self._writer.close()
-        if self._writer.failures:
-            logger.warning(
-                "regionwatch: %d background writes failed in this run (first: %s: %s); "
-                "the snapshots in %s are complete, the failed copies are not",
-                len(self._writer.failures),
-                self._writer.failures[0].what,
-                self._writer.failures[0].error,
-                self.run_dir,
-            )
+        unlisted: list[int] = []
         if self._store is not None:
-            self._store.close()
+            self._store.close()  # writes the failure rows a full disk refused, if it now can
+            unlisted = sorted({f["step"] for f in self._store.pending_failures})
             self._store = None
+        self._warn_unstored(unlisted)
+
+    def _warn_unstored(self, unlisted: list[int]) -> None:
+        """Sum up, once at close, the snapshots not stored and the copies that failed."""
+        unstored = sorted(self._unstored)
+        if unstored:
+            logger.warning(
+                "regionwatch: %d scheduled snapshots are NOT stored in %s: steps %s; %s",
+                len(unstored),
+                self.run_dir,
+                _steps(unstored),
+                f"{FAILURES_FILE} could not record steps {_steps(unlisted)} either (the disk "
+                "refused it): this log is their only record"
+                if unlisted
+                else f"{FAILURES_FILE} lists each with its error",
+            )
+        copies = self._writer.failures  # store jobs record their own failures, never raise
+        if copies:
+            logger.warning(
+                "regionwatch: %d copies to TensorBoard or the trainer's loggers failed in this "
+                "run (first: %s: %s); %s",
+                len(copies),
+                copies[0].what,
+                copies[0].error,
+                "the store holds every scheduled snapshot"
+                if not unstored
+                else "the store holds the snapshots not listed above",
+            )
 
     def _build_probes(self) -> ProbeSet:
         return ProbeSet.build(self._tokenizer, self._source, seed=self.watch.seed)
@@ -797,6 +820,7 @@ class Monitor:
         """Store one snapshot (on the writer thread); a failed write is a failed snapshot."""
         try:
             self._store.write(snapshot)
+            self._unstored.discard(snapshot.step)  # a retaken step (the final maps) is stored
         except Exception as err:  # guarantee: a failed store write never stops training
             logger.exception(
                 "storing the snapshot at step %d failed; training continues", snapshot.step
@@ -818,10 +842,22 @@ class Monitor:
 
     def _store_failure(self, step: int, tokens: int, error: str) -> None:
         self.failures += 1
+        self._unstored.add(step)
         try:
             self._store.record_failure(step=step, tokens=tokens, error=error)
         except Exception:  # the failure record itself must not stop training either
             logger.exception("could not record the failed snapshot at step %d", step)
+
+
+def _steps(steps: list[int]) -> str:
+    """Sorted steps as short ranges: [1, 2, 3, 4, 7] -> "1-4, 7"."""
+    runs: list[list[int]] = []
+    for step in steps:
+        if runs and step == runs[-1][1] + 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _non_finite(model: nn.Module, measured: Measurement) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-# PAPER.md §5: the anchor dots A, B, C of a region map are filled with their own channel at 1 and
+# method.md §5: the anchor dots A, B, C of a region map are filled with their own channel at 1 and
 # the others at 0.5, and edged with their own channel at 0.5 and the others at 0.
 ANCHOR_FILL = ((1.0, 0.5, 0.5), (0.5, 1.0, 0.5), (0.5, 0.5, 1.0))
 ANCHOR_EDGE = ((0.5, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.5))

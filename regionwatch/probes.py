@@ -1,7 +1,7 @@
 """The fixed prompts of a run (`ProbeSet`): built once, saved with the run, reused on resume/replay.
 
 Every snapshot of a run must measure exactly the same token ids, so a probe set holds ids, not
-text, and carries a fingerprint that snapshots record (PAPER.md §3, §8). This module owns the
+text, and carries a fingerprint that snapshots record (docs/method.md §3, §8). This module owns the
 set as a value and a file: checking its ids against a tokenizer, handing out each part's
 prompts (`ProbeSet.prompts`), and writing and reading them (`save`, `load`). Drawing the ids
 from a token source is `sampling`'s; `ProbeSet.build` is its public face.
@@ -68,7 +68,7 @@ class ProbeSet:
 
     Attributes:
         random: prompt windows, [prompts, seq_len] int64; chained into pairs (i, i+1), so 100
-            prompts give 99 pairs whose context is the first (PAPER.md §3.1).
+            prompts give 99 pairs whose context is the first (docs/method.md §3.1).
         similar: automatic similar pairs (distinct windows, same final token), [n, 2, seq_len].
         dissimilar: automatic dissimilar pairs (same prefix, final token swapped), [n, 2, seq_len].
         named: hand-picked and user pairs given as text.
@@ -76,7 +76,7 @@ class ProbeSet:
         provenance: tokenizer name and hash, source, seed, sizes, regionwatch version.
 
     Example:
-        >>> probes = ProbeSet.build(tokenizer)  # the built-in corpus, seed 0, PAPER.md §8 sizes
+        >>> probes = ProbeSet.build(tokenizer)  # the built-in corpus, seed 0, method.md §8 sizes
         >>> probes.save(run_dir / "probes")
         >>> ProbeSet.load(run_dir / "probes", tokenizer=tokenizer).equals(probes)
         True
@@ -176,7 +176,7 @@ class ProbeSet:
         max_tokens: int | None = DEFAULT_MAX_TOKENS,
         progress: bool = False,
     ) -> ProbeSet:
-        """Draw a probe set from a token source, as PAPER.md §3.1 and §8 describe.
+        """Draw a probe set from a token source, as docs/method.md §3.1 and §8 describe.
 
         The documents are encoded without special tokens (no BOS) and joined with the EOS token
         (or a blank line if the tokenizer has none; blank documents are skipped) into one stream,

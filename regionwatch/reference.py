@@ -4,7 +4,7 @@ Write vectors are read from `hidden_states[write_layer + 1]`, readouts from `hid
 and logits from the model's own head, all of one unmodified forward per prompt (a `Decoder`
 model: from hooks on its write block and final norm, logits from its head); every patched
 point is a full forward of its context with a hook that overwrites the last position after block
-`write_layer` (PAPER.md §2). Points of equal-length contexts share a batch, nothing else is shared.
+`write_layer` (method.md §2). Points of equal-length contexts share a batch, nothing else is shared.
 Same signatures as `measure.interpolate` / `measure.region_maps`; tests and benchmarks
 hold the fast engine to it, and users may cross-check with it. The library never imports it.
 """

@@ -350,6 +350,14 @@ def _tokenizer(
         if checkpoint.kind == "hub":
             logger.info("tokenizer: %s", checkpoint.label)
             return load_tokenizer(checkpoint.repo, revision=checkpoint.revision)
+        if checkpoint.kind == "gguf":  # the tokenizer is in the file's header
+            try:
+                tokenizer = load_tokenizer(checkpoint.path)
+            except RegionWatchError as err:  # a damaged file: named here, failed when measured
+                logger.warning("%s: no tokenizer from it: %s", checkpoint.label, err)
+                continue
+            logger.info("tokenizer: %s", checkpoint.label)
+            return tokenizer
         where = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
         if has_tokenizer(where):
             logger.info("tokenizer: %s", where)

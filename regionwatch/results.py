@@ -21,7 +21,7 @@ from regionwatch.errors import ConfigError, check_int, check_keys
 
 MIN_ALPHAS = 3  # with 2 grid points every relative curve is a straight line
 MIN_GRID = 3  # a 2x2 map has no interior to show a boundary in
-DEFAULT_SPAN = (-0.25, 1.25)  # PAPER.md §5: a margin of a quarter segment around the anchors
+DEFAULT_SPAN = (-0.25, 1.25)  # docs/method.md §5: a margin of a quarter segment around the anchors
 
 
 def check_alphas(num_alphas: int) -> None:
@@ -69,7 +69,7 @@ def check_budget(max_batch_tokens: int | None) -> None:
 
 @dataclass(frozen=True)
 class Curves:
-    """Interpolation curves of P prompt pairs on a grid of K alphas (PAPER.md §4).
+    """Interpolation curves of P prompt pairs on a grid of K alphas (docs/method.md §4).
 
     Attributes:
         alphas: the grid a_k, [K].
@@ -77,7 +77,7 @@ class Curves:
         relative: d(a) / d(1), [P, K]; a row of NaN for pairs in `excluded`.
         max_slope: (K - 1) * max_k (r_{k+1} - r_k), [P]; NaN for excluded pairs.
         logit_diff: 1 - n_k, the normalized logit difference between A's and B's clean top
-            tokens in A's patched context (PAPER.md §4.1), [P, K]; 0 at a = 0, 1 at a = 1, NaN
+            tokens in A's patched context (docs/method.md §4.1), [P, K]; 0 at a = 0, 1 at a = 1, NaN
             where both prompts predict the same token.
         top_a: argmax of A's clean next-token logits, [P].
         top_b: argmax of B's clean next-token logits, [P].
@@ -99,7 +99,7 @@ class Curves:
 
 @dataclass(frozen=True)
 class RegionMaps:
-    """2-D slices through the write vectors of T prompt triples (PAPER.md §5, Figure 1).
+    """2-D slices through the write vectors of T prompt triples (docs/method.md §5, Figure 1).
 
     Attributes:
         axis: grid values used for both alpha and beta, [G].
@@ -125,7 +125,7 @@ class ProbeConfig:
     """What one measurement computes; saved with the run so that resume and replay compute the same.
 
     Attributes:
-        write_layer: block whose output is patched; 0 = after the first block (PAPER.md §2).
+        write_layer: block whose output is patched; 0 = after the first block (docs/method.md §2).
         num_alphas: interpolation grid points K; max slopes are only comparable at equal K.
         grid: region-map grid points per axis (37 puts A and B on pixel centres).
         span: region-map axis range for alpha and beta.
@@ -206,7 +206,7 @@ class Measurement:
         config: the settings measured with.
         curves: per part ("random", "similar", "dissimilar", "named") that was measured.
         maps: region maps of the probe set's triples, or None.
-        summary: headline scalars under PAPER.md §8's names (see `metrics.summary`).
+        summary: headline scalars under docs/method.md §8's names (see `metrics.summary`).
         timing: seconds: `total`, `clean` (unpatched passes), `queries` (patched passes), and
             `part/<name>`: each part's share, its patched points' share of the query time plus
             its prompts' share of the clean time (all points cost the same single-token pass).

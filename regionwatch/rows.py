@@ -4,7 +4,7 @@ A `Decoder` model is called as a whole (`Decoder.forward`), so its attention can
 engine's KV cache and query masks (a nanoGPT-style model's attention is hard-wired causal). Each
 query is then one row: the whole context prompt, with block L_w's output overwritten at the last
 position by a forward hook, read out at the final norm. That is exactly the reference's patched
-forward (PAPER.md §2), batched: equal-length rows of one phase share a pass. It costs a full
+forward (docs/method.md §2), batched: equal-length rows of one phase share a pass. It costs a full
 forward per query instead of one token; `benchmarks/bench_probe.py` measures both paths.
 
 Same contract as `engine.run` (prompts, phases, `build`, budget, FSDP `split`), with the same

@@ -1,4 +1,4 @@
-"""Drawing a probe set's prompts from a token source (PAPER.md §3.1, §8).
+"""Drawing a probe set's prompts from a token source (docs/method.md §3.1, §8).
 
 `draw` cuts a token stream into windows and samples the random prompts, the automatic similar
 and dissimilar pairs and the region-map triples from them with a private generator, and turns
@@ -34,11 +34,11 @@ logger = logging.getLogger(__name__)
 
 PairKind = Literal["similar", "dissimilar", "user"]
 
-DEFAULT_SEQ_LEN = 10  # PAPER.md §3.1: 10-token windows
-DEFAULT_PROMPTS = 100  # PAPER.md §3.1: 100 prompts chained into 99 pairs
-DEFAULT_SIMILAR = 16  # PAPER.md §8
-DEFAULT_DISSIMILAR = 16  # PAPER.md §8
-DEFAULT_TRIPLES = 4  # PAPER.md §8: consecutive triples (0, 1, 2), (1, 2, 3), ...
+DEFAULT_SEQ_LEN = 10  # docs/method.md §3.1: 10-token windows
+DEFAULT_PROMPTS = 100  # docs/method.md §3.1: 100 prompts chained into 99 pairs
+DEFAULT_SIMILAR = 16  # docs/method.md §8
+DEFAULT_DISSIMILAR = 16  # docs/method.md §8
+DEFAULT_TRIPLES = 4  # docs/method.md §8: consecutive triples (0, 1, 2), (1, 2, 3), ...
 # Enough for 200,000 windows of 10 tokens, far more than a probe set draws from, while a large
 # dataset is read only until then (a few seconds), not to its end.
 DEFAULT_MAX_TOKENS = 2**21
@@ -47,7 +47,7 @@ MIN_PROMPTS = 2  # two prompts make one chained pair
 TRIPLE_SIZE = 3  # A, B, C of a region map
 STREAM_HASH_CHARS = 16  # hex digits of the token stream's hash in provenance
 
-# PAPER.md §3.2: A and B share every token but the last (for the model's own tokenizer); the
+# docs/method.md §3.2: A and B share every token but the last (for the model's own tokenizer); the
 # leading spaces are part of the prompts.
 HANDPICKED: tuple[tuple[str, PairKind, str, str], ...] = (
     (
@@ -244,7 +244,7 @@ def _windows(stream: np.ndarray, seq_len: int, n_prompts: int, description: str)
 
 
 def _similar_pairs(windows: np.ndarray, order: np.ndarray, count: int) -> tuple[Tensor, set[int]]:
-    """Pairs of windows with the same final token and different earlier tokens (PAPER.md §6.6).
+    """Pairs of windows with the same final token and different earlier tokens (method.md §6.6).
 
     Windows are visited in `order`; each waits for the next one ending in its token.
     """

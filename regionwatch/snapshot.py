@@ -115,7 +115,7 @@ class Snapshot:
 
     @property
     def summary(self) -> Mapping[str, float]:
-        """The headline scalars (PAPER.md §8 names)."""
+        """The headline scalars (docs/method.md §8 names)."""
         return self.measurement.summary
 
     def record(self) -> dict[str, Any]:
@@ -123,7 +123,7 @@ class Snapshot:
 
         Keys: `step`, `tokens`, `position_unknown` (the parts of the position not known, [] for a
         snapshot taken in training), `wall_time`, `run_id`, the fingerprints, every summary scalar
-        under its PAPER.md §8 name (`max_slope/median`, ...), `probe_seconds`, the settings
+        under its docs/method.md §8 name (`max_slope/median`, ...), `probe_seconds`, the settings
         that make max slopes comparable (`num_alphas`, `grid`, `write_layer`), and `parts`
         (the parts measured, e.g. ["dissimilar", "maps", "named", "random", "similar"]).
         """

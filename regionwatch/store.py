@@ -26,12 +26,20 @@ Write protocol. The sidecar is the commit record; the index is derived from the 
 what readers list; every file becomes visible only by `atomic.write_atomic` (temp, fsync,
 `os.replace`, fsync dir). `write` goes: (1) retire the step's old snapshot if any: unlink its
 sidecar, rewrite the index without it, unlink its data file; (2) the data file; (3) the sidecar;
-(4) the index. Crash analysis: a crash inside any atomic write leaves a temp file, removed on the
-next open. After (1)'s unlink the old snapshot is uncommitted and the open drops its row and data.
-After (2) the data file has no sidecar and is removed on open. After (3) the open finds a sidecar
-the index lacks, checks the data file's size and sha256, and indexes it. So a reopened store shows
-for that step the old snapshot, none, or the new one, never a half or mismatched file; readers see
-only whole index versions. `truncate_after` follows (1) for each dropped step.
+(4) the index: the row is appended as one newline-terminated line (`atomic.append_whole`) when
+it sorts last, as in training, so a write costs the same at the 2,000th snapshot as at the 10th;
+an earlier point (a replay filling a gap) rewrites the index. The writer keeps its own view of
+the index, so a write reads nothing back. Crash analysis: a crash inside any atomic write leaves a
+temp file, removed on the next open. After (1)'s unlink the old snapshot is uncommitted and the
+open drops its row and data. After (2) the data file has no sidecar and is removed on open. After
+(3), or inside (4)'s append (a torn last line without its newline, which readers skip as not yet
+written), the open finds a sidecar the index lacks, checks the data file's size and sha256, and
+rewrites the index with it. So a reopened store shows for that step the old snapshot, none, or
+the new one, never a half or mismatched file; readers see only whole index rows. A write that
+fails (a full disk) removes its sidecar, so the step stays not stored, as its caller records it.
+`truncate_after` follows (1) for each dropped step (one rewrite: the compaction of a resume).
+Failure rows are appended the same way; a row the disk refuses is kept and retried at the next
+write and at `close`.
 
 Concurrency: one writer per run, any number of readers. The writer holds an exclusive `flock` on
 writer.lock from `create` (or its first write, or `repair`) until `close` or exit; the kernel drops
@@ -57,10 +65,11 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from fnmatch import fnmatch
 from pathlib import Path
@@ -71,6 +80,7 @@ from safetensors import SafetensorError
 
 from regionwatch.atomic import (
     TEMP_MARK,
+    append_whole,
     bytes_digest,
     clean_temp_files,
     file_digest,
@@ -114,6 +124,12 @@ _FORMATS = {INDEX_FILE: INDEX_FORMAT, FAILURES_FILE: FAILURES_FORMAT}
 # Every entry of a run directory the store opens; none may be a symbolic link.
 MISSING = "missing"  # what `_read_sidecar` says of a sidecar that is not there
 RUN_ENTRIES = (CONFIG_FILE, PROBES_DIR, SNAPSHOTS_DIR, INDEX_FILE, FAILURES_FILE, LOCK_FILE)
+# Free space a run needs to start, as `bytes_to_start` estimates it: 8 bytes per number stored
+# (float64 at most), a run's JSON files and each snapshot's header, sidecar and index row, and
+# room for the baseline and the next snapshot (a disk that holds less fails at once).
+BYTES_PER_NUMBER = 8
+JSON_BYTES = 64 * 1024
+SNAPSHOTS_TO_START = 2
 
 
 class Damage(NamedTuple):
@@ -155,6 +171,10 @@ class SnapshotStore:
         self.path = Path(path)
         self._snapshots = self.path / SNAPSHOTS_DIR
         self._lock: IO[bytes] | None = None
+        # The writer's view of the index, {step: row}, valid while it holds the lock (only it
+        # writes): a write appends one line instead of re-reading and rewriting the whole index.
+        self._index: dict[int, dict[str, Any]] | None = None
+        self._pending: list[dict[str, Any]] = []  # failure rows a full disk refused, retried
         _refuse_links(self.path)
         meta = _read_run_config(self.path / CONFIG_FILE)
         try:
@@ -234,7 +254,8 @@ class SnapshotStore:
             ConfigError: step or tokens negative or wider than the file name's digits.
         """
         self._check_snapshot(snapshot)
-        self._lock_for_writing()
+        index = self._writer_index()
+        self._flush_failures(quietly=True)  # a freed disk takes the rows it refused first
         header = snapshot.header()
         try:
             metadata = {HEADER_KEY: json.dumps(header, allow_nan=False)}
@@ -245,11 +266,18 @@ class SnapshotStore:
         row = {**snapshot.record(), "file": data_path.name, "size": len(data)}
         row["sha256"] = bytes_digest(data)
         sidecar = {"format": SIDECAR_FORMAT, "format_version": STORE_FORMAT_VERSION, "row": row}
-        self._retire(lambda step: step == snapshot.step)
-        write_atomic(data_path, data)
-        write_json_atomic(data_path.with_suffix(".json"), sidecar)  # the header: in the data file
-        others = [r for r in self._rows() if r["step"] != snapshot.step]
-        self._write_rows(INDEX_FILE, [*others, row])
+        if snapshot.step in index:
+            self._retire(self._snapshots / index[snapshot.step]["file"])
+        try:
+            write_atomic(data_path, data)
+            write_json_atomic(data_path.with_suffix(".json"), sidecar)  # header: in the data file
+            self._add_row(row)
+        except StoreError:
+            # Not stored, so not committed: the caller records the step as failed, and a sidecar
+            # left here would have the next repair index it after all. The next write repairs.
+            self._index = None
+            data_path.with_suffix(".json").unlink(missing_ok=True)
+            raise
         logger.debug("stored step %d (%d tokens) as %s", snapshot.step, snapshot.tokens, data_path)
         return data_path
 
@@ -274,6 +302,20 @@ class SnapshotStore:
             if fresh == row:
                 raise
             return self._load(fresh)
+
+    def read_record(self, record: Mapping[str, Any]) -> Snapshot:
+        """Load the snapshot a `records()` row names, as `read` does, without re-reading the index.
+
+        Going through every record with `read` would parse the index once per snapshot; this
+        keeps a reader of the whole run (a report) linear in the run's length.
+
+        Raises:
+            StoreError: as `read`.
+        """
+        try:
+            return self._load(record)
+        except StoreError:
+            return self.read(record["step"])  # the writer may have replaced it since the listing
 
     def steps(self) -> list[int]:
         """The steps with a readable snapshot, ascending."""
@@ -342,8 +384,12 @@ class SnapshotStore:
         Returns:
             The dropped snapshots' steps, ascending.
         """
-        self._lock_for_writing()
-        dropped = self._retire(lambda s: s > step)
+        self._writer_index()
+        stems = {p: _parse_stem(p.stem) for p in self._snapshots.glob("*.json")}
+        doomed = {p: stem[1] for p, stem in stems.items() if stem is not None and stem[1] > step}
+        self._retire(*doomed)
+        dropped = sorted(doomed.values())
+        self._pending = [f for f in self._pending if f["step"] <= step]
         failures = self.failures()
         if any(f["step"] > step for f in failures):
             self._write_rows(FAILURES_FILE, [f for f in failures if f["step"] <= step])
@@ -352,10 +398,23 @@ class SnapshotStore:
         return dropped
 
     def record_failure(self, *, step: int, tokens: int, error: str) -> None:
-        """Record a failed measurement in failures.jsonl, so that reports can list it."""
-        self._lock_for_writing()
+        """Record a failed measurement in failures.jsonl, so that reports can list it.
+
+        A row the disk refuses is kept and retried, before every later write and at `close`,
+        so that a disk freed later still receives it (`pending_failures` lists what waits).
+
+        Raises:
+            StoreError: the row cannot be written now (it stays pending).
+        """
+        self._writer_index()
         failure = {"step": int(step), "tokens": int(tokens), "error": str(error)}
-        self._write_rows(FAILURES_FILE, [*self.failures(), {**failure, "wall_time": time.time()}])
+        self._pending.append({**failure, "wall_time": time.time()})
+        self._flush_failures(quietly=False)
+
+    @property
+    def pending_failures(self) -> list[dict[str, Any]]:
+        """Failure rows not yet in failures.jsonl (the disk refused them), oldest first."""
+        return list(self._pending)
 
     def failures(self) -> list[dict[str, Any]]:
         """The recorded failures, oldest first."""
@@ -377,16 +436,76 @@ class SnapshotStore:
         return pandas.DataFrame.from_records(self.records())
 
     def close(self) -> None:
-        """Give up the writer lock (readers need not call this)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        """Write the pending failure rows if the disk now takes them; give up the writer lock.
+
+        Readers need not call this. Rows the disk still refuses are named in a warning (and stay
+        in `pending_failures`).
+        """
+        if self._lock is None:
+            return
+        self._flush_failures(quietly=True)
+        if self._pending:
+            logger.warning(
+                "%s: could not record the failed snapshots of steps %s in %s (%s)",
+                self.path,
+                [f["step"] for f in self._pending],
+                FAILURES_FILE,
+                "the disk refused the write",
+            )
+        self._lock.close()
+        self._lock = None
+        self._index = None
 
     def __enter__(self) -> SnapshotStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _writer_index(self) -> dict[int, dict[str, Any]]:
+        """Become the writer (repairing crash leftovers) and return its view of the index."""
+        self._lock_for_writing()
+        if self._index is None:  # a failed write: the disk, not the view, is the truth
+            self._maintain()
+        assert self._index is not None  # set by `_maintain`
+        return self._index
+
+    def _add_row(self, row: dict[str, Any]) -> None:
+        """Index a committed snapshot: one appended line, or a rewrite where order needs it.
+
+        Training writes steps in order, so the row sorts last and is appended, at a cost
+        independent of the run's length. A replaced step or an earlier point (a replay filling a
+        gap) rewrites the index, keeping it sorted and one row per step (format version 1).
+        """
+        index = self._writer_index()
+        last = index[next(reversed(index))] if index else None  # dicts keep the sorted order
+        if row["step"] not in index and (
+            last is None or (row["tokens"], row["step"]) > (last["tokens"], last["step"])
+        ):
+            append_whole(self.path / INDEX_FILE, _jsonl_line(row))
+            index[row["step"]] = row
+            return
+        rows = _sorted([*(r for r in index.values() if r["step"] != row["step"]), row])
+        self._write_rows(INDEX_FILE, rows)
+        self._index = {r["step"]: r for r in rows}
+
+    def _flush_failures(self, *, quietly: bool) -> None:
+        """Append the pending failure rows, oldest first; stop at the first the disk refuses."""
+        while self._pending:
+            try:
+                path = self.path / FAILURES_FILE
+                if _ends_whole(path):
+                    append_whole(path, _jsonl_line(self._pending[0]))
+                else:  # none yet (or a crash tore its tail): write it whole
+                    self._write_rows(FAILURES_FILE, [*self.failures(), self._pending[0]])
+            except StoreError:
+                if not quietly:
+                    raise
+                logger.debug(
+                    "failure rows of steps %s still pending", [f["step"] for f in self._pending]
+                )
+                return
+            self._pending.pop(0)
 
     def _lock_for_writing(self) -> None:
         if self._lock is not None:
@@ -446,23 +565,33 @@ class SnapshotStore:
                 path.unlink(missing_ok=True)
                 logger.info("removed %s: a write interrupted before its sidecar", path)
         on_disk, problems = _parse_jsonl(self.path / INDEX_FILE, INDEX_FORMAT, ROW_TYPES)
-        if problems or on_disk != _sorted(rows.values()):
+        if problems or on_disk != _sorted(rows.values()) or not _ends_whole(self.path / INDEX_FILE):
             self._write_rows(INDEX_FILE, list(rows.values()))
             logger.info("%s: rebuilt %s from the snapshots' sidecars", self.path, INDEX_FILE)
+        failures = self.path / FAILURES_FILE
+        if failures.exists() and not _ends_whole(failures):  # an append torn by a crash
+            self._write_rows(FAILURES_FILE, self.failures())
+        self._index = {row["step"]: row for row in _sorted(rows.values())}
 
-    def _retire(self, doomed: Callable[[int], bool]) -> list[int]:
-        """Remove the snapshots whose step `doomed(step)` holds; return their steps, ascending."""
-        stems = {p: _parse_stem(p.stem) for p in self._snapshots.glob("*.json")}
-        sidecars = [p for p, stem in stems.items() if stem is not None and doomed(stem[1])]
-        if not sidecars:
-            return []
+    def _retire(self, *files: Path) -> None:
+        """Remove snapshots (given by data file or sidecar) from the disk and the index."""
+        if not files:
+            return
+        index = self._writer_index()
+        sidecars = [path.with_suffix(".json") for path in files]
         for sidecar in sidecars:
             sidecar.unlink(missing_ok=True)  # the commit record first: now uncommitted on reopen
-        self._write_rows(INDEX_FILE, [r for r in self._rows() if not doomed(r["step"])])
+        gone = {sidecar.with_suffix(".safetensors").name for sidecar in sidecars}
+        kept = {step: row for step, row in index.items() if row["file"] not in gone}
+        try:
+            self._write_rows(INDEX_FILE, list(kept.values()))
+        except StoreError:
+            self._index = None  # the next write repairs from the sidecars
+            raise
+        self._index = kept
         for sidecar in sidecars:
             sidecar.with_suffix(".safetensors").unlink(missing_ok=True)
         sync_dir(self._snapshots)
-        return sorted(stems[p][1] for p in sidecars)  # type: ignore[index]
 
     def _checked_rows(
         self, *, hash_it: bool
@@ -503,8 +632,14 @@ class SnapshotStore:
         try:
             data = read_bytes(path)
         except OSError as err:
+            why = (
+                "it is a symbolic link, which regionwatch never follows inside a run directory "
+                "(replace it with the file it points to)"
+                if err.errno == errno.ELOOP
+                else str(err)
+            )
             raise StoreError(
-                f"{path}: cannot read the snapshot of step {row['step']}: {err}"
+                f"{path}: cannot read the snapshot of step {row['step']}: {why}"
             ) from err
         # Hash the very bytes we load: a check on the file followed by a second read could pass
         # on one version and load another.
@@ -575,6 +710,58 @@ class SnapshotStore:
         ):
             if not 0 <= value < 10**digits:
                 raise ConfigError(f"Snapshot.{name}={value}: need 0 <= {name} < 10**{digits}")
+
+
+def snapshot_bytes(probes: ProbeSet, config: ProbeConfig) -> int:
+    """An upper estimate of one snapshot's files (data, sidecar, index row), in bytes.
+
+    From the shapes `Snapshot.arrays` stores: per pair part, distance and logit difference
+    [pairs, alphas] and the two top tokens [pairs]; region maps [triples, 3, grid, grid].
+    """
+    prompts = probes.prompts()
+    numbers = sum(
+        len(prompts[part]) * (2 * config.num_alphas + 2) for part in config.parts if part != "maps"
+    )
+    if "maps" in config.parts:
+        numbers += len(prompts["maps"]) * 3 * (config.grid**2 + 2) + config.grid
+    return BYTES_PER_NUMBER * numbers + JSON_BYTES
+
+
+def bytes_to_start(probes: ProbeSet, config: ProbeConfig) -> int:
+    """Free space a run needs to start: its probe set, its JSON files and its first snapshots."""
+    probe_tokens = sum(len(p) for part in probes.prompts().values() for g in part for p in g)
+    return (
+        BYTES_PER_NUMBER * probe_tokens
+        + JSON_BYTES
+        + SNAPSHOTS_TO_START * snapshot_bytes(probes, config)
+    )
+
+
+def check_free_space(path: str | Path, *, probes: ProbeSet, config: ProbeConfig) -> None:
+    """Refuse, before any write, a run directory whose filesystem cannot hold a run's start.
+
+    Args:
+        path: the run directory (it must exist).
+        probes: the run's probe set.
+        config: the run's measurement settings.
+
+    Raises:
+        ConfigError: less free space than `bytes_to_start` (the message names the directory,
+            the space needed and free, and one snapshot's size).
+    """
+    free = shutil.disk_usage(path).free
+    needed = bytes_to_start(probes, config)
+    if free < needed:
+        raise ConfigError(
+            f"run dir {path} has {_mib(free)} free on its filesystem; a run needs about "
+            f"{_mib(needed)} to start (the probe set and the first {SNAPSHOTS_TO_START} "
+            f"snapshots), then about {_mib(snapshot_bytes(probes, config))} per snapshot: free "
+            "space there, or pass a run_dir (--out) on a disk with room"
+        )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f} MiB"
 
 
 def _write_run(
@@ -691,9 +878,15 @@ def _acquire_lock(path: Path, *, wait_s: float) -> IO[bytes] | None:
             lock.close()
             logger.warning("cannot lock %s: %s", path / LOCK_FILE, err)
             return None
-    lock.truncate(0)
-    lock.write(f"pid {os.getpid()}\n".encode())  # named in the second writer's error
-    lock.flush()
+    try:
+        os.ftruncate(lock.fileno(), 0)  # unbuffered: a refused write leaves nothing to flush
+        os.pwrite(lock.fileno(), f"pid {os.getpid()}\n".encode(), 0)  # named to a second writer
+    except OSError as err:  # a full disk: the run cannot be written at all
+        lock.close()
+        raise StoreError(
+            f"{path}: cannot write {LOCK_FILE} ({err}); free space on its filesystem, or pass a "
+            "run directory on a disk with room"
+        ) from err
     return lock
 
 
@@ -767,6 +960,9 @@ def _parse_jsonl(
     """
     try:
         lines = read_bytes(path).split(b"\n")
+        # A last line without its newline is an append in progress (or torn by a crash, which
+        # the writer's repair removes): not yet written, so neither a row nor damage.
+        del lines[max(1, len(lines) - 1) :]
     except FileNotFoundError:
         return [], ([] if fmt == FAILURES_FORMAT else [f"{path.name} is missing"])
     except OSError as err:
@@ -804,5 +1000,22 @@ def _read_jsonl(path: Path, fmt: str, types: Mapping[str, type]) -> list[dict[st
 
 def _write_jsonl(path: Path, fmt: str, run_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
     header = {"format": fmt, "format_version": STORE_FORMAT_VERSION, "run_id": run_id}
-    lines = [json.dumps(line, allow_nan=False) for line in (header, *rows)]
-    write_atomic(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    write_atomic(path, b"".join(_jsonl_line(line) for line in (header, *rows)))
+
+
+def _jsonl_line(row: Mapping[str, Any]) -> bytes:
+    """One JSON line, newline-terminated: a line without its newline is not yet written."""
+    return (json.dumps(row, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _ends_whole(path: Path) -> bool:
+    """Whether a JSON-lines file exists and ends with a newline (no torn append at its end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        return size > 0 and os.pread(fd, 1, size - 1) == b"\n"
+    finally:
+        os.close(fd)

@@ -15,7 +15,7 @@ no file.
 
 What one snapshot writes, at global_step = tokens seen (tags are a file format, STYLE.md §2.2):
 
-- `regionwatch/<key>` for every key of `Snapshot.summary` (PAPER.md §8: `max_slope/median`,
+- `regionwatch/<key>` for every key of `Snapshot.summary` (docs/method.md §8: `max_slope/median`,
   `max_slope/q25`, `max_slope/q75`, `max_slope/similar_median`, `max_slope/frac_linear`,
   `dist/d1_median`, `pairs/excluded`, ...); NaN and infinite values are skipped.
 - `regionwatch/probe/seconds` (the probe's total time) and `regionwatch/probe/<part>_seconds`.

@@ -13,7 +13,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 # The corpus, its tokenizer and probe set; the replay tests' probe set and live runs.
-pytest_plugins = ["tests.support.text", "tests.support.replay_runs", "tests.support.disk"]
+pytest_plugins = [
+    "tests.support.text",
+    "tests.support.replay_runs",
+    "tests.support.disk",
+    "tests.support.gguf_files",
+]
 
 # Repeatable cuBLAS on CUDA: deterministic mode (Lightning's deterministic=True, which the
 # `trainer` of tests/support/lm.py sets) needs this workspace size, and torch reads it once, at

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-AGREEMENT_TOL = 1e-5  # PAPER.md §9: the fast path matches the reference to float32 round-off
+AGREEMENT_TOL = 1e-5  # docs/method.md §9: the fast path matches the reference to float32 round-off
 
 
 def run_quick(script: str, out: Path) -> dict:
@@ -141,3 +141,16 @@ def test_bench_loop_quick_writes_its_json(tmp_path: Path) -> None:
     assert len(result["step_not_due_us"]) == len(result["bounded_copy_us"]) == 1
     assert result["median"]["step_not_due_us"] > 0
     assert result["median"]["bounded_copy_us"] > 0
+
+
+@pytest.mark.slow
+def test_bench_store_quick_writes_its_json(tmp_path: Path) -> None:
+    """bench_store --quick: every write timed at each run length, and the report over each run."""
+    result = run_quick("bench_store.py", tmp_path / "store.json")
+    assert {"torch", "git", "threads"} <= set(result["env"])
+    assert [r["snapshots"] for r in result["runs"]] == [20, 40]
+    for run in result["runs"]:
+        assert len(run["write_s"]) == len(run["write_cpu_s"]) == run["snapshots"]
+        assert run["write_cpu_first_median_s"] > 0
+        assert run["with_maps"] >= 2  # the first and the last, at least
+        assert run["report_cpu_s"] > 0

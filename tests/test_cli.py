@@ -137,7 +137,9 @@ def test_show_refuses_a_linked_run_entry_and_touches_nothing(
 def test_user_errors_exit_2_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A usage error prints one line naming the problem, exit status 2."""
     assert main(["measure"]) == 2
-    assert "MODEL_DIR or --init-from" in capsys.readouterr().err
+    assert "give a MODEL (a save_pretrained folder, a .gguf file or smollm2) or --init-from" in (
+        capsys.readouterr().err
+    )
     assert main(["show", str(tmp_path)]) == 2
     assert "regionwatch show: error:" in capsys.readouterr().err
 

@@ -25,7 +25,7 @@ TOY = DemoConfig(
     learning_rate=3e-3,
     probe=ProbeConfig(parts=("random",)),
 )
-# PAPER.md §7.2 claim 1: at init the path is nearly straight; the final norm alone bends it to
+# docs/method.md §7.2 claim 1: at init the path is nearly straight; the final norm alone bends it to
 # ~1.31, so a random model sits in [1, 1.4].
 INIT_RANGE = (1.0, 1.4)
 # TOY with seeds 0-4 (docs/results.md): init medians 1.104-1.156, final minus init 0.205-0.320

@@ -32,11 +32,13 @@ RANK = {
     # DESIGN import order: errors → access · sampling · distributed → probes · engine
     "distributed": 2,
     "sampling": 2,
-    "loading": 2,
+    "gguf_file": 2.5,  # checks a GGUF's architecture against access's table
+    "loading": 3,
+    "sizing": 1,
     "probes": 3,
     "engine": 3,
     "rows": 3.5,  # the generic engine path: uses engine's batching and FSDP split; plan uses it
-    "stacks": 3,  # litgpt / OLMo-core / nanoGPT checkpoints: loading, dcp, decoder
+    "stacks": 3.25,  # litgpt / OLMo-core / nanoGPT checkpoints: loading, dcp, decoder
     "checkpoints": 4,
     "results": 3,
     "wrappers": 3,

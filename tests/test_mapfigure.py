@@ -17,7 +17,7 @@ from regionwatch.mapfigure import (
     move_anchors,
 )
 
-AXIS = np.linspace(-0.25, 1.25, 7)  # PAPER.md §5's span, 7 cells
+AXIS = np.linspace(-0.25, 1.25, 7)  # docs/method.md §5's span, 7 cells
 RGB = np.random.default_rng(0).random((7, 7, 3))
 
 

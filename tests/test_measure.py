@@ -61,7 +61,7 @@ def test_interpolate_matches_reference(arch: str) -> None:
     fast = interpolate(model, ids_a, ids_b, num_alphas=11, write_layer=1)
     slow = reference.interpolate(model, ids_a, ids_b, num_alphas=11, write_layer=1)
     assert_curves_close(fast, slow)
-    assert fast.max_slope.min() >= 1.0 - 1e-4  # telescoping bound (PAPER.md §4)
+    assert fast.max_slope.min() >= 1.0 - 1e-4  # telescoping bound (docs/method.md §4)
 
 
 def test_region_maps_match_reference(arch: str) -> None:
@@ -137,7 +137,7 @@ LINE_BOUND = {torch.float64: 1e-9, torch.float32: 20 * 4 * 1.2e-7}
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_identity_network_gives_a_straight_line(arch: str, dtype: torch.dtype) -> None:
-    """Identity blocks after the write site and no final norm: r(a) = a and s = 1 (PAPER.md §4)."""
+    """Identity blocks after the write site and no final norm: r(a) = a and s = 1 (method.md §4)."""
     model = tiny_model(arch, dtype=dtype)
     _identity_after(model, 0)
     if arch == "llama":
@@ -157,7 +157,7 @@ def test_identity_network_gives_a_straight_line(arch: str, dtype: torch.dtype) -
 
 def test_final_norm_alone_gives_the_closed_form() -> None:
     """With identity blocks and only an RMS norm, orthogonal equal-norm x_A, x_B give
-    r(a) = sin(theta/2) / sin(pi/4), tan(theta) = a / (1 - a) (PAPER.md §7.2 claim 1)."""
+    r(a) = sin(theta/2) / sin(pi/4), tan(theta) = a / (1 - a) (docs/method.md §7.2 claim 1)."""
     model = tiny_model("llama")
     _identity_after(model, -1)  # block 0 too: x is the last token's embedding
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The pure maths of PAPER.md §4-§5: analytic cases and invariants."""
+"""The pure maths of docs/method.md §4-§5: analytic cases and invariants."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_relative_is_scale_invariant(scale: float, seed: int) -> None:
 
 @given(seed=st.integers(0, 2**16), alphas=st.integers(3, 40))
 def test_relative_ends_at_one_and_slope_bounds_increment(seed: int, alphas: int) -> None:
-    """r(1) = 1 exactly, and s >= 1 - r(0) because the increments telescope (PAPER.md §4)."""
+    """r(1) = 1 exactly, and s >= 1 - r(0) because the increments telescope (docs/method.md §4)."""
     g = torch.Generator().manual_seed(seed)
     curve = torch.rand(7, alphas, generator=g) * 5 + 0.02  # not monotone: slopes may be negative
     rel = metrics.relative(curve)
@@ -112,7 +112,7 @@ def test_median_curve_is_lower_middle_and_skips_excluded() -> None:
 
 @given(seed=st.integers(0, 2**16), width=st.integers(2, 16))
 def test_plane_passes_through_anchors(seed: int, width: int) -> None:
-    """p(0,0) = a, p(1,0) = b, p(t,1) = c, and u is orthogonal to b - a (PAPER.md §5)."""
+    """p(0,0) = a, p(1,0) = b, p(t,1) = c, and u is orthogonal to b - a (docs/method.md §5)."""
     g = torch.Generator().manual_seed(seed)
     a, b, c = (torch.randn(width, generator=g, dtype=torch.float64).float() for _ in range(3))
     t, u = metrics.plane(a, b, c)
@@ -155,7 +155,7 @@ def test_frac_linear_counts_pairs_inside_one_region() -> None:
 
 
 def test_summary_names_and_values() -> None:
-    """The headline scalars carry PAPER.md §8's names and the quartiles of the slopes."""
+    """The headline scalars carry docs/method.md §8's names and the quartiles of the slopes."""
     alphas = metrics.alpha_grid(5)
     dist = torch.stack([alphas * 2, alphas * 4, (alphas > 0.5).float() * 3, alphas * 0])
     rel = metrics.relative(dist)

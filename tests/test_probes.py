@@ -1,4 +1,4 @@
-"""ProbeSet: building from a token source (PAPER.md §3, §8), invariants, save/load, measuring."""
+"""ProbeSet: building from a token source (method.md §3, §8), invariants, save/load, measuring."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_build_pairs_skip_degenerate_partners(text_tokenizer):
 
 
 def test_build_prompts_carry_no_bos(text_tokenizer, small_docs):
-    """A tokenizer that prepends BOS on encode still gives windows without it (PAPER.md §3.1)."""
+    """A tokenizer that prepends BOS on encode still gives windows without it (method.md §3.1)."""
     backend = Tokenizer.from_str(text_tokenizer.backend_tokenizer.to_str())
     backend.add_special_tokens(["<s>"])
     bos = backend.token_to_id("<s>")

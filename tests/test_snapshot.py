@@ -63,7 +63,7 @@ def test_stamp_records_fingerprints(snapshot: Snapshot, probes: ProbeSet) -> Non
 
 
 def test_record_carries_the_headline_scalars(snapshot: Snapshot) -> None:
-    """The record is flat JSON with step, tokens and PAPER.md §8's names."""
+    """The record is flat JSON with step, tokens and docs/method.md §8's names."""
     record = snapshot.record()
     json.dumps(record, allow_nan=False)
     assert (record["step"], record["tokens"], record["num_alphas"], record["grid"]) == (

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -28,12 +29,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         with logging_redirect_tqdm():
             return args.run(args)
     except RegionWatchError as err:  # a user error: the message says how to fix it
-        print(f"regionwatch {args.verb}: error: {err}", file=sys.stderr)
+        message = name_flags(str(err), getattr(args, "flags", {}))
+        print(f"regionwatch {args.verb}: error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader left (`show --json | head`): nothing more to say
         # Python would report the failed flush of stdout at exit; point it at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def name_flags(message: str, flags: Mapping[str, str]) -> str:
+    """A library message, with the flag that sets each of the library's names it uses.
+
+    The library speaks in its own parameters (`num_alphas`), a command line user in flags
+    (`--alphas`): every name of `flags` that the message uses gets its flag appended.
+    """
+    named = [
+        f"{name} is {flag}"
+        for name, flag in flags.items()
+        if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", message)
+    ]
+    return f"{message} (on the command line: {'; '.join(named)})" if named else message
 
 
 def configure_logging(level: str) -> None:

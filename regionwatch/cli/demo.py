@@ -13,6 +13,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from regionwatch.cli.tables import tokens_table
 
 HOST_LOGGERS = ("lightning", "transformers")  # their own handlers print the lines
+# The library's names in its messages, and the flag that sets each (see `cli.main`).
+FLAGS = {"steps": "--steps (or the --config YAML's steps)", "trainer": "--trainer"}
 
 
 def add(verbs: argparse._SubParsersAction) -> None:
@@ -36,7 +38,7 @@ def add(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--steps", type=int, help="override the config's number of optimizer steps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, flags=FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:

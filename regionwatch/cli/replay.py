@@ -8,6 +8,21 @@ from pathlib import Path
 from regionwatch.cli.tables import tokens
 from regionwatch.errors import RegionWatchError
 
+# The library's names in its messages, and the flag that sets each (see `cli.main`).
+FLAGS = {
+    "write_layer": "--write-layer",
+    "num_alphas": "--alphas",
+    "grid": "--grid",
+    "tokens_per_step": "--tokens-per-step",
+    "state_key": "--state-key",
+    "config_dir": "--config",
+    "trust_pickle": "--trust-pickle",
+    "revisions": "--revisions",
+    "repo": "--repo",
+    "precision": "--precision",
+    "into": "--into",
+}
+
 
 def add(verbs: argparse._SubParsersAction) -> None:
     """Register the verb."""
@@ -23,9 +38,9 @@ def add(verbs: argparse._SubParsersAction) -> None:
         nargs="*",
         type=Path,
         metavar="SOURCE",
-        help="save_pretrained / Trainer checkpoint-N dirs, Lightning .ckpt files, litgpt and "
-        "OLMo-core step folders, nanoGPT ckpt.pt files, directories holding them, or a "
-        "regionwatch run dir (its probe set is used)",
+        help="save_pretrained / Trainer checkpoint-N dirs, Lightning .ckpt files, .gguf files, "
+        "litgpt and OLMo-core step folders, nanoGPT ckpt.pt files, directories holding them, or "
+        "a regionwatch run dir (its probe set is used)",
     )
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", type=Path, metavar="RUN_DIR", help="run dir to write (or resume)")
@@ -91,7 +106,7 @@ def add(verbs: argparse._SubParsersAction) -> None:
         "or weights (the weights' own dtype); recorded in every snapshot",
     )
     p.add_argument("--device", default="cpu")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, flags=FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:

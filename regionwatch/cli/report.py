@@ -8,6 +8,9 @@ from pathlib import Path
 from regionwatch.cli.runs import find_run
 from regionwatch.cli.tables import tokens
 
+# The library's names in its messages, and the flag that sets each (see `cli.main`).
+FLAGS = {"max_curves": "--max-curves", "at_tokens": "--at"}
+
 
 def add(verbs: argparse._SubParsersAction) -> None:
     """Register the verb."""
@@ -39,7 +42,7 @@ def add(verbs: argparse._SubParsersAction) -> None:
         help="most checkpoints per curves panel and region-map strip (default 8)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, flags=FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "index.html"
 DEFAULT_MAX_CURVES = 8  # Fig. 4a stays readable up to about eight lines per panel
 MIN_CURVES = 2  # the first and the last checkpoint
+# A run mapping every snapshot of a long schedule would make a GIF of thousands of frames (too
+# long to watch, and its time and size grow with the run): at most this many, log-spaced.
+MAX_FRAMES = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -206,7 +209,7 @@ def _slope_images(runs: Sequence[RunData], out: Path) -> tuple[list[Image], list
         notes.append(
             "These runs were measured with different numbers of alphas S "
             f"({', '.join(str(k) for k in groups)}). A max slope depends on S (a perfect step "
-            "gives S - 1; PAPER.md §4), so each S gets its own max-slope figure."
+            "gives S - 1; docs/method.md §4), so each S gets its own max-slope figure."
         )
         logger.warning("runs differ in num_alphas %s: one max-slope figure per S", list(groups))
     unplaced = [r.name for r in runs if not r.placed.all()]
@@ -313,8 +316,14 @@ def _map_images(
         title=f"{run.label}: region maps {what}",
     )  # fmt: skip
     save(strip, out / f"maps_{slug}.png")
+    frames = sorted(map_columns(mapped, MAX_FRAMES)[0])  # a GIF of thousands of frames: too long
     gif = region_animation(
-        axis, rgb, anchors, titles, [s.step for s in mapped], out / f"maps_{slug}.gif"
+        axis,
+        rgb[frames],
+        anchors[frames],
+        [titles[i] for i in frames],
+        [mapped[i].step for i in frames],
+        out / f"maps_{slug}.gif",
     )
     how = (
         "Colour = 1 - D/max per channel (A red, B green, C blue): a pixel is reddish where the "
@@ -329,5 +338,10 @@ def _map_images(
             f"log-spaced). {how}",
             wide=True,
         ),
-        Image(gif.name, "Region maps, animated", f"One frame per snapshot ({len(mapped)}). {how}"),
+        Image(
+            gif.name,
+            "Region maps, animated",
+            f"One frame per snapshot with maps ({len(frames)} of {len(mapped)}; at most "
+            f"{MAX_FRAMES}, log-spaced). {how}",
+        ),
     ]

@@ -57,7 +57,7 @@ def relative_curves_figure(
 ) -> Figure:
     """Paper Fig. 4a,b: one panel per run, one median curve per checkpoint, coloured by tokens.
 
-    A random-init model draws the diagonal; training bends it into an S (PAPER.md §7.2 claims
+    A random-init model draws the diagonal; training bends it into an S (docs/method.md §7.2 claims
     1-3). Colours share one log norm over every panel, so equal colours mean equal tokens.
 
     Args:
@@ -146,7 +146,7 @@ def pairs_figure(
     """Paper Fig. 2: similar vs dissimilar pairs at one checkpoint, and the logit difference.
 
     Left: d(a)/d(1) of every similar and dissimilar pair (thin) and their medians (bold);
-    similar pairs should stay near the diagonal, dissimilar ones jump (PAPER.md §7.2 claim 5).
+    similar pairs should stay near the diagonal, dissimilar ones jump (docs/method.md §7.2 claim 5).
     Middle: 1 - n(a) of the dissimilar pairs, with their median d(a)/d(1) dashed for comparison:
     the prediction should flip where the distance jumps. Right (when the probe set has named
     pairs, e.g. the paper's S1-S3 / D1-D3): each named pair's d(a)/d(1), and its 1 - n(a) dashed.

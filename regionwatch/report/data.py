@@ -39,7 +39,7 @@ PAIR_PARTS = ("similar", "dissimilar", "named")
 
 @dataclass(frozen=True)
 class PairCurves:
-    """Curves of one set of labelled pairs at one snapshot (PAPER.md §4, §4.1).
+    """Curves of one set of labelled pairs at one snapshot (docs/method.md §4, §4.1).
 
     Attributes:
         relative: d(a)/d(1) per pair, [P, K]; NaN rows for excluded pairs.
@@ -57,7 +57,7 @@ class PairCurves:
 
 @dataclass(frozen=True)
 class MapData:
-    """The region maps of one snapshot (PAPER.md §5).
+    """The region maps of one snapshot (docs/method.md §5).
 
     Attributes:
         axis: grid values for alpha (columns) and beta (rows, top to bottom), [G].
@@ -175,7 +175,7 @@ class SlopeSeries:
         q25: lower quartile of the max slopes per snapshot, [N].
         median: median max slope per snapshot, [N].
         q75: upper quartile per snapshot, [N].
-        num_alphas: the grid size S; slopes of different S are not comparable (PAPER.md §4).
+        num_alphas: the grid size S; slopes of different S are not comparable (docs/method.md §4).
         onset: emergence onset in tokens (see `RunData.onset`), or None.
         init_q25: bottom of the init band (q25 of the lowest-tokens snapshot).
         init_q75: top of the init band, the onset's threshold.
@@ -399,13 +399,13 @@ def load_run(path: str | Path, *, name: str | None = None, progress: bool = True
     if len(sizes) > 1:
         raise StoreError(
             f"{path}: snapshots were measured with different numbers of alphas {sorted(sizes)}; "
-            "max slopes of different grids cannot share an axis (PAPER.md §4)"
+            "max slopes of different grids cannot share an axis (docs/method.md §4)"
         )
     probes = store.probes()
     named = [(pair.name, pair.kind) for pair in probes.named]
     snapshots = []
     for record in tqdm(records, desc=f"report {name}", unit="snapshot", disable=not progress):
-        latest = store.read(record["step"])
+        latest = store.read_record(record)  # not read(step): that re-reads the index
         snapshots.append(SnapshotData.from_snapshot(latest, named=named))
     info = {**store.info, **latest.info}  # the loop ran: records is not empty (checked above)
     return RunData(

@@ -1,6 +1,6 @@
 """The training-tokens axis of every report figure: labels ("4.2M"), parsing, and the marked 0.
 
-Tokens seen grow over many decades, so figures draw them on a log axis (PAPER.md §7.1). The
+Tokens seen grow over many decades, so figures draw them on a log axis (docs/method.md §7.1). The
 initialization snapshot has 0 tokens, which a log axis cannot show; like the paper (which draws 0
 tokens at 1e9, left of its 4B checkpoint) we draw it at a marked position half a decade left of
 the smallest positive count, with a tick labelled "0" and a break mark between the two.
@@ -22,7 +22,7 @@ from regionwatch.errors import ConfigError
 # Suffixes of `format_tokens`, largest first; K/M/B/T as training logs write token counts.
 UNITS = (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3))
 SIGNIFICANT = 3  # "4.2M", "123K", "3.05T": enough to tell checkpoints apart on a slide
-# Where 0 tokens is drawn: this many decades left of the smallest positive count (PAPER.md §7.1
+# Where 0 tokens is drawn: this many decades left of the smallest positive count (method.md §7.1
 # draws 0 at 1e9 with 4B as its first checkpoint, about half a decade).
 ZERO_OFFSET_DECADES = 0.5
 # Axis limits sit this many decades beyond the outermost points, so markers are not clipped.

@@ -4,7 +4,7 @@ Median max slope with quartile bars and the alignment score, one line per run on
 tokens axis.
 
 Runs of different model sizes compare on one axis, but only at equal grid size S: a max slope
-depends on S (PAPER.md §4), so `slope_over_tokens_figure` refuses a mix rather than draw it.
+depends on S (docs/method.md §4), so `slope_over_tokens_figure` refuses a mix rather than draw it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 
 from regionwatch.errors import ConfigError
-from regionwatch.report.data import ModelPoint, ScalarSeries, SlopeSeries
+from regionwatch.report.data import ModelPoint, ScalarSeries, SlopeSeries, curve_subset
 from regionwatch.report.style import PANEL_SIZE, RUN_COLOURS, new_figure, styled
 from regionwatch.report.tokens import TokenAxis, format_tokens
 
@@ -30,8 +30,13 @@ WIDE = 1.35  # the trend figures are wider than a curve panel: tokens span many 
 ONSET_STYLE = {"linestyle": "--", "linewidth": 1.2, "alpha": 0.8}
 INIT_BAND_ALPHA = 0.08  # the init band is background for the onset, not a datum
 NO_INFORMATION = 0.5  # an AUC of 0.5: max slope says nothing about the next token
-STRAIGHT_LINE = 1.0  # max slope of a straight line, its lower bound (PAPER.md §4)
+STRAIGHT_LINE = 1.0  # max slope of a straight line, its lower bound (docs/method.md §4)
 SLOPE_LABEL = "median max slope of d($\\alpha$)/d(1)  (per unit $\\alpha$)"
+# Beyond this many snapshots a run's bars and markers merge into a block (a long every_steps
+# run has thousands): the quartiles become a shaded band, with bars and markers at this many
+# log-spaced snapshots on it.
+MAX_BARS = 40
+QUARTILE_BAND_ALPHA = 0.2
 
 
 def slope_over_tokens_figure(
@@ -40,6 +45,9 @@ def slope_over_tokens_figure(
     title: str | None = None,
 ) -> Figure:
     """Paper Fig. 4c / 3c: median max slope over tokens seen, q25..q75 bars, one line per run.
+
+    A run of more than `MAX_BARS` snapshots draws its quartiles as a shaded band, and its bars
+    and markers at `MAX_BARS` log-spaced snapshots, so that 2,000 points stay readable.
 
     0 tokens sits at the axis's marked position with a "0" tick (see `TokenAxis`). Each run's
     emergence onset, if any, is a dashed vertical line in the run's colour.
@@ -59,7 +67,7 @@ def slope_over_tokens_figure(
     if len(sizes) != 1:
         raise ConfigError(
             f"max slopes of grids with different numbers of alphas {sizes} cannot share an axis "
-            "(a perfect step gives S - 1; PAPER.md §4): draw one figure per num_alphas"
+            "(a perfect step gives S - 1; docs/method.md §4): draw one figure per num_alphas"
         )
     axis = TokenAxis.spanning(np.concatenate([s.tokens for s in series]))
     colours = colormaps[RUN_COLOURS]
@@ -72,10 +80,19 @@ def slope_over_tokens_figure(
             colour = colours(i % colours.N)
             if np.isfinite([s.init_q25, s.init_q75]).all():
                 ax.axhspan(s.init_q25, s.init_q75, color=colour, alpha=INIT_BAND_ALPHA, linewidth=0)
+            x = axis.x(s.tokens)
+            shown = np.zeros(len(x), dtype=bool)
+            shown[curve_subset(s.tokens, MAX_BARS)] = True
+            if not shown.all():
+                ax.fill_between(
+                    x, s.q25, s.q75, color=colour, alpha=QUARTILE_BAND_ALPHA, linewidth=0
+                )
             bars = ax.errorbar(
-                axis.x(s.tokens),
+                x,
                 s.median,
                 yerr=np.stack([s.median - s.q25, s.q75 - s.median]),
+                errorevery=shown,
+                markevery=shown,
                 color=colour,
                 marker="o",
                 markersize=MARKER_SIZE,
@@ -168,7 +185,7 @@ def alignment_over_tokens_figure(
 
     The AUC is the probability that a pair whose prompts predict different next tokens has a
     larger max slope than a pair whose predictions agree (`metrics.alignment`): it rises
-    above 0.5 as region boundaries come to separate predictions (PAPER.md §7.2 claim 7).
+    above 0.5 as region boundaries come to separate predictions (docs/method.md §7.2 claim 7).
 
     Args:
         series: one per run (the AUC is rank-based, so it compares across grid sizes).
@@ -190,6 +207,7 @@ def alignment_over_tokens_figure(
                 color=colours(i % colours.N),
                 marker="o",
                 markersize=MARKER_SIZE,
+                markevery=curve_subset(s.tokens, MAX_BARS),  # thousands of markers: a smear
                 linewidth=LINE_WIDTH,
                 label=s.label,
             )

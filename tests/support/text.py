@@ -30,7 +30,7 @@ def text_tokenizer(corpus_text: str):
 
 @pytest.fixture(scope="session")
 def builtin_probes(text_tokenizer) -> ProbeSet:
-    """The default probe set (seed 0, PAPER.md §8 sizes) of the built-in corpus."""
+    """The default probe set (seed 0, docs/method.md §8 sizes) of the built-in corpus."""
     return ProbeSet.build(text_tokenizer)
 
 
