@@ -1,7 +1,8 @@
 """Pretrain a small Llama with transformers.Trainer, watching stable regions form: a full example.
 
     python examples/train_hf.py --out runs/hf-example
-    tensorboard --logdir runs/hf-example --samples_per_plugin images=100
+    tensorboard --logdir runs/hf-example/regionwatch --samples_per_plugin images=100
+    # then open http://localhost:6006/?smoothing=0#timeseries
 
 The regionwatch lines are marked. The Trainer counts training tokens only when asked
 (`include_num_input_tokens_seen`): regionwatch logs over tokens, so it needs that count.
@@ -17,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from regionwatch import RegionMonitorCallback  # regionwatch (1/3)
 from regionwatch.corpus import builtin_text, token_stream, train_tokenizer
+from regionwatch.tensorboard import view_hint
 
 
 def main() -> None:
@@ -53,7 +55,8 @@ def main() -> None:
     # regionwatch (3/3): stored in <out>/regionwatch; the scalars also reach report_to's loggers
     RegionMonitorCallback(tokenizer=tokenizer).attach(trainer)
     trainer.train()
-    print(f"snapshots: {args.out / 'regionwatch'}; view: tensorboard --logdir {args.out}")
+    run_dir = args.out / "regionwatch"
+    print(f"snapshots: {run_dir}; view: {view_hint(run_dir, snapshots=0)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Pretrain a small GPT-2 with Lightning and watch stable regions form: a complete example.
 
     python examples/train_lightning.py --out runs/lightning-example
-    tensorboard --logdir runs/lightning-example --samples_per_plugin images=100
+    tensorboard --logdir runs/lightning-example/regionwatch --samples_per_plugin images=100
+    # then open http://localhost:6006/?smoothing=0#timeseries
 
 The two regionwatch lines are marked. Everything else is an ordinary Lightning pretraining
 script: a tokenizer trained locally on the built-in corpus, fixed-length windows, a GPT-2 from
@@ -20,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from regionwatch import RegionMonitor, Schedule, WatchConfig  # regionwatch (1/2)
 from regionwatch.corpus import builtin_text, token_stream, train_tokenizer
+from regionwatch.tensorboard import view_hint
 
 
 class LanguageModel(L.LightningModule):
@@ -63,7 +65,8 @@ def main() -> None:
         accelerator="auto",
     )
     trainer.fit(LanguageModel(len(tokenizer), args.seq_len), loader)
-    print(f"snapshots: {args.out / 'regionwatch'}; view: tensorboard --logdir {args.out}")
+    run_dir = args.out / "regionwatch"
+    print(f"snapshots: {run_dir}; view: {view_hint(run_dir, snapshots=0)}")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ STACK_RECORDS = MappingProxyType(
 # given in brackets, so that two monitors of one Trainer keep their states apart.
 REGION_MONITOR_STATE = "regionwatch.RegionMonitor"
 LEGACY_MONITOR_STATE = "RegionMonitor"  # its key before it had its own: Lightning's, the class name
+# RegionMonitorCallback's entry in trainer_state.json's `stateful_callbacks` (run id and dir).
+HF_MONITOR_STATE = "regionwatch"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +83,8 @@ class Checkpoint:
         found: how step and tokens were found, e.g. "step and tokens: trainer_state.json".
         tokens_per_step: the tokens-per-step default of its revision schedule, if any.
         error: why it cannot be measured, found while discovering it; "" if nothing was.
+        run_dir: the live run the checkpoint names (its regionwatch callback state), if any.
+        run_id: that run's id, if recorded.
     """
 
     kind: Kind
@@ -92,6 +96,8 @@ class Checkpoint:
     found: str = ""
     tokens_per_step: int | None = None
     error: str = ""
+    run_dir: str | None = None
+    run_id: str | None = None
 
     @property
     def label(self) -> str:
@@ -292,6 +298,7 @@ def _position(
     """Fill in step and tokens, each from the first source that has it."""
     steps: list[tuple[int | None, str]] = []
     tokens: list[tuple[int | None, str]] = []
+    run: Mapping[str, Any] = {}
     if checkpoint.kind == "state_dict" and checkpoint.path.suffix in NANOGPT_SUFFIXES:
         data = read_checkpoint(checkpoint.path, trust_pickle=trust_pickle)  # memory-mapped
         if is_nanogpt(data):  # a nanoGPT checkpoint saved under another name than ckpt.pt
@@ -302,13 +309,16 @@ def _position(
         tokens.append((seen, STACK_RECORDS[checkpoint.kind]))
     if checkpoint.kind == "pretrained" and (checkpoint.path / TRAINER_STATE).is_file():
         state = _read_json(checkpoint.path / TRAINER_STATE)
+        callbacks = state.get("stateful_callbacks")
+        if isinstance(callbacks, Mapping) and isinstance(callbacks.get(HF_MONITOR_STATE), Mapping):
+            run = callbacks[HF_MONITOR_STATE]
         step = _count(state.get("global_step"), TRAINER_STATE, "global_step")
         seen = _count(state.get("num_input_tokens_seen"), TRAINER_STATE, "num_input_tokens_seen")
         steps.append((step, TRAINER_STATE))
         # The Trainer writes 0 when it was not asked to count (include_num_input_tokens_seen).
         tokens.append((seen if seen or step == 0 else None, TRAINER_STATE))
     if checkpoint.kind == "state_dict" and checkpoint.path.suffix != ".safetensors":
-        step, seen = _lightning_position(checkpoint.path, trust_pickle)
+        step, seen, run = _lightning_position(checkpoint.path, trust_pickle)
         steps.append((step, "the checkpoint's global_step"))
         tokens.append((seen, "the RegionMonitor state in the checkpoint"))
     named = parse_revision(checkpoint.name)
@@ -325,11 +335,23 @@ def _position(
         if step_from == tokens_from
         else f"step from {step_from}, tokens from {tokens_from}"
     )
-    return replace(checkpoint, step=step, tokens=seen, found=how)
+    run_dir, run_id = run.get("run_dir"), run.get("run_id")
+    return replace(
+        checkpoint,
+        step=step,
+        tokens=seen,
+        found=how,
+        run_dir=run_dir if isinstance(run_dir, str) else None,
+        run_id=run_id if isinstance(run_id, str) else None,
+    )
 
 
-def _lightning_position(path: Path, trust_pickle: bool) -> tuple[int | None, int | None]:
-    """A `.ckpt`'s global step and the tokens its RegionMonitor counted (None where absent).
+def _lightning_position(
+    path: Path, trust_pickle: bool
+) -> tuple[int | None, int | None, Mapping[str, Any]]:
+    """A `.ckpt`'s global step, the tokens its RegionMonitor counted, and that monitor's state.
+
+    None where absent (an empty state: no monitor).
 
     Memory-mapped: this reads the few bytes of metadata, not the weights.
 
@@ -339,12 +361,12 @@ def _lightning_position(path: Path, trust_pickle: bool) -> tuple[int | None, int
     """
     data = read_checkpoint(path, trust_pickle=trust_pickle)
     if not isinstance(data, Mapping):
-        return None, None
+        return None, None, {}
     step = data.get("global_step")
     callbacks = data.get("callbacks")
     states = monitor_states(callbacks) if isinstance(callbacks, Mapping) else []
     seen = states[0].get("tokens") if states else None  # every monitor counts the same tokens
-    return _int_or_none(step), _int_or_none(seen)
+    return _int_or_none(step), _int_or_none(seen), states[0] if states else {}
 
 
 def monitor_state_key(run_dir: str | None) -> str:

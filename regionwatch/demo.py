@@ -20,7 +20,9 @@ import datasets
 import lightning as L
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import (
     GPT2Config,
     LlamaConfig,
@@ -29,9 +31,11 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     get_cosine_schedule_with_warmup,
 )
+from typing_extensions import override
 
 from regionwatch.corpus import builtin_text, token_stream, train_tokenizer
 from regionwatch.errors import ConfigError, check_int, check_keys
@@ -41,7 +45,7 @@ from regionwatch.loading import seeded_init
 from regionwatch.measurement import ProbeConfig
 from regionwatch.monitor import MAPS_PER_DECADE, WatchConfig
 from regionwatch.probes import ProbeSet
-from regionwatch.schedule import DEFAULT_PER_DECADE, Schedule
+from regionwatch.schedule import DEFAULT_PER_DECADE, Mark, Schedule
 from regionwatch.sizing import check_model_memory
 from regionwatch.store import DEFAULT_RUN_NAME
 
@@ -272,12 +276,82 @@ def run_demo(
     driver = RegionMonitor if trainer == "lightning" else RegionMonitorCallback
     callback = driver(watch, probes=probes, run_dir=out / DEFAULT_RUN_NAME)
     data = training_data(config, tokenizer)
-    model, seconds = train(config, out, data, [callback], trainer=trainer, progress=progress)
+    callbacks: list[Any] = [callback]
+    if progress:  # one bar for the whole run, in place of the trainer's per-epoch bar
+        bar = RunProgress(config, callback.monitor)
+        callbacks.append(bar.lightning() if trainer == "lightning" else bar.hf())
+    try:
+        model, seconds = train(config, out, data, callbacks, trainer=trainer, progress=False)
+    finally:
+        if progress:
+            bar.close()
     model.save_pretrained(out / MODEL_DIR)
     tokenizer.save_pretrained(out / MODEL_DIR)
     return DemoResult(
         out=out, run_dir=out / DEFAULT_RUN_NAME, model_dir=out / MODEL_DIR, seconds=seconds
     )
+
+
+class RunProgress:
+    """One progress bar for the whole demo run: optimizer steps, tokens seen, snapshots, ETA.
+
+    The trainers' own bars count per epoch (Lightning's reads "Epoch 3/-2" under max_steps);
+    the demo's run is a number of steps, so this bar counts those, and shows the tokens and
+    snapshots so far beside them.
+
+    Args:
+        config: the demo run (its steps and tokens per step).
+        monitor: the run's monitor, whose newest mark says when a snapshot was taken.
+    """
+
+    def __init__(self, config: DemoConfig, monitor: Any) -> None:
+        self._bar = tqdm(total=config.steps, desc="demo", unit="step", dynamic_ncols=True)
+        self._tokens_per_step = config.tokens_per_step
+        self._monitor = monitor
+        self._marks: set[Mark] = set()
+
+    def update(self, step: int) -> None:
+        """Move the bar to optimizer step `step`."""
+        if self._monitor.last is not None:
+            self._marks.add(self._monitor.last)
+        self._bar.set_postfix_str(
+            f"{step * self._tokens_per_step:,} tokens, {len(self._marks)} snapshots", refresh=False
+        )
+        self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        """Finish the bar."""
+        self._bar.close()
+
+    def lightning(self) -> Callback:
+        """The bar as a Lightning callback (after the monitor's, so that it sees its snapshot)."""
+        progress = self
+
+        class _Bar(Callback):
+            @override
+            def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+                progress.update(trainer.global_step)  # the baseline snapshot
+
+            @override
+            def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+                progress.update(trainer.global_step)
+
+        return _Bar()
+
+    def hf(self) -> TrainerCallback:
+        """The bar as a transformers.Trainer callback."""
+        progress = self
+
+        class _Bar(TrainerCallback):
+            @override
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                progress.update(state.global_step)  # the baseline snapshot
+
+            @override
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                progress.update(state.global_step)
+
+        return _Bar()
 
 
 def train(

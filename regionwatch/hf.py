@@ -7,12 +7,14 @@ and the run's id and directory, which the callback records there under `STATE_KE
 `stateful_callbacks`), so it works whether or not the user sets
 `restore_callback_states_from_checkpoint`.
 
-The Trainer's loggers (`report_to`: TensorBoard, W&B, MLflow, ...) get the headline scalars
-through the Trainer's own logging path, `Trainer.log`, right after each snapshot (at the step it
-measured), on the training thread (`TrainerLog`). A callback is never
-handed its Trainer, so the callback needs `attach(trainer)` for that; without it, only
-regionwatch's own store and TensorBoard run are written. The integrations take no images (the
-Trainer drops non-scalar logs).
+The Trainer's loggers (`report_to`: TensorBoard, W&B, MLflow, ...) get the headline scalars, as
+`regionwatch_step/<key>`, through the Trainer's own logging path, `Trainer.log`, right after each
+snapshot (at the step it measured), on the training thread (`TrainerLog`). The other way round,
+the Trainer's logged loss is copied onto regionwatch's token axis (`regionwatch/train/loss`). The
+setup line and one line per snapshot go to the Trainer's own logger, shown at
+`TrainingArguments(log_level="info")`. A callback is never handed its Trainer, so the callback
+needs `attach(trainer)` for that; without it, only regionwatch's own store and TensorBoard run
+are written. The integrations take no images (the Trainer drops non-scalar logs).
 """
 
 from __future__ import annotations
@@ -36,25 +38,27 @@ from transformers import (
 from typing_extensions import override
 
 from regionwatch.access import check_materialized
+from regionwatch.checkpoints import HF_MONITOR_STATE
 from regionwatch.corpus import Source
 from regionwatch.distributed import fsdp1_root
 from regionwatch.errors import ConfigError
-from regionwatch.monitor import (
-    Monitor,
-    WatchConfig,
-    headline,
-)
+from regionwatch.monitor import Monitor, WatchConfig
 from regionwatch.probes import ProbeSet
+from regionwatch.sinks import headline
 from regionwatch.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
+# The HF Trainer's own channel: a child of the "transformers" logger, whose level the Trainer sets
+# from `args.log_level` and whose handler prints. The setup line and one line per snapshot go
+# there, so `TrainingArguments(log_level="info")` shows them with nothing else to configure.
+host_logger = logging.getLogger("transformers.regionwatch")
 
 COUNTING = ("all", "non_padding", True)  # include_num_input_tokens_seen values that count
 # Our entry in `TrainerState.stateful_callbacks`, saved in every checkpoint's trainer_state.json.
 # Not a callback class name: `restore_callback_states_from_checkpoint` rebuilds callbacks from
 # entries named after their class, and this callback cannot be rebuilt from JSON (it holds a
 # tokenizer); the Trainer only warns that it ignores an entry it cannot match.
-STATE_KEY = "regionwatch"
+STATE_KEY = HF_MONITOR_STATE
 
 
 class RegionMonitorCallback(TrainerCallback):
@@ -163,6 +167,7 @@ class RegionMonitorCallback(TrainerCallback):
             trainer_precision=lambda: _autocast(args, model),
             info={"driver": "hf"},
             sinks=() if self._trainer is None else [TrainerLog(self._trainer)],
+            announce=host_logger.info,
         )
         saved = state.stateful_callbacks.get(STATE_KEY)
         if isinstance(saved, dict):  # restored from the checkpoint's trainer_state.json
@@ -197,6 +202,18 @@ class RegionMonitorCallback(TrainerCallback):
         self.monitor.step(state.global_step, tokens=state.num_input_tokens_seen, final=last)
         if control.should_save:  # decided before us: snapshots up to a checkpoint are written
             self.monitor.drain()  # before it, as a resume from it never retakes them
+
+    @override
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs and "loss" in logs:  # the Trainer's loss, averaged since its last log, on tokens
+            self.monitor.log_training({"loss": logs["loss"]}, tokens=state.num_input_tokens_seen)
 
     @override
     def on_train_end(

@@ -21,7 +21,8 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
     Strategy,
 )
-from torch import nn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
@@ -31,16 +32,11 @@ from regionwatch.corpus import Source
 from regionwatch.counting import CountTokens, count_batch_tokens, token_count
 from regionwatch.distributed import SUPPORTED, fsdp1_root
 from regionwatch.errors import ConfigError, UnsupportedModelError
-from regionwatch.monitor import (
-    TOKENS_TAG,
-    Monitor,
-    WatchConfig,
-    headline,
-)
+from regionwatch.monitor import Monitor, WatchConfig
 from regionwatch.probes import ProbeSet
-from regionwatch.sinks import Sink
+from regionwatch.sinks import TOKENS_TAG, Sink, headline
 from regionwatch.snapshot import Snapshot
-from regionwatch.tensorboard import TAG_ROOT
+from regionwatch.tensorboard import STEP_ROOT, step_tag
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +47,13 @@ class RegionMonitor(Callback):
     """Measures stable regions during `Trainer.fit` and logs their emergence over tokens seen.
 
     Snapshots go to a `SnapshotStore` in `run_dir` and to TensorBoard (`<run_dir>/tensorboard`,
-    step axis = training tokens). Every logger in `trainer.loggers` (CSV, TensorBoard, W&B,
-    MLflow, ...) also gets the headline scalars, named as the TensorBoard tags, with
-    `regionwatch/tokens` in the same call, at the trainer's global step; loggers that take images
-    also get the curve figures and region maps. W&B charts `regionwatch/*` over tokens.
+    step axis = training tokens), with the loss `training_step` returns copied there onto tokens
+    (`regionwatch/train/loss`, every `log_every_n_steps` optimizer steps). Every logger in
+    `trainer.loggers` (CSV, TensorBoard, W&B, MLflow, ...) also gets the headline scalars as
+    `regionwatch_step/<key>`, with `regionwatch_step/tokens` in the same call, at the trainer's
+    global step; W&B, MLflow (and TensorBoardLogger when regionwatch's own TensorBoard run is
+    off) also get the curve figures and region maps. W&B charts `regionwatch_step/*` over
+    tokens. The setup line and one line per snapshot go through Lightning's `rank_zero_info`.
     Everything but the probe and the scalar copies is written on a background thread; the
     scalars go to each logger while the training thread waits, at most
     `WatchConfig.logger_timeout_s` (a logger that hangs longer is dropped for the run).
@@ -129,6 +128,7 @@ class RegionMonitor(Callback):
         self.tokens = 0  # tokens seen at the last optimizer step, over all ranks
         self._pending = 0  # this rank's tokens since then
         self._step = 0
+        self._loss: Tensor | None = None  # this optimizer step's loss so far (micro-batches)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -148,7 +148,12 @@ class RegionMonitor(Callback):
             world=trainer.world_size,
             trainer_precision=trainer.precision_plugin.forward_context,
             info={"driver": "lightning"},
-            sinks=logger_sinks(trainer.loggers),
+            # regionwatch's own TensorBoard run has the images on tokens: each image appears once.
+            sinks=logger_sinks(
+                trainer.loggers,
+                images_skip=(TensorBoardLogger,) if self.monitor.watch.tensorboard else (),
+            ),
+            announce=rank_zero_info,  # printed by Lightning's own handler, as its other lines
         )
 
     @override
@@ -182,11 +187,18 @@ class RegionMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        loss = _loss(outputs)
+        if loss is not None:  # per micro-batch, scaled by 1/accumulation: their sum is the mean
+            self._loss = loss if self._loss is None else self._loss + loss
         if trainer.global_step == self._step:
             return  # a gradient-accumulation micro-batch: no optimizer step yet
         self._step = trainer.global_step
         self.tokens += self._reduce(trainer, self._pending)
         self._pending = 0
+        if self._loss is not None and self._step % trainer.log_every_n_steps == 0:
+            # At the trainer's own logging cadence: one host sync per logged step.
+            self.monitor.log_training({"loss": float(self._loss)}, tokens=self.tokens)
+        self._loss = None
         last = 0 < trainer.max_steps <= self._step  # known here: measure it with its maps now
         self.monitor.step(self._step, tokens=self.tokens, final=last)
 
@@ -234,6 +246,15 @@ class RegionMonitor(Callback):
         return int(total.item())
 
 
+def _loss(outputs: Any) -> Tensor | None:
+    """The loss `training_step` returned (a tensor, or a mapping's "loss"), detached; else None."""
+    if isinstance(outputs, Mapping):
+        outputs = outputs.get("loss")
+    if isinstance(outputs, Tensor) and outputs.numel() == 1:
+        return outputs.detach()
+    return None
+
+
 def check_strategy(strategy: Strategy) -> None:
     """Refuse, before the model is even configured, a strategy the probe cannot measure.
 
@@ -267,7 +288,7 @@ def _tensorboard_image(logger: Logger, name: str, pixels: np.ndarray, snapshot: 
 def _wandb_image(logger: Logger, name: str, pixels: np.ndarray, snapshot: Snapshot) -> None:
     import wandb  # present: a WandbLogger exists
 
-    # Not `log_image`, which gives the row the step alone: W&B charts `regionwatch/*` over
+    # Not `log_image`, which gives the row the step alone: W&B charts `regionwatch_step/*` over
     # tokens (see `LoggerCopy`), so an image's row must hold them too.
     row = {name: [wandb.Image(pixels)], TOKENS_TAG: snapshot.tokens}
     logger.log_metrics(row, step=snapshot.step)
@@ -293,11 +314,11 @@ class LoggerCopy:
     """Copies each snapshot's headline scalars to one of the trainer's loggers.
 
     Through `Logger.log_metrics` at the snapshot's global step (the trainer's own axis: loggers
-    refuse steps that go back), with `regionwatch/tokens` in the same call. Written while the
-    training thread waits, for at most `WatchConfig.logger_timeout_s` (`sinks.Fanout`): the
-    trainer writes to the same logger from that thread, and CSVLogger loses rows written from
-    two threads at once. W&B additionally charts
-    `regionwatch/*` over tokens.
+    refuse steps that go back), named `regionwatch_step/<key>` (`sinks.headline`) with
+    `regionwatch_step/tokens` in the same call. Written while the training thread waits, for at
+    most `WatchConfig.logger_timeout_s` (`sinks.Fanout`): the trainer writes to the same logger
+    from that thread, and CSVLogger loses rows written from two threads at once. W&B
+    additionally charts `regionwatch_step/*` over tokens.
 
     Args:
         logger: one of `trainer.loggers`.
@@ -324,14 +345,15 @@ class LoggerCopy:
         # W&B draws a chart over its step metric; tokens, not steps, are regionwatch's axis.
         if isinstance(self._logger, WandbLogger):
             self._logger.experiment.define_metric(TOKENS_TAG)
-            self._logger.experiment.define_metric(f"{TAG_ROOT}/*", step_metric=TOKENS_TAG)
+            self._logger.experiment.define_metric(f"{STEP_ROOT}/*", step_metric=TOKENS_TAG)
         self._axes_defined = True
 
 
 class LoggerImages:
     """Copies each snapshot's images to one of the trainer's loggers that takes them.
 
-    On the monitor's background writer: the loggers in `IMAGE_WRITERS` take images from any
+    Named `regionwatch_step/...` (`tensorboard.step_tag`), at the trainer's global step. On the
+    monitor's background writer: the loggers in `IMAGE_WRITERS` take images from any
     thread. Named as its logger's `LoggerCopy`, so that dropping a hung logger drops both.
 
     Args:
@@ -355,24 +377,28 @@ class LoggerImages:
     def write(self, snapshot: Snapshot, rendered: Mapping[str, np.ndarray]) -> None:
         """Log every image of one snapshot at its global step."""
         for tag, pixels in rendered.items():
-            self._write_image(self._logger, tag, pixels, snapshot)
+            self._write_image(self._logger, step_tag(tag), pixels, snapshot)
 
     def close(self) -> None:
         """Nothing to release: the trainer finalizes its own loggers."""
 
 
-def logger_sinks(loggers: Sequence[Logger]) -> list[Sink]:
+def logger_sinks(
+    loggers: Sequence[Logger], *, images_skip: tuple[type[Logger], ...] = ()
+) -> list[Sink]:
     """The sinks that copy every snapshot to the trainer's loggers: scalars, and images where taken.
 
     Args:
         loggers: the trainer's loggers (`trainer.loggers`).
+        images_skip: kinds of logger that get no images (TensorBoardLogger while regionwatch's
+            own TensorBoard run has them on tokens: each image once in a TensorBoard view).
     """
     sinks: list[Sink] = []
     for index, logger_ in enumerate(loggers):
         name = f"trainer logger {index} ({type(logger_).__name__})"
         sinks.append(LoggerCopy(logger_, name))
         write_image = _image_writer(logger_)
-        if write_image is not None:
+        if write_image is not None and not isinstance(logger_, images_skip):
             sinks.append(LoggerImages(logger_, name, write_image))
     return sinks
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import re
+import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -42,6 +44,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from regionwatch.atomic import write_atomic
 from regionwatch.corpus import DEFAULT_VOCAB_SIZE, builtin_text, train_tokenizer
 from regionwatch.errors import CheckpointError, ConfigError
 from regionwatch.errors import first_line as _first_line
@@ -66,6 +69,7 @@ Kind = Literal[
 ]
 BUILTIN_TOKENIZER = "builtin"  # --tokenizer value: byte-level BPE trained on the built-in corpus
 CONFIG_FILE = "config.json"  # a model's architecture, as save_pretrained writes it
+MODEL_FILES_DIR = "model"  # in a live run dir: config.json and tokenizer files, for replay
 # What save_pretrained writes, whole or sharded; transformers itself prefers the safetensors ones.
 WEIGHT_FILES = (
     "model.safetensors",
@@ -99,18 +103,24 @@ UNREADABLE = (
     AttributeError,
     ImportError,
 )
+# One precision vocabulary for every entry point: `--dtype` names a dtype as `precision="fp32"`
+# and the drivers do. The torch spellings replay and measure used to take are still read.
 DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
+    "fp32": torch.float32,
+    "fp64": torch.float64,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
 }
+OLD_DTYPE_NAMES = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """A dtype from its name (`float32`, `bfloat16`, ...); ConfigError listing the choices."""
+    """A dtype from its name (`fp32`, `bf16`, ..., or `float32`, ...); ConfigError otherwise."""
+    name = OLD_DTYPE_NAMES.get(name, name)
     if name not in DTYPES:
-        raise ConfigError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+        raise ConfigError(
+            f"dtype {name!r} is not one of {', '.join(DTYPES)} (or {', '.join(OLD_DTYPE_NAMES)})"
+        )
     return DTYPES[name]
 
 
@@ -504,6 +514,31 @@ def load_tokenizer(path: str | Path, *, revision: str | None = None) -> PreTrain
             f"no tokenizer in {path}: {err}; "
             f"pass --tokenizer DIR (or --tokenizer {BUILTIN_TOKENIZER})"
         ) from err
+
+
+def keep_model_files(
+    folder: str | Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Path:
+    """Save what replay needs besides the weights: the model's config.json and its tokenizer.
+
+    A live run keeps them in its run directory (`MODEL_FILES_DIR`), so that its checkpoints
+    replay with no other flag: a Lightning `.ckpt` holds weights, not the architecture. Each file
+    is written atomically; a model without a `PretrainedConfig` gets no config.json.
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = getattr(model, "config", None)
+    if isinstance(config, PretrainedConfig):
+        write_atomic(folder / CONFIG_FILE, config.to_json_string().encode())
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            for written in tokenizer.save_pretrained(scratch):
+                if Path(written).is_file():
+                    os.replace(written, folder / Path(written).name)
+    return folder
 
 
 def model_source(name: str | Path) -> Path:

@@ -233,7 +233,8 @@ def summary(
         `dist/d1_median`, `pairs/measured`, `pairs/excluded` for the random pairs;
         `max_slope/{similar,dissimilar}_{q25,median,q75}` and
         `max_slope/dissimilar_over_similar` (ratio of medians) for the labelled pairs;
-        `align/auc` (see `alignment`) for the random pairs; `maps/solid_fraction` (mean of
+        `align/auc` (see `alignment`) for the random pairs, with its two groups' sizes
+        `align/differ_pairs` and `align/agree_pairs`; `maps/solid_fraction` (mean of
         `solid_fraction` over the maps).
     """
     out: dict[str, float] = {}
@@ -247,6 +248,10 @@ def summary(
         out["pairs/measured"] = float(len(dist))
         out["pairs/excluded"] = float(excluded(dist).sum())
         out["align/auc"] = alignment(slopes, top_a, top_b)
+        kept = torch.isfinite(slopes)
+        differ = int(((top_a != top_b) & kept).sum())
+        out["align/differ_pairs"] = float(differ)  # the AUC's two groups: its noise
+        out["align/agree_pairs"] = float(int(kept.sum()) - differ)
     for name, slopes in (("similar", similar), ("dissimilar", dissimilar)):
         if slopes is not None:
             q25, med, q75 = quartiles(slopes)

@@ -58,6 +58,7 @@ from regionwatch.counting import token_count
 from regionwatch.decoder import Decoder
 from regionwatch.engine import DEFAULT_MAX_BATCH_TOKENS
 from regionwatch.errors import ConfigError, check_int
+from regionwatch.loading import MODEL_FILES_DIR, keep_model_files
 from regionwatch.measurement import check_prompts, measure, merge_shards
 from regionwatch.probes import ProbeSet
 from regionwatch.results import Measurement, ProbeConfig
@@ -65,7 +66,7 @@ from regionwatch.schedule import Mark, Schedule
 from regionwatch.sinks import Fanout, Sink
 from regionwatch.snapshot import Snapshot
 from regionwatch.store import DEFAULT_RUN_NAME, FAILURES_FILE, SnapshotStore, check_free_space
-from regionwatch.tensorboard import TB_SUBDIR, TensorBoardSink, scalars, tensorboard_command
+from regionwatch.tensorboard import TB_SUBDIR, TRAIN_GROUP, TensorBoardSink, view_hint
 from regionwatch.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,9 @@ ContextFactory = Callable[[], AbstractContextManager[Any]]
 # A logger that has not taken a few numbers in a minute hangs (a dead connection, a full pipe):
 # long enough for a slow network logger, short enough that a stalled run shows in its progress.
 DEFAULT_LOGGER_TIMEOUT_S = 60.0
-TOKENS_TAG = "regionwatch/tokens"  # tokens seen, beside the headline scalars in every logger
+# How a driver shows its one line per snapshot: the host's own channel (Lightning's rank-zero
+# info, the HF Trainer's logger), which the user sees without configuring anything.
+Announce = Callable[[str], object]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,7 +257,9 @@ class Monitor:
         self._writer = BackgroundWriter("regionwatch-writer")
         self._host_sinks: list[Sink] = []  # the driver's, from `setup`
         self._fanout: Fanout | None = None  # every sink, from `start` (rank zero)
+        self._tensorboard: TensorBoardSink | None = None  # in the fan-out; the loss copy too
         self._position: Mark | None = None  # the newest (step, tokens) seen, from `start`
+        self._announce: Announce = logger.info
         self.failures = 0
         self._unstored: set[int] = set()  # scheduled steps with no stored snapshot (so far)
 
@@ -377,6 +382,7 @@ class Monitor:
         trainer_precision: ContextFactory | None = None,
         info: Mapping[str, Any] | None = None,
         sinks: Sequence[Sink] = (),
+        announce: Announce | None = None,
     ) -> None:
         """Check everything that can be checked before training: raises here, never mid-run.
 
@@ -397,6 +403,8 @@ class Monitor:
             sinks: the driver's copies to the trainer's loggers (rank zero writes them); left
                 out when `copy_to_loggers` is off. regionwatch's TensorBoard run is added at
                 `start`.
+            announce: shows the run's setup line and one line per snapshot through the host's
+                own channel; None: this module's logger at INFO.
 
         Raises:
             ConfigError, UnsupportedModelError: with a message saying how to fix it.
@@ -428,6 +436,7 @@ class Monitor:
             self._context = trainer_precision
         self._info = {"precision": self.watch.precision, "world_size": world, **(info or {})}
         self._host_sinks = list(sinks) if self.watch.copy_to_loggers else []
+        self._announce = announce or logger.info
 
     def start(
         self, model: nn.Module, *, step: int, tokens: int, root: nn.Module | None = None
@@ -464,6 +473,11 @@ class Monitor:
         self._root = root or self._root
         self._info["layout"] = distributed.layout(model, self._root)  # how it was measured
         self._open(tokens=tokens, starting=(step, model))
+        if self._store is not None:  # the writing rank: keep what replay needs beside the probes
+            try:
+                keep_model_files(self.run_dir / MODEL_FILES_DIR, model, self._tokenizer)
+            except OSError as err:  # replay then needs --config / --tokenizer; training goes on
+                logger.warning("regionwatch: could not keep the model's config for replay: %s", err)
         self._position = Mark(step, tokens)
         return self.maybe_measure(model, step=step, tokens=tokens)
 
@@ -508,21 +522,18 @@ class Monitor:
                 sinks = list(self._host_sinks)
                 if self.watch.tensorboard:
                     purge = None if newest is None else tokens
-                    sinks.append(
-                        TensorBoardSink(
-                            self.run_dir / TB_SUBDIR,
-                            purge_after_tokens=purge,
-                            run_scalars=self._run_scalars,
-                        )
+                    self._tensorboard = TensorBoardSink(
+                        self.run_dir / TB_SUBDIR,
+                        purge_after_tokens=purge,
+                        run_scalars=self._run_scalars,
                     )
+                    sinks.append(self._tensorboard)
                 timeout = self.watch.logger_timeout_s
                 self._fanout = Fanout(self._writer, sinks, timeout_s=timeout)
-                logger.info(
-                    "regionwatch: storing the run in %s%s",
-                    self.run_dir,
-                    f"; view it with: {tensorboard_command(self.run_dir, snapshots=0)}"
-                    if self.watch.tensorboard
-                    else "",
+                view = view_hint(self.run_dir, snapshots=0) if self.watch.tensorboard else ""
+                self._announce(
+                    f"regionwatch: storing the run in {self.run_dir}"
+                    + (f"; view it with: {view}" if view else "")
                 )
             else:
                 self._store.close()  # refused: the store stays exactly as it was
@@ -606,15 +617,32 @@ class Monitor:
         # The store first: a hanging logger copy then holds back no stored snapshot.
         self._writer.submit(f"store, step {step}", lambda: self._store_snapshot(snapshot))
         self._fanout.write(snapshot)
-        logger.info(
-            "regionwatch: step %d, %s tokens: max slope median %.3f, %s (%.1f s)",
-            step,
-            f"{tokens:,}",
-            snapshot.summary.get("max_slope/median", math.nan),
-            "region maps drawn" if merged.maps is not None else "no maps",
-            merged.timing.get("total", math.nan),
+        self._announce(
+            f"regionwatch: step {step}, {tokens:,} tokens: max slope median "
+            f"{snapshot.summary.get('max_slope/median', math.nan):.3f}, "
+            f"{'region maps drawn' if merged.maps is not None else 'no maps'} "
+            f"({merged.timing.get('total', math.nan):.1f} s)"
         )
         return snapshot
+
+    def log_training(self, values: Mapping[str, float], *, tokens: int) -> None:
+        """Copy the trainer's own scalars (its loss) onto the token axis: `regionwatch/train/<key>`.
+
+        So that the loss and the max slope can be read on one axis in regionwatch's TensorBoard
+        run. Written on the background writer, by the writing rank only.
+
+        Args:
+            values: scalars by the trainer's name (e.g. {"loss": 2.31}).
+            tokens: training tokens seen when they were logged.
+        """
+        sink = self._tensorboard
+        if sink is None:
+            return
+        named = {f"{TRAIN_GROUP}/{key}": float(value) for key, value in values.items()}
+        self._writer.submit(
+            f"tensorboard, trainer scalars at {tokens:,} tokens",
+            lambda: sink.write_scalars(named, tokens=tokens),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able resume state: run directory and id, newest scheduled mark, step and tokens.
@@ -670,6 +698,7 @@ class Monitor:
         if self._fanout is not None:
             self._fanout.close()
             self._fanout = None
+        self._tensorboard = None  # closed with the fan-out
         self._writer.close()
         unlisted: list[int] = []
         if self._store is not None:
@@ -829,15 +858,6 @@ def _steps(steps: list[int]) -> str:
         else:
             runs.append([step, step])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
-def headline(snapshot: Snapshot) -> dict[str, float]:
-    """The scalars copied to the trainer's loggers: TensorBoard's tags, plus tokens seen.
-
-    The same names as in regionwatch's own TensorBoard run (`tensorboard.scalars`), and
-    `regionwatch/tokens` in the same call, so that a dashboard can chart them against tokens.
-    """
-    return {**scalars(snapshot), TOKENS_TAG: float(snapshot.tokens)}
 
 
 def _non_finite(model: nn.Module, measured: Measurement) -> str | None:

@@ -36,6 +36,7 @@ from regionwatch.checkpoints import Checkpoint, discover
 from regionwatch.decoder import Decoder
 from regionwatch.errors import ConfigError, RegionWatchError, StoreError
 from regionwatch.loading import (
+    MODEL_FILES_DIR,
     LoadOptions,
     check_device,
     has_tokenizer,
@@ -104,7 +105,8 @@ def replay(
     """Measure saved checkpoints (or hub revisions) in training order into a run directory.
 
     Probe set, first that applies: `probes`; the run's own (`into`, an `out` that already holds
-    a run, or a run directory given as a SOURCE); built from `tokenizer`, else from the first
+    a run, or a run directory given as a SOURCE); the live run the checkpoints name, while it is
+    there (then its kept model config too); built from `tokenizer`, else from the first
     checkpoint that has tokenizer files (seed 0 and the built-in corpus, as a live run's default).
     Measurement settings: `config`, else the run's, else `ProbeConfig()`.
 
@@ -130,8 +132,9 @@ def replay(
         device: device to measure on.
         progress: show a progress bar over the checkpoints.
         live_run: the live run the checkpoints came from (default: a run directory among the
-            SOURCEs); recorded in a new run's info as `live_run`, whose step-0 snapshot then
-            gives the onset's init band when no step-0 checkpoint is replayed.
+            SOURCEs, else the run the checkpoints name while it is there); recorded in a new
+            run's info as `live_run`, whose step-0 snapshot then gives the onset's init band
+            when no step-0 checkpoint is replayed.
 
     Returns:
         What was measured, skipped and failed.
@@ -164,10 +167,15 @@ def replay(
     )
     if not checkpoints:
         raise ConfigError("nothing to replay: give SOURCE paths, or --repo NAME --revisions ...")
+    found, named = _live_run(checkpoints)
+    if found is not None and probes is None and tokenizer is None and not runs:
+        runs = [found]  # its probe set and settings: what the live run measured
+    if found is not None and config_dir is None and (found.path / MODEL_FILES_DIR).is_dir():
+        config_dir = found.path / MODEL_FILES_DIR  # the architecture a .ckpt does not hold
     watch = WatchConfig(
         probe=config or (runs[0].config if runs else ProbeConfig()), precision=precision
     )
-    probes = _probes(probes, runs, tokenizer, checkpoints, watch.seed)
+    probes = _probes(probes, runs, tokenizer, checkpoints, watch.seed, gone=named)
     options = LoadOptions(
         config_dir=None if config_dir is None else Path(config_dir),
         state_key=state_key,
@@ -177,7 +185,11 @@ def replay(
         device=device,
     )
     monitor = Monitor(watch, probes=probes, run_dir=run_dir, decoder=_decoder(checkpoints))
+    # The live run, first that applies: given, a run directory among the SOURCEs, the run the
+    # checkpoints name. A new run's info records it, where the onset's init baseline is looked up.
     live = live_run or next((p for p in paths if _is_run(p)), None)
+    if live is None and found is not None:
+        live = found.path
     info = None if live is None else {LIVE_RUN_KEY: str(Path(live).resolve())}
     monitor.open(run_info=info)  # a run measured differently is refused here
     try:
@@ -275,12 +287,35 @@ def _measure(
     return snapshot, ""
 
 
+def _live_run(checkpoints: list[Checkpoint]) -> tuple[SnapshotStore | None, str | None]:
+    """The live run the checkpoints name (their regionwatch state), if it is still there.
+
+    Returns:
+        (its store, its directory) when the named directory holds that very run (same id);
+        (None, the named directory) when it is gone or holds another run; (None, None) when no
+        checkpoint names one, or they name several.
+    """
+    named = {(c.run_dir, c.run_id) for c in checkpoints if c.run_dir}
+    if len(named) != 1:
+        return None, None
+    ((where, run_id),) = named
+    if not _is_run(Path(where)):
+        return None, where
+    store = SnapshotStore(where)
+    if run_id is not None and store.run_id != run_id:
+        return None, where
+    logger.info("the checkpoints name the live run %s: its probe set and model config", where)
+    return store, where
+
+
 def _probes(
     probes: ProbeSet | None,
     runs: list[SnapshotStore],
     tokenizer: PreTrainedTokenizerBase | str | Path | None,
     checkpoints: list[Checkpoint],
     seed: int,
+    *,
+    gone: str | None = None,
 ) -> ProbeSet:
     """The probe set: given, the run's own, or built from the (found) tokenizer."""
     sets = [run.probes() for run in runs]
@@ -298,11 +333,14 @@ def _probes(
         return probes
     # Built as a live Monitor builds its default: the built-in corpus with the watch's seed, so
     # a live run and its replay with default settings measure the same prompts.
-    return ProbeSet.build(_tokenizer(tokenizer, checkpoints), seed=seed)
+    return ProbeSet.build(_tokenizer(tokenizer, checkpoints, gone=gone), seed=seed)
 
 
 def _tokenizer(
-    tokenizer: PreTrainedTokenizerBase | str | Path | None, checkpoints: list[Checkpoint]
+    tokenizer: PreTrainedTokenizerBase | str | Path | None,
+    checkpoints: list[Checkpoint],
+    *,
+    gone: str | None = None,
 ) -> PreTrainedTokenizerBase:
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer
@@ -324,10 +362,16 @@ def _tokenizer(
         if has_tokenizer(where):
             logger.info("tokenizer: %s", where)
             return load_tokenizer(where)
+    live = (
+        ""
+        if gone is None
+        else f"the checkpoints name the live run {gone}, which is gone (or holds another run), and "
+    )
     raise ConfigError(
-        "replay builds its probe set from the model's tokenizer, and none of the checkpoints "
-        "has tokenizer files: pass --tokenizer DIR (tokenizer=...), or a ready probe set with "
-        "--probe PROBE_DIR (probes=...)"
+        f"replay builds its probe set from the model's tokenizer, and {live}none of the "
+        "checkpoints has tokenizer files: pass the live run's probe set with --probe "
+        "PROBE_DIR (probes=...) and, for Lightning .ckpt files, the model's config with --config "
+        "DIR (config_dir=...); or a tokenizer with --tokenizer DIR (tokenizer=...)"
     )
 
 

@@ -298,6 +298,18 @@ def _dissimilar_pairs(
     return torch.from_numpy(ids), {w for pair in pairs for w in pair}
 
 
+SHOWN_WORDS = 4  # a hand-picked pair is named by its last words: where A and B differ
+
+
+def _tail(text: str) -> str:
+    words = text.split()
+    return (
+        " ".join(words[-SHOWN_WORDS:])
+        if len(words) <= SHOWN_WORDS
+        else "..." + " ".join(words[-SHOWN_WORDS:])
+    )
+
+
 def _named_pairs(
     tokenizer: PreTrainedTokenizerBase, handpicked: bool, pairs: Sequence[UserPair]
 ) -> tuple[tuple[NamedPair, ...], list[str], list[dict[str, str]]]:
@@ -341,11 +353,14 @@ def _named_pairs(
             )
         logger.debug("hand-picked pair %s dropped: %s; %s", name, problem, shown)
         dropped.append({"name": name, "reason": problem})
-    if dropped:  # one short line: the token dumps are for debugging, not for every run's log
+        # One plain line per pair: which one, what it says, and why (token dumps are DEBUG).
         logger.warning(
-            "hand-picked pairs %s dropped: under this tokenizer they are not the same tokens up "
-            "to a different last one (reasons in the probe set's provenance)",
-            ", ".join(d["name"] for d in dropped),
+            "hand-picked pair %s (%r vs %r) left out: this tokenizer splits the two prompts "
+            "differently (%s), and a pair must be the same tokens up to a different last one",
+            name,
+            _tail(text_a),
+            _tail(text_b),
+            problem,
         )
     return tuple(named), [p.name for p in named], dropped
 

@@ -33,11 +33,12 @@ import numpy as np
 
 from regionwatch.background import BackgroundWriter, Failure
 from regionwatch.snapshot import Snapshot
-from regionwatch.tensorboard import images
+from regionwatch.tensorboard import STEP_ROOT, images, scalars, step_tag
 
 logger = logging.getLogger(__name__)
 
 Placement = Literal["background", "bounded", "training"]  # where a sink's writes run (above)
+TOKENS_TAG = f"{STEP_ROOT}/tokens"  # tokens seen, beside the headline scalars in every logger
 
 
 class Sink(Protocol):
@@ -160,3 +161,14 @@ class Fanout:
             self._timeout_s,
             sink.name,
         )
+
+
+def headline(snapshot: Snapshot) -> dict[str, float]:
+    """The scalars copied to the trainer's loggers: TensorBoard's tags, plus tokens seen.
+
+    Named `regionwatch_step/<key>` (`tensorboard.step_tag`): they sit at the trainer's step, and
+    must never share a name with the token-axis run. `regionwatch_step/tokens` comes in the same
+    call, so that a dashboard can chart them against tokens.
+    """
+    copies = {step_tag(name): value for name, value in scalars(snapshot).items()}
+    return {**copies, TOKENS_TAG: float(snapshot.tokens)}

@@ -3,11 +3,15 @@
 The step axis is **tokens seen** (`Snapshot.tokens`, an int64 event step, so 5e10 tokens are
 fine), never the host's global step. That is why the sink writes to a TensorBoard run of its own,
 `<run_dir>/tensorboard` (`TB_SUBDIR`), and never into the trainer's writer: a run mixing
-token-indexed and step-indexed scalars would draw both on one meaningless x axis. When the run
-directory lies inside the trainer's log dir, `tensorboard --logdir <trainer log dir>` lists the
-trainer's run and `.../tensorboard` side by side, each on its own axis. The writer is
-`torch.utils.tensorboard.SummaryWriter`, whatever logger the host uses (Lightning's may be
-tensorboardX's), and it opens lazily on the first write, so a sink that never writes leaves no file.
+token-indexed and step-indexed scalars would draw both on one meaningless x axis. The view
+regionwatch prints (`view_hint`) serves the run directory, whose only TensorBoard run is this
+one: every tag on one axis (tokens), each image once, and the trainer's loss beside the max
+slope, copied onto tokens by the drivers as `regionwatch/train/loss`. The copies in the
+trainer's own loggers sit at its global step and are named `regionwatch_step/...`
+(`step_tag`), so a view of the trainer's log dir never draws one tag on two x axes either. The
+writer is `torch.utils.tensorboard.SummaryWriter`, whatever logger the host uses (Lightning's may
+be tensorboardX's), and it opens lazily on the first write, so a sink that never writes leaves
+no file.
 
 What one snapshot writes, at global_step = tokens seen (tags are a file format, STYLE.md §2.2):
 
@@ -19,8 +23,11 @@ What one snapshot writes, at global_step = tokens seen (tags are a file format, 
 - `regionwatch/curves/random` and `regionwatch/curves/similar_dissimilar`: figures of the median
   r(a) over pairs with its q25..q75 band per alpha and the straight line r = a dashed for
   reference; random pairs on one, similar and dissimilar pairs together on the other.
-- `regionwatch/maps/triple_<i>`: the region map of triple i (method.md §5), one tag per triple so
-  that TensorBoard's image slider shows the regions forming over tokens.
+- `regionwatch/maps/triple_<i>`: the region map of triple i (docs/method.md §5) with its axes and
+  anchor legend, one tag per triple so that TensorBoard's image slider shows the regions forming
+  over tokens.
+- `regionwatch/train/loss` (`write_scalars`, from the drivers at the trainer's logging steps): the
+  trainer's loss at the tokens seen then.
 - Once per writer, a custom-scalars layout: max slope median with its q25/q75 margin for each pair
   set, and similar vs dissimilar medians on one chart.
 
@@ -32,7 +39,9 @@ Resume: `purge_after_tokens` writes a purge marker so that TensorBoard drops eve
 restored token count, and curves never double back.
 
 Viewing: TensorBoard keeps only 10 images per tag unless started with `--samples_per_plugin
-images=N`; `tensorboard_command` builds the command with N at least the number of snapshots. Never
+images=N`; `tensorboard_command` builds the command with N at least the number of snapshots, and
+`view_hint` adds the address to open, `VIEW_URL`, with smoothing off (the time-series dashboard
+reads `?smoothing=` from its address; nothing in an event file can set it). Never
 use `images=0`: it is often said to keep everything, but TensorBoard 2.21 then downsamples every
 image series to zero samples and the image dashboard serves no image at all (checked in
 tests/test_tensorboard.py against a real server).
@@ -50,6 +59,7 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TypeVar
 
+import matplotlib as mpl
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -59,7 +69,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from regionwatch import metrics
 from regionwatch.errors import check_int
-from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL, PAIR_COLOURS
+from regionwatch.mapfigure import anchor_legend, draw_map
+from regionwatch.palette import PAIR_COLOURS
 from regionwatch.snapshot import Snapshot
 
 T = TypeVar("T")
@@ -68,6 +79,14 @@ logger = logging.getLogger(__name__)
 
 TB_SUBDIR = "tensorboard"  # events live in <run_dir>/tensorboard, a TensorBoard run of their own
 TAG_ROOT = "regionwatch"  # every tag is regionwatch/<group>/<metric> (STYLE.md §2.2)
+# The copies in the trainer's own loggers sit at its global step, so they are named apart from
+# the token-axis tags: a view holding both runs must never draw one tag on two x axes.
+STEP_ROOT = "regionwatch_step"
+TRAIN_GROUP = "train"  # the trainer's loss, copied onto the token axis: regionwatch/train/loss
+# TensorBoard's time-series dashboard reads its smoothing from this query parameter; its
+# default, 0.6, turns a log-spaced noisy series on a linear axis into a smooth rise (the dip
+# below init and the spike survive only in the faint raw line). The event file cannot set it.
+VIEW_URL = "http://localhost:6006/?smoothing=0#timeseries"
 PAIR_SETS = (
     "random",
     "similar",
@@ -78,13 +97,6 @@ PAIR_SETS = (
 # command is printed, so the hint never goes below a log-spaced schedule's usual size.
 MIN_IMAGE_SAMPLES = 100
 
-# Region maps are G x G cells (G = 37 by default); each cell becomes a square block of pixels, so
-# the image is G * ceil(MIN_MAP_PIXELS / G) pixels wide: at least this, and every cell equal.
-MIN_MAP_PIXELS = 256
-# Anchor dots (docs/method.md §5: fill = own channel 1, others .5; edge = own channel .5, others 0),
-# drawn with numpy (a few ms per map): about a paper figure's marker relative to its panel.
-DOT_RADIUS_PX = 6.0
-DOT_EDGE_PX = 1.5
 
 # Curve figures, by name (the tag is regionwatch/curves/<name>) -> the pair sets drawn on it.
 # Random pairs alone are the paper's headline figure; similar and dissimilar pairs share one, as
@@ -93,11 +105,26 @@ DOT_EDGE_PX = 1.5
 CURVE_FIGURES = MappingProxyType(
     {"random": ("random",), "similar_dissimilar": ("similar", "dissimilar")}
 )
-# 480 x 360 pixels, readable in TensorBoard's image card without zooming.
-FIGURE_INCHES = (4.8, 3.6)
+# 640 x 480 pixels, readable in TensorBoard's image card without zooming.
+FIGURE_INCHES = (6.4, 4.8)
 FIGURE_DPI = 100
-FIGURE_MARGINS = MappingProxyType({"left": 0.13, "right": 0.97, "bottom": 0.13, "top": 0.92})
+FIGURE_MARGINS = MappingProxyType({"left": 0.12, "right": 0.97, "bottom": 0.12, "top": 0.92})
+# A region map is square, with its anchor legend below it: 480 x 540 pixels.
+MAP_FIGURE_INCHES = (4.8, 5.4)
+MAP_MARGINS = MappingProxyType({"left": 0.15, "right": 0.95, "bottom": 0.2, "top": 0.93})
+# Type one step above matplotlib's 10 pt: TensorBoard shows an image card smaller than its pixels.
+FIGURE_RC = MappingProxyType(
+    {
+        "font.size": 13,
+        "axes.titlesize": 13,
+        "axes.labelsize": 13,
+        "legend.fontsize": 12,
+        "xtick.labelsize": 12,
+        "ytick.labelsize": 12,
+    }
+)
 ALPHA = "\N{GREEK SMALL LETTER ALPHA}"  # spelled out: ruff flags a literal one as ambiguous
+BETA = "\N{GREEK SMALL LETTER BETA}"
 X_LABEL = f"{ALPHA} (interpolation weight)"
 Y_LABEL = f"d({ALPHA})/d(1)"  # relative distance, unitless: output distances over d(1)
 BAND_ALPHA = 0.25  # opacity of the q25..q75 bands
@@ -112,9 +139,9 @@ def tag(key: str) -> str:
     return f"{TAG_ROOT}/{key}"
 
 
-def map_side(grid: int) -> int:
-    """Width and height in pixels of a region-map image with `grid` cells per axis."""
-    return grid * math.ceil(MIN_MAP_PIXELS / grid)
+def step_tag(name: str) -> str:
+    """The name of a copy at the trainer's global step: `regionwatch/x` -> `regionwatch_step/x`."""
+    return STEP_ROOT + name.removeprefix(TAG_ROOT)
 
 
 def layout() -> dict[str, dict[str, list[str | list[str]]]]:
@@ -138,6 +165,7 @@ def layout() -> dict[str, dict[str, list[str | list[str]]]]:
         "Multiline",
         [tag("max_slope/similar_median"), tag("max_slope/dissimilar_median")],
     ]
+    charts["training loss (the trainer's, on tokens)"] = ["Multiline", [tag(f"{TRAIN_GROUP}/loss")]]
     return {TAG_ROOT: charts}
 
 
@@ -151,6 +179,11 @@ def tags(snapshot: Snapshot) -> list[str]:
     ]
 
 
+def view_hint(logdir: str | Path, *, snapshots: int) -> str:
+    """What to run and open to watch a run: `tensorboard_command`, then `VIEW_URL`."""
+    return f"{tensorboard_command(logdir, snapshots=snapshots)} and open {VIEW_URL}"
+
+
 def tensorboard_command(logdir: str | Path, *, snapshots: int) -> str:
     """The shell command that shows every region-map snapshot in TensorBoard.
 
@@ -158,8 +191,8 @@ def tensorboard_command(logdir: str | Path, *, snapshots: int) -> str:
     least `snapshots` and never 0 (see the module docstring for why `images=0` shows nothing).
 
     Args:
-        logdir: the directory to serve: a sink's directory, or any parent (the trainer's log dir
-            shows its runs and ours side by side).
+        logdir: the directory to serve: the run directory (its only TensorBoard run is the
+            token-axis one, with the trainer's loss copied onto tokens).
         snapshots: how many snapshots the run has or will have.
 
     Returns:
@@ -450,6 +483,11 @@ def curve_image(snapshot: Snapshot, name: str) -> np.ndarray:
     Returns:
         RGB pixels, uint8 [height, width, 3] (FIGURE_INCHES at FIGURE_DPI).
     """
+    with mpl.rc_context(FIGURE_RC):
+        return _draw_curves(snapshot, name)
+
+
+def _draw_curves(snapshot: Snapshot, name: str) -> np.ndarray:
     fig = Figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -476,7 +514,7 @@ def curve_image(snapshot: Snapshot, name: str) -> np.ndarray:
         fontsize="medium",
     )
     ax.grid(alpha=GRID_ALPHA)
-    ax.legend(loc="upper left", fontsize="small")
+    ax.legend(loc="upper left")
     # Fixed margins: tight_layout would double the time of a figure that never changes layout.
     fig.subplots_adjust(**FIGURE_MARGINS)
     canvas.draw()
@@ -484,34 +522,31 @@ def curve_image(snapshot: Snapshot, name: str) -> np.ndarray:
 
 
 def map_image(snapshot: Snapshot, index: int) -> np.ndarray:
-    """The region map of one triple, upscaled (nearest) with its anchor dots (docs/method.md §5).
+    """The region map of one triple as a figure: axes, anchors and their legend (docs/method.md §5).
 
-    Rows are beta from the axis's low end at the top, columns alpha left to right; each grid
-    cell is a square of pixels whose centre sits on the grid value, so an anchor (alpha, beta)
-    lands at ((alpha - g_0) / step + 1/2) cells from the top-left corner.
+    Drawn by `mapfigure.draw_map`, as the report draws it: an anchor outside the frame is an
+    edge marker pointing to where it lies, named in the legend.
 
     Args:
         snapshot: a snapshot with region maps.
         index: the triple, 0-based.
 
     Returns:
-        RGB pixels, uint8 [side, side, 3] with side = `map_side(grid)`.
+        RGB pixels, uint8 [height, width, 3] (MAP_FIGURE_INCHES at FIGURE_DPI).
     """
     maps = snapshot.measurement.maps
     assert maps is not None  # callers check _map_count
-    rgb = maps.rgb[index].double().clamp(0, 1).numpy()  # [G, G, 3]
-    grid = rgb.shape[0]
-    scale = map_side(grid) // grid
-    image = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
-    axis = maps.axis.double().numpy()
-    step = (axis[-1] - axis[0]) / (grid - 1)
-    centres = np.arange(image.shape[0]) + 0.5  # pixel centres, in pixels from the corner
-    for (alpha, beta), fill, edge in zip(
-        maps.anchors[index].double().tolist(), ANCHOR_FILL, ANCHOR_EDGE, strict=True
-    ):
-        x = ((alpha - axis[0]) / step + 0.5) * scale
-        y = ((beta - axis[0]) / step + 0.5) * scale
-        radius = np.hypot(centres[None, :] - x, centres[:, None] - y)  # [side, side]
-        image[radius <= DOT_RADIUS_PX] = edge
-        image[radius <= DOT_RADIUS_PX - DOT_EDGE_PX] = fill
-    return np.rint(image * 255).astype(np.uint8)
+    with mpl.rc_context(FIGURE_RC):
+        fig = Figure(figsize=MAP_FIGURE_INCHES, dpi=FIGURE_DPI)
+        canvas = FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        rgb = maps.rgb[index].double().clamp(0, 1).numpy()  # [G, G, 3]
+        draw_map(ax, maps.axis.double().numpy(), rgb, maps.anchors[index].double().numpy())
+        ax.set_xlabel(f"{ALPHA} (A at 0, B at 1)")
+        ax.set_ylabel(f"{BETA} (C at 1)")
+        ax.set_title(f"triple {index}: {_short_count(snapshot.tokens)} tokens seen")
+        handles, labels = anchor_legend([ax])
+        fig.legend(handles, labels, loc="lower center", ncols=len(handles), frameon=False)
+        fig.subplots_adjust(**MAP_MARGINS)
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -9,11 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import GPT2Config
 
 from regionwatch import SnapshotStore
 from regionwatch.cli import VERBS, main
+from regionwatch.errors import ConfigError
+from regionwatch.loading import parse_dtype
 from tests.conftest import file_states
+from tests.support.report_runs import log_tokens, synthetic_run
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
@@ -208,3 +212,43 @@ def test_show_and_report_find_the_one_run_below_a_folder(
     assert "holds 2 regionwatch runs" in err
     assert str(run) in err
     assert str(other) in err
+
+
+def test_show_json_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`show --json | head`: the reader leaves early; no BrokenPipeError traceback, exit 1."""
+    run = tmp_path / "run"
+    synthetic_run(run, log_tokens(10))
+    # `true` exits at once, long before Python has imported regionwatch: every write hits a
+    # closed pipe, as the lines after the first do with `head -1`.
+    shell = f"{sys.executable} -m regionwatch show --json {run} | true; echo ${{PIPESTATUS[0]}}"
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert done.stderr == ""
+    assert done.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("fp32", torch.float32),
+        ("bf16", torch.bfloat16),
+        ("fp16", torch.float16),
+        ("float32", torch.float32),  # the old spellings are still read
+        ("bfloat16", torch.bfloat16),
+    ],
+)
+def test_one_precision_vocabulary_old_spellings_read(name: str, dtype: torch.dtype) -> None:
+    """`--dtype` takes precision='s names (fp32, bf16, fp16), and the torch names it took before."""
+    assert parse_dtype(name) == dtype
+
+
+def test_dtype_help_names_the_new_spelling_and_the_old(capsys) -> None:
+    """Both verbs' help give fp32 as the default and say the old spellings are read."""
+    for verb in ("replay", "measure"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "fp32 (default), bf16, fp16" in text
+        assert "float32, bfloat16, float16" in text
+        assert "are read too" in text
+    with pytest.raises(ConfigError, match="not one of fp32, fp64, bf16, fp16"):
+        parse_dtype("half")

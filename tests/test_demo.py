@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,33 @@ def test_demo_runs_end_to_end(tmp_path: Path, trainer: str, capsys: pytest.Captu
     assert "--samples_per_plugin images=" in printed
     assert "median" in printed
     assert str(out / "regionwatch") in printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["lightning", "hf"])
+def test_demo_piped_shows_a_line_per_snapshot_and_one_bar(tmp_path: Path, trainer: str) -> None:
+    """Piped to files, with no flags: a line per snapshot, one whole-run bar, no epoch counter."""
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(TOY))
+    out = tmp_path / "demo"
+    argv = ["demo", "--config", str(config), "--trainer", trainer, "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "regionwatch", *argv], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    records = SnapshotStore(out / "regionwatch").records()
+    lines = [line for line in done.stderr.splitlines() if "max slope median" in line]
+    assert len(lines) == len(records) == TOY["steps"] + 1
+    assert (
+        sum(line.count("view it with: tensorboard --logdir") for line in done.stderr.split("\n"))
+        == 1
+    )
+    bar = done.stderr.replace("\r", "\n").splitlines()
+    final = [line for line in bar if line.startswith("demo: 100%")]
+    assert final, done.stderr
+    tokens = TOY["steps"] * TOY["batch_size"] * TOY["seq_len"]
+    assert f"{tokens:,} tokens, {len(records)} snapshots" in final[-1]
+    assert "Epoch" not in done.stderr
 
 
 @pytest.mark.parametrize("trainer", ["lightning", "hf"])

@@ -14,7 +14,8 @@ from regionwatch import ConfigError, ProbeConfig, RegionMonitorCallback, Snapsho
 from regionwatch.errors import UnsupportedModelError
 from tests.conftest import file_states
 from tests.support.factories import make_monitor
-from tests.support.lm import BATCH, Windows, hf_args, tiny_gpt2
+from tests.support.lines import Lines
+from tests.support.lm import BATCH, SEQ, Windows, hf_args, tiny_gpt2
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
 
@@ -136,6 +137,46 @@ def test_a_checkpoint_of_another_run_is_refused(
     ):
         wrong.train(resume_from_checkpoint=True)
     assert file_states(run_b, skip=("writer.lock",)) == before
+
+
+class Packed(torch.utils.data.Dataset):
+    """Full windows, packed: input ids and labels, with or without an all-ones attention mask."""
+
+    def __init__(self, windows: Windows, *, mask: bool) -> None:
+        self.windows, self.mask = windows, mask
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.windows[i]
+        return row if self.mask else {k: v for k, v in row.items() if k != "attention_mask"}
+
+
+@pytest.mark.parametrize(
+    ("mask", "counting"), [(True, "non_padding"), (False, "all")], ids=["masked", "packed"]
+)
+def test_readme_recipe_counts_packed_batches_exactly_and_quietly(
+    tmp_path: Path, lm_probes, text_tokenizer, mask: bool, counting: str
+) -> None:
+    """The README's recipe: with masks "non_padding", packed without "all": exact, no flood;
+    log_level="info" shows the setup line and one line per snapshot in the Trainer's channel."""
+    data = Packed(Windows(text_tokenizer, pad=False), mask=mask)
+    lines = Lines()
+    channel = logging.getLogger("transformers")  # the Trainer's own, with its own handler
+    channel.addHandler(lines)
+    try:
+        trainer = train(
+            tmp_path, lm_probes, data, include_num_input_tokens_seen=counting, log_level="info"
+        )
+    finally:
+        channel.removeHandler(lines)
+    records = SnapshotStore(tmp_path / "run").records()
+    assert [r["tokens"] for r in records] == [r["step"] * BATCH * SEQ for r in records]
+    assert trainer.state.num_input_tokens_seen == 6 * BATCH * SEQ
+    assert not [m for m in lines.messages if "Could not determine" in m]
+    assert len([m for m in lines.messages if "max slope median" in m]) == len(records)
+    assert sum("view it with: tensorboard --logdir" in m for m in lines.messages) == 1
 
 
 def test_a_callback_passed_without_attach_warns_when_report_to_has_integrations(

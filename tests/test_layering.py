@@ -47,6 +47,7 @@ RANK = {
     "reference": 6,
     "snapshot": 6,
     "store": 7,
+    "mapfigure": 7,  # one region-map panel, drawn alike by TensorBoard and the report
     "onset": 7.5,  # a run's onset: reads its store and the live run's; read by report, monitor, cli
     "tensorboard": 8,
     "report": 8,

@@ -331,6 +331,34 @@ def test_last_step_carries_region_maps_when_the_schedule_lands_on_it(
     assert "maps" in records[-1]["parts"]
 
 
+class LossRecorder(L.Callback):
+    """Lightning's own view of each optimizer step's loss: global step -> the returned loss."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def test_training_loss_is_copied_onto_the_token_axis(
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
+) -> None:
+    """regionwatch/train/loss: training_step's loss every log_every_n_steps, on tokens."""
+    callback = make_monitor("lightning", lm_probes, tmp_path / "run", every=100)
+    recorder = LossRecorder()
+    fit_trainer = trainer(
+        tmp_path, [callback, recorder], max_steps=6, device=device, log_every_n_steps=2
+    )
+    fit_trainer.fit(TinyLM(VOCAB), loader(lm_data))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    loss = events.Scalars("regionwatch/train/loss")
+    tokens = {s: lm_data.non_padding(range(s * BATCH)) for s in (2, 4, 6)}
+    assert [e.step for e in loss] == list(tokens.values())
+    assert [e.value for e in loss] == pytest.approx([recorder.losses[s] for s in tokens])
+
+
 class MetaLM(TinyLM):
     """A LightningModule whose GPT-2 was built on the meta device and never loaded."""
 

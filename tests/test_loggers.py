@@ -22,12 +22,14 @@ from transformers import Trainer
 
 from regionwatch import RegionMonitor, SnapshotStore
 from tests.support.factories import make_monitor
+from tests.support.lines import Lines
 from tests.support.lm import TinyLM, Windows, hf_args, loader, tiny_gpt2, trainer
 from tests.support.text import TEXT_VOCAB_SIZE as VOCAB
 
-MEDIAN = "regionwatch/max_slope/median"
-TOKENS = "regionwatch/tokens"
-MAP_TAG = "regionwatch/maps/triple_0"
+# The copies at the trainer's step are named apart from regionwatch's token-axis run.
+MEDIAN = "regionwatch_step/max_slope/median"
+TOKENS = "regionwatch_step/tokens"
+MAP_TAG = "regionwatch_step/maps/triple_0"
 STEPS = 4  # snapshots at 0, 2, 4 with every_steps(2)
 
 
@@ -47,19 +49,25 @@ def stored(tmp: Path) -> dict[int, tuple[int, float]]:
 
 
 def test_csv_logger_holds_the_median_at_every_snapshot_with_tokens(
-    tmp_path: Path, lm_probes, lm_data: Windows, caplog: pytest.LogCaptureFixture, device: str
+    tmp_path: Path, lm_probes, lm_data: Windows, device: str
 ) -> None:
     """CSVLogger's metrics.csv: the median max slope at every snapshot, tokens in the same row."""
     csv_logger = CSVLogger(tmp_path / "logs", name="csv")
-    with caplog.at_level(logging.INFO, logger="regionwatch"):
+    lightning_lines = Lines()
+    channel = logging.getLogger("lightning.pytorch")  # Lightning's own, printed by default
+    channel.addHandler(lightning_lines)
+    try:
         fit(tmp_path, lm_probes, lm_data, csv_logger, device=device)
+    finally:
+        channel.removeHandler(lightning_lines)
     with open(Path(csv_logger.log_dir) / "metrics.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get(MEDIAN)]
     got = {int(r["step"]): (int(float(r[TOKENS])), float(r[MEDIAN])) for r in rows}
     assert got == stored(tmp_path)
     assert sorted(got) == [0, 2, 4]
-    # Live feedback: where the run goes, then one line per snapshot.
-    lines = [r.getMessage() for r in caplog.records if r.name.startswith("regionwatch")]
+    # Live feedback through Lightning's rank-zero info: where the run goes, a line per snapshot.
+    assert channel.getEffectiveLevel() <= logging.INFO
+    lines = lightning_lines.messages
     assert any(str(tmp_path / "run") in line and "tensorboard --logdir" in line for line in lines)
     per_snapshot = [line for line in lines if "max slope median" in line]
     assert len(per_snapshot) == 3
@@ -155,7 +163,7 @@ def test_wandb_offline_run_holds_scalars_over_tokens(
     tmp_path: Path, lm_probes, lm_data: Windows, monkeypatch: pytest.MonkeyPatch, device: str
 ) -> None:
     """WandbLogger offline: each snapshot's median with its tokens, and the region-map images
-    with their tokens (W&B charts regionwatch/* over tokens)."""
+    with their tokens (W&B charts regionwatch_step/* over tokens)."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     wandb_logger = WandbLogger(project="regionwatch", save_dir=str(tmp_path), offline=True)

@@ -208,9 +208,17 @@ def test_build_reports_kept_and_dropped_handpicked_pairs(
         assert pair.kind == ("similar" if pair.name.startswith("S") else "dissimilar")
     with caplog.at_level("WARNING", logger="regionwatch.probes"):
         ProbeSet.build(text_tokenizer, small_docs, n_prompts=2, n_triples=0)
-    (line,) = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
-    assert f"hand-picked pairs {', '.join(dropped)} dropped" in line
-    assert len(line) < 200  # a name list, not the token dumps (those are DEBUG)
+    lines = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    texts = {name: (a, b) for name, _, a, b in HANDPICKED}
+    assert len(lines) == len(dropped)  # one plain line per pair
+    for line, name in zip(lines, dropped, strict=True):
+        a, b = texts[name]
+        # Named in plain words: which pair, how it ends, and why it is left out.
+        assert line.startswith(f"hand-picked pair {name} ('...{' '.join(a.split()[-4:])}' vs")
+        assert " ".join(b.split()[-4:]) in line
+        assert "this tokenizer splits the two prompts differently" in line
+        assert dropped[name] in line
+        assert len(line) < 300  # not the token dumps (those are DEBUG)
     none = ProbeSet.build(text_tokenizer, small_docs, handpicked=False, n_prompts=2, n_triples=0)
     assert none.named == ()
     assert none.provenance["named_kept"] == []

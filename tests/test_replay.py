@@ -23,11 +23,13 @@ from regionwatch import ConfigError, ProbeConfig, SnapshotStore
 from regionwatch.checkpoints import discover
 from regionwatch.cli import main
 from regionwatch.errors import StoreError
+from regionwatch.loading import MODEL_FILES_DIR
+from regionwatch.onset import LIVE_RUN_KEY
 from regionwatch.replaying import replay
 from regionwatch.snapshot import weights_fingerprint
 from tests.support.disk import fill
 from tests.support.lm import SMALL_PROBE
-from tests.support.replay_runs import save_model, truncate
+from tests.support.replay_runs import lightning_run, save_model, truncate
 
 SMALL = ["--alphas", str(SMALL_PROBE.num_alphas), "--grid", str(SMALL_PROBE.grid)]
 REPO = Path(__file__).resolve().parents[1]
@@ -308,3 +310,29 @@ def test_cli_needs_exactly_one_run_dir(tmp_path: Path) -> None:
     assert exit_.value.code == 2
     with pytest.raises(ConfigError, match="--revisions needs --repo"):
         discover([], revisions="step0")
+
+
+@pytest.mark.slow
+def test_lightning_checkpoints_replay_with_no_flag_while_the_live_run_is_there(
+    tmp_path: Path, data, probes, capsys
+) -> None:
+    """`replay ckpts --out OUT`: the .ckpt names its live run, which holds the probe set and
+    config.json; the replay names it as `live_run`. Once the run is gone the error names the
+    flags."""
+    ckpts = lightning_run(tmp_path / "src", data, probes=probes, every=2, max_steps=4)
+    live = tmp_path / "src" / "live"
+    assert not (ckpts / "config.json").exists()  # nothing beside the .ckpt files
+    assert (live / MODEL_FILES_DIR / "config.json").is_file()
+    out = tmp_path / "replayed"
+    assert main(["replay", str(ckpts), "--out", str(out)]) == 0
+    assert "4 measured, 0 already there, 0 failed" in capsys.readouterr().out
+    assert SnapshotStore(out).info[LIVE_RUN_KEY] == str(live)
+    assert SnapshotStore(out).config == SnapshotStore(live).config
+    assert_same_snapshots(live, out, [2, 4])
+
+    live.rename(tmp_path / "moved")
+    assert main(["replay", str(ckpts), "--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert f"name the live run {live}, which is gone" in err
+    assert "--probe PROBE_DIR" in err
+    assert "--config DIR" in err

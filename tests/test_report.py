@@ -6,6 +6,7 @@ measurement; every figure test asserts on the plotted data, read back from the a
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from PIL import Image
 from regionwatch import metrics
 from regionwatch.cli import main
 from regionwatch.errors import ConfigError, StoreError
+from regionwatch.mapfigure import ANCHOR_AREA
 from regionwatch.measurement import ProbeConfig
 from regionwatch.onset import record_onset
 from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL
@@ -37,7 +39,7 @@ from regionwatch.report import (
     write_report,
 )
 from regionwatch.report.build import curve_panel, load_runs
-from regionwatch.report.maps import ANCHOR_AREA
+from regionwatch.report.data import MIN_ALIGN_GROUP
 from regionwatch.store import SnapshotStore
 from tests.conftest import tiny_model
 from tests.support.factories import make_probes, make_snapshot
@@ -525,3 +527,24 @@ def test_runs_named_regionwatch_take_their_parent_directory_names(tmp_path: Path
     assert [r.name for r in runs] == ["2l", "6l", "6l-2"]
     write_report([tmp_path / "a/6l/regionwatch"], tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "maps_6l.gif").is_file()
+
+
+def test_alignment_is_drawn_only_once_both_groups_are_large_enough(tmp_path: Path) -> None:
+    """align/auc counts from the first snapshot whose two pair groups hold MIN_ALIGN_GROUP."""
+    synthetic_run(tmp_path / "run", SMALL_TOKENS)
+    data = load_run(tmp_path / "run", progress=False)
+    sizes = [(1, 98), (4, 95), (MIN_ALIGN_GROUP, 80), (3, 90), (30, 60), (40, 50)]
+    records = [
+        {**r, "align/differ_pairs": float(d), "align/agree_pairs": float(a)}
+        for r, (d, a) in zip(data.records, sizes, strict=True)
+    ]
+    series = dataclasses.replace(data, records=records).alignment_series()
+    auc = data.values("align/auc")
+    assert np.isnan(series.values[:2]).all()
+    np.testing.assert_array_equal(series.values[2:], auc[2:])  # from the first, even if it dips
+    sizeless = [
+        {k: v for k, v in r.items() if not k.startswith("align/") or k == "align/auc"}
+        for r in data.records
+    ]  # a run stored before the sizes were recorded: every point
+    old = dataclasses.replace(data, records=sizeless).alignment_series()
+    np.testing.assert_array_equal(old.values, auc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = name_flags(str(err), getattr(args, "flags", {}))
         print(f"regionwatch {args.verb}: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`show --json | head`): nothing more to say
+        # Python would report the failed flush of stdout at exit; point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def name_flags(message: str, flags: Mapping[str, str]) -> str:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from regionwatch.cli.tables import tokens_table
 
+HOST_LOGGERS = ("lightning", "transformers")  # their own handlers print the lines
 # The library's names in its messages, and the flag that sets each (see `cli.main`).
 FLAGS = {"steps": "--steps (or the --config YAML's steps)", "trainer": "--trainer"}
 
@@ -40,9 +44,14 @@ def add(verbs: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the verb; the exit status."""
     from regionwatch.demo import DemoConfig, run_demo
+    from regionwatch.hf import host_logger
     from regionwatch.report import write_report
     from regionwatch.store import SnapshotStore
-    from regionwatch.tensorboard import tensorboard_command
+    from regionwatch.tensorboard import view_hint
+
+    # The setup line and one line per snapshot, shown by default: Lightning prints its rank-zero
+    # info; the HF Trainer's channel is held at warning unless asked, so the demo asks for ours.
+    host_logger.setLevel(logging.INFO)
 
     config = DemoConfig.from_yaml(args.config) if args.config else DemoConfig()
     if args.steps is not None:
@@ -53,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         f"{config.steps} steps of {config.tokens_per_step:,} tokens, "
         f"trainer {args.trainer}, into {out}"
     )
-    result = run_demo(config, out, trainer=args.trainer, progress=not args.quiet)
+    hosts = [logging.getLogger(name) for name in HOST_LOGGERS]
+    with logging_redirect_tqdm(loggers=[logging.root, *hosts]):  # lines above the bar
+        result = run_demo(config, out, trainer=args.trainer, progress=not args.quiet)
     records = SnapshotStore(result.run_dir).records()
     print(
         f"\ntrained in {result.seconds / 60:.1f} min; {len(records)} snapshots in {result.run_dir}"
@@ -62,5 +73,5 @@ def run(args: argparse.Namespace) -> int:
     report = write_report([result.run_dir], out / "report", progress=not args.quiet)
     print(f"\nreport: {report}")
     print(f"final model: {result.model_dir} (regionwatch measure / replay it)")
-    print(f"TensorBoard: {tensorboard_command(out, snapshots=len(records))}")
+    print(f"TensorBoard: {view_hint(result.run_dir, snapshots=len(records))}")
     return 0

@@ -67,7 +67,10 @@ def add(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--alphas", type=int, default=21, help="interpolation grid points")
     p.add_argument("--grid", type=int, default=37, help="region-map grid points per axis")
     p.add_argument(
-        "--dtype", default="float32", help="float32 (default), bfloat16, float16, float64"
+        "--dtype",
+        default="fp32",
+        help="fp32 (default), bf16, fp16, fp64: as precision= names them (float32, bfloat16, "
+        "float16, float64 are read too)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument(

@@ -94,8 +94,9 @@ def add(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dtype",
-        default="float32",
-        help="dtype the weights are loaded in: float32 (default), bfloat16, float16",
+        default="fp32",
+        help="dtype the weights are loaded in: fp32 (default), bf16, fp16, as precision= names "
+        "them (float32, bfloat16, float16 are read too)",
     )
     p.add_argument(
         "--precision",

@@ -22,6 +22,7 @@ from regionwatch.report.curves import (
     relative_curves_figure,
 )
 from regionwatch.report.data import (
+    MIN_ALIGN_GROUP,
     RunData,
     SnapshotData,
     curve_subset,
@@ -148,7 +149,7 @@ def _overview(runs: Sequence[RunData], out: Path, max_curves: int) -> tuple[list
     placed = [r for r in runs if r.placed.any()]
     if placed:
         save(
-            alignment_over_tokens_figure([r.scalar_series("align/auc") for r in placed]),
+            alignment_over_tokens_figure([r.alignment_series() for r in placed]),
             out / "alignment.png",
         )
         images.append(
@@ -157,7 +158,9 @@ def _overview(runs: Sequence[RunData], out: Path, max_curves: int) -> tuple[list
                 "Semantic alignment over training (align/auc)",
                 "Beyond the paper: the probability that a random pair whose prompts predict "
                 "different next tokens has a larger max slope than a pair whose predictions "
-                "agree. 0.5 = no information.",
+                "agree. 0.5 = no information. Drawn from the first snapshot where both groups "
+                f"hold {MIN_ALIGN_GROUP} pairs or more: early in training nearly every pair "
+                "predicts the same next token, and an AUC over a handful of pairs is noise.",
             )
         )
     one_offs = [

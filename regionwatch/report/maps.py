@@ -1,9 +1,7 @@
 """Region-map figures (paper Fig. 1): strips of each triple's map over tokens, and a GIF.
 
-Every panel draws the stored colours as docs/method.md §5 renders them: columns are alpha left to
-right, rows are beta top to bottom (beta = -0.25 at the top), the extent reaches half a pixel
-beyond the outer grid values so pixel centres sit on grid values, and A, B, C are marked by dots
-filled with their own channel at 1 and the others at 0.5, edged at 0.5 and 0.
+Every panel is `mapfigure.draw_map`: the stored colours as docs/method.md §5 renders them, with the
+anchors A, B, C as dots, or as edge markers where a fixed span leaves one outside the frame.
 """
 
 from __future__ import annotations
@@ -16,56 +14,16 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from PIL import Image
 
-from regionwatch.palette import ANCHOR_EDGE, ANCHOR_FILL
+from regionwatch.mapfigure import anchor_legend, draw_map, move_anchors
 from regionwatch.report.style import MAP_PANEL, new_figure, styled
 from regionwatch.report.tokens import format_tokens
 
-ANCHOR_NAMES = ("A", "B", "C")  # coloured by palette.ANCHOR_FILL / ANCHOR_EDGE (docs/method.md §5)
-ANCHOR_AREA = 40  # points^2, the paper figure's marker area
-ANCHOR_EDGE_WIDTH = 1.0
-HALF_PIXEL = 0.5
-MAP_TICKS = (0.0, 0.5, 1.0)
 GIF_DPI = 100  # frames stay small on disk; the PNG strip is the high-resolution version
 GIF_COLOURS = 256  # a GIF frame's palette holds at most 256 colours
 FRAME_MS = 700  # each snapshot's frame
 HOLD_MS = 2500  # the last frame lingers before the loop restarts
 TITLE_ROOM = 0.7  # inches above the panels for titles
 LEGEND_ROOM = 0.5  # inches below the panels for the anchor legend
-
-
-def map_extent(axis: np.ndarray) -> tuple[float, float, float, float]:
-    """The `imshow` extent (left, right, bottom, top) with beta growing downwards (method.md §5).
-
-    Half a pixel beyond the first and last grid values, so that pixel centres are grid values.
-    """
-    g0, g1 = float(axis[0]), float(axis[-1])
-    margin = HALF_PIXEL * (g1 - g0) / (len(axis) - 1)
-    return (g0 - margin, g1 + margin, g1 + margin, g0 - margin)
-
-
-def draw_map(ax: Axes, axis: np.ndarray, rgb: np.ndarray, anchors: np.ndarray) -> None:
-    """One region map: the stored colours [G, G, 3] and the anchor dots at anchors [3, 2]."""
-    ax.imshow(rgb, extent=map_extent(axis), origin="upper", interpolation="nearest")
-    for (alpha, beta), name, fill, edge in zip(
-        anchors, ANCHOR_NAMES, ANCHOR_FILL, ANCHOR_EDGE, strict=True
-    ):
-        ax.scatter(
-            [alpha],
-            [beta],
-            s=ANCHOR_AREA,
-            c=[fill],
-            edgecolors=[edge],
-            linewidths=ANCHOR_EDGE_WIDTH,
-            zorder=3,
-            label=f"anchor {name}",
-        )
-    left, right, bottom, top = map_extent(axis)
-    ax.set_xlim(left, right)
-    ax.set_ylim(bottom, top)  # bottom > top: the beta axis points down
-    ax.set_xticks(MAP_TICKS)
-    ax.set_yticks(MAP_TICKS)
-    ax.set_aspect("equal")
-    ax.grid(visible=False)
 
 
 def region_strip_figure(
@@ -104,7 +62,7 @@ def region_strip_figure(
                 if row == triples - 1:
                     ax.set_xlabel("$\\alpha$")
             axes[row, 0].set_ylabel(f"triple {row + 1}\n$\\beta$")
-        _anchor_legend(fig, axes[0, 0])
+        _anchor_legend(fig, axes.ravel())
         fig.suptitle(title)
     return fig
 
@@ -139,7 +97,7 @@ def region_frame_figure(
             ax.set_title(f"triple {i + 1}")
             ax.set_xlabel("$\\alpha$")
         axes[0].set_ylabel("$\\beta$")
-        _anchor_legend(fig, axes[0])
+        _anchor_legend(fig, axes)
         fig.suptitle(title)
     return fig
 
@@ -178,8 +136,7 @@ def region_animation(
     for i in range(1, len(rgb)):
         for triple, ax in enumerate(fig.axes):
             ax.images[0].set_data(rgb[i, triple])
-            for dot, position in zip(ax.collections, anchors[i, triple], strict=True):
-                dot.set_offsets([position])
+            move_anchors(ax, axis, anchors[i, triple])
         fig.suptitle(_frame_title(tokens[i], steps[i]))
         frames.append(_image(fig))
     durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
@@ -205,8 +162,8 @@ def _column_title(tokens: float | str) -> str:
     return tokens if isinstance(tokens, str) else format_tokens(tokens)
 
 
-def _anchor_legend(fig: Figure, ax: Axes) -> None:
-    handles, labels = ax.get_legend_handles_labels()
+def _anchor_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    handles, labels = anchor_legend(axes)
     fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), frameon=False)
 
 

@@ -212,6 +212,14 @@ def alignment_over_tokens_figure(
                 label=s.label,
             )
         ax.axhline(NO_INFORMATION, color="0.5", linestyle=":", label="0.5 = no information")
+        ax.text(
+            0.01,
+            0.02,
+            "drawn once both groups (top tokens differ / agree) hold enough pairs",
+            transform=ax.transAxes,
+            fontsize="small",
+            color="0.4",
+        )
         axis.apply(ax)
         ax.set_ylim(0, 1)
         ax.set_ylabel("alignment AUC (probability)")
