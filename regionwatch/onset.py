@@ -181,9 +181,11 @@ def why_no_baseline(rows: Iterable[Mapping[str, Any]], no_live: str) -> str:
         own = "none of its snapshots has a known place in training (one-off measurements)"
     else:
         first = min(placed, key=_order)
+        unknown = "step" in first.get("position_unknown", ())
+        at = "an unknown step" if unknown else f"step {first['step']}"
         own = (
-            f"it has no snapshot at step 0 (its first is at step {first['step']}, "
-            f"{first['tokens']:,} tokens), so nothing shows its initialization"
+            f"it has no snapshot at step 0 (its first is at {at}, {first['tokens']:,} tokens), "
+            "so nothing shows its initialization"
         )
     return f"{own}, and {no_live}" if no_live else own
 
