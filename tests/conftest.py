@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -137,3 +138,14 @@ def file_states(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, tuple[by
         for p in sorted(root.rglob("*"))
         if p.is_file() and not p.is_symlink() and p.name not in skip
     }
+
+
+@pytest.fixture(autouse=True)
+def _transformers_logging_as_found() -> object:
+    """A Trainer run with `log_level="info"` sets transformers' verbosity for the whole process
+    (and its logger may propagate): later tests would capture its INFO lines as their own."""
+    root = logging.getLogger("transformers")
+    verbosity, propagate = transformers.logging.get_verbosity(), root.propagate
+    yield
+    transformers.logging.set_verbosity(verbosity)
+    root.propagate = propagate
