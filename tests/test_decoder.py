@@ -14,6 +14,7 @@ from regionwatch.decoder import Decoder
 from regionwatch.errors import ConfigError, UnsupportedModelError
 from regionwatch.measurement import ProbeConfig, interpolate, measure, region_maps
 from regionwatch.results import Measurement
+from regionwatch.stacks import OLMO_CORE_DECODER
 from tests.conftest import random_prompts, tiny_model
 from tests.support.factories import make_probes
 from tests.support.nanogpt import NANOGPT, nanogpt
@@ -224,9 +225,6 @@ def test_litgpt_equals_its_own_conversion_to_hf(tmp_path: Path) -> None:
     assert want.curves["random"].distance.max() > 0.1  # a model whose patch moves the output
 
 
-OLMO_CORE = Decoder(blocks="blocks", final_norm="lm_head.norm", head="lm_head.w_out")
-
-
 def _olmo_core_model() -> nn.Module:
     """OLMo-core's olmo2_1M Transformer (blocks in a ModuleDict), seeded, in float64."""
     transformer = pytest.importorskip("olmo_core.nn.transformer")
@@ -244,11 +242,11 @@ def test_olmo_core_transformer_matches_reference() -> None:
     """OLMo-core's Transformer (ModuleDict blocks, final norm inside its LM head) through a
     Decoder equals one full forward per point, curves and maps."""
     model = _olmo_core_model()
-    site = resolve(model, decoder=OLMO_CORE, write_layer=1)
+    site = resolve(model, decoder=OLMO_CORE_DECODER, write_layer=1)
     assert site.blocks == tuple(model.blocks.values())
     assert (site.vocab_size, site.d_model) == tuple(model.lm_head.w_out.weight.shape)
     ids_a, ids_b = mixed_length_pairs(seed=2)
-    kwargs = {"num_alphas": 5, "write_layer": 1, "decoder": OLMO_CORE}
+    kwargs = {"num_alphas": 5, "write_layer": 1, "decoder": OLMO_CORE_DECODER}
     fast, slow = (
         interpolate(model, ids_a, ids_b, **kwargs),
         reference.interpolate(model, ids_a, ids_b, **kwargs),
@@ -256,8 +254,10 @@ def test_olmo_core_transformer_matches_reference() -> None:
     assert_curves_close(fast, slow)
     torch.testing.assert_close(fast.distance, slow.distance, atol=1e-10, rtol=1e-10)
     ids = random_prompts(4, 6, seed=3)
-    maps = region_maps(model, ids[:2], ids[1:3], ids[2:4], grid=4, decoder=OLMO_CORE)
-    ref = reference.region_maps(model, ids[:2], ids[1:3], ids[2:4], grid=4, decoder=OLMO_CORE)
+    maps = region_maps(model, ids[:2], ids[1:3], ids[2:4], grid=4, decoder=OLMO_CORE_DECODER)
+    ref = reference.region_maps(
+        model, ids[:2], ids[1:3], ids[2:4], grid=4, decoder=OLMO_CORE_DECODER
+    )
     torch.testing.assert_close(maps.distance, ref.distance, atol=1e-10, rtol=1e-10)
     assert model.training
 
