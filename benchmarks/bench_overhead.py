@@ -110,6 +110,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"without": [], "with": []}
     blocking: list[float] = []  # per monitored run: training-thread seconds inside the Monitor
     background_s: list[float] = []  # per monitored run: the background writer's busy seconds
+    probe_totals: list[float] = []  # per monitored run: the probes' own seconds
     spent: list[float] = []
     closed: list[float] = []
     time_monitor_calls(spent, closed)
@@ -121,6 +122,7 @@ def main() -> None:
         "wall_s": times,
         "blocking_s": blocking,
         "background_s": background_s,
+        "probe_s_totals": probe_totals,
         "target": 0.03,
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,6 +143,7 @@ def main() -> None:
                     blocking.append(sum(spent))
                     background_s.append(sum(closed))
                     probe_s = [r["probe_seconds"] for r in SnapshotStore(demo.run_dir).records()]
+                    probe_totals.append(sum(probe_s))
                     result |= {
                         "snapshots": len(probe_s),
                         "probe_s_per_snapshot": statistics.mean(probe_s) if probe_s else None,
@@ -148,18 +151,19 @@ def main() -> None:
                     }
                 write(result, out)  # after every run: a run cut short keeps the runs done
     without, with_ = statistics.median(times["without"]), statistics.median(times["with"])
+    shares = [s / w for s, w in zip(blocking, times["with"], strict=True)]
     result |= {
         "complete": True,
         "median_without_s": without,
         "median_with_s": with_,
         "overhead": with_ / without - 1,
-        "blocking_share": statistics.median(
-            s / w for s, w in zip(blocking, times["with"], strict=True)
-        ),
+        "blocking_shares": shares,
+        "blocking_share": statistics.median(shares),
     }
     write(result, out)
     print(
         f"training thread blocked {100 * result['blocking_share']:.1f}% of the wall time "
+        f"(runs: {', '.join(f'{100 * s:.2f}%' for s in shares)}) "
         f"({statistics.median(blocking):.1f} s, {result['probe_s_total']:.1f} s of it probes; "
         f"{result['snapshots']} snapshots); background writer "
         f"{statistics.median(background_s):.1f} s; "

@@ -78,7 +78,7 @@ class RegionMonitorCallback(TrainerCallback):
     Args:
         watch: what to measure and when: the probe, schedules, precision, TensorBoard,
             logger copies and probe-set seed (default `WatchConfig()`: `ProbeConfig()`, 8
-            snapshots per decade of tokens, maps at 2 per decade and the first and last, fp32).
+            snapshots per decade of tokens, maps at 1 per decade and the first and last, fp32).
         tokenizer: the model's tokenizer (builds the probe set); or pass `probes`.
         probes: a ready probe set.
         run_dir: where the run is stored.

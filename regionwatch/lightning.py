@@ -76,7 +76,7 @@ class RegionMonitor(Callback):
     Args:
         watch: what to measure and when: the probe, schedules, precision, TensorBoard,
             logger copies and probe-set seed (default `WatchConfig()`: `ProbeConfig()`, 8
-            snapshots per decade of tokens, maps at 2 per decade and the first and last, fp32).
+            snapshots per decade of tokens, maps at 1 per decade and the first and last, fp32).
         tokenizer: the model's tokenizer (builds the probe set); or pass `probes`.
         probes: a ready probe set.
         run_dir: where the run is stored (default `<trainer.log_dir>/regionwatch`).

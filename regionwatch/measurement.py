@@ -24,6 +24,7 @@ from regionwatch.errors import ConfigError, check_int
 from regionwatch.plan import MapPart, PairPart, Plan, measuring
 from regionwatch.probes import ProbeSet, PromptIds, prompt_list
 from regionwatch.results import (
+    DEFAULT_GRID,
     DEFAULT_SPAN,
     PAIR_PARTS,
     PARTS,
@@ -91,7 +92,7 @@ def region_maps(
     ids_b: PromptIds,
     ids_c: PromptIds,
     *,
-    grid: int = 37,
+    grid: int = DEFAULT_GRID,
     span: tuple[float, float] = DEFAULT_SPAN,
     write_layer: int = 0,
     max_batch_tokens: int | None = None,
@@ -108,7 +109,7 @@ def region_maps(
         ids_a: the triples' first prompts, T of them (LongTensor [T, S] or token-id lists).
         ids_b: the second prompts, T of them.
         ids_c: the third prompts, T of them.
-        grid: grid points G per axis, at least 3 (37 puts A and B on pixel centres).
+        grid: grid points G per axis, at least 3 (25 and 37 put A and B on pixel centres).
         span: axis range for alpha and beta, low < high.
         write_layer: block whose output is patched.
         max_batch_tokens: most tokens per forward pass; None for the default.

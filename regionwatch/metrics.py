@@ -283,7 +283,7 @@ def solid_fraction(
     A smooth gradient (random init) has only discs round the anchors near an anchor's colour (a
     map whose distances grow linearly from each anchor scores about 0.1 at the default margin);
     solid regions (method.md §7.2 claim 6) fill large patches with it (up to 1). An anchor's colour
-    is the map's colour at the pixel nearest to it (A and B sit on pixel centres at grid 37).
+    is the map's colour at the pixel nearest to it (A and B sit on pixel centres at grid 25 or 37).
 
     Args:
         rgb: region-map colours, [maps, grid, grid, 3].

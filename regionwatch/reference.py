@@ -21,7 +21,14 @@ from regionwatch.engine import Prompt
 from regionwatch.measurement import check_prompts
 from regionwatch.plan import measuring
 from regionwatch.probes import PromptIds, prompt_list
-from regionwatch.results import DEFAULT_SPAN, Curves, RegionMaps, check_alphas, check_grid
+from regionwatch.results import (
+    DEFAULT_GRID,
+    DEFAULT_SPAN,
+    Curves,
+    RegionMaps,
+    check_alphas,
+    check_grid,
+)
 
 
 def _forward(site: ResidualSite, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -120,7 +127,7 @@ def region_maps(
     ids_b: PromptIds,
     ids_c: PromptIds,
     *,
-    grid: int = 37,
+    grid: int = DEFAULT_GRID,
     span: tuple[float, float] = DEFAULT_SPAN,
     write_layer: int = 0,
     max_batch_tokens: int | None = None,  # unused: same signature as the fast path

@@ -65,7 +65,7 @@ def add(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the probe set (and of --init-from; default 0)")
     p.add_argument("--write-layer", type=int, default=0, help="block whose output is patched")
     p.add_argument("--alphas", type=int, default=21, help="interpolation grid points")
-    p.add_argument("--grid", type=int, default=37, help="region-map grid points per axis")
+    p.add_argument("--grid", type=int, help="region-map grid points per axis (default 25)")
     p.add_argument(
         "--dtype",
         default="fp32",
@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     source_dir = model_dir or init_from
     print(f"loading {source_dir}" + (" (its config only)" if init_from else ""), flush=True)
     tokenizer = load_tokenizer(args.tokenizer or source_dir)
-    config = ProbeConfig(write_layer=args.write_layer, num_alphas=args.alphas, grid=args.grid)
+    grid = {} if args.grid is None else {"grid": args.grid}
+    config = ProbeConfig(write_layer=args.write_layer, num_alphas=args.alphas, **grid)
     seed = 0 if args.seed is None else args.seed
     if init_from is not None:
         model = init_model(init_from, seed=seed, dtype=dtype, device=args.device)

@@ -55,7 +55,7 @@ def add(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--write-layer", type=int, help="block whose output is patched (default 0)")
     p.add_argument("--alphas", type=int, help="interpolation grid points (default 21)")
-    p.add_argument("--grid", type=int, help="region-map grid points per axis (default 37)")
+    p.add_argument("--grid", type=int, help="region-map grid points per axis (default 25)")
     p.add_argument(
         "--state-key",
         metavar="PREFIX",
