@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ from regionwatch.probes import ProbeSet
 from regionwatch.results import Measurement, ProbeConfig
 from regionwatch.schedule import Mark, Schedule
 from regionwatch.sinks import Fanout, Sink
-from regionwatch.snapshot import Snapshot
+from regionwatch.snapshot import Snapshot, weights_fingerprint
 from regionwatch.store import DEFAULT_RUN_NAME, FAILURES_FILE, SnapshotStore, check_free_space
 from regionwatch.tensorboard import TB_SUBDIR, TRAIN_GROUP, TensorBoardSink, view_hint
 from regionwatch.wrappers import unwrap
@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 # Region maps cost 3 x grid^2 patched points per triple: at grid 25 over twice the rest of the
 # probe set. One per decade of tokens (plus the first and the last snapshot) shows each stage the
 # curves show: on the demo, maps within one decade looked alike (solid fraction 0.096-0.111 from
-# 0 to 33K tokens, 0.164-0.166 at 1.0M-1.23M), and a second per decade cost 1.4% of its training.
+# 0 to 33K tokens, 0.164-0.166 at 1.0M-1.23M), and the 3% budget has no room for the second.
 MAPS_PER_DECADE = 1
 # Schedules are frozen, so these defaults are safe to share as argument defaults.
 DEFAULT_SCHEDULE = Schedule.log_tokens()  # 8 per decade of tokens: regions form early
@@ -88,6 +88,18 @@ DEFAULT_LOGGER_TIMEOUT_S = 60.0
 # How a driver shows its one line per snapshot: the host's own channel (Lightning's rank-zero
 # info, the HF Trainer's logger), which the user sees without configuring anything.
 Announce = Callable[[str], object]
+# A snapshot of weights bitwise equal to the last measured ones reuses that measurement: its
+# info names the step measured, and its probe time is 0.
+SAME_WEIGHTS_KEY = "same_weights_as_step"
+REUSED = {"total": 0.0}
+
+
+class _Measured(NamedTuple):
+    """A measurement, the step it was taken at and the fingerprint of the weights it measured."""
+
+    weights: str
+    step: int
+    measurement: Measurement
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,6 +262,8 @@ class Monitor:
         self._onset: onset.OnsetTracker | None = None  # the run's onset, rank zero
         self._last: Mark | None = None
         self._last_maps: Mark | None = None
+        # The newest measurement with maps (True) and without (False), each with its weights.
+        self._measured: dict[bool, _Measured] = {}
         self._site: ResidualSite | None = None  # the model as resolved and checked by `setup`
         self._info: dict[str, Any] = {}
         self._log_dir: Path | None = None
@@ -591,8 +605,12 @@ class Monitor:
         # A run whose only part is the maps draws them at every snapshot: skipping them would
         # leave a snapshot without any numbers.
         maps = maps or self.watch.probe.parts == ("maps",)
-        shard = self._guarded_measure(model, step, maps=maps)
-        shards = distributed.gather_objects(shard, self._rank, self._world)
+        weights, reused = self._reusable(model, maps=maps)
+        if reused is not None:
+            shards: list[Measurement | str] = [reused.measurement]
+        else:
+            shard = self._guarded_measure(model, step, maps=maps)
+            shards = distributed.gather_objects(shard, self._rank, self._world)
         if self._rank != 0:
             return None
         failed = [(rank, s) for rank, s in enumerate(shards) if isinstance(s, str)]
@@ -600,6 +618,7 @@ class Monitor:
             rank, why = failed[0]
             self._record_failure(step, tokens, why if self._world == 1 else f"rank {rank}: {why}")
             return None
+        same = {} if reused is None else {SAME_WEIGHTS_KEY: reused.step}
         try:
             merged = shards[0] if self._world == 1 else merge_shards(shards)
             snapshot = Snapshot.stamp(
@@ -609,22 +628,50 @@ class Monitor:
                 tokens=tokens,
                 probes=self.probes,
                 model=self._site.model,
-                info={**self._info, **(info or {})},
+                info={**self._info, **(info or {}), **same},
+                weights=weights,
             )
         except Exception as err:  # guarantee: a failed snapshot never stops training
             logger.exception("stamping the snapshot at step %d failed; training continues", step)
             self._record_failure(step, tokens, repr(err))
             return None
+        if weights is not None and reused is None:
+            self._measured[merged.maps is not None] = _Measured(weights, step, merged)
         # The store first: a hanging logger copy then holds back no stored snapshot.
         self._writer.submit(f"store, step {step}", lambda: self._store_snapshot(snapshot))
         self._fanout.write(snapshot)
+        how = (
+            f"{merged.timing.get('total', math.nan):.1f} s"
+            if reused is None
+            else f"the weights of step {reused.step}, not measured again"
+        )
         self._announce(
             f"regionwatch: step {step}, {tokens:,} tokens: max slope median "
             f"{snapshot.summary.get('max_slope/median', math.nan):.3f}, "
-            f"{'region maps drawn' if merged.maps is not None else 'no maps'} "
-            f"({merged.timing.get('total', math.nan):.1f} s)"
+            f"{'region maps drawn' if merged.maps is not None else 'no maps'} ({how})"
         )
         return snapshot
+
+    def _reusable(self, model: nn.Module, *, maps: bool) -> tuple[str | None, _Measured | None]:
+        """This process's weights fingerprint, and the last measurement if it is of these weights.
+
+        A step that left the weights bitwise as they were (the first step of a warmup from lr 0,
+        a frozen model) would measure the same numbers again; its snapshot reuses them, with a
+        probe time of 0. Single-process runs only: a sharded model's fingerprint is one rank's
+        shard, and the ranks would have to agree. Reused only with the same parts (maps or not),
+        so that a snapshot's parts follow the maps schedule either way.
+        """
+        if self._world != 1 or self._site is None or unwrap(model)[0] is not self._site.model:
+            return None, None  # a wrong model is `_guarded_measure`'s to report
+        try:
+            weights = weights_fingerprint(self._site.model)
+        except Exception:  # guarantee: a failed snapshot never stops training
+            logger.exception("fingerprinting the weights failed; measuring them anyway")
+            return None, None
+        last = self._measured.get(maps)
+        if last is None or last.weights != weights:
+            return weights, None
+        return weights, _Measured(weights, last.step, replace(last.measurement, timing=REUSED))
 
     def log_training(self, values: Mapping[str, float], *, tokens: int) -> None:
         """Copy the trainer's own scalars (its loss) onto the token axis: `regionwatch/train/<key>`.

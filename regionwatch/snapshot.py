@@ -83,8 +83,12 @@ class Snapshot:
         probes: ProbeSet,
         model: nn.Module,
         info: Mapping[str, Any] | None = None,
+        weights: str | None = None,
     ) -> Snapshot:
-        """Stamp a fresh measurement of `model` on `probes` at (step, tokens); None: not known."""
+        """Stamp a fresh measurement of `model` on `probes` at (step, tokens); None: not known.
+
+        `weights` is `weights_fingerprint(model)` when the caller has it already (None: computed).
+        """
         facts = {
             "model_class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -99,7 +103,7 @@ class Snapshot:
             wall_time=time.time(),
             probe_fingerprint=probes.fingerprint,
             config_fingerprint=measurement.config.fingerprint,
-            weights_fingerprint=weights_fingerprint(model),
+            weights_fingerprint=weights or weights_fingerprint(model),
             info={**facts, **(info or {})},
             position_unknown=tuple(
                 part

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from regionwatch import ConfigError, SnapshotStore
-from regionwatch.monitor import Monitor, WatchConfig
-from regionwatch.schedule import Mark
+from regionwatch.monitor import SAME_WEIGHTS_KEY, Monitor, WatchConfig
+from regionwatch.schedule import Mark, Schedule
 from tests.support.factories import make_monitor, make_watch
 from tests.support.lm import SMALL_PROBE, tiny_gpt2
 from tests.support.report_runs import snapshot as synthetic_snapshot
@@ -145,6 +146,40 @@ def test_final_snapshot_gets_maps_even_when_its_step_was_measured_without(
     records = SnapshotStore(tmp_path / "run").records()
     assert [(r["step"], "maps" in r["parts"]) for r in records] == [(0, True), (1, True), (2, True)]
     assert monitor.sink_failures == []
+
+
+def test_unchanged_weights_reuse_the_last_measurement(tmp_path: Path, lm_probes) -> None:
+    """A step that left the weights bitwise as they were (a first step at lr 0) is not measured
+    again: its snapshot holds the last measurement's numbers, names that step, and costs 0 s.
+    Changed weights, or other parts (maps or not), are measured."""
+    model = tiny_gpt2(VOCAB)
+    watch = make_watch(1, maps_schedule=Schedule.every_steps(2))
+    monitor = Monitor(watch, probes=lm_probes, run_dir=tmp_path / "run")
+    monitor.setup(model, log_dir=None)
+    first = monitor.start(model, step=0, tokens=0)  # maps
+    no_maps = monitor.maybe_measure(model, step=1, tokens=10)  # same weights, other parts
+    same = monitor.maybe_measure(model, step=2, tokens=20)  # maps again, same weights
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] += 1e-3
+    changed = monitor.maybe_measure(model, step=3, tokens=30, final=True)  # maps: the last
+    monitor.close()
+
+    assert no_maps.measurement.maps is None and no_maps.measurement.timing["total"] > 0
+    assert SAME_WEIGHTS_KEY not in no_maps.info
+    assert same.info[SAME_WEIGHTS_KEY] == 0
+    assert same.measurement.timing == {"total": 0.0}
+    assert same.weights_fingerprint == first.weights_fingerprint
+    for part, curves in first.measurement.curves.items():
+        assert torch.equal(same.measurement.curves[part].distance, curves.distance), part
+    assert torch.equal(same.measurement.maps.rgb, first.measurement.maps.rgb)
+    assert changed.weights_fingerprint != first.weights_fingerprint
+    assert SAME_WEIGHTS_KEY not in changed.info and changed.measurement.timing["total"] > 0
+    assert not torch.equal(
+        changed.measurement.curves["random"].distance, first.measurement.curves["random"].distance
+    )
+    stored = {r["step"]: r for r in SnapshotStore(tmp_path / "run").records()}
+    assert stored[2]["probe_seconds"] == 0.0 and stored[2]["parts"] == stored[0]["parts"]
+    assert stored[2]["max_slope/median"] == stored[0]["max_slope/median"]
 
 
 def test_context_length_error_names_the_probe_part(tmp_path: Path, lm_probes) -> None:
