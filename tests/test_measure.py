@@ -22,6 +22,7 @@ from regionwatch.measurement import (
     region_maps,
 )
 from regionwatch.probes import ProbeSet
+from regionwatch.results import DEFAULT_GRID
 from regionwatch.sampling import NamedPair
 from tests.conftest import random_prompts, tiny_model
 from tests.support.factories import make_probes
@@ -248,11 +249,13 @@ def test_dtype_and_device_follow_the_model() -> None:
     torch.testing.assert_close(bf16.relative, fp32.relative, atol=0.1, rtol=0)
 
 
-def test_region_map_anchors_are_saturated() -> None:
-    """At grid 37 over [-0.25, 1.25] the anchors A and B fall on pixels of their own colour."""
+@pytest.mark.parametrize("grid", [DEFAULT_GRID, 37])
+def test_region_map_anchors_are_saturated(grid: int) -> None:
+    """At the default grid (and at 37) over [-0.25, 1.25] A and B fall on pixels of their own
+    colour."""
     model = tiny_model("gpt2")
     ids = random_prompts(3, 5, seed=9)
-    maps = region_maps(model, ids[:1], ids[1:2], ids[2:3], grid=37)
+    maps = region_maps(model, ids[:1], ids[1:2], ids[2:3], grid=grid)
     zero, one = int(maps.axis.abs().argmin()), int((maps.axis - 1).abs().argmin())
     assert abs(maps.axis[zero]) < 1e-6  # A and B sit on pixel centres
     assert abs(maps.axis[one] - 1) < 1e-6

@@ -32,7 +32,7 @@ from regionwatch.replaying import replay
 from regionwatch.store import SnapshotStore
 from tests.support.gguf_files import require_gguf, require_smollm2, tiny_llama_gguf
 
-# Region maps at a coarser grid than the default 37: the solid fraction is compared between two
+# Region maps at a coarser grid than the default 25: the solid fraction is compared between two
 # models at one grid, and 9 x 9 cells keep the two measurements short on CPU.
 MAP_GRID = 9
 # Real minus random-init solid fraction. Measured at this grid, probe set and seed: 0.417 against
