@@ -640,15 +640,15 @@ class Monitor:
         # The store first: a hanging logger copy then holds back no stored snapshot.
         self._writer.submit(f"store, step {step}", lambda: self._store_snapshot(snapshot))
         self._fanout.write(snapshot)
-        how = (
-            f"{merged.timing.get('total', math.nan):.1f} s"
+        what = (
+            f"{'region maps drawn' if merged.maps is not None else 'no maps'} "
+            f"({merged.timing.get('total', math.nan):.1f} s)"
             if reused is None
-            else f"the weights of step {reused.step}, not measured again"
+            else f"weights unchanged since step {reused.step}: its measurement reused (0 s)"
         )
         self._announce(
             f"regionwatch: step {step}, {tokens:,} tokens: max slope median "
-            f"{snapshot.summary.get('max_slope/median', math.nan):.3f}, "
-            f"{'region maps drawn' if merged.maps is not None else 'no maps'} ({how})"
+            f"{snapshot.summary.get('max_slope/median', math.nan):.3f}, {what}"
         )
         return snapshot
 
