@@ -15,6 +15,7 @@ resume continues the same run exactly. Under torchrun every rank runs the loop a
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 from pathlib import Path
 
@@ -87,6 +88,12 @@ def main() -> None:
     if rank == 0:
         print(f"snapshots: {monitor.run_dir}; view: tensorboard --logdir {monitor.run_dir}")
     if distributed:
+        # Free the DDP wrapper and meet before the group goes. A reducer freed after
+        # destroy_process_group joins gloo's worker threads holding the GIL, and hangs if one
+        # of them is still releasing the last collective's tensors (seen once in CI).
+        del trained
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

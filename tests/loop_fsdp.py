@@ -52,6 +52,7 @@ def main(out: Path) -> None:
     if rank == 0:
         torch.save(full, out / "final.pt")
         print("DONE", flush=True)
+    dist.barrier()  # every rank's gloo workers idle before the group goes (examples/plain_loop.py)
     dist.destroy_process_group()
 
 
