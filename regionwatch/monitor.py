@@ -91,7 +91,6 @@ Announce = Callable[[str], object]
 # A snapshot of weights bitwise equal to the last measured ones reuses that measurement: its
 # info names the step measured, and its probe time is 0.
 SAME_WEIGHTS_KEY = "same_weights_as_step"
-REUSED = {"total": 0.0}
 
 
 class _Measured(NamedTuple):
@@ -607,7 +606,7 @@ class Monitor:
         maps = maps or self.watch.probe.parts == ("maps",)
         weights, reused = self._reusable(model, maps=maps)
         if reused is not None:
-            shards: list[Measurement | str] = [reused.measurement]
+            shards: list[Measurement | str] = [replace(reused.measurement, timing={"total": 0.0})]
         else:
             shard = self._guarded_measure(model, step, maps=maps)
             shards = distributed.gather_objects(shard, self._rank, self._world)
@@ -661,17 +660,19 @@ class Monitor:
         shard, and the ranks would have to agree. Reused only with the same parts (maps or not),
         so that a snapshot's parts follow the maps schedule either way.
         """
-        if self._world != 1 or self._site is None or unwrap(model)[0] is not self._site.model:
+        if self._world != 1:
+            return None, None
+        try:
+            site = self._resolved(model)
+        except ConfigError:
             return None, None  # a wrong model is `_guarded_measure`'s to report
         try:
-            weights = weights_fingerprint(self._site.model)
+            weights = weights_fingerprint(site.model)
         except Exception:  # guarantee: a failed snapshot never stops training
             logger.exception("fingerprinting the weights failed; measuring them anyway")
             return None, None
         last = self._measured.get(maps)
-        if last is None or last.weights != weights:
-            return weights, None
-        return weights, _Measured(weights, last.step, replace(last.measurement, timing=REUSED))
+        return weights, (last if last is not None and last.weights == weights else None)
 
     def log_training(self, values: Mapping[str, float], *, tokens: int) -> None:
         """Copy the trainer's own scalars (its loss) onto the token axis: `regionwatch/train/<key>`.
