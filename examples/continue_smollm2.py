@@ -5,7 +5,7 @@
     regionwatch report runs/smollm2-continued/regionwatch --out report/
 
 SmolLM2 arrives with sharp stable regions (median max slope about 4). This script continues its
-pretraining on the built-in corpus (Tiny Shakespeare) for a few dozen small steps, with the
+pretraining on the built-in corpus (Tiny Shakespeare) for a hundred small steps, with the
 `RegionMonitor` measuring at step 0 and every 20 steps, so that one can see whether a short
 stretch of new text moves the regions. The defaults (100 steps of 4 x 64 tokens, 25,600 tokens;
 6 snapshots, region maps at 4 of them on a 25 x 25 grid) took 4 min 47 s wall on 2 quiet CPU
